@@ -1,0 +1,215 @@
+"""Settings: a TOML file (``BROKER_CONFIG``) overlaid by ``BROKER_*`` environment variables.
+
+Everything is validated at start-up; a bad value raises ConfigError naming the setting, e.g.
+``database.url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://``. Secrets are
+``SecretStr`` so they never show up in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from broker.errors import ConfigError
+
+METHODS = (
+    "StoreIntegration",
+    "GetAccessToken",
+    "Disconnect",
+    "GetIntegration",
+    "ListIntegrations",
+    "BeginAuthorization",
+    "CompleteAuthorization",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    listen: str = "127.0.0.1:50051"
+    environment: str = "local"
+    # Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    health_check_interval_seconds: float = Field(default=2.0, gt=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", value):
+            raise ValueError("must be 1-63 lowercase letters, digits, '.', '_' or '-'")
+        return value
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr = SecretStr("sqlite+aiosqlite:///./.broker/broker.db")
+    pool_size: int = Field(default=10, ge=1, le=200)
+    # Seconds a query may take before the call fails with STORAGE_UNAVAILABLE.
+    timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_secret_value().startswith("sqlite")
+
+
+class KeysSettings(_Section):
+    # A file with one "kid:base64key" per line; the first line's key encrypts.
+    file: Path | None = None
+    # "kid:base64key,kid2:base64key" (BROKER_KEYS); wins over the file.
+    keys: SecretStr | None = None
+
+
+class ProviderSettings(_Section):
+    """One OAuth 2.0 provider; for a built-in every key is an optional override."""
+
+    token_url: str | None = None
+    authorization_url: str | None = None
+    revocation_url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    # Name of the environment variable holding the client secret (preferred over client_secret).
+    client_secret_env: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
+    redirect_uris: list[str] | None = None
+    scopes: list[str] | None = None
+    rotates_refresh_tokens: bool | None = None
+    refresh_margin_seconds: float | None = Field(default=None, ge=0)
+    # Lifetime assumed when a token response has no expires_in; 0 means "never expires".
+    default_expires_in_seconds: int | None = Field(default=None, ge=0)
+    body_encoding: Literal["form", "json"] | None = None
+    pkce: bool | None = None
+    extra_authorize_params: dict[str, str] | None = None
+    extra_headers: dict[str, str] | None = None
+    # Dotted path in the token response where the provider's account id is (e.g. "team.id").
+    account_id_path: str | None = None
+
+
+class CallerSettings(_Section):
+    token_sha256: str | None = None
+    # Identity taken from a client certificate's SAN when mTLS is on.
+    tls_identity: str | None = None
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    # None means every provider.
+    providers: list[str] | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex characters (broker callers hash TOKEN)")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(METHODS) - {"*"})
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+        return list(METHODS) if "*" in value else value
+
+
+class RefreshSettings(_Section):
+    # Refresh when a token has less than this left (or less than the caller's min_valid_for).
+    margin_seconds: float = Field(default=300.0, ge=0)
+    # HTTP timeout for one provider call; shorter than any lock we hold while waiting on it.
+    provider_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    background: bool = True
+    background_interval_seconds: float = Field(default=30.0, gt=0)
+    # Lifetime assumed for a token response without expires_in (0 = never expires).
+    default_expires_in_seconds: int = Field(default=3600, ge=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    keys: KeysSettings = KeysSettings()
+    refresh: RefreshSettings = RefreshSettings()
+    logging: LoggingSettings = LoggingSettings()
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    callers: dict[str, CallerSettings] = Field(default_factory=dict)
+
+
+# Short names for the settings operators set most; any setting also works as
+# BROKER_<SECTION>__<KEY>, e.g. BROKER_REFRESH__MARGIN_SECONDS=120.
+_SHORTCUTS = {
+    "BROKER_LISTEN": ("server", "listen"),
+    "BROKER_ENVIRONMENT": ("server", "environment"),
+    "BROKER_DATABASE_URL": ("database", "url"),
+    "BROKER_KEYS": ("keys", "keys"),
+    "BROKER_KEYS_FILE": ("keys", "file"),
+    "BROKER_LOG_LEVEL": ("logging", "level"),
+    "BROKER_LOG_FORMAT": ("logging", "format"),
+}
+
+
+def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if name in _SHORTCUTS:
+            section, key = _SHORTCUTS[name]
+        elif name.startswith("BROKER_") and "__" in name:
+            section, _, key = name[len("BROKER_") :].lower().partition("__")
+            if section in {"providers", "callers"} or "__" in key:
+                continue
+        else:
+            continue
+        data.setdefault(section, {})[key] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, config_path: str | Path | None = None
+) -> Settings:
+    """Read the TOML file (if any) and the environment; raise ConfigError naming bad settings."""
+    env = os.environ if env is None else env
+    path = config_path or env.get("BROKER_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"BROKER_CONFIG: file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"BROKER_CONFIG: {path} is not valid TOML: {exc}") from None
+    _overlay_env(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

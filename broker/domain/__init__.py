@@ -1,0 +1,1 @@
+"""Domain: what the broker does (store, hand out, refresh, disconnect), owning transactions."""

@@ -1,0 +1,360 @@
+"""The broker's operations. Owns transactions; talks to crypto, storage and (via the refresh
+engine and revoker) providers. Knows nothing about gRPC."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Callable, Container
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broker.crypto import Keyring, associated_data
+from broker.domain import validation
+from broker.domain.model import (
+    AccessToken,
+    Integration,
+    NewTokens,
+    Page,
+    Revocation,
+    Selector,
+    Status,
+    StoreCommand,
+    StoredIntegration,
+    TokenRequest,
+)
+from broker.errors import (
+    AmbiguousIntegration,
+    InsufficientScope,
+    IntegrationDisconnected,
+    IntegrationNotFound,
+    InvalidArgument,
+    ReauthorizationRequired,
+    UnknownProvider,
+)
+from broker.storage import repository
+from broker.storage.engine import storage_errors
+
+Clock = Callable[[], datetime]
+
+ACCESS = "access_token"
+REFRESH = "refresh_token"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Refresher(Protocol):
+    """The refresh engine (``broker.domain.refresh``): one refresh per integration at a time."""
+
+    def due(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+        """True when the token should be refreshed before it is served."""
+        ...
+
+    async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken: ...
+
+
+class Revoker(Protocol):
+    async def revoke(self, stored: StoredIntegration) -> Revocation: ...
+
+
+class TokenCipher:
+    """Encrypts and decrypts one integration's tokens, bound to environment, row and column."""
+
+    def __init__(self, keyring: Keyring, environment: str) -> None:
+        self.keyring = keyring
+        self.environment = environment
+
+    def encrypt(self, integration_id: str, column: str, plaintext: str) -> bytes:
+        aad = associated_data(self.environment, integration_id, column)
+        return self.keyring.encrypt(plaintext.encode(), aad)
+
+    def decrypt(self, integration_id: str, column: str, blob: bytes) -> str:
+        aad = associated_data(self.environment, integration_id, column)
+        return self.keyring.decrypt(blob, aad).decode()
+
+    def token_values(self, integration_id: str, tokens: NewTokens) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "access_token_ct": self.encrypt(integration_id, ACCESS, tokens.access_token),
+            "key_id": self.keyring.primary_id,
+            "token_type": tokens.token_type,
+            "expires_at": tokens.expires_at,
+            "scopes": list(tokens.scopes),
+        }
+        if tokens.refresh_token:
+            values["refresh_token_ct"] = self.encrypt(integration_id, REFRESH, tokens.refresh_token)
+        return values
+
+
+def remaining(expires_at: datetime | None, now: datetime) -> timedelta | None:
+    return None if expires_at is None else expires_at - now
+
+
+def _encode_page_token(last: Integration) -> str:
+    raw = json.dumps([last.created_at.isoformat(), last.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, last_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(last_id)
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidArgument("page_token", "is not a token this broker issued") from None
+
+
+class IntegrationService:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cipher: TokenCipher,
+        providers: Container[str],
+        clock: Clock = utcnow,
+        refresher: Refresher | None = None,
+        revoker: Revoker | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.providers = providers
+        self.clock = clock
+        self.refresher = refresher
+        self.revoker = revoker
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def _resolve(self, conn: AsyncConnection, sel: Selector) -> StoredIntegration:
+        if sel.integration_id:
+            stored = await repository.get(conn, sel.integration_id)
+            if stored is None:
+                raise IntegrationNotFound(
+                    f"no integration with id {sel.integration_id!r}",
+                    integration_id=sel.integration_id,
+                )
+            return stored
+        found = await repository.find_by_owner(conn, sel.user_id, sel.provider, sel.account_id)
+        if not found:
+            account = "" if sel.account_id is None else f", account {sel.account_id!r}"
+            raise IntegrationNotFound(
+                f"user {sel.user_id!r} has no {sel.provider!r} integration{account}",
+                provider=sel.provider,
+            )
+        if len(found) > 1:
+            raise AmbiguousIntegration(
+                f"user {sel.user_id!r} has several {sel.provider!r} accounts; give account_id "
+                "or integration_id",
+                provider=sel.provider,
+            )
+        return found[0]
+
+    async def read(self, sel: Selector) -> StoredIntegration:
+        validation.selector(sel)
+        async with storage_errors(), self.engine.connect() as conn:
+            return await self._resolve(conn, sel)
+
+    async def get(self, sel: Selector) -> Integration:
+        return (await self.read(sel)).integration
+
+    async def list(
+        self,
+        user_id: str,
+        provider: str,
+        status: Status | None,
+        page_size: int,
+        page_token: str,
+    ) -> Page:
+        validation.text("user_id", user_id, validation.MAX_ID)
+        validation.text("provider", provider, validation.MAX_PROVIDER, required=False)
+        size = validation.page_size(page_size)
+        after = _decode_page_token(page_token) if page_token else None
+        async with storage_errors(), self.engine.connect() as conn:
+            rows = await repository.list_page(conn, user_id, provider, status, after, size + 1)
+        items = [r.integration for r in rows[:size]]
+        more = len(rows) > size
+        return Page(items, _encode_page_token(items[-1]) if more and items else "")
+
+    # -- store -----------------------------------------------------------------------------
+
+    async def store(self, cmd: StoreCommand) -> tuple[Integration, bool]:
+        validation.text("user_id", cmd.user_id, validation.MAX_ID)
+        validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
+        validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
+        validation.token("access_token", cmd.tokens.access_token, required=True)
+        validation.token("refresh_token", cmd.tokens.refresh_token or "", required=False)
+        validation.text(
+            "token_type", cmd.tokens.token_type, validation.MAX_TOKEN_TYPE, required=False
+        )
+        validation.scopes("scopes", cmd.tokens.scopes)
+        validation.metadata(cmd.metadata)
+        if cmd.provider not in self.providers:
+            raise UnknownProvider(cmd.provider)
+        expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
+        cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+        # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
+        for _attempt in range(3):
+            try:
+                async with storage_errors(), self.engine.begin() as conn:
+                    return await self._store(conn, cmd)
+            except IntegrityError:
+                continue
+        raise ReauthorizationRequired("could not store the integration; retry")  # pragma: no cover
+
+    async def _store(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
+        now = self.clock()
+        common: dict[str, Any] = {
+            "status": Status.CONNECTED.value,
+            "metadata": cmd.metadata,
+            "updated_at": now,
+            "disconnected_at": None,
+            "disconnect_reason": None,
+            "revocation": None,
+            "refresh_failures": 0,
+            "last_refresh_error": None,
+        }
+        tokens = cmd.tokens
+        existing = await repository.find_by_owner(
+            conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1
+        )
+        if existing:
+            current = existing[0]
+            iid = current.integration.id
+            values = {**common, **self.cipher.token_values(iid, tokens)}
+            if not tokens.refresh_token and current.refresh_token_ct is not None:
+                # Keep the refresh token the broker already has (as on a refresh without one),
+                # re-encrypted so the whole row uses the primary key.
+                old = self.cipher.decrypt(iid, REFRESH, current.refresh_token_ct)
+                values["refresh_token_ct"] = self.cipher.encrypt(iid, REFRESH, old)
+            if not await repository.update_row(conn, iid, current.integration.version, values):
+                raise IntegrityError("concurrent update", None, Exception("version changed"))
+            created = False
+        else:
+            iid = str(uuid.uuid4())
+            values = {
+                **common,
+                **self.cipher.token_values(iid, tokens),
+                "id": iid,
+                "user_id": cmd.user_id,
+                "provider": cmd.provider,
+                "account_id": cmd.account_id,
+                "created_at": now,
+                "version": 1,
+            }
+            await repository.insert_row(conn, values)
+            created = True
+        stored = await repository.get(conn, iid)
+        assert stored is not None
+        return stored.integration, created
+
+    # -- access tokens ---------------------------------------------------------------------
+
+    async def get_access_token(self, req: TokenRequest) -> AccessToken:
+        validation.duration("min_valid_for", req.min_valid_for)
+        validation.scopes("required_scopes", req.required_scopes)
+        stored = await self.read(req.selector)
+        return await self.serve(stored, req)
+
+    def check_servable(self, stored: StoredIntegration, req: TokenRequest) -> None:
+        integration = stored.integration
+        if integration.status is Status.DISCONNECTED or stored.access_token_ct is None:
+            raise IntegrationDisconnected(
+                f"integration {integration.id} was disconnected; the user must connect again",
+                integration_id=integration.id,
+            )
+        if integration.status is Status.NEEDS_REAUTHORIZATION:
+            raise ReauthorizationRequired(
+                f"integration {integration.id} needs the user to authorize again",
+                integration_id=integration.id,
+            )
+        missing = [s for s in req.required_scopes if s not in integration.scopes]
+        if missing:
+            raise InsufficientScope(
+                f"integration {integration.id} was not granted scope(s) {missing}",
+                integration_id=integration.id,
+            )
+
+    def decrypt_access(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
+        integration = stored.integration
+        assert stored.access_token_ct is not None
+        return AccessToken(
+            access_token=self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct),
+            token_type=integration.token_type,
+            expires_at=integration.expires_at,
+            scopes=integration.scopes,
+            integration_id=integration.id,
+            refreshed=refreshed,
+        )
+
+    async def serve(self, stored: StoredIntegration, req: TokenRequest) -> AccessToken:
+        self.check_servable(stored, req)
+        left = remaining(stored.integration.expires_at, self.clock())
+        valid = left is None or left >= req.min_valid_for
+        refresher = self.refresher
+        if (
+            refresher is not None
+            and stored.refresh_token_ct is not None
+            and (req.force_refresh or refresher.due(stored, req))
+        ):
+            return await refresher.refresh(stored, req)
+        if not valid:
+            await self._mark_expired(stored)
+            raise ReauthorizationRequired(
+                f"the access token of integration {stored.integration.id} is not valid for the "
+                f"requested {int(req.min_valid_for.total_seconds())}s and there is no way to "
+                "refresh it; the user must authorize again",
+                integration_id=stored.integration.id,
+            )
+        return self.decrypt_access(stored)
+
+    async def _mark_expired(self, stored: StoredIntegration) -> None:
+        left = remaining(stored.integration.expires_at, self.clock())
+        if stored.integration.status is not Status.CONNECTED or left is None or left > timedelta(0):
+            return
+        async with storage_errors(), self.engine.begin() as conn:
+            await repository.update_row(
+                conn,
+                stored.integration.id,
+                stored.integration.version,
+                {"status": Status.EXPIRED.value, "updated_at": self.clock()},
+            )
+
+    # -- disconnect ------------------------------------------------------------------------
+
+    async def disconnect(
+        self, sel: Selector, reason: str, skip_revocation: bool
+    ) -> tuple[Integration, Revocation]:
+        validation.text("reason", reason, validation.MAX_REASON, required=False)
+        stored = await self.read(sel)
+        integration = stored.integration
+        if integration.status is Status.DISCONNECTED:
+            return integration, Revocation(stored.revocation or Revocation.SKIPPED.value)
+        if skip_revocation:
+            outcome = Revocation.SKIPPED
+        elif self.revoker is None:
+            outcome = Revocation.NOT_SUPPORTED
+        else:
+            outcome = await self.revoker.revoke(stored)
+        now = self.clock()
+        values: dict[str, Any] = {
+            "status": Status.DISCONNECTED.value,
+            "disconnected_at": now,
+            "disconnect_reason": reason or None,
+            "updated_at": now,
+            "revocation": outcome.value,
+        }
+        if outcome is not Revocation.PENDING:
+            values.update(access_token_ct=None, refresh_token_ct=None, key_id=None)
+        async with storage_errors(), self.engine.begin() as conn:
+            current = await repository.get(conn, integration.id, for_update=True)
+            if current is None:
+                raise IntegrationNotFound(f"no integration with id {integration.id!r}")
+            await repository.update_row(conn, integration.id, current.integration.version, values)
+            updated = await repository.get(conn, integration.id)
+        assert updated is not None
+        return updated.integration, outcome

@@ -1,0 +1,116 @@
+"""Input limits and checks; each failure names the field (INVALID_ARGUMENT) and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from broker.domain.model import Selector
+from broker.errors import InvalidArgument
+
+MAX_ID = 255
+MAX_PROVIDER = 64
+MAX_TOKEN = 64 * 1024
+MAX_METADATA = 64 * 1024
+MAX_SCOPES = 256
+MAX_SCOPE = 1024
+MAX_TOKEN_TYPE = 64
+MAX_REASON = 1024
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+def text(field: str, value: str, limit: int, *, required: bool = True) -> str:
+    if required and not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters long; the limit is {limit}")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def token(field: str, value: str, *, required: bool) -> str:
+    if required and not value:
+        raise InvalidArgument(field, "is required")
+    if len(value.encode()) > MAX_TOKEN:
+        raise InvalidArgument(field, f"is larger than {MAX_TOKEN // 1024} KiB")
+    return value
+
+
+def scopes(field: str, values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if len(values) > MAX_SCOPES:
+        raise InvalidArgument(field, f"has {len(values)} entries; the limit is {MAX_SCOPES}")
+    for value in values:
+        text(field, value, MAX_SCOPE)
+        if " " in value:
+            raise InvalidArgument(field, "entries must not contain spaces (one scope per entry)")
+    return tuple(dict.fromkeys(values))
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if not _finite(value):
+        raise InvalidArgument("metadata", "numbers must be finite (no NaN or Infinity)")
+    size = len(json.dumps(value, separators=(",", ":")).encode())
+    if size > MAX_METADATA:
+        raise InvalidArgument("metadata", f"is {size} bytes as JSON; the limit is {MAX_METADATA}")
+    return value
+
+
+def selector(sel: Selector) -> Selector:
+    by_owner = bool(sel.user_id or sel.provider or sel.account_id is not None)
+    if sel.integration_id and by_owner:
+        raise InvalidArgument(
+            "integration_id",
+            "give either integration_id or (user_id, provider, account_id), not both",
+        )
+    if sel.integration_id:
+        text("integration_id", sel.integration_id, MAX_ID)
+        return sel
+    if not by_owner:
+        raise InvalidArgument("integration_id", "give integration_id or (user_id, provider)")
+    text("user_id", sel.user_id, MAX_ID)
+    text("provider", sel.provider, MAX_PROVIDER)
+    if sel.account_id is not None:
+        text("account_id", sel.account_id, MAX_ID, required=False)
+    return sel
+
+
+def expiry(
+    expires_at: datetime | None, expires_in_seconds: int | None, now: datetime
+) -> datetime | None:
+    if expires_at is not None and expires_in_seconds is not None:
+        raise InvalidArgument("expires_at", "give expires_at or expires_in_seconds, not both")
+    if expires_in_seconds is not None:
+        if expires_in_seconds < 0:
+            raise InvalidArgument("expires_in_seconds", "must not be negative")
+        if expires_in_seconds > 10 * 365 * 86400:
+            raise InvalidArgument("expires_in_seconds", "must be at most ten years")
+        return now + timedelta(seconds=expires_in_seconds)
+    return expires_at
+
+
+def duration(field: str, value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise InvalidArgument(field, "must not be negative")
+    if value > timedelta(days=1):
+        raise InvalidArgument(field, "must be at most 24 hours")
+    return value
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    return min(value or DEFAULT_PAGE, MAX_PAGE)

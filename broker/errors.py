@@ -1,0 +1,130 @@
+"""One error tree for the broker; each class knows its gRPC status code and ErrorInfo reason.
+
+    BrokerError
+    ├── InvalidArgument              INVALID_ARGUMENT     INVALID_ARGUMENT
+    │   └── UnknownProvider          INVALID_ARGUMENT     UNKNOWN_PROVIDER
+    ├── IntegrationNotFound          NOT_FOUND            INTEGRATION_NOT_FOUND
+    ├── AmbiguousIntegration         FAILED_PRECONDITION  AMBIGUOUS_INTEGRATION
+    ├── ReauthorizationRequired      FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
+    │   └── GrantRejected            (provider said invalid_grant/invalid_scope; the refresh
+    │                                 engine re-reads the row before believing it)
+    ├── IntegrationDisconnected      FAILED_PRECONDITION  INTEGRATION_DISCONNECTED
+    ├── InsufficientScope            FAILED_PRECONDITION  INSUFFICIENT_SCOPE
+    ├── ProviderMisconfigured        FAILED_PRECONDITION  PROVIDER_MISCONFIGURED
+    ├── AuthorizationFlowInvalid     FAILED_PRECONDITION  AUTHORIZATION_FLOW_INVALID
+    ├── ProviderUnavailable          UNAVAILABLE          PROVIDER_UNAVAILABLE (+ RetryInfo)
+    ├── StorageUnavailable           UNAVAILABLE          STORAGE_UNAVAILABLE
+    ├── CiphertextInvalid            DATA_LOSS            CIPHERTEXT_INVALID
+    ├── Unauthenticated              UNAUTHENTICATED
+    └── PermissionDenied             PERMISSION_DENIED
+
+    ConfigError                      start-up only: a setting is missing or wrong
+
+Messages are shown to callers: they name fields, ids and providers, never a token or a key.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "credentialbroker"
+
+
+class BrokerError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class InvalidArgument(BrokerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}", field=field)
+        self.field = field
+
+
+class UnknownProvider(InvalidArgument):
+    reason = "UNKNOWN_PROVIDER"
+
+    def __init__(self, provider: str) -> None:
+        super().__init__("provider", f"provider {provider!r} is not configured on this broker")
+
+
+class IntegrationNotFound(BrokerError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "INTEGRATION_NOT_FOUND"
+
+
+class AmbiguousIntegration(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AMBIGUOUS_INTEGRATION"
+
+
+class ReauthorizationRequired(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "REAUTHORIZATION_REQUIRED"
+
+
+class GrantRejected(ReauthorizationRequired):
+    def __init__(self, message: str, error: str = "invalid_grant", **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.error = error
+
+
+class IntegrationDisconnected(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INTEGRATION_DISCONNECTED"
+
+
+class InsufficientScope(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INSUFFICIENT_SCOPE"
+
+
+class ProviderMisconfigured(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "PROVIDER_MISCONFIGURED"
+
+
+class AuthorizationFlowInvalid(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AUTHORIZATION_FLOW_INVALID"
+
+
+class ProviderUnavailable(BrokerError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "PROVIDER_UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: float = 1.0, **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.retry_after = retry_after
+
+
+class StorageUnavailable(BrokerError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class CiphertextInvalid(BrokerError):
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "CIPHERTEXT_INVALID"
+
+
+class Unauthenticated(BrokerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; raised at start-up, printed without a traceback."""

@@ -1,0 +1,477 @@
+"""OAuth 2.0 calls (refresh, code exchange, revocation) on one shared ``httpx.AsyncClient``.
+
+Every provider answer becomes a TokenResponse or one of the errors the refresh engine acts on
+(DESIGN §5):
+
+    GrantRejected            invalid_grant, invalid_scope (and Slack's and GitHub's spellings):
+                             the user has to authorize again
+    ProviderMisconfigured    invalid_client, unauthorized_client, any other 4xx: our client
+                             or request is wrong, and asking again will not change the answer
+    ProviderUnavailable      429, 5xx, timeout, connection error, malformed 200: try later
+    RevocationNotSupported   revoke() on a provider without a revocation endpoint
+
+The client never retries; the refresh engine owns retries and backoff. Messages name the
+provider and the OAuth error code, and carry at most 200 characters of the provider's
+error_description; never a token, a secret, or a response body.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from base64 import b64encode
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus
+
+import httpx
+
+from broker.errors import (
+    BrokerError,
+    GrantRejected,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+)
+from broker.providers.profile import ProviderProfile, Quirk
+
+# Provider error codes, standard (RFC 6749 §5.2) first, then the spellings Slack and GitHub
+# use for the same situations. Grant errors map to the standard code GrantRejected carries.
+_GRANT_ERRORS = {
+    "invalid_grant": "invalid_grant",
+    "invalid_scope": "invalid_scope",
+    "invalid_refresh_token": "invalid_grant",
+    "token_revoked": "invalid_grant",
+    "token_expired": "invalid_grant",
+    "invalid_code": "invalid_grant",
+    "code_already_used": "invalid_grant",
+    "bad_refresh_token": "invalid_grant",
+    "bad_verification_code": "invalid_grant",
+}
+_CLIENT_ERRORS = frozenset(
+    {
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_client_id",
+        "bad_client_secret",
+        "bad_redirect_uri",
+        "oauth_authorization_url_mismatch",
+        "incorrect_client_credentials",
+        "redirect_uri_mismatch",
+    }
+)
+_TRANSIENT_ERRORS = frozenset(
+    {
+        "temporarily_unavailable",
+        "server_error",
+        "ratelimited",
+        "internal_error",
+        "fatal_error",
+        "service_unavailable",
+        "request_timeout",
+    }
+)
+# Answers to a revocation that mean the token is already unusable, which is what we wanted.
+# Google says invalid_token for a token it no longer knows; Slack says invalid_auth.
+_ALREADY_REVOKED = frozenset(_GRANT_ERRORS) | {
+    "invalid_token",
+    "invalid_auth",
+    "not_authed",
+    "account_inactive",
+}
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_DESCRIPTION_LIMIT = 200
+_DEFAULT_RETRY_AFTER = 1.0
+
+
+class RevocationNotSupported(Exception):
+    """The provider has no token revocation endpoint; the caller reports NOT_SUPPORTED."""
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(f"{provider} does not support token revocation")
+        self.provider = provider
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TokenResponse:
+    access_token: str
+    refresh_token: str | None
+    # When the response arrived, so expiry is measured from the provider's clock tick, not
+    # from whenever the caller gets around to storing it.
+    received_at: datetime
+    token_type: str = "Bearer"
+    expires_in: int | None = None
+    # None: the provider did not say, which RFC 6749 §5.1 allows when the scopes are the ones
+    # requested or already granted.
+    scopes: tuple[str, ...] | None = None
+    account_id: str | None = None
+
+    def expires_at(self, default_expires_in: int | None) -> datetime | None:
+        """Absolute expiry; ``default_expires_in`` covers a missing expires_in; 0 = never."""
+        seconds = self.expires_in if self.expires_in is not None else default_expires_in
+        if not seconds:
+            return None
+        return self.received_at + timedelta(seconds=seconds)
+
+    def __repr__(self) -> str:
+        refresh = "None" if self.refresh_token is None else "<hidden>"
+        return (
+            f"TokenResponse(access_token=<hidden>, refresh_token={refresh}, "
+            f"token_type={self.token_type!r}, expires_in={self.expires_in!r}, "
+            f"scopes={self.scopes!r}, received_at={self.received_at.isoformat()}, "
+            f"account_id={self.account_id!r})"
+        )
+
+    __str__ = __repr__
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OAuthClient:
+    """Talks to providers' token and revocation endpoints.
+
+    ``http`` is the process-wide client created at start-up (its connection pool is shared by
+    every provider); ``timeout`` applies to each request as a whole.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        timeout: float,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._http = http
+        self._timeout = timeout
+        self._clock = clock
+
+    async def refresh(
+        self,
+        profile: ProviderProfile,
+        refresh_token: str,
+        scopes: Sequence[str] | None = None,
+    ) -> TokenResponse:
+        fields = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if scopes is None and profile.has(Quirk.SCOPE_ON_REFRESH) and profile.scopes:
+            scopes = profile.scopes
+        if scopes:
+            fields["scope"] = " ".join(scopes)
+        return await self._token_request(profile, fields)
+
+    async def exchange_code(
+        self,
+        profile: ProviderProfile,
+        code: str,
+        redirect_uri: str,
+        code_verifier: str | None,
+    ) -> TokenResponse:
+        fields = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+        if code_verifier is not None:
+            fields["code_verifier"] = code_verifier
+        return await self._token_request(profile, fields)
+
+    async def revoke(
+        self, profile: ProviderProfile, token: str, token_type_hint: str | None = None
+    ) -> None:
+        """Revoke a token (RFC 7009). Returns normally if it is revoked or was already invalid.
+
+        Revoking a refresh token revokes the whole grant at providers that follow RFC 7009
+        §2.1, so disconnecting should pass the refresh token when there is one. GitHub only
+        takes an access token.
+        """
+        _require_client(profile)
+        if not profile.revocation_url:
+            raise RevocationNotSupported(profile.name)
+        if profile.has(Quirk.GITHUB_REVOCATION):
+            await self._revoke_github(profile, profile.revocation_url, token)
+            return
+        fields = {"token": token}
+        if token_type_hint:
+            fields["token_type_hint"] = token_type_hint
+        response, _ = await self._send(profile, profile.revocation_url, fields, "revocation")
+        _raise_for_transient(profile, response)
+        body = _read_body(response)
+        code = _error_code(body)
+        if response.is_success and (body is None or body.get("ok") is not False):
+            return
+        if code in _ALREADY_REVOKED:
+            return
+        if code == "unsupported_token_type":
+            raise RevocationNotSupported(profile.name)
+        raise _classify(profile, response.status_code, body, "revocation")
+
+    async def _token_request(
+        self, profile: ProviderProfile, fields: dict[str, str]
+    ) -> TokenResponse:
+        token_url = _require_client(profile)
+        response, received_at = await self._send(profile, token_url, fields, "token request")
+        _raise_for_transient(profile, response)
+        body = _read_body(response)
+        if not response.is_success:
+            raise _classify(profile, response.status_code, body, "token request")
+        if body is None:
+            raise ProviderUnavailable(
+                f"{profile.name} answered the token request with a malformed response "
+                "(not a JSON object)",
+                provider=profile.name,
+            )
+        if body.get("ok") is False:
+            raise _classify(profile, response.status_code, body, "token request")
+        tokens = body
+        nested = body.get("authed_user")
+        if (
+            profile.has(Quirk.SLACK_ENVELOPE)
+            and "access_token" not in body
+            and isinstance(nested, dict)
+        ):
+            tokens = nested
+        access_token = tokens.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            if "error" in body:
+                # GitHub reports errors with HTTP 200 and an "error" member.
+                raise _classify(profile, 400, body, "token request")
+            raise ProviderUnavailable(
+                f"{profile.name} answered the token request with a malformed response "
+                "(no access_token)",
+                provider=profile.name,
+            )
+        refresh_token = tokens.get("refresh_token")
+        if not isinstance(refresh_token, str) or not refresh_token:
+            refresh_token = None
+        return TokenResponse(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            received_at=received_at,
+            token_type=_token_type(profile, tokens.get("token_type")),
+            expires_in=_expires_in(tokens.get("expires_in")),
+            scopes=_scopes(tokens.get("scope")),
+            account_id=_lookup(body, profile.account_id_path),
+        )
+
+    async def _send(
+        self, profile: ProviderProfile, url: str, fields: dict[str, str], what: str
+    ) -> tuple[httpx.Response, datetime]:
+        headers = {"Accept": "application/json", **profile.extra_headers}
+        body = dict(fields)
+        client_id = profile.client_id or ""
+        if profile.auth_method == "client_secret_basic":
+            headers["Authorization"] = _basic(client_id, profile.client_secret or "")
+        elif profile.auth_method == "client_secret_post":
+            body["client_id"] = client_id
+            body["client_secret"] = profile.client_secret or ""
+        else:
+            body["client_id"] = client_id
+        if profile.body_encoding == "json":
+            request = self._http.post(url, json=body, headers=headers, timeout=self._timeout)
+        else:
+            request = self._http.post(url, data=body, headers=headers, timeout=self._timeout)
+        return await self._await(profile, request, what)
+
+    async def _revoke_github(self, profile: ProviderProfile, url: str, token: str) -> None:
+        request = self._http.request(
+            "DELETE",
+            url.format(client_id=quote(profile.client_id or "", safe="")),
+            json={"access_token": token},
+            headers={
+                "Accept": "application/vnd.github+json",
+                "Authorization": _basic(profile.client_id or "", profile.client_secret or ""),
+            },
+            timeout=self._timeout,
+        )
+        response, _ = await self._await(profile, request, "revocation")
+        _raise_for_transient(profile, response)
+        # 404: GitHub no longer knows the token or the grant, so there is nothing to revoke.
+        if response.is_success or response.status_code == 404:
+            return
+        raise _classify(profile, response.status_code, _read_body(response), "revocation")
+
+    async def _await(
+        self, profile: ProviderProfile, request: Awaitable[httpx.Response], what: str
+    ) -> tuple[httpx.Response, datetime]:
+        try:
+            response = await request
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(
+                f"{profile.name} did not answer the {what} within {self._timeout:g}s",
+                provider=profile.name,
+            ) from exc
+        except httpx.TransportError as exc:
+            # The class name says enough (ConnectError, RemoteProtocolError...); the exception
+            # text can include the URL, which is fine, but keep the message uniform.
+            raise ProviderUnavailable(
+                f"could not reach {profile.name} for the {what} ({type(exc).__name__})",
+                provider=profile.name,
+            ) from exc
+        return response, self._clock()
+
+
+def _require_client(profile: ProviderProfile) -> str:
+    missing = profile.missing_settings()
+    if missing or profile.token_url is None:
+        raise ProviderMisconfigured(
+            f"providers.{profile.name}: {', '.join(missing)} not configured",
+            provider=profile.name,
+        )
+    return profile.token_url
+
+
+def _basic(client_id: str, client_secret: str) -> str:
+    # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding, so a ':' or a
+    # non-ASCII character in either cannot break the pair apart.
+    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
+    return "Basic " + b64encode(pair.encode()).decode("ascii")
+
+
+def _read_body(response: httpx.Response) -> dict[str, Any] | None:
+    content_type = response.headers.get("content-type", "")
+    try:
+        if "application/x-www-form-urlencoded" in content_type:
+            # What GitHub answers when it is not asked for JSON.
+            return dict(parse_qsl(response.text, keep_blank_values=True))
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> None:
+    status = response.status_code
+    if status == 429 or status >= 500 or status == 408:
+        raise ProviderUnavailable(
+            f"{profile.name} answered HTTP {status}",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            provider=profile.name,
+            http_status=str(status),
+        )
+
+
+def _classify(
+    profile: ProviderProfile, status: int, body: Mapping[str, Any] | None, what: str
+) -> BrokerError:
+    code = _error_code(body)
+    name = profile.name
+    # Slack lists many transient-looking errors on every method; anything in an ok:false
+    # envelope that is not a known grant or client error is treated as transient.
+    envelope = body is not None and body.get("ok") is False
+    if code is None and envelope:
+        return ProviderUnavailable(f"{name} could not handle the {what}", provider=name)
+    if code is None:
+        # No OAuth error code: a wrong URL (404, 405, a redirect) or a proxy in the way.
+        hint = " (check token_url)" if what == "token request" else ""
+        return ProviderMisconfigured(
+            f"{name} answered the {what} with HTTP {status} and no OAuth error{hint}",
+            provider=name,
+            http_status=str(status),
+        )
+    detail = code + _description(body)
+    if code in _GRANT_ERRORS:
+        return GrantRejected(
+            f"{name} rejected the grant: {detail}",
+            error=_GRANT_ERRORS[code],
+            provider=name,
+            provider_error=code,
+        )
+    if code in _TRANSIENT_ERRORS or (envelope and code not in _CLIENT_ERRORS):
+        return ProviderUnavailable(f"{name} could not handle the {what}: {detail}", provider=name)
+    # invalid_client and friends, and every other error code on a 4xx (invalid_request,
+    # unsupported_grant_type, codes we do not know): the grant was not rejected, so sending
+    # the user through authorization again would not help, and the same request would get
+    # the same answer. The operator has to look at the provider settings.
+    return ProviderMisconfigured(
+        f"{name} rejected the broker's {what}: {detail}; check providers.{name}",
+        provider=name,
+        provider_error=code,
+    )
+
+
+def _error_code(body: Mapping[str, Any] | None) -> str | None:
+    if body is None:
+        return None
+    code = body.get("error")
+    if not isinstance(code, str):
+        return None
+    # The code ends up in messages and ErrorInfo metadata: keep it to something code-like.
+    return code if _ERROR_CODE.fullmatch(code) else "unrecognized_error"
+
+
+def _description(body: Mapping[str, Any] | None) -> str:
+    text = body.get("error_description") if body is not None else None
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if len(text) > _DESCRIPTION_LIMIT:
+        text = text[: _DESCRIPTION_LIMIT - 1] + "…"
+    return f" ({text})"
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float:
+    """Seconds to wait from a Retry-After header (delay-seconds or HTTP-date); 1 if absent."""
+    if not value or not value.strip():
+        return _DEFAULT_RETRY_AFTER
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return _DEFAULT_RETRY_AFTER
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or _utcnow())).total_seconds()
+    if not math.isfinite(seconds):
+        return _DEFAULT_RETRY_AFTER
+    return max(0.0, seconds)
+
+
+def _token_type(profile: ProviderProfile, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        return "Bearer"
+    if value.lower() == "bearer":
+        return "Bearer"
+    if profile.has(Quirk.SLACK_ENVELOPE) and value in {"bot", "user"}:
+        return "Bearer"
+    return value
+
+
+def _expires_in(value: object) -> int | None:
+    # Some providers send a string; a value we cannot read falls back to the configured
+    # default lifetime rather than failing a refresh that did succeed.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float | str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+        if math.isfinite(seconds):
+            return max(0, int(seconds))
+    return None
+
+
+def _scopes(value: object) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        scopes = tuple(part for part in re.split(r"[\s,]+", value) if part)
+        return scopes or None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value) or None
+    return None
+
+
+def _lookup(body: Mapping[str, Any], path: str | None) -> str | None:
+    if not path:
+        return None
+    node: object = body
+    for part in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    if isinstance(node, bool) or not isinstance(node, str | int):
+        return None
+    return str(node) or None

@@ -1,0 +1,1 @@
+"""gRPC wiring: app start-up and shutdown, auth interceptor, servicer, proto conversion."""

@@ -1,0 +1,97 @@
+"""Proto ↔ domain conversion. Nothing here decides anything."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.domain.model import Integration, Revocation, Selector, Status
+from broker.errors import InvalidArgument
+
+STATUS_TO_PB = {
+    Status.CONNECTED: pb.INTEGRATION_STATUS_CONNECTED,
+    Status.EXPIRED: pb.INTEGRATION_STATUS_EXPIRED,
+    Status.NEEDS_REAUTHORIZATION: pb.INTEGRATION_STATUS_NEEDS_REAUTHORIZATION,
+    Status.DISCONNECTED: pb.INTEGRATION_STATUS_DISCONNECTED,
+}
+STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
+REVOCATION_TO_PB = {
+    Revocation.REVOKED: pb.REVOCATION_OUTCOME_REVOKED,
+    Revocation.NOT_SUPPORTED: pb.REVOCATION_OUTCOME_NOT_SUPPORTED,
+    Revocation.FAILED: pb.REVOCATION_OUTCOME_FAILED,
+    Revocation.PENDING: pb.REVOCATION_OUTCOME_PENDING,
+    Revocation.SKIPPED: pb.REVOCATION_OUTCOME_SKIPPED,
+}
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def from_timestamp(field: str, ts: timestamp_pb2.Timestamp) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid timestamp") from None
+
+
+def struct_to_dict(field: str, value: struct_pb2.Struct) -> dict[str, Any]:
+    try:
+        result = json_format.MessageToDict(value)
+    except (ValueError, TypeError, json_format.Error):
+        raise InvalidArgument(field, "is not a valid JSON object") from None
+    if not isinstance(result, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return result
+
+
+def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def integration(value: Integration) -> pb.Integration:
+    message = pb.Integration(
+        id=value.id,
+        user_id=value.user_id,
+        provider=value.provider,
+        account_id=value.account_id,
+        status=STATUS_TO_PB[value.status],
+        scopes=value.scopes,
+        metadata=dict_to_struct(value.metadata),
+        created_at=timestamp(value.created_at),
+        updated_at=timestamp(value.updated_at),
+        disconnect_reason=value.disconnect_reason or "",
+        token_type=value.token_type,
+        has_refresh_token=value.has_refresh_token,
+    )
+    if value.expires_at is not None:
+        message.expires_at.CopyFrom(timestamp(value.expires_at))
+    if value.last_refreshed_at is not None:
+        message.last_refreshed_at.CopyFrom(timestamp(value.last_refreshed_at))
+    if value.disconnected_at is not None:
+        message.disconnected_at.CopyFrom(timestamp(value.disconnected_at))
+    return message
+
+
+def selector(request: Any) -> Selector:
+    return Selector(
+        integration_id=request.integration_id,
+        user_id=request.user_id,
+        provider=request.provider,
+        account_id=request.account_id if request.HasField("account_id") else None,
+    )
+
+
+def status_filter(value: int) -> Status | None:
+    if value == pb.INTEGRATION_STATUS_UNSPECIFIED:
+        return None
+    if value not in STATUS_FROM_PB:
+        raise InvalidArgument("status", f"unknown status {value}")
+    return STATUS_FROM_PB[value]

@@ -1,0 +1,146 @@
+"""The CredentialBroker servicer: proto in, domain call, proto out; BrokerError → status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.domain.model import NewTokens, StoreCommand, TokenRequest
+from broker.domain.service import IntegrationService
+from broker.errors import BrokerError
+from broker.server import convert
+from broker.server.status import plain_status, to_status
+
+log = logging.getLogger("broker.server")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await method(self, request, context)
+        except BrokerError as error:
+            await context.abort_with_status(to_status(error))
+        except Exception:
+            # The traceback stays in the server log; the caller gets an id to quote, never
+            # the exception text (it could carry anything).
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s (incident %s)", method.__name__, incident)
+            await context.abort_with_status(
+                plain_status(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+            )
+        raise AssertionError("unreachable")  # pragma: no cover - abort always raises
+
+    return wrapper
+
+
+class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
+    def __init__(self, service: IntegrationService) -> None:
+        self.service = service
+
+    @_rpc
+    async def StoreIntegration(
+        self, request: pb.StoreIntegrationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StoreIntegrationResponse:
+        expires_at = (
+            convert.from_timestamp("expires_at", request.expires_at)
+            if request.HasField("expires_at")
+            else None
+        )
+        command = StoreCommand(
+            user_id=request.user_id,
+            provider=request.provider,
+            account_id=request.account_id,
+            tokens=NewTokens(
+                access_token=request.access_token,
+                refresh_token=request.refresh_token or None,
+                token_type=request.token_type or "Bearer",
+                expires_at=expires_at,
+                scopes=tuple(request.scopes),
+            ),
+            metadata=convert.struct_to_dict("metadata", request.metadata),
+            expires_in_seconds=(
+                request.expires_in_seconds if request.HasField("expires_in_seconds") else None
+            ),
+        )
+        integration, created = await self.service.store(command)
+        return pb.StoreIntegrationResponse(
+            integration=convert.integration(integration), created=created
+        )
+
+    @_rpc
+    async def GetAccessToken(
+        self, request: pb.GetAccessTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetAccessTokenResponse:
+        min_valid = (
+            request.min_valid_for.ToTimedelta()
+            if request.HasField("min_valid_for")
+            else timedelta(0)
+        )
+        token = await self.service.get_access_token(
+            TokenRequest(
+                selector=convert.selector(request),
+                min_valid_for=min_valid,
+                force_refresh=request.force_refresh,
+                required_scopes=tuple(request.required_scopes),
+            )
+        )
+        response = pb.GetAccessTokenResponse(
+            access_token=token.access_token,
+            token_type=token.token_type,
+            scopes=token.scopes,
+            integration_id=token.integration_id,
+            refreshed=token.refreshed,
+        )
+        if token.expires_at is not None:
+            response.expires_at.CopyFrom(convert.timestamp(token.expires_at))
+        return response
+
+    @_rpc
+    async def Disconnect(
+        self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DisconnectResponse:
+        integration, outcome = await self.service.disconnect(
+            convert.selector(request), request.reason, request.skip_provider_revocation
+        )
+        return pb.DisconnectResponse(
+            integration=convert.integration(integration),
+            revocation=convert.REVOCATION_TO_PB[outcome],
+        )
+
+    @_rpc
+    async def GetIntegration(
+        self, request: pb.GetIntegrationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetIntegrationResponse:
+        integration = await self.service.get(convert.selector(request))
+        return pb.GetIntegrationResponse(integration=convert.integration(integration))
+
+    @_rpc
+    async def ListIntegrations(
+        self, request: pb.ListIntegrationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListIntegrationsResponse:
+        page = await self.service.list(
+            request.user_id,
+            request.provider,
+            convert.status_filter(request.status),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListIntegrationsResponse(
+            integrations=[convert.integration(i) for i in page.integrations],
+            next_page_token=page.next_page_token,
+        )

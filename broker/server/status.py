@@ -1,0 +1,37 @@
+"""BrokerError → gRPC status with a ``google.rpc.ErrorInfo`` (and RetryInfo where it helps)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker.errors import DOMAIN, BrokerError, ProviderUnavailable
+
+
+def to_status(error: BrokerError) -> grpc.Status:
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    )
+    details = [info]
+    if isinstance(error, ProviderUnavailable):
+        retry = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(1, int(error.retry_after * 1000)))
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+    code: int = error.code.value[0]
+    status = status_pb2.Status(code=code, message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def plain_status(code: grpc.StatusCode, message: str, reason: str | None = None) -> grpc.Status:
+    details = []
+    if reason:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+        details.append(info)
+    value: int = code.value[0]
+    return rpc_status.to_status(status_pb2.Status(code=value, message=message, details=details))

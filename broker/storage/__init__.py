@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy Core tables, the async engine, the repository and Alembic migrations."""

@@ -1,0 +1,77 @@
+"""The async engine, built at start-up from the database URL, and storage error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from broker.config import DatabaseSettings
+from broker.errors import StorageUnavailable
+
+
+def create_engine(settings: DatabaseSettings) -> AsyncEngine:
+    url = make_url(settings.url.get_secret_value())
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url, connect_args={"timeout": settings.timeout_seconds}, pool_pre_ping=False
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_size,
+        pool_timeout=settings.timeout_seconds,
+        # No pre-ping: it costs a round trip per checkout on the hot path; a dead connection
+        # surfaces as an error that invalidates the pool, and the next call reconnects.
+        pool_pre_ping=False,
+        connect_args={
+            "timeout": settings.timeout_seconds,
+            "command_timeout": settings.timeout_seconds,
+            "server_settings": {"application_name": "credential-broker"},
+        },
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run while the single writer commits; busy_timeout waits out a lock.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when an exception means "the database cannot be reached", not "bad data"."""
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
+
+
+@asynccontextmanager
+async def storage_errors() -> AsyncIterator[None]:
+    """Turn "database unreachable" into StorageUnavailable; let everything else through."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise StorageUnavailable(
+                "the database is unreachable; retry shortly", cause=type(exc).__name__
+            ) from None
+        raise

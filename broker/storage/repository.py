@@ -1,0 +1,142 @@
+"""Queries on ``integrations``, in SQLAlchemy Core. Callers own the connection/transaction.
+
+Every token write is a compare-and-swap on ``version`` so a stale writer (another replica, a
+re-encryption batch) can never overwrite newer tokens.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.domain.model import Integration, Status, StoredIntegration
+from broker.storage.tables import integrations as t
+
+_COLUMNS = (
+    t.c.id,
+    t.c.user_id,
+    t.c.provider,
+    t.c.account_id,
+    t.c.status,
+    t.c.token_type,
+    t.c.scopes,
+    t.c.metadata,
+    t.c.created_at,
+    t.c.updated_at,
+    t.c.expires_at,
+    t.c.last_refreshed_at,
+    t.c.disconnected_at,
+    t.c.disconnect_reason,
+    t.c.version,
+    t.c.access_token_ct,
+    t.c.refresh_token_ct,
+    t.c.key_id,
+    t.c.refresh_failures,
+    t.c.revocation,
+)
+_SELECT = select(*_COLUMNS)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; everything in the broker is aware UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def to_stored(row: Row[Any]) -> StoredIntegration:
+    m = row._mapping
+    created = utc(m["created_at"])
+    updated = utc(m["updated_at"])
+    assert created is not None and updated is not None
+    integration = Integration(
+        id=m["id"],
+        user_id=m["user_id"],
+        provider=m["provider"],
+        account_id=m["account_id"],
+        status=Status(m["status"]),
+        token_type=m["token_type"],
+        scopes=tuple(m["scopes"] or ()),
+        metadata=dict(m["metadata"] or {}),
+        created_at=created,
+        updated_at=updated,
+        expires_at=utc(m["expires_at"]),
+        last_refreshed_at=utc(m["last_refreshed_at"]),
+        disconnected_at=utc(m["disconnected_at"]),
+        disconnect_reason=m["disconnect_reason"],
+        has_refresh_token=m["refresh_token_ct"] is not None,
+        version=int(m["version"]),
+    )
+    return StoredIntegration(
+        integration=integration,
+        access_token_ct=m["access_token_ct"],
+        refresh_token_ct=m["refresh_token_ct"],
+        key_id=m["key_id"],
+        refresh_failures=int(m["refresh_failures"]),
+        revocation=m["revocation"],
+    )
+
+
+async def get(
+    conn: AsyncConnection, integration_id: str, *, for_update: bool = False
+) -> StoredIntegration | None:
+    query = _SELECT.where(t.c.id == integration_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    return None if row is None else to_stored(row)
+
+
+async def find_by_owner(
+    conn: AsyncConnection, user_id: str, provider: str, account_id: str | None, *, limit: int = 2
+) -> list[StoredIntegration]:
+    query = _SELECT.where(t.c.user_id == user_id, t.c.provider == provider)
+    if account_id is not None:
+        query = query.where(t.c.account_id == account_id)
+    rows = (await conn.execute(query.order_by(t.c.created_at, t.c.id).limit(limit))).all()
+    return [to_stored(r) for r in rows]
+
+
+async def insert_row(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    await conn.execute(insert(t).values(**values))
+
+
+async def update_row(
+    conn: AsyncConnection, integration_id: str, expected_version: int, values: dict[str, Any]
+) -> bool:
+    """Compare-and-swap: applies only if the row is still at ``expected_version``."""
+    result = await conn.execute(
+        update(t)
+        .where(t.c.id == integration_id, t.c.version == expected_version)
+        .values(version=t.c.version + 1, **values)
+    )
+    return result.rowcount == 1
+
+
+async def list_page(
+    conn: AsyncConnection,
+    user_id: str,
+    provider: str | None,
+    status: Status | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[StoredIntegration]:
+    query = _SELECT.where(t.c.user_id == user_id)
+    if provider:
+        query = query.where(t.c.provider == provider)
+    if status is not None:
+        query = query.where(t.c.status == status.value)
+    if after is not None:
+        created, last_id = after
+        query = query.where(
+            or_(t.c.created_at > created, and_(t.c.created_at == created, t.c.id > last_id))
+        )
+    rows = (await conn.execute(query.order_by(t.c.created_at, t.c.id).limit(limit))).all()
+    return [to_stored(r) for r in rows]
+
+
+async def ping(conn: AsyncConnection) -> None:
+    await conn.execute(select(func.now()) if conn.dialect.name == "postgresql" else select(1))

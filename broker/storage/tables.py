@@ -1,0 +1,64 @@
+"""The schema. Changes go through an Alembic migration in ``migrations/versions``.
+
+Tokens exist here only as ciphertext (``*_ct`` columns, format in ``broker.crypto.aead``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# The environment this database belongs to, recorded at first migration (DESIGN §4).
+broker_meta = Table(
+    "broker_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+integrations = Table(
+    "integrations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("account_id", String(255), nullable=False, server_default=""),
+    Column("status", String(32), nullable=False),
+    Column("access_token_ct", LargeBinary, nullable=True),
+    Column("refresh_token_ct", LargeBinary, nullable=True),
+    # Key id of the row's ciphertexts; lets start-up and `keys status` count rows per key.
+    Column("key_id", String(64), nullable=True),
+    Column("token_type", String(64), nullable=False, server_default="Bearer"),
+    Column("scopes", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("last_refreshed_at", DateTime(timezone=True), nullable=True),
+    Column("disconnected_at", DateTime(timezone=True), nullable=True),
+    Column("disconnect_reason", Text, nullable=True),
+    # Outcome of the provider-side revocation at Disconnect (REVOKED, PENDING, ...).
+    Column("revocation", String(16), nullable=True),
+    # Compare-and-swap counter: every write of tokens is "UPDATE … WHERE version = :seen".
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Column("refresh_failures", Integer, nullable=False, server_default="0"),
+    Column("last_refresh_error", String(64), nullable=True),
+    Column("next_refresh_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
+    Index("ix_integrations_user_created", "user_id", "created_at", "id"),
+    Index("ix_integrations_expires_at", "expires_at"),
+)
