@@ -103,6 +103,8 @@ class TokenRequest:
     min_valid_for: timedelta = timedelta(0)
     force_refresh: bool = False
     required_scopes: tuple[str, ...] = ()
+    # Seconds the caller will still wait (its gRPC deadline); None: no deadline.
+    deadline_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -92,6 +92,43 @@ class TokenCipher:
             values["refresh_token_ct"] = self.encrypt(integration_id, REFRESH, tokens.refresh_token)
         return values
 
+    def access_token(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
+        integration = stored.integration
+        if stored.access_token_ct is None:
+            raise IntegrationDisconnected(
+                f"integration {integration.id} was disconnected; the user must connect again",
+                integration_id=integration.id,
+            )
+        return AccessToken(
+            access_token=self.decrypt(integration.id, ACCESS, stored.access_token_ct),
+            token_type=integration.token_type,
+            expires_at=integration.expires_at,
+            scopes=integration.scopes,
+            integration_id=integration.id,
+            refreshed=refreshed,
+        )
+
+
+def check_servable(stored: StoredIntegration, required_scopes: tuple[str, ...] = ()) -> None:
+    """Raise the error that says why this integration's token must not be served, if any."""
+    integration = stored.integration
+    if integration.status is Status.DISCONNECTED or stored.access_token_ct is None:
+        raise IntegrationDisconnected(
+            f"integration {integration.id} was disconnected; the user must connect again",
+            integration_id=integration.id,
+        )
+    if integration.status is Status.NEEDS_REAUTHORIZATION:
+        raise ReauthorizationRequired(
+            f"integration {integration.id} needs the user to authorize again",
+            integration_id=integration.id,
+        )
+    missing = [s for s in required_scopes if s not in integration.scopes]
+    if missing:
+        raise InsufficientScope(
+            f"integration {integration.id} was not granted scope(s) {missing}",
+            integration_id=integration.id,
+        )
+
 
 def remaining(expires_at: datetime | None, now: datetime) -> timedelta | None:
     return None if expires_at is None else expires_at - now
@@ -120,13 +157,19 @@ class IntegrationService:
         clock: Clock = utcnow,
         refresher: Refresher | None = None,
         revoker: Revoker | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
+        self.aliases = dict(aliases or {})
         self.engine = engine
         self.cipher = cipher
         self.providers = providers
         self.clock = clock
         self.refresher = refresher
         self.revoker = revoker
+
+    def canonical(self, provider: str) -> str:
+        """Aliases ("x" for twitter) are stored under the provider's one name."""
+        return self.aliases.get(provider, provider)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -139,7 +182,8 @@ class IntegrationService:
                     integration_id=sel.integration_id,
                 )
             return stored
-        found = await repository.find_by_owner(conn, sel.user_id, sel.provider, sel.account_id)
+        provider = self.canonical(sel.provider)
+        found = await repository.find_by_owner(conn, sel.user_id, provider, sel.account_id)
         if not found:
             account = "" if sel.account_id is None else f", account {sel.account_id!r}"
             raise IntegrationNotFound(
@@ -175,7 +219,9 @@ class IntegrationService:
         size = validation.page_size(page_size)
         after = _decode_page_token(page_token) if page_token else None
         async with storage_errors(), self.engine.connect() as conn:
-            rows = await repository.list_page(conn, user_id, provider, status, after, size + 1)
+            rows = await repository.list_page(
+                conn, user_id, self.canonical(provider), status, after, size + 1
+            )
         items = [r.integration for r in rows[:size]]
         more = len(rows) > size
         return Page(items, _encode_page_token(items[-1]) if more and items else "")
@@ -195,6 +241,7 @@ class IntegrationService:
         validation.metadata(cmd.metadata)
         if cmd.provider not in self.providers:
             raise UnknownProvider(cmd.provider)
+        cmd = replace(cmd, provider=self.canonical(cmd.provider))
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
         cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
         # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
@@ -260,39 +307,8 @@ class IntegrationService:
         stored = await self.read(req.selector)
         return await self.serve(stored, req)
 
-    def check_servable(self, stored: StoredIntegration, req: TokenRequest) -> None:
-        integration = stored.integration
-        if integration.status is Status.DISCONNECTED or stored.access_token_ct is None:
-            raise IntegrationDisconnected(
-                f"integration {integration.id} was disconnected; the user must connect again",
-                integration_id=integration.id,
-            )
-        if integration.status is Status.NEEDS_REAUTHORIZATION:
-            raise ReauthorizationRequired(
-                f"integration {integration.id} needs the user to authorize again",
-                integration_id=integration.id,
-            )
-        missing = [s for s in req.required_scopes if s not in integration.scopes]
-        if missing:
-            raise InsufficientScope(
-                f"integration {integration.id} was not granted scope(s) {missing}",
-                integration_id=integration.id,
-            )
-
-    def decrypt_access(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
-        integration = stored.integration
-        assert stored.access_token_ct is not None
-        return AccessToken(
-            access_token=self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct),
-            token_type=integration.token_type,
-            expires_at=integration.expires_at,
-            scopes=integration.scopes,
-            integration_id=integration.id,
-            refreshed=refreshed,
-        )
-
     async def serve(self, stored: StoredIntegration, req: TokenRequest) -> AccessToken:
-        self.check_servable(stored, req)
+        check_servable(stored, req.required_scopes)
         left = remaining(stored.integration.expires_at, self.clock())
         valid = left is None or left >= req.min_valid_for
         refresher = self.refresher
@@ -310,7 +326,7 @@ class IntegrationService:
                 "refresh it; the user must authorize again",
                 integration_id=stored.integration.id,
             )
-        return self.decrypt_access(stored)
+        return self.cipher.access_token(stored)
 
     async def _mark_expired(self, stored: StoredIntegration) -> None:
         left = remaining(stored.integration.expires_at, self.clock())

@@ -96,7 +96,7 @@ class RevocationNotSupported(Exception):
         self.provider = provider
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@dataclass(frozen=True, slots=True, repr=False, kw_only=True)
 class TokenResponse:
     access_token: str
     refresh_token: str | None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from broker.config import Settings
 from broker.crypto import load_keyring
 from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.errors import ConfigError
-from broker.providers.catalog import BUILTINS
+import httpx
+
+from broker.domain.refresh import RefreshEngine
+from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
+from broker.providers.client import OAuthClient
 from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
@@ -42,6 +47,8 @@ class Broker:
     health: health.aio.HealthServicer
     service: IntegrationService
     port: int
+    http: httpx.AsyncClient
+    refresher: RefreshEngine
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -53,6 +60,10 @@ class Broker:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Tokens a provider issued that the database has not taken yet: one last try.
+        if await self.refresher.flush_unsaved():
+            log.error("shutting down with refreshed tokens that could not be stored")
+        await self.http.aclose()
         await self.engine.dispose()
 
     async def _watch_database(self) -> None:
@@ -82,8 +93,10 @@ class Broker:
             await asyncio.sleep(self.settings.server.health_check_interval_seconds)
 
 
-def known_providers(settings: Settings) -> Container[str]:
-    return set(BUILTINS) | set(settings.providers)
+def known_providers(registry: ProviderRegistry) -> Container[str]:
+    """Names StoreIntegration accepts: configured providers and the built-in catalog (a built-in
+    without a client can store tokens; refreshing them needs the client configured)."""
+    return set(BUILTINS) | set(ALIASES) | set(registry.names())
 
 
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
@@ -95,17 +108,35 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             "callers: no caller is configured, so nobody could call this broker; add "
             "[callers.NAME] with token_sha256 (see `broker callers new NAME`)"
         )
+    registry = build_registry(settings.providers, os.environ)
     engine = create_engine(settings.database)
     try:
         await verify(engine, settings.server.environment, keyring.ids)
     except BaseException:
         await engine.dispose()
         raise
+    # One HTTP client (one connection pool) for every provider call this process makes.
+    http = httpx.AsyncClient(
+        timeout=settings.refresh.provider_timeout_seconds,
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        follow_redirects=False,
+    )
+    cipher = TokenCipher(keyring, settings.server.environment)
+    refresher = RefreshEngine(
+        engine,
+        cipher,
+        registry,
+        OAuthClient(http, settings.refresh.provider_timeout_seconds, clock=clock),
+        settings.refresh,
+        clock,
+    )
     service = IntegrationService(
         engine=engine,
-        cipher=TokenCipher(keyring, settings.server.environment),
-        providers=known_providers(settings),
+        cipher=cipher,
+        providers=known_providers(registry),
         clock=clock,
+        refresher=refresher,
+        aliases=ALIASES,
     )
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
@@ -130,8 +161,12 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         await engine.dispose()
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
     await server.start()
-    broker = Broker(settings, server, engine, health_servicer, service, port)
+    broker = Broker(settings, server, engine, health_servicer, service, port, http, refresher)
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
+    if settings.refresh.background:
+        broker.tasks.append(
+            asyncio.create_task(refresher.run_background(), name="background-refresh")
+        )
     host = settings.server.listen.rpartition(":")[0]
     log.info(
         "broker serving on %s:%d (environment %r, %d caller(s), key %s)",

@@ -97,6 +97,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 min_valid_for=min_valid,
                 force_refresh=request.force_refresh,
                 required_scopes=tuple(request.required_scopes),
+                deadline_seconds=context.time_remaining(),
             )
         )
         response = pb.GetAccessTokenResponse(

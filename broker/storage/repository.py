@@ -140,3 +140,73 @@ async def list_page(
 
 async def ping(conn: AsyncConnection) -> None:
     await conn.execute(select(func.now()) if conn.dialect.name == "postgresql" else select(1))
+
+
+# -- refresh bookkeeping ---------------------------------------------------------------------
+
+
+async def take_lease(
+    conn: AsyncConnection,
+    integration_id: str,
+    version: int,
+    owner: str,
+    now: datetime,
+    until: datetime,
+) -> bool:
+    """Claim the right to refresh this row: only if nobody holds a live lease and the row is
+    still the version we decided on. One short statement, no lock held during the HTTP call."""
+    result = await conn.execute(
+        update(t)
+        .where(
+            t.c.id == integration_id,
+            t.c.version == version,
+            or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
+        )
+        .values(refresh_lease_owner=owner, refresh_lease_until=until)
+    )
+    return result.rowcount == 1
+
+
+async def release_lease(conn: AsyncConnection, integration_id: str, owner: str, values: dict[str, Any]) -> bool:
+    """Give the lease back (with bookkeeping such as failure counts); tokens unchanged."""
+    result = await conn.execute(
+        update(t)
+        .where(t.c.id == integration_id, t.c.refresh_lease_owner == owner)
+        .values(refresh_lease_owner=None, refresh_lease_until=None, **values)
+    )
+    return result.rowcount == 1
+
+
+async def write_refreshed(
+    conn: AsyncConnection, integration_id: str, version: int, values: dict[str, Any]
+) -> bool:
+    """Store refreshed tokens: compare-and-swap on version, lease released in the same write."""
+    return await update_row(
+        conn,
+        integration_id,
+        version,
+        {**values, "refresh_lease_owner": None, "refresh_lease_until": None},
+    )
+
+
+async def refresh_candidates(
+    conn: AsyncConnection, horizon: datetime, now: datetime, limit: int
+) -> list[str]:
+    """Connected integrations expiring before ``horizon`` that nobody is refreshing."""
+    query = (
+        select(t.c.id)
+        .where(
+            t.c.status == "CONNECTED",
+            t.c.refresh_token_ct.is_not(None),
+            t.c.expires_at.is_not(None),
+            t.c.expires_at < horizon,
+            or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),
+            or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
+        )
+        .order_by(t.c.expires_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        # Replicas scanning at once skip each other's rows instead of queueing on them.
+        query = query.with_for_update(skip_locked=True)
+    return [row[0] for row in (await conn.execute(query)).all()]

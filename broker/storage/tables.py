@@ -58,6 +58,10 @@ integrations = Table(
     Column("refresh_failures", Integer, nullable=False, server_default="0"),
     Column("last_refresh_error", String(64), nullable=True),
     Column("next_refresh_at", DateTime(timezone=True), nullable=True),
+    # Refresh lease: the one broker (of any replica) allowed to call the provider for this row
+    # until refresh_lease_until. Longer than the provider timeout times the attempts.
+    Column("refresh_lease_owner", String(64), nullable=True),
+    Column("refresh_lease_until", DateTime(timezone=True), nullable=True),
     UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),

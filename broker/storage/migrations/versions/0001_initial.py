@@ -46,6 +46,8 @@ def upgrade() -> None:
         sa.Column("refresh_failures", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_refresh_error", sa.String(64), nullable=True),
         sa.Column("next_refresh_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("refresh_lease_owner", sa.String(64), nullable=True),
+        sa.Column("refresh_lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
     )
     op.create_index("ix_integrations_user_created", "integrations", ["user_id", "created_at", "id"])

@@ -1,0 +1,45 @@
+# Two commands matter: `make run` (set up and start a dev broker) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PIP_VERSION := 26.3
+
+.PHONY: install run test lint proto proto-check bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start a dev broker: SQLite, key and caller token under ./.broker/, on 127.0.0.1:50051.
+run: install
+	$(BIN)/broker serve --dev
+
+## Run the test suite (PostgreSQL tests need BROKER_TEST_DATABASE_URL).
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy broker tests scripts
+
+## Regenerate broker/api from protos/.
+proto: install
+	$(BIN)/python scripts/genproto.py
+
+## Fail if the generated code in git differs from what `make proto` produces.
+proto-check: proto
+	git diff --exit-code -- broker/api
+	test -z "$$(git status --porcelain -- broker/api)"
+
+bench: install
+	$(BIN)/broker bench --standard
+
+clean:
+	rm -rf $(VENV) .broker build *.egg-info

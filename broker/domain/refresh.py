@@ -1,0 +1,437 @@
+"""The refresh engine: one refresh per integration at a time, on one broker and across replicas.
+
+Order of events for a token that is due (DESIGN §5):
+
+1. quick unlocked read (done by the service before it calls us);
+2. in-process single flight: one task per integration, other callers await its result;
+3. a *lease* on the row — one short UPDATE that succeeds only when nobody holds a live lease and
+   the row is still the version we read. It works the same on SQLite and PostgreSQL, holds no
+   database connection while the provider is called, and outlives the provider timeout times
+   the attempts, so a holder always hears back from the provider before its lease can lapse;
+4. re-read: only if the token is still stale do we call the provider;
+5. write new tokens with ``version + 1`` (compare-and-swap) and release the lease in the same
+   statement.
+
+After ``invalid_grant`` the row is re-read: if its version moved, another broker refreshed first
+(we lost a race, not the grant) and its token is served. Tokens that the provider issued but the
+database would not take are kept in memory and retried until stored — never dropped: for a
+provider that rotates refresh tokens the old one is already dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.config import RefreshSettings
+from broker.domain.model import (
+    AccessToken,
+    NewTokens,
+    Selector,
+    Status,
+    StoredIntegration,
+    TokenRequest,
+)
+from broker.domain.service import REFRESH, Clock, TokenCipher, check_servable, remaining
+from broker.errors import (
+    BrokerError,
+    GrantRejected,
+    IntegrationNotFound,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    ReauthorizationRequired,
+    StorageUnavailable,
+    UnknownProvider,
+)
+from broker.providers.catalog import ProviderRegistry
+from broker.providers.client import OAuthClient, TokenResponse
+from broker.storage import repository
+from broker.storage.engine import storage_errors
+
+log = logging.getLogger("broker.refresh")
+
+# How long a caller without a gRPC deadline may wait for a refresh, provider retries included.
+DEFAULT_BUDGET = 20.0
+_PERSIST_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class _Unsaved:
+    """New tokens the provider issued that are not in the database yet."""
+
+    base_version: int
+    values: dict[str, Any]
+    stored: StoredIntegration
+
+
+class RefreshEngine:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cipher: TokenCipher,
+        registry: ProviderRegistry,
+        client: OAuthClient,
+        settings: RefreshSettings,
+        clock: Clock,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.registry = registry
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.owner = owner or f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+        # The lease must outlive every provider call its holder may make.
+        self.lease = timedelta(
+            seconds=settings.provider_timeout_seconds * (settings.max_attempts + 1) + 30
+        )
+        self._flights: dict[str, asyncio.Task[tuple[StoredIntegration, bool]]] = {}
+        self._unsaved: dict[str, _Unsaved] = {}
+        self.provider_calls = 0
+
+    # -- deciding ------------------------------------------------------------------------------
+
+    def margin(self, provider: str) -> timedelta:
+        seconds = self.settings.margin_seconds
+        with contextlib.suppress(UnknownProvider):
+            profile_margin = self.registry.get(provider).refresh_margin_seconds
+            if profile_margin is not None:
+                seconds = profile_margin
+        return timedelta(seconds=seconds)
+
+    def due(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+        """Refresh when ``expires_at − now < max(margin, min_valid_for)``."""
+        left = remaining(stored.integration.expires_at, self.clock())
+        if left is None:
+            return False
+        return left < max(self.margin(stored.integration.provider), request.min_valid_for)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken:
+        """Refresh (sharing one flight per integration) and return a token for the caller."""
+        try:
+            fresh, refreshed = await self._flight(stored, request, wait=True)
+        except ProviderUnavailable:
+            # The provider is down; the token we have may still do for this caller.
+            left = remaining(stored.integration.expires_at, self.clock())
+            if left is not None and left >= request.min_valid_for and left > timedelta(0):
+                return self.cipher.access_token(stored)
+            raise
+        check_servable(fresh, request.required_scopes)
+        return self.cipher.access_token(fresh, refreshed=refreshed)
+
+    async def _flight(
+        self, stored: StoredIntegration, request: TokenRequest, *, wait: bool
+    ) -> tuple[StoredIntegration, bool]:
+        iid = stored.integration.id
+        task = self._flights.get(iid)
+        if task is None:
+            task = asyncio.create_task(self._run(stored, request, wait), name=f"refresh-{iid}")
+            self._flights[iid] = task
+            task.add_done_callback(lambda done: self._forget(iid, done))
+        # shield: a caller that gives up must not cancel the refresh the others are waiting on,
+        # nor the write of tokens the provider has already rotated.
+        return await asyncio.shield(task)
+
+    def _forget(self, iid: str, task: asyncio.Task[tuple[StoredIntegration, bool]]) -> None:
+        if self._flights.get(iid) is task:
+            del self._flights[iid]
+        if not task.cancelled():
+            task.exception()  # mark retrieved; every waiter got it already
+
+    def _budget_end(self, request: TokenRequest) -> float:
+        budget = DEFAULT_BUDGET if request.deadline_seconds is None else request.deadline_seconds
+        budget = min(budget, self.lease.total_seconds() - 10)
+        return asyncio.get_running_loop().time() + max(0.0, budget - 0.05)
+
+    async def _run(
+        self, stored: StoredIntegration, request: TokenRequest, wait: bool
+    ) -> tuple[StoredIntegration, bool]:
+        iid = stored.integration.id
+        if iid in self._unsaved:
+            return await self._retry_unsaved(iid), True
+        loop = asyncio.get_running_loop()
+        end = self._budget_end(request)
+        seen = stored.integration.version
+        delay = 0.02
+        while True:
+            now = self.clock()
+            async with storage_errors(), self.engine.begin() as conn:
+                row = await repository.get(conn, iid)
+                if row is None:
+                    raise IntegrationNotFound(f"no integration with id {iid!r}")
+                check_servable(row)
+                moved = row.integration.version != seen
+                if moved and not self.due(row, request):
+                    return row, True
+                if not moved and not request.force_refresh and not self.due(row, request):
+                    return row, False
+                if row.refresh_token_ct is None:
+                    raise ReauthorizationRequired(
+                        f"integration {iid} has no refresh token and its access token is "
+                        "expiring; the user must authorize again",
+                        integration_id=iid,
+                    )
+                leased = await repository.take_lease(
+                    conn, iid, row.integration.version, self.owner, now, now + self.lease
+                )
+            if leased:
+                return await self._refresh_leased(row, end), True
+            if not wait or loop.time() + delay > end:
+                raise ProviderUnavailable(
+                    f"integration {iid} is being refreshed by another broker; retry shortly",
+                    retry_after=1.0,
+                    integration_id=iid,
+                )
+            # Someone else (another replica) holds the lease: wait for its write.
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+            if moved:
+                seen = row.integration.version
+
+    # -- calling the provider ------------------------------------------------------------------
+
+    async def _refresh_leased(self, row: StoredIntegration, end: float) -> StoredIntegration:
+        iid = row.integration.id
+        provider = row.integration.provider
+        try:
+            profile = self.registry.get(provider)
+        except UnknownProvider:
+            await self._release(iid, {"last_refresh_error": "no_client"})
+            raise ProviderMisconfigured(
+                f"provider {provider!r} has no OAuth client configured on this broker "
+                f"(set providers.{provider}.client_id and client_secret_env)",
+                provider=provider,
+            ) from None
+        assert row.refresh_token_ct is not None
+        refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            self.provider_calls += 1
+            try:
+                response = await self.client.refresh(profile, refresh_token)
+                break
+            except GrantRejected as exc:
+                return await self._rejected(row, exc)
+            except ProviderMisconfigured as exc:
+                self.registry.mark_misconfigured(provider, exc.message)
+                await self._release(iid, {"last_refresh_error": "client_rejected"})
+                log.error("provider %s rejected this broker's client: %s", provider, exc.message)
+                raise
+            except ProviderUnavailable as exc:
+                backoff = min(8.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                wait = max(backoff, min(exc.retry_after, 30.0) if attempt > 0 else 0.0)
+                timeout = self.settings.provider_timeout_seconds
+                if attempt >= self.settings.max_attempts or loop.time() + wait + timeout > end:
+                    failures = row.refresh_failures + 1
+                    await self._release(
+                        iid,
+                        {
+                            "refresh_failures": failures,
+                            "last_refresh_error": "provider_unavailable",
+                            "next_refresh_at": self.clock()
+                            + timedelta(seconds=min(300.0, 5.0 * 2 ** min(failures, 6))),
+                        },
+                    )
+                    log.warning(
+                        "refresh of integration %s (%s) failed after %d attempt(s): %s",
+                        iid,
+                        provider,
+                        attempt,
+                        exc.message,
+                    )
+                    raise ProviderUnavailable(
+                        f"provider {provider!r} is unavailable and the stored token cannot "
+                        f"satisfy the request: {exc.message}",
+                        retry_after=max(exc.retry_after, 1.0),
+                        integration_id=iid,
+                        provider=provider,
+                    ) from None
+                await asyncio.sleep(wait)
+        return await self._persist(row, self._values(row, profile.default_expires_in_seconds, response, refresh_token))
+
+    def _values(
+        self,
+        row: StoredIntegration,
+        profile_default: int | None,
+        response: TokenResponse,
+        old_refresh: str,
+    ) -> dict[str, Any]:
+        default = (
+            profile_default
+            if profile_default is not None
+            else self.settings.default_expires_in_seconds
+        )
+        tokens = NewTokens(
+            access_token=response.access_token,
+            # Google (and others) omit refresh_token on refresh: keep the one we have.
+            refresh_token=response.refresh_token or old_refresh,
+            token_type=response.token_type or row.integration.token_type,
+            expires_at=response.expires_at(default),
+            scopes=response.scopes if response.scopes is not None else row.integration.scopes,
+        )
+        return {
+            **self.cipher.token_values(row.integration.id, tokens),
+            "status": Status.CONNECTED.value,
+            "last_refreshed_at": response.received_at,
+            "updated_at": response.received_at,
+            "refresh_failures": 0,
+            "last_refresh_error": None,
+            "next_refresh_at": None,
+        }
+
+    async def _rejected(self, row: StoredIntegration, exc: GrantRejected) -> StoredIntegration:
+        iid = row.integration.id
+        async with storage_errors(), self.engine.begin() as conn:
+            current = await repository.get(conn, iid)
+            if current is None:
+                raise IntegrationNotFound(f"no integration with id {iid!r}")
+            if current.integration.version != row.integration.version:
+                # The row changed under us: another writer refreshed or replaced the tokens,
+                # so the provider rejected a refresh token that is no longer ours to use.
+                await repository.release_lease(conn, iid, self.owner, {})
+                log.info("integration %s: lost a refresh race; serving the newer token", iid)
+                return current
+            await repository.write_refreshed(
+                conn,
+                iid,
+                row.integration.version,
+                {
+                    "status": Status.NEEDS_REAUTHORIZATION.value,
+                    "last_refresh_error": exc.error[:64],
+                    "updated_at": self.clock(),
+                },
+            )
+        log.info("integration %s: provider answered %s; needs reauthorization", iid, exc.error)
+        raise ReauthorizationRequired(
+            f"the provider rejected the refresh token of integration {iid} ({exc.error}); "
+            "the user must authorize again",
+            integration_id=iid,
+        )
+
+    async def _release(self, iid: str, values: dict[str, Any]) -> None:
+        try:
+            async with storage_errors(), self.engine.begin() as conn:
+                await repository.release_lease(conn, iid, self.owner, values)
+        except StorageUnavailable:
+            # The lease lapses by itself; nothing was rotated, so nothing is lost.
+            log.warning("could not release the refresh lease of integration %s", iid)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _persist(self, row: StoredIntegration, values: dict[str, Any]) -> StoredIntegration:
+        iid = row.integration.id
+        for attempt in range(_PERSIST_ATTEMPTS):
+            try:
+                return await self._write(iid, row.integration.version, values)
+            except StorageUnavailable:
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        # The provider has issued new tokens (and may have revoked the old refresh token):
+        # keep them in memory, serve them, and keep trying to store them.
+        log.error(
+            "integration %s: the provider issued new tokens but the database did not accept "
+            "them after %d attempts; holding them in memory and retrying",
+            iid,
+            _PERSIST_ATTEMPTS,
+        )
+        pending = _Unsaved(row.integration.version, values, self._in_memory(row, values))
+        self._unsaved[iid] = pending
+        return pending.stored
+
+    async def _write(self, iid: str, version: int, values: dict[str, Any]) -> StoredIntegration:
+        async with storage_errors(), self.engine.begin() as conn:
+            written = await repository.write_refreshed(conn, iid, version, values)
+            current = await repository.get(conn, iid)
+        if current is None:
+            raise IntegrationNotFound(f"no integration with id {iid!r}")
+        if not written:
+            # Someone replaced the row while we held the lease (a new StoreIntegration, a
+            # Disconnect): their state wins over tokens from the grant they replaced.
+            log.warning("integration %s changed during refresh; newer state kept", iid)
+        self._unsaved.pop(iid, None)
+        return current
+
+    def _in_memory(self, row: StoredIntegration, values: dict[str, Any]) -> StoredIntegration:
+        integration = replace(
+            row.integration,
+            status=Status.CONNECTED,
+            token_type=values["token_type"],
+            expires_at=values["expires_at"],
+            scopes=tuple(values["scopes"]),
+            last_refreshed_at=values["last_refreshed_at"],
+            has_refresh_token=True,
+        )
+        return replace(
+            row,
+            integration=integration,
+            access_token_ct=values["access_token_ct"],
+            refresh_token_ct=values.get("refresh_token_ct", row.refresh_token_ct),
+        )
+
+    async def _retry_unsaved(self, iid: str) -> StoredIntegration:
+        pending = self._unsaved[iid]
+        try:
+            return await self._write(iid, pending.base_version, pending.values)
+        except StorageUnavailable:
+            return pending.stored
+
+    async def flush_unsaved(self) -> int:
+        """Try to store every token set still held in memory; returns how many remain."""
+        for iid in list(self._unsaved):
+            with contextlib.suppress(StorageUnavailable):
+                await self._retry_unsaved(iid)
+        return len(self._unsaved)
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def background_pass(self, limit: int = 100) -> int:
+        """Refresh integrations that will be due before the next pass; returns the number of
+        provider calls made (informational: foreground refreshes running meanwhile count too)."""
+        await self.flush_unsaved()
+        interval = timedelta(seconds=self.settings.background_interval_seconds)
+        now = self.clock()
+        widest = max(
+            [timedelta(seconds=self.settings.margin_seconds)]
+            + [self.margin(p.name) for p in self.registry]
+        )
+        async with storage_errors(), self.engine.begin() as conn:
+            ids = await repository.refresh_candidates(conn, now + widest + interval, now, limit)
+        ahead = TokenRequest(selector=Selector(), min_valid_for=interval)
+        before = self.provider_calls
+        for iid in ids:
+            async with storage_errors(), self.engine.connect() as conn:
+                row = await repository.get(conn, iid)
+            if row is None or not self.due(row, ahead):
+                continue
+            try:
+                await self._flight(row, ahead, wait=False)
+            except BrokerError as exc:
+                log.debug("background refresh of %s skipped: %s", iid, exc.reason)
+        return self.provider_calls - before
+
+    async def run_background(self) -> None:
+        while True:
+            try:
+                count = await self.background_pass()
+                if count:
+                    log.info("background refresh: %d integration(s) refreshed", count)
+            except StorageUnavailable:
+                log.warning("background refresh: database unavailable")
+            except Exception:
+                log.exception("background refresh pass failed")
+            await asyncio.sleep(self.settings.background_interval_seconds)

@@ -1,0 +1,227 @@
+"""Shared fixtures: real brokers on ephemeral ports, over real SQLite files and a real PostgreSQL.
+
+PostgreSQL comes from BROKER_TEST_DATABASE_URL (an asyncpg URL to a database we may create
+others from). Without it PostgreSQL tests are skipped, and the summary says so; with it set
+(as CI does), a PostgreSQL that cannot be reached fails the tests instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy.engine import make_url
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import Settings
+from broker.crypto.keys import generate_key
+from broker.server.app import Broker, start
+from broker.server.callers import hash_token
+from broker.storage.engine import create_engine
+from broker.storage.schema import migrate
+
+PG_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
+ENVIRONMENT = "test"
+ADMIN_TOKEN = "admin-token-for-tests"
+RUNNER_TOKEN = "runner-token-for-tests"
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
+KEYS = generate_key("test1")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if PG_URL:
+        return f"PostgreSQL tests: ON ({make_url(PG_URL).render_as_string(hide_password=True)})"
+    return "PostgreSQL tests: SKIPPED (set BROKER_TEST_DATABASE_URL to run them)"
+
+
+def _dsn(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+class PostgresFactory:
+    """Makes a fresh, migrated database per test by copying a template (fast)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.template = f"broker_tpl_{uuid.uuid4().hex[:8]}"
+        self.created: list[str] = []
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(_dsn(self.url), timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def setup(self) -> None:
+        await self._admin(f'CREATE DATABASE "{self.template}"')
+        url = make_url(self.url).set(database=self.template).render_as_string(hide_password=False)
+        from broker.config import DatabaseSettings
+
+        engine = create_engine(DatabaseSettings(url=url))
+        await migrate(engine, ENVIRONMENT)
+        await engine.dispose()
+
+    async def new(self) -> str:
+        name = f"broker_t_{uuid.uuid4().hex[:10]}"
+        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        self.created.append(name)
+        return make_url(self.url).set(database=name).render_as_string(hide_password=False)
+
+    async def teardown(self) -> None:
+        for name in [*self.created, self.template]:
+            await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresFactory]:
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured: set BROKER_TEST_DATABASE_URL")
+    factory = PostgresFactory(PG_URL)
+    try:
+        run_sync(factory.setup())
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"BROKER_TEST_DATABASE_URL is set but PostgreSQL is unusable: {exc}")
+    yield factory
+    run_sync(factory.teardown())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+        from broker.config import DatabaseSettings
+
+        engine = create_engine(DatabaseSettings(url=url))
+        await migrate(engine, ENVIRONMENT)
+        await engine.dispose()
+        return url
+    factory: PostgresFactory = request.getfixturevalue("postgres")
+    return await factory.new()
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "environment": ENVIRONMENT,
+            "health_check_interval_seconds": 0.2,
+            "shutdown_grace_seconds": 1,
+        },
+        "database": {"url": database_url, "timeout_seconds": 2},
+        "keys": {"keys": KEYS},
+        "callers": {
+            "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
+            "runner": {"token_sha256": hash_token(RUNNER_TOKEN), "methods": ["GetAccessToken"]},
+        },
+        "refresh": {"background": False},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[Broker]:
+    running = await start(settings)
+    yield running
+    await running.stop(0)
+
+
+@pytest.fixture
+async def channel(broker: Broker) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.CredentialBrokerStub:
+    return pb_grpc.CredentialBrokerStub(channel)
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, or None."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info
+    return None
+
+
+def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return info
+    return None
+
+
+async def expect_error(
+    call: Any, code: grpc.StatusCode, reason: str | None = None, contains: str | None = None
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    error = caught.value
+    assert error.code() == code, f"{error.code()} {error.details()}"
+    if reason is not None:
+        info = error_info(error)
+        assert info is not None, "no ErrorInfo detail"
+        assert info.domain == "credentialbroker"
+        assert info.reason == reason, info
+    if contains is not None:
+        assert contains in (error.details() or ""), error.details()
+    return error
+
+
+def store_request(**fields: Any) -> pb.StoreIntegrationRequest:
+    values: dict[str, Any] = {
+        "user_id": "user-1",
+        "provider": "twitter",
+        "access_token": "at-" + uuid.uuid4().hex,
+        "refresh_token": "rt-" + uuid.uuid4().hex,
+        "expires_in_seconds": 3600,
+        "scopes": ["tweet.read", "users.read"],
+    }
+    values.update(fields)
+    return pb.StoreIntegrationRequest(**values)

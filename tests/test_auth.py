@@ -1,0 +1,169 @@
+"""Bearer-token authentication and per-method permission; health open, reflection closed.
+
+Auth sits in front of storage, so one backend (SQLite) is enough here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import func, select
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.server.app import SERVICE_NAME, Broker
+from broker.storage.tables import integrations
+from tests.conftest import ADMIN, ADMIN_TOKEN, RUNNER, expect_error, store_request
+
+
+@pytest.fixture
+def backend() -> str:
+    """Overrides the sqlite/postgres parameter: authentication never reaches storage."""
+    return "sqlite"
+
+
+Code = grpc.StatusCode
+
+# A valid request for every RPC, so only authentication or permission can refuse it.
+REQUESTS: dict[str, Message] = {
+    "StoreIntegration": store_request(access_token="at-auth-test"),
+    "GetAccessToken": pb.GetAccessTokenRequest(user_id="user-1", provider="twitter"),
+    "Disconnect": pb.DisconnectRequest(user_id="user-1", provider="twitter"),
+    "GetIntegration": pb.GetIntegrationRequest(user_id="user-1", provider="twitter"),
+    "ListIntegrations": pb.ListIntegrationsRequest(user_id="user-1"),
+}
+
+
+def call(stub: pb_grpc.CredentialBrokerStub, method: str, metadata: Any) -> Any:
+    return getattr(stub, method)(REQUESTS[method], metadata=metadata)
+
+
+async def row_count(broker: Broker) -> int:
+    async with broker.engine.connect() as conn:
+        return int(
+            (await conn.execute(select(func.count()).select_from(integrations))).scalar_one()
+        )
+
+
+def test_every_rpc_is_covered() -> None:
+    service = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
+    assert set(REQUESTS) == {m.name for m in service.methods}
+
+
+@pytest.mark.parametrize("method", sorted(REQUESTS))
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        None,
+        (("authorization", "Bearer wrong-token"),),
+        (("authorization", f"Basic {ADMIN_TOKEN}"),),
+        (("authorization", ADMIN_TOKEN),),
+        (("authorization", "Bearer "),),
+        (("authorization", f"Bearer {ADMIN_TOKEN}x"),),
+        (("x-api-key", ADMIN_TOKEN),),
+    ],
+    ids=["missing", "wrong", "basic-scheme", "no-scheme", "empty", "prefix", "other-header"],
+)
+async def test_unauthenticated(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker, method: str, metadata: Any
+) -> None:
+    error = await expect_error(call(stub, method, metadata), Code.UNAUTHENTICATED)
+    details = error.details() or ""
+    assert "authorization: Bearer" in details or "not one of this broker's callers" in details
+    assert ADMIN_TOKEN not in details
+    assert "wrong-token" not in details
+    assert await row_count(broker) == 0
+
+
+async def test_scheme_is_case_insensitive(stub: pb_grpc.CredentialBrokerStub) -> None:
+    response = await stub.StoreIntegration(
+        store_request(), metadata=(("authorization", f"bearer {ADMIN_TOKEN}"),)
+    )
+    assert response.created
+
+
+@pytest.mark.parametrize("method", sorted(set(REQUESTS) - {"GetAccessToken"}))
+async def test_runner_may_only_get_access_tokens(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker, method: str
+) -> None:
+    stored = await stub.StoreIntegration(store_request(access_token="at-runner"), metadata=ADMIN)
+    error = await expect_error(call(stub, method, RUNNER), Code.PERMISSION_DENIED)
+    details = error.details() or ""
+    assert method in details
+    assert "'runner'" in details
+    assert "runner-token" not in details
+    assert await row_count(broker) == 1
+    after = await stub.GetIntegration(
+        pb.GetIntegrationRequest(integration_id=stored.integration.id), metadata=ADMIN
+    )
+    assert after.integration == stored.integration, "a refused call changed the integration"
+    token = await call(stub, "GetAccessToken", RUNNER)
+    assert token.access_token == "at-runner"
+
+
+async def test_admin_may_call_everything(stub: pb_grpc.CredentialBrokerStub) -> None:
+    for method in ("StoreIntegration", "GetAccessToken", "GetIntegration", "ListIntegrations"):
+        await call(stub, method, ADMIN)
+    disconnected = await call(stub, "Disconnect", ADMIN)
+    assert disconnected.integration.status == pb.INTEGRATION_STATUS_DISCONNECTED
+
+
+# -- health and reflection --------------------------------------------------------------------
+
+
+async def health_status(health: health_pb2_grpc.HealthStub, service: str) -> int | None:
+    """The service's status, or None while the server does not know the service yet."""
+    try:
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != Code.NOT_FOUND:
+            raise
+        return None
+    return int(response.status)
+
+
+async def test_health_needs_no_credentials(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert await health_status(health, "") == serving
+    # The per-service status is set by the database watcher's first ping.
+    deadline = asyncio.get_running_loop().time() + 5
+    while await health_status(health, SERVICE_NAME) != serving:
+        assert asyncio.get_running_loop().time() < deadline, "service never became SERVING"
+        await asyncio.sleep(0.05)
+    assert await health_status(health, "no.such.Service") is None
+
+
+async def list_services(channel: grpc.aio.Channel, metadata: Any) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: list[str] = []
+    async for response in stub.ServerReflectionInfo(requests(), metadata=metadata):
+        names += [s.name for s in response.list_services_response.service]
+    return names
+
+
+@pytest.mark.parametrize(
+    "metadata", [None, (("authorization", "Bearer wrong-token"),)], ids=["missing", "wrong"]
+)
+async def test_reflection_refused_without_credentials(
+    channel: grpc.aio.Channel, metadata: Any
+) -> None:
+    await expect_error(list_services(channel, metadata), Code.UNAUTHENTICATED)
+
+
+@pytest.mark.parametrize("metadata", [ADMIN, RUNNER], ids=["admin", "runner"])
+async def test_reflection_open_to_any_caller(channel: grpc.aio.Channel, metadata: Any) -> None:
+    names = await list_services(channel, metadata)
+    assert SERVICE_NAME in names
+    assert "grpc.health.v1.Health" in names

@@ -1,0 +1,263 @@
+"""`broker serve --dev` (what `make run` starts) as a real process in an empty directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment minus any BROKER_* setting that would leak into the broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class DevBroker:
+    """One `python -m broker serve --dev` process; stdout is collected as it arrives."""
+
+    def __init__(self, cwd: Path, port: int) -> None:
+        self.cwd = cwd
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.stderr_path = cwd.parent / f"broker-{port}-{time.monotonic_ns()}.log"
+        self._stderr = self.stderr_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--dev"],
+            cwd=cwd,
+            env=clean_env(BROKER_LISTEN=f"127.0.0.1:{port}"),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.lines: list[str] = []
+        assert self.process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
+        self._reader.start()
+        self.channel = grpc.insecure_channel(self.address)
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def health(self, service: str = "") -> int | None:
+        try:
+            response = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1
+            )
+        except grpc.RpcError:
+            return None
+        return int(response.status)
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.process.poll() is None, f"broker exited early:\n{self.stderr}"
+            return self.health() == SERVING and "Try it:" in self.stdout
+
+        wait_for(ready, "the dev broker to serve and print its banner")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    path = tmp_path / "project"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def launch(project: Path) -> Iterator[Callable[[], DevBroker]]:
+    started: list[DevBroker] = []
+
+    def start() -> DevBroker:
+        broker = DevBroker(project, free_port())
+        started.append(broker)
+        broker.wait_ready()
+        return broker
+
+    yield start
+    for broker in started:
+        broker.kill()
+
+
+def auth(token: str) -> Any:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_dev_mode_starts_in_an_empty_directory_and_keeps_its_data(
+    project: Path, launch: Callable[[], DevBroker]
+) -> None:
+    assert not any(project.iterdir())
+    first = launch()
+    home = project / ".broker"
+    token = (home / "dev-caller-token").read_text().strip()
+    key_file = (home / "keys").read_text()
+    assert token
+    assert mode(home / "keys") == 0o600
+    assert mode(home / "dev-caller-token") == 0o600
+    assert (home / "broker.db").exists()
+
+    stub = pb_grpc.CredentialBrokerStub(first.channel)
+    stored = stub.StoreIntegration(
+        pb.StoreIntegrationRequest(
+            user_id="dev-user",
+            provider="github",
+            access_token="at-devmode-canary",
+            refresh_token="rt-devmode-canary",
+            expires_in_seconds=3600,
+        ),
+        metadata=auth(token),
+        timeout=10,
+    )
+    assert stored.created
+    got = stub.GetAccessToken(
+        pb.GetAccessTokenRequest(integration_id=stored.integration.id),
+        metadata=auth(token),
+        timeout=10,
+    )
+    assert got.access_token == "at-devmode-canary"
+    with pytest.raises(grpc.RpcError) as denied:
+        stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="dev-user"), timeout=10)
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    banner = first.stdout
+    assert f"listening on {first.address}" in banner
+    assert f"grpcurl -plaintext -H 'authorization: Bearer {token}' {first.address} list" in banner
+    assert first.stop() == 0
+    assert "Traceback" not in first.stderr
+    assert "devmode-canary" not in first.stderr + first.stdout
+
+    second = launch()
+    assert (home / "dev-caller-token").read_text().strip() == token
+    assert (home / "keys").read_text() == key_file
+    again = pb_grpc.CredentialBrokerStub(second.channel).GetAccessToken(
+        pb.GetAccessTokenRequest(user_id="dev-user", provider="github"),
+        metadata=auth(token),
+        timeout=10,
+    )
+    assert again.access_token == "at-devmode-canary"
+    assert again.integration_id == stored.integration.id
+    assert second.stop(signal.SIGINT) == 0
+
+
+def banner_commands(banner: str) -> list[str]:
+    """The shell commands under "Try it:", joined across backslash-continued lines."""
+    text = banner.split("Try it:", 1)[1].replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("grpcurl ")]
+
+
+def test_banner_grpcurl_examples_work_as_pasted(launch: Callable[[], DevBroker]) -> None:
+    broker = launch()
+    commands = banner_commands(broker.stdout)
+    assert len(commands) == 3, broker.stdout
+    outputs = []
+    for command in commands:
+        result = subprocess.run(
+            ["bash", "-c", command],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        outputs.append(result.stdout)
+    assert "credentialbroker.v1.CredentialBroker" in outputs[0]
+    assert '"created": true' in outputs[1]
+    assert '"access_token": "at-example"' in outputs[2]
+    assert broker.stop() == 0
+
+
+def test_sigterm_drains_health_then_exits_cleanly(launch: Callable[[], DevBroker]) -> None:
+    broker = launch()
+    watch = health_pb2_grpc.HealthStub(broker.channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=15
+    )
+    assert next(watch).status == SERVING
+    started = time.monotonic()
+    broker.process.send_signal(signal.SIGTERM)
+    # Health goes NOT_SERVING first, so load balancers drain before the server stops.
+    assert next(watch).status == NOT_SERVING
+    watch.cancel()
+    assert broker.process.wait(timeout=8) == 0
+    assert time.monotonic() - started < 8
+    assert "Traceback" not in broker.stderr
+
+
+def test_dev_mode_refuses_a_non_loopback_address(project: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--dev"],
+        cwd=project,
+        env=clean_env(BROKER_LISTEN=f"0.0.0.0:{free_port()}"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "server.listen" in result.stderr
+    assert "loopback" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / ".broker").exists(), "a refused start must not create files"
