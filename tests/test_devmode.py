@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -17,9 +19,12 @@ from typing import IO, Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.server.app import start
+from tests.conftest import ADMIN, make_settings, store_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -261,3 +266,54 @@ def test_dev_mode_refuses_a_non_loopback_address(project: Path) -> None:
     assert "loopback" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / ".broker").exists(), "a refused start must not create files"
+
+
+# -- graceful shutdown of an in-process broker ----------------------------------------------
+
+
+@pytest.fixture
+def backend() -> str:
+    """Only the in-flight test below uses a database fixture: SQLite, whose write lock the test
+    can hold from outside to keep a call in flight."""
+    return "sqlite"
+
+
+async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: str) -> None:
+    broker = await start(make_settings(database_url))
+    entered = asyncio.Event()
+    store = broker.service.store
+
+    async def tracked_store(command: Any) -> Any:
+        entered.set()
+        return await store(command)
+
+    broker.service.store = tracked_store  # type: ignore[method-assign]
+    blocker = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: StoreIntegration must wait
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            call = stub.StoreIntegration(store_request(), metadata=ADMIN, timeout=10)
+            in_flight = asyncio.ensure_future(call)
+            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.sleep(0.1)  # from the service into the database's lock wait
+            assert not in_flight.done()
+            stopping = asyncio.create_task(broker.stop(5))
+            await asyncio.sleep(0.2)
+            assert not stopping.done(), "stop did not wait for the in-flight call"
+            blocker.execute("COMMIT")
+            response = await in_flight
+            assert response.created
+            await asyncio.wait_for(stopping, 5)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetIntegration(
+                    pb.GetIntegrationRequest(integration_id=response.integration.id),
+                    metadata=ADMIN,
+                    timeout=2,
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        blocker.close()
+        if stopping is None:
+            await broker.stop(0)

@@ -379,7 +379,6 @@ async def test_background_refresh_shared_by_replicas(
     await asyncio.gather(a.refresher.background_pass(), b.refresher.background_pass())
     # Each integration refreshed exactly once between the two replicas, and the work was shared.
     assert fake.refresh_calls == 20
-    assert a.refresher.provider_calls + b.refresher.provider_calls == 20
     assert a.refresher.provider_calls > 0 and b.refresher.provider_calls > 0
     async with a.engine.connect() as conn:
         versions = (await conn.execute(select(integrations.c.version))).scalars().all()

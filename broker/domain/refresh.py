@@ -399,30 +399,48 @@ class RefreshEngine:
 
     # -- background ----------------------------------------------------------------------------
 
-    async def background_pass(self, limit: int = 100) -> int:
+    async def background_pass(self, batch: int = 10, max_batches: int = 100) -> int:
         """Refresh integrations that will be due before the next pass; returns the number of
         provider calls made (informational: foreground refreshes running meanwhile count too)."""
         await self.flush_unsaved()
+        before = self.provider_calls
         interval = timedelta(seconds=self.settings.background_interval_seconds)
-        now = self.clock()
         widest = max(
             [timedelta(seconds=self.settings.margin_seconds)]
             + [self.margin(p.name) for p in self.registry]
         )
-        async with storage_errors(), self.engine.begin() as conn:
-            ids = await repository.refresh_candidates(conn, now + widest + interval, now, limit)
-        ahead = TokenRequest(selector=Selector(), min_valid_for=interval)
-        before = self.provider_calls
-        for iid in ids:
-            async with storage_errors(), self.engine.connect() as conn:
-                row = await repository.get(conn, iid)
-            if row is None or not self.due(row, ahead):
-                continue
-            try:
-                await self._flight(row, ahead, wait=False)
-            except BrokerError as exc:
-                log.debug("background refresh of %s skipped: %s", iid, exc.reason)
+        for _ in range(max_batches):
+            now = self.clock()
+            async with storage_errors(), self.engine.begin() as conn:
+                ids = await repository.claim_due(
+                    conn, now + widest + interval, now, now + self.lease, self.owner, batch
+                )
+            if not ids:
+                break
+            await asyncio.gather(*(self._background_one(iid, interval) for iid in ids))
         return self.provider_calls - before
+
+    async def _background_one(self, iid: str, interval: timedelta) -> None:
+        """Refresh one integration whose lease this broker already holds."""
+        ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
+        async with storage_errors(), self.engine.connect() as conn:
+            row = await repository.get(conn, iid)
+        if row is None or row.integration.id in self._flights or not self.due(row, ahead):
+            await self._release(iid, {})
+            return
+        task = asyncio.create_task(self._leased_flight(row, ahead), name=f"refresh-{iid}")
+        # Foreground callers arriving meanwhile join this flight instead of waiting on the lease.
+        self._flights[iid] = task
+        task.add_done_callback(lambda done: self._forget(iid, done))
+        try:
+            await asyncio.shield(task)
+        except BrokerError as exc:
+            log.debug("background refresh of %s did not succeed: %s", iid, exc.reason)
+
+    async def _leased_flight(
+        self, row: StoredIntegration, request: TokenRequest
+    ) -> tuple[StoredIntegration, bool]:
+        return await self._refresh_leased(row, self._budget_end(request)), True
 
     async def run_background(self) -> None:
         while True:

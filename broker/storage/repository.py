@@ -189,10 +189,17 @@ async def write_refreshed(
     )
 
 
-async def refresh_candidates(
-    conn: AsyncConnection, horizon: datetime, now: datetime, limit: int
+async def claim_due(
+    conn: AsyncConnection,
+    horizon: datetime,
+    now: datetime,
+    until: datetime,
+    owner: str,
+    limit: int,
 ) -> list[str]:
-    """Connected integrations expiring before ``horizon`` that nobody is refreshing."""
+    """Lease up to ``limit`` connected integrations that expire before ``horizon`` and that
+    nobody is refreshing. On PostgreSQL, replicas claiming at once skip each other's rows
+    (``FOR UPDATE SKIP LOCKED``) instead of queueing on them, so they share the work."""
     query = (
         select(t.c.id)
         .where(
@@ -207,6 +214,12 @@ async def refresh_candidates(
         .limit(limit)
     )
     if conn.dialect.name == "postgresql":
-        # Replicas scanning at once skip each other's rows instead of queueing on them.
         query = query.with_for_update(skip_locked=True)
-    return [row[0] for row in (await conn.execute(query)).all()]
+    ids = [row[0] for row in (await conn.execute(query)).all()]
+    if ids:
+        await conn.execute(
+            update(t)
+            .where(t.c.id.in_(ids))
+            .values(refresh_lease_owner=owner, refresh_lease_until=until)
+        )
+    return ids

@@ -1,0 +1,203 @@
+"""PostgreSQL going away and coming back, through a TCP proxy the test can cut.
+
+A database that is down gives UNAVAILABLE STORAGE_UNAVAILABLE; the server keeps running, health
+says NOT_SERVING, and both recover on their own when the database is reachable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.server.app import SERVICE_NAME, Broker, start
+from tests.conftest import ADMIN, PostgresFactory, expect_error, make_settings, store_request
+
+pytestmark = pytest.mark.postgres
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<port> to PostgreSQL; ``stop`` refuses new connections and severs
+    the open ones, ``freeze`` keeps them open but silently drops every byte (a partition)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.frozen = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.frozen = False
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            self._writers.discard(w)
+            w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if not self.frozen:
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def database(postgres: PostgresFactory) -> str:
+    return await postgres.new()
+
+
+@pytest.fixture
+async def proxy(database: str) -> AsyncIterator[Proxy]:
+    url = make_url(database)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+async def broker(database: str, proxy: Proxy) -> AsyncIterator[Broker]:
+    """The broker reaches PostgreSQL only through the proxy."""
+    proxied = make_url(database).set(host="127.0.0.1", port=proxy.port)
+    running = await start(make_settings(proxied.render_as_string(hide_password=False)))
+    yield running
+    await running.stop(0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+def health_is(channel: grpc.aio.Channel, status: int) -> Callable[[], Awaitable[bool]]:
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def check() -> bool:
+        for service in ("", SERVICE_NAME):
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            if response.status != status:
+                return False
+        return True
+
+    return check
+
+
+def token_works(
+    stub: pb_grpc.CredentialBrokerStub, iid: str, expected: str
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            response = await stub.GetAccessToken(
+                pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN, timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+        assert response.access_token == expected
+        return True
+
+    return check
+
+
+async def expect_storage_unavailable(stub: pb_grpc.CredentialBrokerStub, iid: str) -> None:
+    """Every kind of call fails fast with UNAVAILABLE STORAGE_UNAVAILABLE and a plain message."""
+    calls = [
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN, timeout=10
+        ),
+        stub.GetIntegration(
+            pb.GetIntegrationRequest(integration_id=iid), metadata=ADMIN, timeout=10
+        ),
+        stub.ListIntegrations(
+            pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN, timeout=10
+        ),
+        stub.StoreIntegration(store_request(user_id="user-2"), metadata=ADMIN, timeout=10),
+    ]
+    # More calls than pooled connections, so each dead pooled connection is met once.
+    for call in [*calls, *calls, *calls]:
+        error = await expect_error(call, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        details = error.details() or ""
+        assert "Traceback" not in details
+        assert "postgres" not in details.lower()
+
+
+async def test_database_down_then_back(
+    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    stored = await stub.StoreIntegration(store_request(access_token="at-survives"), metadata=ADMIN)
+    iid = stored.integration.id
+    await eventually(health_is(channel, SERVING), "health is SERVING")
+
+    await proxy.stop()
+    await expect_storage_unavailable(stub, iid)
+    await eventually(health_is(channel, NOT_SERVING), "health is NOT_SERVING")
+    # Still serving: another round of calls gets the same clean answer, not a dead server.
+    await expect_storage_unavailable(stub, iid)
+
+    await proxy.start()  # same port
+    await eventually(token_works(stub, iid, "at-survives"), "GetAccessToken works again")
+    await eventually(health_is(channel, SERVING), "health is SERVING again")
+    again = await stub.StoreIntegration(store_request(user_id="user-3"), metadata=ADMIN)
+    assert again.created
+
+
+async def test_unresponsive_database_times_out(
+    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    """Connections stay open but nothing comes back: calls give up after database.timeout."""
+    stored = await stub.StoreIntegration(store_request(access_token="at-frozen"), metadata=ADMIN)
+    iid = stored.integration.id
+    proxy.frozen = True
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await expect_error(
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN, timeout=15
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+        "STORAGE_UNAVAILABLE",
+    )
+    timeout = broker.settings.database.timeout_seconds
+    assert loop.time() - began < timeout * 3
+    await eventually(health_is(channel, NOT_SERVING), "health is NOT_SERVING")
+
+    await proxy.stop()
+    await proxy.start()
+    await eventually(token_works(stub, iid, "at-frozen"), "GetAccessToken works again")
+    await eventually(health_is(channel, SERVING), "health is SERVING again")
