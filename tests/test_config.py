@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings, Settings, load_settings
@@ -250,7 +249,7 @@ async def test_refuses_another_environments_database(database_url: str) -> None:
     assert "server.environment" in message
     assert "'test'" in message
     assert "'production'" in message
-    engine: AsyncEngine = create_engine(DatabaseSettings(url=database_url))  # type: ignore[arg-type]
+    engine = create_engine(DatabaseSettings(url=database_url))
     try:
         with pytest.raises(ConfigError, match="'test'"):
             await migrate(engine, "production")

@@ -217,7 +217,7 @@ def test_load_keyring_sources(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text(file_entry + "\n")
     assert load_keyring(KeysSettings(file=path)).ids == ("from-file",)
-    both = KeysSettings(file=path, keys=env_entry)  # type: ignore[arg-type]
+    both = KeysSettings(file=path, keys=env_entry)
     assert load_keyring(both).ids == ("from-env",)
     with pytest.raises(ConfigError, match="broker keygen"):
         load_keyring(KeysSettings())

@@ -287,7 +287,7 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: st
         entered.set()
         return await store(command)
 
-    broker.service.store = tracked_store  # type: ignore[method-assign]
+    broker.service.store = tracked_store  # type: ignore[method-assign,assignment]
     blocker = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
     stopping: asyncio.Task[None] | None = None
     try:

@@ -44,11 +44,13 @@ def encodings(token: str) -> list[bytes]:
 
 async def store(stub: pb_grpc.CredentialBrokerStub, **fields: Any) -> str:
     response = await stub.StoreIntegration(store_request(**fields), metadata=ADMIN)
-    return response.integration.id
+    return str(response.integration.id)
 
 
 async def get_token(stub: pb_grpc.CredentialBrokerStub, iid: str) -> pb.GetAccessTokenResponse:
-    return await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN)
+    request = pb.GetAccessTokenRequest(integration_id=iid)
+    response: pb.GetAccessTokenResponse = await stub.GetAccessToken(request, metadata=ADMIN)
+    return response
 
 
 async def read_column(broker: Broker, iid: str, column: str) -> bytes:
@@ -212,7 +214,7 @@ async def test_ciphertext_from_another_environment_fails(
 ) -> None:
     """A whole row (same id, same keys) written by a broker of another environment."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'other-env.db'}"
-    engine = create_engine(DatabaseSettings(url=url))  # type: ignore[arg-type]
+    engine = create_engine(DatabaseSettings(url=url))
     await migrate(engine, "staging")
     await engine.dispose()
     other = await start(make_settings(url, server={"environment": "staging"}))

@@ -1,0 +1,102 @@
+"""Broker *processes* for tests whose guarantee is about replicas (or about the real CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+_SERVING = re.compile(r"broker serving on [^:]+:(\d+)")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A TOML file from nested dicts (two levels: [section] and [section.name])."""
+    lines: list[str] = []
+    for section, values in data.items():
+        flat = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        if flat:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in flat.items()]
+        for name, table in nested.items():
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class BrokerProcess:
+    """``python -m broker serve`` in a subprocess; ``port`` is read from its start-up log."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 20.0) -> BrokerProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "--config", str(self.config), "serve",
+            env=self.env, cwd=self.cwd,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(ready))
+        try:
+            self.port = await asyncio.wait_for(ready, timeout)
+        except (TimeoutError, RuntimeError):
+            await self.kill()
+            raise RuntimeError("broker process did not start:\n" + "\n".join(self.log)) from None
+        return self
+
+    async def _read(self, ready: asyncio.Future[int]) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            match = _SERVING.search(line)
+            if match and not ready.done():
+                ready.set_result(int(match.group(1)))
+        if not ready.done():
+            ready.set_exception(RuntimeError("exited"))
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful shutdown) and the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 2)
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
