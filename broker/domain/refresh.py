@@ -263,7 +263,9 @@ class RefreshEngine:
                         provider=provider,
                     ) from None
                 await asyncio.sleep(wait)
-        return await self._persist(row, self._values(row, profile.default_expires_in_seconds, response, refresh_token))
+        return await self._persist(
+            row, self._values(row, profile.default_expires_in_seconds, response, refresh_token)
+        )
 
     def _values(
         self,

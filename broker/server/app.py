@@ -24,6 +24,7 @@ from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.errors import ConfigError
 import httpx
 
+from broker.domain.authorization import AuthorizationService
 from broker.domain.refresh import RefreshEngine
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
@@ -46,6 +47,7 @@ class Broker:
     engine: AsyncEngine
     health: health.aio.HealthServicer
     service: IntegrationService
+    authorization: AuthorizationService
     port: int
     http: httpx.AsyncClient
     refresher: RefreshEngine
@@ -138,6 +140,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         refresher=refresher,
         aliases=ALIASES,
     )
+    authorization = AuthorizationService(engine, cipher, registry, refresher.client, service, clock)
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(callers)],
@@ -161,7 +164,9 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         await engine.dispose()
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
     await server.start()
-    broker = Broker(settings, server, engine, health_servicer, service, port, http, refresher)
+    broker = Broker(
+        settings, server, engine, health_servicer, service, authorization, port, http, refresher
+    )
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
     if settings.refresh.background:
         broker.tasks.append(

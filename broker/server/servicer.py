@@ -14,6 +14,7 @@ import grpc
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.domain.model import NewTokens, StoreCommand, TokenRequest
+from broker.domain.authorization import AuthorizationService
 from broker.domain.service import IntegrationService
 from broker.errors import BrokerError
 from broker.server import convert
@@ -49,8 +50,9 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
-    def __init__(self, service: IntegrationService) -> None:
+    def __init__(self, service: IntegrationService, authorization: AuthorizationService) -> None:
         self.service = service
+        self.authorization = authorization
 
     @_rpc
     async def StoreIntegration(
@@ -144,4 +146,38 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         return pb.ListIntegrationsResponse(
             integrations=[convert.integration(i) for i in page.integrations],
             next_page_token=page.next_page_token,
+        )
+
+    @_rpc
+    async def BeginAuthorization(
+        self, request: pb.BeginAuthorizationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BeginAuthorizationResponse:
+        result = await self.authorization.begin(
+            user_id=request.user_id,
+            provider=request.provider,
+            redirect_uri=request.redirect_uri,
+            scopes=tuple(request.scopes),
+            account_id=request.account_id,
+            metadata=convert.struct_to_dict("metadata", request.metadata),
+        )
+        return pb.BeginAuthorizationResponse(
+            authorization_url=result.authorization_url,
+            state=result.state,
+            expires_at=convert.timestamp(result.expires_at),
+        )
+
+    @_rpc
+    async def CompleteAuthorization(
+        self,
+        request: pb.CompleteAuthorizationRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.CompleteAuthorizationResponse:
+        integration, created = await self.authorization.complete(
+            state=request.state,
+            code=request.code,
+            error=request.error,
+            error_description=request.error_description,
+        )
+        return pb.CompleteAuthorizationResponse(
+            integration=convert.integration(integration), created=created
         )

@@ -167,7 +167,9 @@ async def take_lease(
     return result.rowcount == 1
 
 
-async def release_lease(conn: AsyncConnection, integration_id: str, owner: str, values: dict[str, Any]) -> bool:
+async def release_lease(
+    conn: AsyncConnection, integration_id: str, owner: str, values: dict[str, Any]
+) -> bool:
     """Give the lease back (with bookkeeping such as failure counts); tokens unchanged."""
     result = await conn.execute(
         update(t)

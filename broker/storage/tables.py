@@ -66,3 +66,52 @@ integrations = Table(
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),
 )
+
+# One row per RPC that reads, returns, changes or deletes an integration. Never a token.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("caller", String(128), nullable=False),
+    Column("method", String(64), nullable=False),
+    Column("integration_id", String(36), nullable=True),
+    Column("user_id", String(255), nullable=True),
+    Column("provider", String(64), nullable=True),
+    Column("outcome", String(32), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("detail", String(255), nullable=True),
+    Index("ix_audit_user", "user_id", "occurred_at"),
+    Index("ix_audit_integration", "integration_id", "occurred_at"),
+    Index("ix_audit_caller", "caller", "occurred_at"),
+)
+
+# PKCE authorization flows in progress (BeginAuthorization → CompleteAuthorization).
+oauth_flows = Table(
+    "oauth_flows",
+    metadata,
+    # SHA-256 of the state: a database reader cannot recover the state to complete a flow.
+    Column("state_hash", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("account_id", String(255), nullable=False, server_default=""),
+    Column("redirect_uri", Text, nullable=False),
+    Column("scopes", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("verifier_ct", LargeBinary, nullable=True),
+    Column("key_id", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("consumed_at", DateTime(timezone=True), nullable=True),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Index("ix_oauth_flows_expires_at", "expires_at"),
+)
+
+# Encryptions per key, for the AES-GCM random-nonce budget (NIST SP 800-38D: 2^32 per key).
+key_usage = Table(
+    "key_usage",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("encryptions", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=True),
+)

@@ -59,6 +59,16 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsResponse.FromString,
                 _registered_method=True)
+        self.BeginAuthorization = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/BeginAuthorization',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.FromString,
+                _registered_method=True)
+        self.CompleteAuthorization = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/CompleteAuthorization',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -99,6 +109,20 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginAuthorization(self, request, context):
+        """Start an authorization-code + PKCE flow: the URL to send the user to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteAuthorization(self, request, context):
+        """Finish the flow with the callback's state and code (or error); stores the integration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +150,16 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.ListIntegrations,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsResponse.SerializeToString,
+            ),
+            'BeginAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginAuthorization,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.SerializeToString,
+            ),
+            'CompleteAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteAuthorization,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +297,60 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/ListIntegrations',
             credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/BeginAuthorization',
+            credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/CompleteAuthorization',
+            credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class CredentialBrokerStub:
     """Metadata of one integration (never a token)."""
     ListIntegrations: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationsRequest, _broker_pb2.ListIntegrationsResponse]
     """Metadata of a user's integrations, paginated."""
+    BeginAuthorization: _grpc.UnaryUnaryMultiCallable[_broker_pb2.BeginAuthorizationRequest, _broker_pb2.BeginAuthorizationResponse]
+    """Start an authorization-code + PKCE flow: the URL to send the user to."""
+    CompleteAuthorization: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CompleteAuthorizationRequest, _broker_pb2.CompleteAuthorizationResponse]
+    """Finish the flow with the callback's state and code (or error); stores the integration."""
 
 @_typing.type_check_only
 class CredentialBrokerAsyncStub(CredentialBrokerStub):
@@ -57,6 +61,10 @@ class CredentialBrokerAsyncStub(CredentialBrokerStub):
     """Metadata of one integration (never a token)."""
     ListIntegrations: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationsRequest, _broker_pb2.ListIntegrationsResponse]  # type: ignore[assignment]
     """Metadata of a user's integrations, paginated."""
+    BeginAuthorization: _aio.UnaryUnaryMultiCallable[_broker_pb2.BeginAuthorizationRequest, _broker_pb2.BeginAuthorizationResponse]  # type: ignore[assignment]
+    """Start an authorization-code + PKCE flow: the URL to send the user to."""
+    CompleteAuthorization: _aio.UnaryUnaryMultiCallable[_broker_pb2.CompleteAuthorizationRequest, _broker_pb2.CompleteAuthorizationResponse]  # type: ignore[assignment]
+    """Finish the flow with the callback's state and code (or error); stores the integration."""
 
 class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -98,5 +106,21 @@ class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListIntegrationsResponse, _abc.Awaitable[_broker_pb2.ListIntegrationsResponse]]:
         """Metadata of a user's integrations, paginated."""
+
+    @_abc_1.abstractmethod
+    def BeginAuthorization(
+        self,
+        request: _broker_pb2.BeginAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.BeginAuthorizationResponse, _abc.Awaitable[_broker_pb2.BeginAuthorizationResponse]]:
+        """Start an authorization-code + PKCE flow: the URL to send the user to."""
+
+    @_abc_1.abstractmethod
+    def CompleteAuthorization(
+        self,
+        request: _broker_pb2.CompleteAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CompleteAuthorizationResponse, _abc.Awaitable[_broker_pb2.CompleteAuthorizationResponse]]:
+        """Finish the flow with the callback's state and code (or error); stores the integration."""
 
 def add_CredentialBrokerServicer_to_server(servicer: CredentialBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
