@@ -151,7 +151,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         ],
     )
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-        CredentialBrokerServicer(service), server
+        CredentialBrokerServicer(service, authorization), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
