@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,21 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
-from broker.crypto import load_keyring
-from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
-from broker.errors import ConfigError
-import httpx
-
-from broker.domain.authorization import AuthorizationService
 from broker.domain.refresh import RefreshEngine
-from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
-from broker.providers.client import OAuthClient
+from broker.domain.service import Clock, IntegrationService, utcnow
+from broker.errors import ConfigError
+from broker.runtime import Runtime, open_runtime
 from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
 from broker.storage import repository
-from broker.storage.engine import create_engine
-from broker.storage.schema import verify
 
 log = logging.getLogger("broker.server")
 
@@ -44,14 +36,22 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_n
 class Broker:
     settings: Settings
     server: grpc.aio.Server
-    engine: AsyncEngine
     health: health.aio.HealthServicer
-    service: IntegrationService
-    authorization: AuthorizationService
+    runtime: Runtime
     port: int
-    http: httpx.AsyncClient
-    refresher: RefreshEngine
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.runtime.engine
+
+    @property
+    def service(self) -> IntegrationService:
+        return self.runtime.service
+
+    @property
+    def refresher(self) -> RefreshEngine:
+        return self.runtime.refresher
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
@@ -65,8 +65,7 @@ class Broker:
         # Tokens a provider issued that the database has not taken yet: one last try.
         if await self.refresher.flush_unsaved():
             log.error("shutting down with refreshed tokens that could not be stored")
-        await self.http.aclose()
-        await self.engine.dispose()
+        await self.runtime.close()
 
     async def _watch_database(self) -> None:
         """Health is SERVING only while the database answers."""
@@ -95,52 +94,15 @@ class Broker:
             await asyncio.sleep(self.settings.server.health_check_interval_seconds)
 
 
-def known_providers(registry: ProviderRegistry) -> Container[str]:
-    """Names StoreIntegration accepts: configured providers and the built-in catalog (a built-in
-    without a client can store tokens; refreshing them needs the client configured)."""
-    return set(BUILTINS) | set(ALIASES) | set(registry.names())
-
-
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     """Build and start a broker; raises ConfigError if it must not serve this configuration."""
-    keyring = load_keyring(settings.keys)
     callers = CallerRegistry(settings.callers)
     if not len(callers):
         raise ConfigError(
             "callers: no caller is configured, so nobody could call this broker; add "
             "[callers.NAME] with token_sha256 (see `broker callers new NAME`)"
         )
-    registry = build_registry(settings.providers, os.environ)
-    engine = create_engine(settings.database)
-    try:
-        await verify(engine, settings.server.environment, keyring.ids)
-    except BaseException:
-        await engine.dispose()
-        raise
-    # One HTTP client (one connection pool) for every provider call this process makes.
-    http = httpx.AsyncClient(
-        timeout=settings.refresh.provider_timeout_seconds,
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-        follow_redirects=False,
-    )
-    cipher = TokenCipher(keyring, settings.server.environment)
-    refresher = RefreshEngine(
-        engine,
-        cipher,
-        registry,
-        OAuthClient(http, settings.refresh.provider_timeout_seconds, clock=clock),
-        settings.refresh,
-        clock,
-    )
-    service = IntegrationService(
-        engine=engine,
-        cipher=cipher,
-        providers=known_providers(registry),
-        clock=clock,
-        refresher=refresher,
-        aliases=ALIASES,
-    )
-    authorization = AuthorizationService(engine, cipher, registry, refresher.client, service, clock)
+    runtime = await open_runtime(settings, clock=clock)
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(callers)],
@@ -151,7 +113,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         ],
     )
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-        CredentialBrokerServicer(service, authorization), server
+        CredentialBrokerServicer(runtime.service, runtime.authorization), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -161,16 +123,14 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     try:
         port = server.add_insecure_port(settings.server.listen)
     except RuntimeError:
-        await engine.dispose()
+        await runtime.close()
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
     await server.start()
-    broker = Broker(
-        settings, server, engine, health_servicer, service, authorization, port, http, refresher
-    )
+    broker = Broker(settings, server, health_servicer, runtime, port)
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
     if settings.refresh.background:
         broker.tasks.append(
-            asyncio.create_task(refresher.run_background(), name="background-refresh")
+            asyncio.create_task(runtime.refresher.run_background(), name="background-refresh")
         )
     host = settings.server.listen.rpartition(":")[0]
     log.info(
@@ -179,7 +139,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         port,
         settings.server.environment,
         len(callers),
-        keyring.primary_id,
+        runtime.keyring.primary_id,
     )
     return broker
 

@@ -1,0 +1,83 @@
+"""Everything a broker process needs besides the gRPC server: keyring, engine, HTTP client,
+providers, refresh engine and domain services. Built by ``open_runtime`` at start-up (never at
+import) and shared by the server and the operator CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Container
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.config import Settings
+from broker.crypto import Keyring, load_keyring
+from broker.domain.authorization import AuthorizationService
+from broker.domain.refresh import RefreshEngine
+from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
+from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
+from broker.providers.client import OAuthClient
+from broker.storage.engine import create_engine
+from broker.storage.schema import verify
+
+
+def known_providers(registry: ProviderRegistry) -> Container[str]:
+    """Names StoreIntegration accepts: configured providers and the built-in catalog (a built-in
+    without a client can store tokens; refreshing them needs the client configured)."""
+    return set(BUILTINS) | set(ALIASES) | set(registry.names())
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    keyring: Keyring
+    engine: AsyncEngine
+    http: httpx.AsyncClient
+    registry: ProviderRegistry
+    cipher: TokenCipher
+    refresher: RefreshEngine
+    service: IntegrationService
+    authorization: AuthorizationService
+    clock: Clock
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+async def open_runtime(
+    settings: Settings, *, clock: Clock = utcnow, check_database: bool = True
+) -> Runtime:
+    """Build the runtime; with ``check_database`` refuse an unknown schema, another
+    environment's database or rows under keys this keyring lacks (ConfigError)."""
+    keyring = load_keyring(settings.keys)
+    registry = build_registry(settings.providers, os.environ)
+    engine = create_engine(settings.database)
+    if check_database:
+        try:
+            await verify(engine, settings.server.environment, keyring.ids)
+        except BaseException:
+            await engine.dispose()
+            raise
+    # One HTTP client (one connection pool) for every provider call this process makes.
+    http = httpx.AsyncClient(
+        timeout=settings.refresh.provider_timeout_seconds,
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        follow_redirects=False,
+    )
+    cipher = TokenCipher(keyring, settings.server.environment)
+    client = OAuthClient(http, settings.refresh.provider_timeout_seconds, clock=clock)
+    refresher = RefreshEngine(engine, cipher, registry, client, settings.refresh, clock)
+    service = IntegrationService(
+        engine=engine,
+        cipher=cipher,
+        providers=known_providers(registry),
+        clock=clock,
+        refresher=refresher,
+        aliases=ALIASES,
+    )
+    authorization = AuthorizationService(engine, cipher, registry, client, service, clock)
+    return Runtime(
+        settings, keyring, engine, http, registry, cipher, refresher, service, authorization, clock
+    )
