@@ -1,18 +1,31 @@
-"""The ``broker`` command: serve, migrate, keygen, callers."""
+"""The ``broker`` command: serve, migrate, keygen, callers, keys, integrations, check.
+
+Exit codes: 0 ok, 1 a check or an operation failed, 2 configuration error, 3 database
+unavailable. Nothing printed ever contains a token or a key — only ids and metadata.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TextIO
 
 from broker import __version__, devmode, logs
 from broker.config import METHODS, Settings, load_settings
 from broker.crypto.keys import generate_key
-from broker.errors import ConfigError, StorageUnavailable
+from broker.domain.model import Status
+from broker.errors import BrokerError, ConfigError, StorageUnavailable
 from broker.server.callers import hash_token
+
+if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands import it when they run
+    from broker.runtime import Runtime
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -50,7 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # uvloop is optional; the default loop works, a little slower
         pass
-    asyncio.run(run(settings, on_ready=ready))
+
+    def reload() -> Settings:
+        fresh = _settings(args)
+        return devmode.prepare(fresh)[0] if args.dev else fresh
+
+    asyncio.run(run(settings, on_ready=ready, reload=reload))
     return 0
 
 
@@ -86,6 +104,342 @@ def cmd_callers_hash(_args: argparse.Namespace) -> int:
     return 0
 
 
+# -- operator commands (need settings and the database) ----------------------------------------
+
+
+def _with_runtime(
+    args: argparse.Namespace,
+    body: Callable[[Runtime], Awaitable[int]],
+    *,
+    check_database: bool = True,
+) -> int:
+    """Open the runtime as ``serve`` would (same settings, same start-up checks), run ``body``."""
+    from broker.runtime import open_runtime
+
+    settings = _settings(args)
+    logs.configure(settings.logging.level, settings.logging.format)
+
+    async def run() -> int:
+        runtime = await open_runtime(settings, check_database=check_database)
+        try:
+            return await body(runtime)
+        finally:
+            await runtime.close()
+
+    return asyncio.run(run())
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.isoformat(timespec="seconds")
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+class ProgressBar:
+    """A one-line textual bar on stderr when it is a terminal; otherwise a line per 10%."""
+
+    def __init__(self, out: TextIO, width: int = 30) -> None:
+        self.out = out
+        self.width = width
+        self.tty = out.isatty()
+        self._last_tenth = -1
+
+    def __call__(self, progress: Any) -> None:
+        done, total = progress.done, max(progress.total, 1)
+        share = min(done / total, 1.0)
+        extra = ""
+        if progress.deferred:
+            extra += f", {progress.deferred} busy (retrying)"
+        if progress.failed:
+            extra += f", {progress.failed} failed"
+        if self.tty:
+            filled = int(share * self.width)
+            bar = "#" * filled + "." * (self.width - filled)
+            print(
+                f"\rre-encrypting [{bar}] {done}/{progress.total} rows{extra}\x1b[K",
+                end="",
+                file=self.out,
+                flush=True,
+            )
+        elif int(share * 10) != self._last_tenth:
+            self._last_tenth = int(share * 10)
+            print(f"re-encrypting: {done}/{progress.total} rows{extra}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.out, flush=True)
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from broker.checks import describe_missing, schema_problem, schema_state
+    from broker.crypto.aead import NONCE_LIMIT
+    from broker.domain.key_usage import read_key_usage
+    from broker.domain.rotation import KeyCount, key_status
+
+    async def body(runtime: Runtime) -> int:
+        # Not the full start-up check: a key missing from the keyring is what this shows.
+        problem = schema_problem(
+            await schema_state(runtime.engine), runtime.settings.server.environment
+        )
+        if problem is not None:
+            raise ConfigError(f"database: {problem}")
+        counts = await key_status(runtime.engine)
+        usage = await read_key_usage(runtime.engine)
+        keyring = runtime.keyring
+        ids = list(keyring.ids) + sorted(set(counts) - set(keyring.ids))
+        rows = [["KEY ID", "ROLE", "INTEGRATIONS", "FLOWS", "CIPHERTEXTS", "ENCRYPTIONS"]]
+        for kid in ids:
+            count = counts.get(kid, KeyCount())
+            if kid == keyring.primary_id:
+                role = "primary"
+            elif kid in keyring.ids:
+                role = "decrypt-only"
+            else:
+                role = "MISSING"
+            used = usage.get(kid, 0) + keyring.usage().get(kid, 0)
+            rows.append(
+                [
+                    kid,
+                    role,
+                    str(count.integrations),
+                    str(count.flows),
+                    str(count.ciphertexts),
+                    f"{used} ({used / NONCE_LIMIT:.2%} of 2^32)",
+                ]
+            )
+        _table(rows, sys.stdout)
+        old = sum(c.ciphertexts for k, c in counts.items() if k != keyring.primary_id)
+        missing = describe_missing(counts, keyring)
+        if missing:
+            print(
+                f"broker: ciphertexts under key id(s) missing from the keyring: {missing}; "
+                "a broker with this keyring refuses to start",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        if old:
+            print(
+                f"{old} ciphertext(s) under older keys; run `broker keys reencrypt`",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+
+    return _with_runtime(args, body, check_database=False)
+
+
+def cmd_keys_reencrypt(args: argparse.Namespace) -> int:
+    from broker.domain.key_usage import flush_key_usage
+    from broker.domain.rotation import reencrypt
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size: must be at least 1")
+
+    async def body(runtime: Runtime) -> int:
+        bar = ProgressBar(sys.stderr)
+        try:
+            report = await reencrypt(
+                runtime.engine,
+                runtime.keyring,
+                runtime.settings.server.environment,
+                batch_size=args.batch_size,
+                max_batches=args.max_batches,
+                lease_wait_seconds=args.lease_wait,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+            # Re-encryption is a burst of encryptions under the primary: they count too.
+            await flush_key_usage(
+                runtime.engine,
+                runtime.keyring,
+                warn_fraction=runtime.settings.keys.nonce_warn_fraction,
+            )
+        moved = sum(report.rewritten.values())
+        print(
+            f"re-encrypted {report.rows} row(s), {moved} ciphertext(s), "
+            f"to primary key {report.primary!r}"
+        )
+        for kid, n in sorted(report.rewritten.items()):
+            print(f"  from {kid!r}: {n} ciphertext(s)")
+        if report.resolved_by_others:
+            print(f"  {report.resolved_by_others} row(s) were rewritten by a broker meanwhile")
+        for where, reason in sorted(report.failed.items()):
+            print(f"broker: {where}: {reason}", file=sys.stderr)
+        if report.complete:
+            print("no ciphertext is left under another key")
+            return EXIT_OK
+        print(
+            f"broker: {report.remaining} row(s) still under other keys "
+            f"({report.deferred} busy being refreshed, {len(report.failed)} undecryptable); "
+            "run `broker keys reencrypt` again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+    return _with_runtime(args, body)
+
+
+def _integration_dict(integration: Any, key_id: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": integration.id,
+        "user_id": integration.user_id,
+        "provider": integration.provider,
+        "account_id": integration.account_id,
+        "status": integration.status.value,
+        "scopes": list(integration.scopes),
+        "metadata": integration.metadata,
+        "has_refresh_token": integration.has_refresh_token,
+        "created_at": _when(integration.created_at),
+        "updated_at": _when(integration.updated_at),
+        "expires_at": _when(integration.expires_at),
+        "last_refreshed_at": _when(integration.last_refreshed_at),
+        "disconnected_at": _when(integration.disconnected_at),
+        "disconnect_reason": integration.disconnect_reason,
+        "version": integration.version,
+    }
+    if key_id is not None:
+        data["key_id"] = key_id
+    return data
+
+
+def cmd_integrations_list(args: argparse.Namespace) -> int:
+    from broker.domain.model import Integration
+
+    status = Status(args.status) if args.status else None
+
+    async def body(runtime: Runtime) -> int:
+        found: list[Integration] = []
+        token = ""
+        while True:
+            page = await runtime.service.list(args.user, args.provider or "", status, 500, token)
+            found += page.integrations
+            token = page.next_page_token
+            if not token:
+                break
+        if args.json:
+            print(json.dumps([_integration_dict(i) for i in found], indent=2))
+            return EXIT_OK
+        if not found:
+            print(f"user {args.user!r} has no matching integration", file=sys.stderr)
+            return EXIT_OK
+        rows = [["ID", "PROVIDER", "ACCOUNT", "STATUS", "EXPIRES", "UPDATED"]]
+        for i in found:
+            rows.append(
+                [
+                    i.id,
+                    i.provider,
+                    i.account_id or "-",
+                    i.status.value,
+                    _when(i.expires_at),
+                    _when(i.updated_at),
+                ]
+            )
+        _table(rows, sys.stdout)
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def cmd_integrations_show(args: argparse.Namespace) -> int:
+    from broker.domain.model import Selector
+
+    async def body(runtime: Runtime) -> int:
+        stored = await runtime.service.read(Selector(integration_id=args.id))
+        data = _integration_dict(stored.integration, stored.key_id or "-")
+        data["revocation"] = stored.revocation
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for name, value in data.items():
+                shown = json.dumps(value) if isinstance(value, dict | list) else value
+                print(f"{name + ':':<19} {'-' if shown is None else shown}")
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def cmd_integrations_disconnect(args: argparse.Namespace) -> int:
+    from broker.domain.model import Selector
+
+    async def body(runtime: Runtime) -> int:
+        integration, revocation = await runtime.service.disconnect(
+            Selector(integration_id=args.id), args.reason or "", args.skip_revocation
+        )
+        print(
+            f"integration {integration.id} ({integration.provider}, user "
+            f"{integration.user_id!r}): {integration.status.value}; "
+            f"provider revocation: {revocation.value}"
+        )
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def _confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+def cmd_integrations_purge(args: argparse.Namespace) -> int:
+    from broker.domain import purge
+
+    kind = purge.Kind.EXPIRED if args.expired else purge.Kind.DISCONNECTED
+
+    async def body(runtime: Runtime) -> int:
+        now = runtime.clock()
+        found = await purge.candidates(runtime.engine, args.user, kind, now)
+        kept = (
+            await purge.pending_revocations(runtime.engine, args.user)
+            if kind is purge.Kind.DISCONNECTED
+            else 0
+        )
+        verb = "would delete" if args.dry_run else "to delete"
+        print(f"{len(found)} {kind.value} integration(s) of user {args.user!r} {verb}:")
+        for i in found:
+            print(f"  {i.id}  {i.provider}  {i.account_id or '-'}  {i.status.value}")
+        if kept:
+            print(f"({kept} disconnected integration(s) kept: provider revocation still pending)")
+        if args.dry_run or not found:
+            return EXIT_OK
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print(
+                    "broker: refusing to delete without confirmation: no terminal to ask on; "
+                    "pass --yes (or --dry-run to look first)",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            if not _confirm(f"Delete these {len(found)} integration(s)?"):
+                print("nothing deleted", file=sys.stderr)
+                return EXIT_FAILED
+        deleted = await purge.purge(runtime.engine, args.user, kind, [i.id for i in found], now)
+        print(f"deleted {deleted} integration(s)")
+        if deleted < len(found):
+            print(f"({len(found) - deleted} changed meanwhile and were kept)")
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from broker.checks import Level, run_checks
+
+    checks, _ = asyncio.run(run_checks(args.config))
+    width = max(len(c.name) for c in checks)
+    for check in checks:
+        print(f"{check.level.value:<4}  {check.name:<{width}}  {check.detail}")
+    failed = {c.name for c in checks if c.level is Level.FAIL}
+    if "configuration" in failed:
+        return EXIT_CONFIG
+    if "database reachable" in failed:
+        return EXIT_DATABASE
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="broker", description="Credential Broker")
     p.add_argument("--version", action="version", version=f"broker {__version__}")
@@ -116,6 +470,61 @@ def parser() -> argparse.ArgumentParser:
     callers.add_parser("hash", help="SHA-256 of a token read from stdin").set_defaults(
         func=cmd_callers_hash
     )
+
+    keys = sub.add_parser("keys", help="key rotation (docs/key-rotation.md)").add_subparsers(
+        dest="sub", required=True
+    )
+    keys.add_parser(
+        "status", help="how many ciphertexts each key protects, and its nonce budget"
+    ).set_defaults(func=cmd_keys_status)
+    reenc = keys.add_parser(
+        "reencrypt", help="re-encrypt every ciphertext to the primary key, online and resumable"
+    )
+    reenc.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
+    reenc.add_argument(
+        "--max-batches", type=int, default=None, help="stop after N batches (run again to resume)"
+    )
+    reenc.add_argument(
+        "--lease-wait",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="how long to keep retrying rows that are being refreshed (default 180)",
+    )
+    reenc.set_defaults(func=cmd_keys_reencrypt)
+
+    integ = sub.add_parser(
+        "integrations", help="look at and clean up integrations (metadata only)"
+    ).add_subparsers(dest="sub", required=True)
+    lst = integ.add_parser("list", help="a user's integrations")
+    lst.add_argument("--user", required=True)
+    lst.add_argument("--provider")
+    lst.add_argument("--status", choices=[s.value for s in Status])
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_integrations_list)
+    show = integ.add_parser("show", help="one integration")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_integrations_show)
+    disc = integ.add_parser("disconnect", help="disconnect one integration")
+    disc.add_argument("id")
+    disc.add_argument("--reason", default="")
+    disc.add_argument(
+        "--skip-revocation", action="store_true", help="do not revoke the grant at the provider"
+    )
+    disc.set_defaults(func=cmd_integrations_disconnect)
+    purge = integ.add_parser("purge", help="delete a user's expired or disconnected integrations")
+    purge.add_argument("--user", required=True)
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expired", action="store_true")
+    which.add_argument("--disconnected", action="store_true")
+    purge.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(func=cmd_integrations_purge)
+
+    sub.add_parser(
+        "check", help="check configuration, database, environment, keys and providers"
+    ).set_defaults(func=cmd_check)
     return p
 
 
@@ -125,10 +534,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except StorageUnavailable as exc:
         print(f"broker: {exc.message}", file=sys.stderr)
-        return 3
+        return EXIT_DATABASE
+    except BrokerError as exc:
+        # Domain errors (no such integration, …) carry a message meant for people.
+        print(f"broker: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from broker.errors import ConfigError
 
@@ -40,6 +48,9 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     health_check_interval_seconds: float = Field(default=2.0, gt=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # Listening beyond loopback without TLS sends bearer tokens and access tokens in clear.
+    allow_insecure: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -77,10 +88,18 @@ class DatabaseSettings(_Section):
 
 
 class KeysSettings(_Section):
-    # A file with one "kid:base64key" per line; the first line's key encrypts.
+    # A file with one "kid:base64key" per line; the first line's key encrypts. Mode 0600 only.
     file: Path | None = None
-    # "kid:base64key,kid2:base64key" (BROKER_KEYS); wins over the file.
+    # "kid:base64key,kid2:base64key" (BROKER_KEYS); wins over the command and the file.
     keys: SecretStr | None = None
+    # A command whose standard output is the keyring (a secrets manager's CLI), so keys never
+    # touch the disk. Split like a shell would, but run without one; wins over the file.
+    # Env: BROKER_KEYS__COMMAND.
+    command: str | None = None
+    command_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # Warn when a key has done this fraction of the 2^32 random-nonce encryptions that
+    # NIST SP 800-38D allows per AES-GCM key; the default (1/4 = 2^30) leaves time to rotate.
+    nonce_warn_fraction: float = Field(default=0.25, gt=0, le=1)
 
 
 class ProviderSettings(_Section):
@@ -144,9 +163,30 @@ class RefreshSettings(_Section):
     default_expires_in_seconds: int = Field(default=3600, ge=0)
 
 
+class TlsSettings(_Section):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CA bundle that signs client certificates; set it to require mTLS.
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @field_validator("key_file")
+    @classmethod
+    def _pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("cert_file") is None):
+            raise ValueError("cert_file and key_file go together")
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    # One line per RPC (caller, method, code, latency) at this level; DEBUG keeps the hot
+    # path quiet in production, INFO makes it an access log.
+    access_log_level: Literal["DEBUG", "INFO"] = "DEBUG"
 
 
 class Settings(_Section):
@@ -155,6 +195,7 @@ class Settings(_Section):
     keys: KeysSettings = KeysSettings()
     refresh: RefreshSettings = RefreshSettings()
     logging: LoggingSettings = LoggingSettings()
+    tls: TlsSettings = TlsSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)
 
@@ -169,6 +210,9 @@ _SHORTCUTS = {
     "BROKER_KEYS_FILE": ("keys", "file"),
     "BROKER_LOG_LEVEL": ("logging", "level"),
     "BROKER_LOG_FORMAT": ("logging", "format"),
+    "BROKER_TLS_CERT_FILE": ("tls", "cert_file"),
+    "BROKER_TLS_KEY_FILE": ("tls", "key_file"),
+    "BROKER_TLS_CLIENT_CA_FILE": ("tls", "client_ca_file"),
 }
 
 

@@ -13,8 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.config import Settings
 from broker.crypto import Keyring, load_keyring
+from broker.domain.audit import Auditor
 from broker.domain.authorization import AuthorizationService
 from broker.domain.refresh import RefreshEngine
+from broker.domain.revocation import ProviderRevoker
 from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
@@ -37,8 +39,10 @@ class Runtime:
     registry: ProviderRegistry
     cipher: TokenCipher
     refresher: RefreshEngine
+    revoker: ProviderRevoker
     service: IntegrationService
     authorization: AuthorizationService
+    auditor: Auditor
     clock: Clock
 
     async def close(self) -> None:
@@ -77,7 +81,30 @@ async def open_runtime(
         refresher=refresher,
         aliases=ALIASES,
     )
-    authorization = AuthorizationService(engine, cipher, registry, client, service, clock)
+    revoker = ProviderRevoker(
+        engine, cipher, registry, client, clock, owner=refresher.owner, lease=refresher.lease
+    )
+    service.revoker = revoker
+    authorization = AuthorizationService(
+        engine,
+        cipher,
+        registry,
+        client,
+        service,
+        clock,
+        default_expires_in_seconds=settings.refresh.default_expires_in_seconds,
+    )
     return Runtime(
-        settings, keyring, engine, http, registry, cipher, refresher, service, authorization, clock
+        settings=settings,
+        keyring=keyring,
+        engine=engine,
+        http=http,
+        registry=registry,
+        cipher=cipher,
+        refresher=refresher,
+        revoker=revoker,
+        service=service,
+        authorization=authorization,
+        auditor=Auditor(engine, clock),
+        clock=clock,
     )

@@ -216,6 +216,7 @@ def test_load_keyring_sources(tmp_path: Path) -> None:
     env_entry, file_entry = generate_key("from-env"), generate_key("from-file")
     path = tmp_path / "keys"
     path.write_text(file_entry + "\n")
+    path.chmod(0o600)  # a key file others can read is refused (tests/test_keys.py)
     assert load_keyring(KeysSettings(file=path)).ids == ("from-file",)
     both = KeysSettings(file=path, keys=env_entry)
     assert load_keyring(both).ids == ("from-env",)

@@ -21,12 +21,22 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
+from broker.crypto import associated_data, parse_keyring
+from broker.errors import CiphertextInvalid
 from broker.server.app import Broker, start
 from broker.storage.engine import create_engine
 from broker.storage.repository import utc
 from broker.storage.schema import migrate
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, error_info, expect_error, make_settings, store_request
+from tests.conftest import (
+    ADMIN,
+    ENVIRONMENT,
+    KEYS,
+    error_info,
+    expect_error,
+    make_settings,
+    store_request,
+)
 
 Code = grpc.StatusCode
 COLUMNS = ("access_token_ct", "refresh_token_ct")
@@ -196,17 +206,26 @@ async def test_moved_refresh_token_is_not_adopted_on_upsert(
     await write_column(
         broker, target, "refresh_token_ct", await read_column(broker, victim, "refresh_token_ct")
     )
-    error = await expect_error(
-        stub.StoreIntegration(
-            store_request(user_id="target", access_token=canary("new"), refresh_token=""),
-            metadata=ADMIN,
-        ),
-        Code.DATA_LOSS,
-        "CIPHERTEXT_INVALID",
-    )
-    assert victim_rt not in (error.details() or "")
-    # Nothing was written: the failed upsert rolled back.
-    assert (await get_token(stub, target)).access_token == target_at
+    request = store_request(user_id="target", access_token=canary("new"), refresh_token="")
+    error: grpc.aio.AioRpcError | None = None
+    try:
+        await stub.StoreIntegration(request, metadata=ADMIN)
+    except grpc.aio.AioRpcError as caught:
+        error = caught
+    if error is not None:
+        # Refusing is fine: DATA_LOSS, and the failed upsert wrote nothing.
+        assert error.code() == Code.DATA_LOSS, error.details()
+        info = error_info(error)
+        assert info is not None
+        assert info.reason == "CIPHERTEXT_INVALID"
+        assert victim_rt not in (error.details() or "")
+        assert (await get_token(stub, target)).access_token == target_at
+        return
+    # Accepting is fine too, as long as the target row cannot yield the victim's refresh token.
+    keyring = parse_keyring(KEYS, "test keys")
+    blob = await read_column(broker, target, "refresh_token_ct")
+    with pytest.raises(CiphertextInvalid):
+        keyring.decrypt(blob, associated_data(ENVIRONMENT, target, "refresh_token"))
 
 
 async def test_ciphertext_from_another_environment_fails(

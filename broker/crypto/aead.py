@@ -7,6 +7,10 @@ Format (version 1)::
 The header (version and key id) is authenticated too: it is prefixed to the associated data,
 so nobody can relabel a ciphertext with another key id. Like ``MultiFernet``, the first key
 encrypts and every key decrypts; every failure is the one ``CiphertextInvalid``.
+
+Nonce budget: nonces are random, so NIST SP 800-38D caps one key at 2^32 encryptions. The
+keyring counts its encryptions per key id in memory (one dict increment); the count is drained
+into the ``key_usage`` table by ``broker.domain.key_usage``, which warns well before the cap.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from broker.errors import CiphertextInvalid
 VERSION = 1
 NONCE_BYTES = 12
 _TAG_BYTES = 16
+# Random 96-bit nonces: NIST SP 800-38D allows at most 2^32 encryptions under one key.
+NONCE_LIMIT = 2**32
 
 
 def associated_data(environment: str, row_id: str, column: str) -> bytes:
@@ -48,7 +54,7 @@ def key_id_of(blob: bytes) -> str:
 class Keyring:
     """Named AES-256 keys; the first one encrypts, all of them decrypt."""
 
-    __slots__ = ("_ciphers", "_headers", "ids", "primary_id")
+    __slots__ = ("_ciphers", "_counts", "_headers", "ids", "primary_id")
 
     def __init__(self, keys: list[tuple[str, bytes]]) -> None:
         if not keys:
@@ -58,6 +64,8 @@ class Keyring:
         self._headers = {kid: _header(kid) for kid, _ in keys}
         self.ids: tuple[str, ...] = tuple(kid for kid, _ in keys)
         self.primary_id = self.ids[0]
+        # Encryptions since the last drain; only the primary key ever encrypts.
+        self._counts: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"Keyring(ids={self.ids!r})"
@@ -65,6 +73,7 @@ class Keyring:
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         header = self._headers[self.primary_id]
         nonce = os.urandom(NONCE_BYTES)
+        self._counts[self.primary_id] = self._counts.get(self.primary_id, 0) + 1
         return (
             header + nonce + self._ciphers[self.primary_id].encrypt(nonce, plaintext, header + aad)
         )
@@ -90,3 +99,17 @@ class Keyring:
 
     def needs_rotation(self, blob: bytes) -> bool:
         return key_id_of(blob) != self.primary_id
+
+    def usage(self) -> dict[str, int]:
+        """Encryptions per key id since the last ``take_usage``."""
+        return dict(self._counts)
+
+    def take_usage(self) -> dict[str, int]:
+        """Drain the counts (to add them to persistent storage)."""
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def restore_usage(self, counts: dict[str, int]) -> None:
+        """Put drained counts back when storing them failed, so none are lost."""
+        for kid, n in counts.items():
+            self._counts[kid] = self._counts.get(kid, 0) + n

@@ -1,7 +1,12 @@
-"""Where keys come from: ``BROKER_KEYS``, a key file, or (dev mode) a generated file.
+"""Where keys come from: ``BROKER_KEYS``, a command, a key file, or (dev mode) a generated file.
 
 A keyring is written as ``kid:base64key`` entries, comma- or newline-separated, first one
 primary. Keys never go to the database or to logs; only their ids do.
+
+The seam is ``KeySource``: something that hands over keyring text, named for error messages.
+A secrets manager plugs in without code through ``keys.command`` (its CLI prints the keyring,
+nothing touches the disk). A cloud KMS with envelope encryption fits the same seam: its source
+returns data keys it unwrapped at start-up, and the stored format already names the key id.
 """
 
 from __future__ import annotations
@@ -11,8 +16,13 @@ import binascii
 import os
 import re
 import secrets
+import shlex
+import stat
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from broker.config import KeysSettings
 from broker.crypto.aead import Keyring
@@ -20,7 +30,7 @@ from broker.errors import ConfigError
 
 _KID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NO_KEY = (
-    "no encryption key configured: set BROKER_KEYS or keys.file "
+    "no encryption key configured: set BROKER_KEYS, keys.command or keys.file "
     "(create one with `broker keygen > keys && chmod 600 keys`), or use `broker serve --dev`"
 )
 
@@ -54,16 +64,121 @@ def parse_keyring(text: str, source: str) -> Keyring:
     return Keyring(keys)
 
 
-def load_keyring(settings: KeysSettings) -> Keyring:
-    if settings.keys is not None:
-        return parse_keyring(settings.keys.get_secret_value(), "BROKER_KEYS")
-    if settings.file is not None:
+class KeySource(Protocol):
+    """Hands over keyring text; ``name`` is the setting to blame in error messages."""
+
+    @property
+    def name(self) -> str: ...
+
+    def read(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class EnvKeys:
+    value: str = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return "BROKER_KEYS"
+
+    def read(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class FileKeys:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"keys.file ({self.path})"
+
+    def read(self) -> str:
         try:
-            text = settings.file.read_text()
+            with self.path.open() as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                # Checked on the open file, not the path, so a swap between check and read
+                # cannot slip a world-readable file past us.
+                if mode & 0o077:
+                    raise ConfigError(
+                        f"keys.file: {self.path} has mode {stat.S_IMODE(mode):04o}, so users "
+                        f"other than its owner can read it; run `chmod 600 {self.path}` "
+                        "(and consider replacing keys that were exposed)"
+                    )
+                return handle.read()
         except OSError as exc:
-            raise ConfigError(f"keys.file: cannot read {settings.file}: {exc.strerror}") from None
-        return parse_keyring(text, f"keys.file ({settings.file})")
+            raise ConfigError(f"keys.file: cannot read {self.path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class CommandKeys:
+    command: str
+    timeout: float = 10.0
+
+    @property
+    def name(self) -> str:
+        return f"keys.command ({self._program})"
+
+    @property
+    def _program(self) -> str:
+        args = shlex.split(self.command)
+        return args[0] if args else ""
+
+    def read(self) -> str:
+        try:
+            args = shlex.split(self.command)
+        except ValueError as exc:
+            raise ConfigError(f"keys.command: cannot be split into arguments: {exc}") from None
+        if not args:
+            raise ConfigError("keys.command: is empty")
+        program = args[0]
+        try:
+            # No shell: the setting is one program and its arguments (use `sh -c '…'` for a
+            # pipeline). The child inherits the environment, where a secrets manager's own
+            # credentials usually are.
+            done = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"keys.command: cannot run {program!r}: not found") from None
+        except PermissionError:
+            raise ConfigError(f"keys.command: cannot run {program!r}: permission denied") from None
+        except subprocess.TimeoutExpired:
+            raise ConfigError(
+                f"keys.command: {program!r} did not finish within {self.timeout:g}s "
+                "(keys.command_timeout_seconds)"
+            ) from None
+        if done.returncode != 0:
+            # Only the last line of stderr: the tool's error, never its standard output.
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            said = f": {lines[-1][:200]}" if lines else ""
+            raise ConfigError(
+                f"keys.command: {program!r} exited with status {done.returncode}{said}"
+            )
+        try:
+            return done.stdout.decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"keys.command: {program!r} printed something not UTF-8") from None
+
+
+def key_source(settings: KeysSettings) -> KeySource:
+    """The configured source; precedence BROKER_KEYS, then the command, then the file."""
+    if settings.keys is not None:
+        return EnvKeys(settings.keys.get_secret_value())
+    if settings.command is not None:
+        return CommandKeys(settings.command, settings.command_timeout_seconds)
+    if settings.file is not None:
+        return FileKeys(settings.file)
     raise ConfigError(_NO_KEY)
+
+
+def load_keyring(settings: KeysSettings) -> Keyring:
+    source = key_source(settings)
+    return parse_keyring(source.read(), source.name)
 
 
 def ensure_dev_keyfile(path: Path) -> Path:

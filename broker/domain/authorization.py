@@ -1,27 +1,91 @@
 """Authorization-code + PKCE flow inside the broker (BeginAuthorization / CompleteAuthorization).
 
-PLACEHOLDER: the interface the servicer and app wiring rely on; to be implemented.
+The web backend never sees a refresh token: Begin hands it a URL to send the user to and an
+opaque ``state``; its callback route passes the provider's ``state`` and ``code`` (or
+``error``) to Complete, and the broker exchanges the code and stores the integration exactly as
+StoreIntegration would.
+
+What a database reader finds in ``oauth_flows`` is not enough to finish a flow: the state is
+stored only as its SHA-256, and the PKCE verifier is encrypted like a token, bound to its flow
+(row id = the state hash, column ``pkce_verifier``). The state is single use: it is consumed
+by one conditional UPDATE *before* the code is exchanged, so of two concurrent completions
+(on any replica) exactly one reaches the provider.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.domain.model import Integration
+from broker.domain import validation
+from broker.domain import context
+from broker.domain.model import Integration, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, TokenCipher
+from broker.errors import (
+    AuthorizationFlowInvalid,
+    GrantRejected,
+    InvalidArgument,
+    StorageUnavailable,
+)
+from broker.providers.authorize import authorization_url, new_code_verifier
 from broker.providers.catalog import ProviderRegistry
-from broker.providers.client import OAuthClient
+from broker.providers.client import OAuthClient, TokenResponse
+from broker.storage import flows
+from broker.storage.engine import storage_errors
+
+log = logging.getLogger("broker.authorization")
+
+VERIFIER_COLUMN = "pkce_verifier"
+# Broker default when neither the profile nor the refresh settings say how long a token
+# without expires_in lives (the same default as RefreshSettings).
+FALLBACK_EXPIRES_IN = 3600
+MAX_REDIRECT_URI = 2048
+# States this broker issues are 43 characters; anything much longer is not one of ours.
+MAX_STATE = 256
+# Providers' codes are opaque but short (Google's are ~100 characters); 4 KiB is generous.
+MAX_CODE = 4096
+# How long closed and expired flows are kept before the purge deletes them, so that a late
+# replay is answered "already used" / "expired" (clearer than "unknown") for a while.
+PURGE_GRACE = timedelta(hours=1)
+# A callback's error code and description end up in a status message shown to callers (and
+# maybe in their logs): keep the code code-like and the description short and printable.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_DESCRIPTION_LIMIT = 200
+# Tokens the provider already issued are lost if they cannot be stored, so a brief database
+# outage after the exchange is waited out rather than failing the (unrepeatable) flow at once.
+_STORE_RETRY_DELAYS = (0.2, 0.5, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
 class BeginResult:
     authorization_url: str
+    # Returned to the caller once and never stored, logged or shown again.
     state: str
     expires_at: datetime
+
+    def __repr__(self) -> str:
+        return f"BeginResult(state=<hidden>, expires_at={self.expires_at.isoformat()})"
+
+
+def state_hash(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _provider_error(error: str, description: str) -> tuple[str, str]:
+    code = error if _ERROR_CODE.fullmatch(error) else "unrecognized_error"
+    text = " ".join(_CONTROL.sub(" ", description).split())
+    if len(text) > _DESCRIPTION_LIMIT:
+        text = text[: _DESCRIPTION_LIMIT - 1] + "…"
+    return code, f" ({text})" if text else ""
 
 
 class AuthorizationService:
@@ -34,6 +98,8 @@ class AuthorizationService:
         integrations: IntegrationService,
         clock: Clock,
         flow_ttl: timedelta = timedelta(minutes=10),
+        *,
+        default_expires_in_seconds: int | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -42,6 +108,16 @@ class AuthorizationService:
         self.integrations = integrations
         self.clock = clock
         self.flow_ttl = flow_ttl
+        if default_expires_in_seconds is None:
+            # Same default as refreshes use, when the wiring did not pass one explicitly.
+            settings = getattr(integrations.refresher, "settings", None)
+            configured = getattr(settings, "default_expires_in_seconds", None)
+            default_expires_in_seconds = (
+                configured if isinstance(configured, int) else FALLBACK_EXPIRES_IN
+            )
+        self.default_expires_in_seconds = default_expires_in_seconds
+
+    # -- begin -----------------------------------------------------------------------------
 
     async def begin(
         self,
@@ -52,12 +128,193 @@ class AuthorizationService:
         account_id: str,
         metadata: dict[str, Any],
     ) -> BeginResult:
-        raise NotImplementedError
+        validation.text("user_id", user_id, validation.MAX_ID)
+        validation.text("provider", provider, validation.MAX_PROVIDER)
+        validation.text("redirect_uri", redirect_uri, MAX_REDIRECT_URI)
+        validation.text("account_id", account_id, validation.MAX_ID, required=False)
+        requested = validation.scopes("scopes", scopes)
+        validation.metadata(metadata)
+        profile = self.registry.get(provider)  # UnknownProvider if not configured here
+        context.note_owner(user_id, profile.name)
+        context.check_provider(profile.name)
+        if redirect_uri not in profile.redirect_uris:
+            # Exact match only (RFC 9700 §4.1.3): a prefix or pattern match is how codes leak
+            # to an attacker's page, and it is how a production broker refuses a localhost
+            # callback.
+            where = f"providers.{profile.name}.redirect_uris"
+            if profile.redirect_uris:
+                problem = (
+                    f"is not one of the redirect URIs registered for {profile.name!r} on this "
+                    f"broker (environment {self.cipher.environment!r}, see {where})"
+                )
+            else:
+                problem = (
+                    f"no redirect URI is registered for {profile.name!r} on this broker "
+                    f"(environment {self.cipher.environment!r}); configure {where}"
+                )
+            raise InvalidArgument("redirect_uri", problem)
+
+        state = secrets.token_urlsafe(32)
+        key = state_hash(state)
+        verifier = new_code_verifier() if profile.pkce else None
+        # Empty scopes ask for the profile's defaults; the flow remembers what was asked for,
+        # which is what the integration is granted if the token response does not say.
+        url = authorization_url(
+            profile,
+            redirect_uri=redirect_uri,
+            state=state,
+            scopes=requested or None,
+            code_verifier=verifier,
+        )
+        now = self.clock()
+        expires_at = now + self.flow_ttl
+        values: dict[str, Any] = {
+            "state_hash": key,
+            "user_id": user_id,
+            "provider": profile.name,
+            "account_id": account_id,
+            "redirect_uri": redirect_uri,
+            "scopes": list(requested or profile.scopes),
+            "metadata": metadata,
+            "verifier_ct": None,
+            "key_id": None,
+            "created_at": now,
+            "expires_at": expires_at,
+            "version": 1,
+        }
+        if verifier is not None:
+            values["verifier_ct"] = self.cipher.encrypt(key, VERIFIER_COLUMN, verifier)
+            values["key_id"] = self.cipher.keyring.primary_id
+        async with storage_errors(), self.engine.begin() as conn:
+            await flows.insert_flow(conn, values)
+        log.debug("authorization flow started for provider %s", profile.name)
+        return BeginResult(authorization_url=url, state=state, expires_at=expires_at)
+
+    # -- complete --------------------------------------------------------------------------
 
     async def complete(
         self, state: str, code: str, error: str, error_description: str
     ) -> tuple[Integration, bool]:
-        raise NotImplementedError
+        validation.text("state", state, MAX_STATE)
+        validation.text("code", code, MAX_CODE, required=False)
+        if not code and not error:
+            raise InvalidArgument(
+                "code", "give the code from the provider's callback, or its error"
+            )
+        if code and error:
+            raise InvalidArgument("code", "give either code or error (from the callback), not both")
+
+        flow = await self._consume(state_hash(state))
+        if error:
+            # The user (or the provider) refused; the flow is closed either way, so a retry
+            # has to start over with BeginAuthorization.
+            provider_error, detail = _provider_error(error, error_description)
+            raise AuthorizationFlowInvalid(
+                f"{flow.provider} did not authorize the broker: {provider_error}{detail}; "
+                "start a new flow with BeginAuthorization",
+                provider=flow.provider,
+                provider_error=provider_error,
+            )
+
+        profile = self.registry.get(flow.provider)
+        verifier = (
+            None
+            if flow.verifier_ct is None
+            else self.cipher.decrypt(flow.state_hash, VERIFIER_COLUMN, flow.verifier_ct)
+        )
+        try:
+            response = await self.client.exchange_code(profile, code, flow.redirect_uri, verifier)
+        except GrantRejected as exc:
+            # An unknown, used or expired code, or a verifier that does not match the challenge
+            # (a code injected from another flow): the flow is spent, nothing to reauthorize.
+            raise AuthorizationFlowInvalid(
+                f"{exc.message}; the authorization code was not accepted, start a new flow "
+                "with BeginAuthorization",
+                **exc.metadata,
+            ) from None
+        # ProviderMisconfigured and ProviderUnavailable propagate as they are. The flow stays
+        # consumed: the provider may have redeemed the code before the answer was lost, and
+        # a second exchange of a code makes providers revoke what it issued (RFC 6749 §4.1.2).
+
+        integration, created = await self._store(flow, profile.default_expires_in_seconds, response)
+        log.info(
+            "authorization completed: provider %s, integration %s (%s)",
+            flow.provider,
+            integration.id,
+            "created" if created else "updated",
+        )
+        return integration, created
+
+    async def _consume(self, key: str) -> flows.StoredFlow:
+        now = self.clock()
+        async with storage_errors(), self.engine.begin() as conn:
+            # The conditional UPDATE comes first: it takes the row (or, on SQLite, the
+            # database) write lock, so the read below cannot race another completion.
+            if await flows.consume(conn, key, now):
+                flow = await flows.get(conn, key)
+                assert flow is not None
+                await flows.forget_verifier(conn, key)
+                return flow
+            found = await flows.get(conn, key)
+        if found is None:
+            problem = "is unknown to this broker (never issued here, or purged)"
+        elif found.consumed_at is not None:
+            problem = "was already used; a state is good for one completion"
+        else:
+            problem = f"expired at {found.expires_at.isoformat(timespec='seconds')}"
+        raise AuthorizationFlowInvalid(
+            f"this authorization flow {problem}; start a new flow with BeginAuthorization"
+        )
+
+    async def _store(
+        self, flow: flows.StoredFlow, profile_default: int | None, response: TokenResponse
+    ) -> tuple[Integration, bool]:
+        default = self.default_expires_in_seconds if profile_default is None else profile_default
+        command = StoreCommand(
+            user_id=flow.user_id,
+            provider=flow.provider,
+            # The provider's own account id (Slack's team) wins over what the caller guessed.
+            account_id=response.account_id or flow.account_id or "",
+            tokens=NewTokens(
+                access_token=response.access_token,
+                refresh_token=response.refresh_token,
+                token_type=response.token_type,
+                expires_at=response.expires_at(default),
+                scopes=response.scopes if response.scopes is not None else flow.scopes,
+            ),
+            metadata=flow.metadata,
+        )
+        for delay in (*_STORE_RETRY_DELAYS, None):
+            try:
+                return await self.integrations.store(command)
+            except StorageUnavailable:
+                if delay is None:
+                    log.error(
+                        "authorization for provider %s: tokens issued but the database is "
+                        "unreachable; the user has to authorize again",
+                        flow.provider,
+                    )
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- purge -----------------------------------------------------------------------------
 
     async def purge_expired(self) -> int:
-        return 0
+        """Delete flows that expired or were completed more than PURGE_GRACE ago."""
+        cutoff = self.clock() - PURGE_GRACE
+        async with storage_errors(), self.engine.begin() as conn:
+            return await flows.purge(conn, cutoff, cutoff)
+
+    async def run_purger(self, interval_seconds: float = 300.0) -> None:
+        """Purge old flows every ``interval_seconds`` until cancelled (a background task)."""
+        while True:
+            try:
+                purged = await self.purge_expired()
+                if purged:
+                    log.info("purged %d old authorization flow(s)", purged)
+            except StorageUnavailable:
+                log.warning("authorization flow purge: database unavailable")
+            except Exception:
+                log.exception("authorization flow purge failed")
+            await asyncio.sleep(interval_seconds)

@@ -1,4 +1,5 @@
-"""Domain records. ``Integration`` carries metadata only; ciphertexts stay in ``StoredIntegration``."""
+"""Domain records. ``Integration`` carries metadata only; ciphertexts stay in
+``StoredIntegration``."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class StoredIntegration:
     key_id: str | None
     refresh_failures: int = 0
     revocation: str | None = None
+    revocation_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)

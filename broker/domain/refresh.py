@@ -28,7 +28,7 @@ import random
 import secrets
 import socket
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -112,7 +112,7 @@ class RefreshEngine:
         return timedelta(seconds=seconds)
 
     def due(self, stored: StoredIntegration, request: TokenRequest) -> bool:
-        """Refresh when ``expires_at − now < max(margin, min_valid_for)``."""
+        """Refresh when ``expires_at - now < max(margin, min_valid_for)``."""
         left = remaining(stored.integration.expires_at, self.clock())
         if left is None:
             return False

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring, associated_data
-from broker.domain import validation
+from broker.domain import context, validation
 from broker.domain.model import (
     AccessToken,
     Integration,
@@ -62,7 +62,13 @@ class Refresher(Protocol):
 
 
 class Revoker(Protocol):
+    """Provider-side revocation (``broker.domain.revocation``)."""
+
     async def revoke(self, stored: StoredIntegration) -> Revocation: ...
+
+    async def settle(self, integration_id: str, outcome: Revocation, attempts: int) -> None:
+        """Record the outcome; wipe the ciphertexts unless it is PENDING."""
+        ...
 
 
 class TokenCipher:
@@ -200,8 +206,13 @@ class IntegrationService:
 
     async def read(self, sel: Selector) -> StoredIntegration:
         validation.selector(sel)
+        if sel.provider:
+            context.check_provider(self.canonical(sel.provider))
         async with storage_errors(), self.engine.connect() as conn:
-            return await self._resolve(conn, sel)
+            stored = await self._resolve(conn, sel)
+        context.note(stored.integration)
+        context.check_provider(stored.integration.provider)
+        return stored
 
     async def get(self, sel: Selector) -> Integration:
         return (await self.read(sel)).integration
@@ -218,9 +229,13 @@ class IntegrationService:
         validation.text("provider", provider, validation.MAX_PROVIDER, required=False)
         size = validation.page_size(page_size)
         after = _decode_page_token(page_token) if page_token else None
+        provider = self.canonical(provider) if provider else ""
+        context.note_owner(user_id, provider or None)
+        if provider:
+            context.check_provider(provider)
         async with storage_errors(), self.engine.connect() as conn:
             rows = await repository.list_page(
-                conn, user_id, self.canonical(provider), status, after, size + 1
+                conn, user_id, provider, status, after, size + 1, context.allowed_providers()
             )
         items = [r.integration for r in rows[:size]]
         more = len(rows) > size
@@ -242,6 +257,8 @@ class IntegrationService:
         if cmd.provider not in self.providers:
             raise UnknownProvider(cmd.provider)
         cmd = replace(cmd, provider=self.canonical(cmd.provider))
+        context.note_owner(cmd.user_id, cmd.provider)
+        context.check_provider(cmd.provider)
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
         cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
         # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
@@ -297,6 +314,7 @@ class IntegrationService:
             created = True
         stored = await repository.get(conn, iid)
         assert stored is not None
+        context.note(stored.integration)
         return stored.integration, created
 
     # -- access tokens ---------------------------------------------------------------------
@@ -345,32 +363,56 @@ class IntegrationService:
     async def disconnect(
         self, sel: Selector, reason: str, skip_revocation: bool
     ) -> tuple[Integration, Revocation]:
+        """Stop serving first, then revoke at the provider, then wipe the ciphertexts.
+
+        The integration is DISCONNECTED (and never served again) from the first commit on;
+        the ciphertexts stay only while a revocation is PENDING, for its retries.
+        """
         validation.text("reason", reason, validation.MAX_REASON, required=False)
         stored = await self.read(sel)
-        integration = stored.integration
-        if integration.status is Status.DISCONNECTED:
-            return integration, Revocation(stored.revocation or Revocation.SKIPPED.value)
-        if skip_revocation:
-            outcome = Revocation.SKIPPED
-        elif self.revoker is None:
-            outcome = Revocation.NOT_SUPPORTED
-        else:
-            outcome = await self.revoker.revoke(stored)
+        if stored.integration.status is Status.DISCONNECTED:
+            return stored.integration, Revocation(stored.revocation or Revocation.SKIPPED.value)
+        revoke = not skip_revocation and self.revoker is not None
         now = self.clock()
         values: dict[str, Any] = {
             "status": Status.DISCONNECTED.value,
             "disconnected_at": now,
             "disconnect_reason": reason or None,
             "updated_at": now,
-            "revocation": outcome.value,
+            "revocation": (Revocation.PENDING if revoke else Revocation.SKIPPED).value,
+            "revocation_attempts": 0,
+            "next_revocation_at": None,
         }
-        if outcome is not Revocation.PENDING:
-            values.update(access_token_ct=None, refresh_token_ct=None, key_id=None)
+        if not revoke:
+            values.update(_WIPE)
+        iid = stored.integration.id
         async with storage_errors(), self.engine.begin() as conn:
-            current = await repository.get(conn, integration.id, for_update=True)
+            # FOR UPDATE: a refresh writing at this moment lands first or loses its CAS.
+            current = await repository.get(conn, iid, for_update=True)
             if current is None:
-                raise IntegrationNotFound(f"no integration with id {integration.id!r}")
-            await repository.update_row(conn, integration.id, current.integration.version, values)
-            updated = await repository.get(conn, integration.id)
+                raise IntegrationNotFound(f"no integration with id {iid!r}")
+            await repository.update_row(conn, iid, current.integration.version, values)
+        if not revoke:
+            outcome = Revocation.SKIPPED if skip_revocation else Revocation.NOT_SUPPORTED
+            if outcome is Revocation.NOT_SUPPORTED:
+                await self._set_revocation(iid, outcome)
+        else:
+            assert self.revoker is not None
+            outcome = await self.revoker.revoke(current)
+            await self.revoker.settle(iid, outcome, attempts=1)
+        async with storage_errors(), self.engine.connect() as conn:
+            updated = await repository.get(conn, iid)
         assert updated is not None
         return updated.integration, outcome
+
+    async def _set_revocation(self, iid: str, outcome: Revocation) -> None:
+        async with storage_errors(), self.engine.begin() as conn:
+            current = await repository.get(conn, iid)
+            if current is not None:
+                await repository.update_row(
+                    conn, iid, current.integration.version, {"revocation": outcome.value}
+                )
+
+
+# Ciphertexts are wiped once nothing more will be done with them.
+_WIPE: dict[str, Any] = {"access_token_ct": None, "refresh_token_ct": None, "key_id": None}

@@ -39,6 +39,7 @@ class Broker:
     health: health.aio.HealthServicer
     runtime: Runtime
     port: int
+    interceptor: AuthInterceptor
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -66,6 +67,14 @@ class Broker:
         if await self.refresher.flush_unsaved():
             log.error("shutting down with refreshed tokens that could not be stored")
         await self.runtime.close()
+
+    def reload_callers(self, settings: Settings) -> None:
+        """SIGHUP: new caller policies take effect for new calls; on error the old stay."""
+        registry = CallerRegistry(settings.callers)
+        if not len(registry):
+            raise ConfigError("callers: the new configuration has no caller; keeping the old one")
+        self.interceptor.registry = registry
+        log.info("caller policies reloaded: %d caller(s)", len(registry))
 
     async def _watch_database(self) -> None:
         """Health is SERVING only while the database answers."""
@@ -96,20 +105,34 @@ class Broker:
 
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     """Build and start a broker; raises ConfigError if it must not serve this configuration."""
+    runtime = await open_runtime(settings, clock=clock)
     callers = CallerRegistry(settings.callers)
     if not len(callers):
+        await runtime.close()
         raise ConfigError(
             "callers: no caller is configured, so nobody could call this broker; add "
             "[callers.NAME] with token_sha256 (see `broker callers new NAME`)"
         )
-    runtime = await open_runtime(settings, clock=clock)
     limit = settings.server.max_message_bytes
+    interceptor = AuthInterceptor(
+        callers,
+        runtime.auditor,
+        logging.INFO if settings.logging.access_log_level == "INFO" else logging.DEBUG,
+    )
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(callers)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.max_metadata_size", settings.server.max_metadata_bytes),
             ("grpc.so_reuseport", 0),
+            # Keepalive enforcement: clients may not ping more often than every 10 s without
+            # calls in flight; two strikes and the connection is closed (GOAWAY).
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            # Detect dead peers: ping an idle client every 2 minutes, drop it after 20 s.
+            ("grpc.keepalive_time_ms", 120_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ],
     )
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
@@ -121,17 +144,26 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(settings.server.listen)
-    except RuntimeError:
+        port = _listen(server, settings)
+    except (RuntimeError, ConfigError) as exc:
         await runtime.close()
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
     await server.start()
-    broker = Broker(settings, server, health_servicer, runtime, port)
+    broker = Broker(settings, server, health_servicer, runtime, port, interceptor)
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
     if settings.refresh.background:
         broker.tasks.append(
             asyncio.create_task(runtime.refresher.run_background(), name="background-refresh")
         )
+        broker.tasks.append(
+            asyncio.create_task(
+                runtime.revoker.run_background(settings.refresh.background_interval_seconds),
+                name="revocation-retries",
+            )
+        )
+    broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
     host = settings.server.listen.rpartition(":")[0]
     log.info(
         "broker serving on %s:%d (environment %r, %d caller(s), key %s)",
@@ -144,13 +176,57 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     return broker
 
 
-async def run(settings: Settings, *, on_ready: Callable[[Broker], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    listen = settings.server.listen
+    host = listen.rpartition(":")[0].strip("[]")
+    tls = settings.tls
+    if tls.enabled:
+        assert tls.cert_file is not None
+        assert tls.key_file is not None
+        try:
+            cert = tls.cert_file.read_bytes()
+            key = tls.key_file.read_bytes()
+            ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+        except OSError as exc:
+            raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+        credentials = grpc.ssl_server_credentials(
+            ((key, cert),), root_certificates=ca, require_client_auth=ca is not None
+        )
+        return server.add_secure_port(listen, credentials)
+    if host not in LOOPBACK:
+        if not settings.server.allow_insecure:
+            raise ConfigError(
+                f"server.listen: {listen} is not a loopback address and TLS is off; configure "
+                "[tls] cert_file/key_file, or set server.allow_insecure = true to accept "
+                "plaintext (bearer tokens and access tokens would cross the network in clear)"
+            )
+        log.warning("listening on %s WITHOUT TLS: tokens cross the network in clear", listen)
+    return server.add_insecure_port(listen)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+async def run(
+    settings: Settings,
+    *,
+    on_ready: Callable[[Broker], None] | None = None,
+    reload: Callable[[], Settings] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads callers."""
     broker = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        try:
+            broker.reload_callers(reload() if reload is not None else settings)
+        except ConfigError as exc:
+            log.error("SIGHUP: refused the new configuration, keeping the old one: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     if on_ready is not None:
         on_ready(broker)
     await stop.wait()

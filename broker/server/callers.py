@@ -1,33 +1,14 @@
-"""Who is calling: bearer tokens (stored as SHA-256) mapped to named callers and their methods."""
+"""Who is calling: bearer tokens (stored as SHA-256) or client-certificate identities (mTLS),
+mapped to named callers with their methods and providers."""
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from broker.config import CallerSettings
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    name: str
-    methods: frozenset[str]
-    providers: frozenset[str] | None  # None: every provider
-
-    def may_call(self, method: str) -> bool:
-        return method in self.methods
-
-    def may_use(self, provider: str) -> bool:
-        return self.providers is None or provider in self.providers
-
-
-# Set by the auth interceptor for the duration of one RPC.
-current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
-    "current_caller", default=None
-)
+from broker.domain.context import Caller
 
 
 def hash_token(token: str) -> str:
@@ -37,6 +18,7 @@ def hash_token(token: str) -> str:
 class CallerRegistry:
     def __init__(self, callers: Mapping[str, CallerSettings]) -> None:
         self._by_hash: list[tuple[bytes, Caller]] = []
+        self._by_identity: dict[str, Caller] = {}
         for name, settings in callers.items():
             caller = Caller(
                 name=name,
@@ -45,9 +27,11 @@ class CallerRegistry:
             )
             if settings.token_sha256:
                 self._by_hash.append((bytes.fromhex(settings.token_sha256), caller))
+            if settings.tls_identity:
+                self._by_identity[settings.tls_identity] = caller
 
     def __len__(self) -> int:
-        return len(self._by_hash)
+        return len(self._by_hash) + len(self._by_identity)
 
     def authenticate(self, token: str) -> Caller | None:
         """Compare against every caller in constant time, so timing says nothing about hashes."""
@@ -57,3 +41,11 @@ class CallerRegistry:
             if hmac.compare_digest(digest, expected):
                 found = caller
         return found
+
+    def by_identity(self, identities: list[str]) -> Caller | None:
+        """The caller whose configured tls_identity is one of the certificate's SANs."""
+        for identity in identities:
+            caller = self._by_identity.get(identity)
+            if caller is not None:
+                return caller
+        return None

@@ -1,17 +1,42 @@
-"""Authentication and per-method permission, before any servicer code runs."""
+"""Authentication, per-method permission, the audit event and the access-log line of every
+RPC, before and after the servicer runs.
+
+Health stays open; reflection needs any authenticated caller; every CredentialBroker method
+needs a caller allowed to call it. Identity comes from a client certificate (mTLS, the SAN
+mapped to a configured caller) or from ``authorization: Bearer <token>``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc.aio import ServerInterceptor
 
-from broker.server.callers import Caller, CallerRegistry, current_caller
+from broker.domain.audit import Auditor
+from broker.domain.context import Call, Caller, current_call
+from broker.errors import BrokerError
+from broker.server.callers import CallerRegistry
+from broker.server.status import to_status
 
 SERVICE_PREFIX = "/credentialbroker.v1.CredentialBroker/"
 _OPEN = ("/grpc.health.v1.Health/",)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+access_log = logging.getLogger("broker.access")
+log = logging.getLogger("broker.server")
+
+
+class _Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _metadata_value(metadata: Any, key: str) -> str | None:
@@ -22,82 +47,184 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
-def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    async def unary(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(code, message)
-
-    async def streaming(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-
-
-def _with_caller(handler: grpc.RpcMethodHandler, caller: Caller) -> Any:
-    if handler.unary_unary is None:
-        return handler
-    behaviour = handler.unary_unary
-
-    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        # Set inside the handler's own task, so the servicer and domain see it.
-        current_caller.set(caller)
-        return await behaviour(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        call,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class AuthInterceptor(ServerInterceptor):
-    """Bearer token → caller; unknown or missing → UNAUTHENTICATED; method not allowed →
-    PERMISSION_DENIED. Health stays open; reflection needs any authenticated caller."""
-
-    def __init__(self, registry: CallerRegistry) -> None:
+class AuthInterceptor(ServerInterceptor):  # type: ignore[misc]
+    def __init__(
+        self,
+        registry: CallerRegistry,
+        auditor: Auditor | None = None,
+        access_level: int = logging.DEBUG,
+    ) -> None:
+        # Replaced as a whole on SIGHUP; a call in flight keeps the registry it started with.
         self.registry = registry
+        self.auditor = auditor
+        self.access_level = access_level
+        self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         method: str = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(_OPEN):
-            return handler
-        header = _metadata_value(handler_call_details.invocation_metadata, "authorization")
+        if method.startswith(_OPEN):
+            return await continuation(handler_call_details)
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._guard(handler, method)
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    # -- identity --------------------------------------------------------------------------
+
+    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        registry = self.registry
+        identities = context.peer_identities()
+        if identities:
+            names = [i.decode(errors="replace") for i in identities]
+            caller = registry.by_identity(names)
+            if caller is not None:
+                return caller
+        header = _metadata_value(context.invocation_metadata(), "authorization")
         if header is None:
-            return _deny(
-                handler,
+            if identities:
+                raise _Denied(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"client certificate identity {names[0]!r} is not a configured caller",
+                )
+            raise _Denied(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing credentials: send metadata 'authorization: Bearer <token>'",
             )
         scheme, _, token = header.partition(" ")
-        caller = self.registry.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        caller = registry.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if caller is None:
-            return _deny(
-                handler,
+            raise _Denied(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "invalid credentials: the bearer token is not one of this broker's callers",
             )
-        if method.startswith(SERVICE_PREFIX):
-            name = method[len(SERVICE_PREFIX) :]
+        return caller
+
+    # -- wrapping --------------------------------------------------------------------------
+
+    def _guard(self, handler: Any, method: str) -> Any:
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if not method.startswith(SERVICE_PREFIX):
+            return self._guard_other(handler, kwargs)
+        name = method[len(SERVICE_PREFIX) :]
+        behaviour = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            try:
+                caller = self.identify(context)
+            except _Denied as denied:
+                self._access(None, name, denied.code, started, None)
+                await context.abort(denied.code, denied.message)
             if not caller.may_call(name):
-                return _deny(
-                    handler,
+                self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, None)
+                await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"caller {caller.name!r} may not call {name}",
                 )
-            return _with_caller(handler, caller)
+            call = Call(caller, name, self._request_id(context))
+            current_call.set(call)
+            try:
+                response = await behaviour(request, context)
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                await self._audit_failure(call, code)
+                self._access(caller, name, code, started, call)
+                raise
+            if self.auditor is not None:
+                try:
+                    await self.auditor.record(call, "OK")
+                except BrokerError as error:
+                    self._access(caller, name, error.code, started, call)
+                    await context.abort_with_status(to_status(error))
+            self._access(caller, name, grpc.StatusCode.OK, started, call)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+    def _guard_other(self, handler: Any, kwargs: dict[str, Any]) -> Any:
+        """Reflection (and anything else not ours): any authenticated caller."""
+
+        async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                self.identify(context)
+            except _Denied as denied:
+                await context.abort(denied.code, denied.message)
+
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            async def stream(
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await check(context)
+                async for response in inner(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await check(context)
+                return await inner_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         return handler
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    @staticmethod
+    def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        given = _metadata_value(context.invocation_metadata(), "x-request-id")
+        request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        return request_id
+
+    async def _audit_failure(self, call: Call, code: grpc.StatusCode) -> None:
+        if self.auditor is None:
+            return
+        try:
+            await self.auditor.record(call, code.name)
+        except BrokerError:
+            # The call already failed; its own error is what the caller must see.
+            log.warning("audit event for a failed %s could not be written", call.method)
+
+    def _access(
+        self,
+        caller: Caller | None,
+        method: str,
+        code: grpc.StatusCode,
+        started: float,
+        call: Call | None,
+    ) -> None:
+        if not access_log.isEnabledFor(self.access_level):
+            return
+        access_log.log(
+            self.access_level,
+            "rpc %s caller=%s code=%s latency_ms=%.2f request_id=%s integration=%s",
+            method,
+            caller.name if caller else "-",
+            code.name,
+            (time.perf_counter() - started) * 1000,
+            call.request_id if call else "-",
+            (call.integration_id if call else None) or "-",
+            extra={
+                "rpc_method": method,
+                "caller": caller.name if caller else None,
+                "code": code.name,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "request_id": call.request_id if call else None,
+                "integration_id": call.integration_id if call else None,
+            },
+        )

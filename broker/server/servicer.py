@@ -13,8 +13,8 @@ import grpc
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.authorization import AuthorizationService
+from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.service import IntegrationService
 from broker.errors import BrokerError
 from broker.server import convert

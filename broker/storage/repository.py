@@ -36,6 +36,7 @@ _COLUMNS = (
     t.c.key_id,
     t.c.refresh_failures,
     t.c.revocation,
+    t.c.revocation_attempts,
 )
 _SELECT = select(*_COLUMNS)
 
@@ -51,7 +52,8 @@ def to_stored(row: Row[Any]) -> StoredIntegration:
     m = row._mapping
     created = utc(m["created_at"])
     updated = utc(m["updated_at"])
-    assert created is not None and updated is not None
+    assert created is not None
+    assert updated is not None
     integration = Integration(
         id=m["id"],
         user_id=m["user_id"],
@@ -77,6 +79,7 @@ def to_stored(row: Row[Any]) -> StoredIntegration:
         key_id=m["key_id"],
         refresh_failures=int(m["refresh_failures"]),
         revocation=m["revocation"],
+        revocation_attempts=int(m["revocation_attempts"]),
     )
 
 
@@ -123,8 +126,11 @@ async def list_page(
     status: Status | None,
     after: tuple[datetime, str] | None,
     limit: int,
+    providers: frozenset[str] | None = None,
 ) -> list[StoredIntegration]:
     query = _SELECT.where(t.c.user_id == user_id)
+    if providers is not None:
+        query = query.where(t.c.provider.in_(sorted(providers)))
     if provider:
         query = query.where(t.c.provider == provider)
     if status is not None:
@@ -213,6 +219,34 @@ async def claim_due(
             or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
         )
         .order_by(t.c.expires_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = [row[0] for row in (await conn.execute(query)).all()]
+    if ids:
+        await conn.execute(
+            update(t)
+            .where(t.c.id.in_(ids))
+            .values(refresh_lease_owner=owner, refresh_lease_until=until)
+        )
+    return ids
+
+
+async def claim_pending_revocations(
+    conn: AsyncConnection, now: datetime, until: datetime, owner: str, limit: int
+) -> list[str]:
+    """Lease disconnected integrations whose provider revocation is due for another try.
+    A disconnected row is never refreshed, so the refresh lease columns serve here too."""
+    query = (
+        select(t.c.id)
+        .where(
+            t.c.status == "DISCONNECTED",
+            t.c.revocation == "PENDING",
+            or_(t.c.next_revocation_at.is_(None), t.c.next_revocation_at < now),
+            or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
+        )
+        .order_by(t.c.next_revocation_at)
         .limit(limit)
     )
     if conn.dialect.name == "postgresql":

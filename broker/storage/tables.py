@@ -53,6 +53,8 @@ integrations = Table(
     Column("disconnect_reason", Text, nullable=True),
     # Outcome of the provider-side revocation at Disconnect (REVOKED, PENDING, ...).
     Column("revocation", String(16), nullable=True),
+    Column("revocation_attempts", Integer, nullable=False, server_default="0"),
+    Column("next_revocation_at", DateTime(timezone=True), nullable=True),
     # Compare-and-swap counter: every write of tokens is "UPDATE … WHERE version = :seen".
     Column("version", BigInteger, nullable=False, server_default="1"),
     Column("refresh_failures", Integer, nullable=False, server_default="0"),

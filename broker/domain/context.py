@@ -1,0 +1,82 @@
+"""Who is calling and what the call touched, for one RPC.
+
+The auth interceptor puts a ``Call`` into a contextvar; the domain checks the caller's policy
+and notes which integration the call reached, so the audit event written at the end of the
+call names it. Code outside an RPC (the CLI, background tasks) runs with no call: no policy
+applies and nothing is noted.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+from broker.domain.model import Integration
+from broker.errors import PermissionDenied
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    methods: frozenset[str]
+    providers: frozenset[str] | None  # None: every provider
+
+    def may_call(self, method: str) -> bool:
+        return method in self.methods
+
+    def may_use(self, provider: str) -> bool:
+        return self.providers is None or provider in self.providers
+
+
+@dataclass(slots=True)
+class Call:
+    caller: Caller
+    method: str
+    request_id: str
+    integration_id: str | None = None
+    user_id: str | None = None
+    provider: str | None = None
+    detail: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def note(self, integration: Integration) -> None:
+        self.integration_id = integration.id
+        self.user_id = integration.user_id
+        self.provider = integration.provider
+
+    def note_owner(self, user_id: str, provider: str | None = None) -> None:
+        self.user_id = user_id or self.user_id
+        self.provider = provider or self.provider
+
+
+current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "current_call", default=None
+)
+
+
+def note(integration: Integration) -> None:
+    call = current_call.get()
+    if call is not None:
+        call.note(integration)
+
+
+def note_owner(user_id: str, provider: str | None = None) -> None:
+    call = current_call.get()
+    if call is not None:
+        call.note_owner(user_id, provider)
+
+
+def check_provider(provider: str) -> None:
+    """PERMISSION_DENIED when the calling service may not use this provider."""
+    call = current_call.get()
+    if call is not None and not call.caller.may_use(provider):
+        raise PermissionDenied(
+            f"caller {call.caller.name!r} may not use provider {provider!r}",
+            provider=provider,
+        )
+
+
+def allowed_providers() -> frozenset[str] | None:
+    """The providers the current caller may see; None: all."""
+    call = current_call.get()
+    return None if call is None else call.caller.providers

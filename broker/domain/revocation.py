@@ -1,0 +1,132 @@
+"""Revocation at the provider when an integration is disconnected (RFC 7009).
+
+The refresh token goes first — revoking it ends the whole grant at providers that follow
+RFC 7009 §2.1 — then the access token. A provider that is down leaves the revocation PENDING;
+a background task retries it with backoff until it succeeds, is refused, or runs out of
+attempts (FAILED). The ciphertexts are wiped as soon as the outcome is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.domain.model import Revocation, StoredIntegration
+from broker.domain.service import ACCESS, REFRESH, Clock, TokenCipher
+from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable, StorageUnavailable
+from broker.providers.catalog import ProviderRegistry
+from broker.providers.client import OAuthClient, RevocationNotSupported
+from broker.storage import repository
+from broker.storage.engine import storage_errors
+
+log = logging.getLogger("broker.revocation")
+
+MAX_ATTEMPTS = 8
+
+
+class ProviderRevoker:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cipher: TokenCipher,
+        registry: ProviderRegistry,
+        client: OAuthClient,
+        clock: Clock,
+        owner: str,
+        lease: timedelta,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.registry = registry
+        self.client = client
+        self.clock = clock
+        self.owner = owner
+        self.lease = lease
+
+    async def revoke(self, stored: StoredIntegration) -> Revocation:
+        integration = stored.integration
+        if integration.provider not in self.registry:
+            return Revocation.NOT_SUPPORTED
+        profile = self.registry.get(integration.provider)
+        if not profile.revocation_url:
+            return Revocation.NOT_SUPPORTED
+        tokens: list[tuple[str, str]] = []
+        try:
+            if stored.refresh_token_ct is not None:
+                tokens.append(
+                    (self.cipher.decrypt(integration.id, REFRESH, stored.refresh_token_ct), REFRESH)
+                )
+            if stored.access_token_ct is not None:
+                tokens.append(
+                    (self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct), ACCESS)
+                )
+        except CiphertextInvalid:
+            log.error("integration %s: cannot decrypt its tokens to revoke them", integration.id)
+            return Revocation.FAILED
+        try:
+            for token, hint in tokens:
+                await self.client.revoke(profile, token, hint)
+        except RevocationNotSupported:
+            return Revocation.NOT_SUPPORTED
+        except ProviderUnavailable as exc:
+            log.warning("integration %s: revocation pending (%s)", integration.id, exc.message)
+            return Revocation.PENDING
+        except BrokerError as exc:
+            log.warning("integration %s: revocation refused (%s)", integration.id, exc.reason)
+            return Revocation.FAILED
+        return Revocation.REVOKED
+
+    async def settle(self, integration_id: str, outcome: Revocation, attempts: int) -> None:
+        values: dict[str, Any] = {
+            "revocation": outcome.value,
+            "revocation_attempts": attempts,
+            "refresh_lease_owner": None,
+            "refresh_lease_until": None,
+        }
+        if outcome is Revocation.PENDING and attempts >= MAX_ATTEMPTS:
+            values["revocation"] = Revocation.FAILED.value
+            log.error(
+                "integration %s: revocation failed after %d attempts", integration_id, attempts
+            )
+        if values["revocation"] == Revocation.PENDING.value:
+            delay = min(3600.0, 5.0 * 2 ** (attempts - 1))
+            values["next_revocation_at"] = self.clock() + timedelta(seconds=delay)
+        else:
+            values.update(access_token_ct=None, refresh_token_ct=None, key_id=None)
+            values["next_revocation_at"] = None
+        async with storage_errors(), self.engine.begin() as conn:
+            current = await repository.get(conn, integration_id, for_update=True)
+            if current is not None:
+                await repository.update_row(
+                    conn, integration_id, current.integration.version, values
+                )
+
+    async def retry_pending(self, limit: int = 50) -> int:
+        """One pass over PENDING revocations that are due; returns how many were tried."""
+        now = self.clock()
+        async with storage_errors(), self.engine.begin() as conn:
+            ids = await repository.claim_pending_revocations(
+                conn, now, now + self.lease, self.owner, limit
+            )
+        for iid in ids:
+            async with storage_errors(), self.engine.connect() as conn:
+                stored = await repository.get(conn, iid)
+            if stored is None:
+                continue
+            outcome = await self.revoke(stored)
+            await self.settle(iid, outcome, stored.revocation_attempts + 1)
+        return len(ids)
+
+    async def run_background(self, interval: float) -> None:
+        while True:
+            try:
+                await self.retry_pending()
+            except StorageUnavailable:
+                log.warning("revocation retries: database unavailable")
+            except Exception:
+                log.exception("revocation retry pass failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,363 @@
+"""Key rotation: how many ciphertexts each key protects, and online re-encryption to the primary.
+
+Re-encryption runs while brokers serve. It walks ``integrations`` and ``oauth_flows`` in primary
+key order, in batches, and selects only rows whose key id is not the primary one — so a run that
+was interrupted simply resumes where the last committed batch stopped. Each row is rewritten
+with a compare-and-swap on ``version`` that also requires no live refresh lease:
+
+- a refresh that took the lease first makes our UPDATE match nothing: we leave the row to it and
+  come back in a later pass (its tokens get written under the primary key anyway, by a broker
+  that already has the new keyring);
+- a write that landed between our read and our UPDATE (a refresh, a StoreIntegration, a
+  Disconnect) makes the CAS fail: we re-read the row and start again from *its* tokens, so the
+  newer tokens are what ends up under the new key — nothing is lost, nothing is resurrected.
+
+Bumping ``version`` in turn makes any writer that read the row before us retry from our state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, Table, and_, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broker.crypto import Keyring, associated_data, key_id_of
+from broker.errors import CiphertextInvalid
+from broker.storage.engine import storage_errors
+from broker.storage.tables import integrations, oauth_flows
+
+log = logging.getLogger("broker.rotation")
+
+# Column names bound into the associated data; they must match the writers'
+# (broker.domain.service ACCESS/REFRESH, broker.domain.authorization VERIFIER_COLUMN).
+_INTEGRATION_COLUMNS = {"access_token_ct": "access_token", "refresh_token_ct": "refresh_token"}
+_FLOW_COLUMNS = {"verifier_ct": "pkce_verifier"}
+# A row whose version keeps moving under us is left for a later pass after this many tries.
+_CAS_ATTEMPTS = 3
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCount:
+    """What one key id protects: integration rows, open PKCE flows, and their ciphertexts."""
+
+    integrations: int = 0
+    flows: int = 0
+    ciphertexts: int = 0
+
+
+async def key_status(engine: AsyncEngine) -> dict[str, KeyCount]:
+    """Ciphertexts per key id across ``integrations`` and ``oauth_flows``."""
+    present = case((integrations.c.access_token_ct.is_not(None), 1), else_=0) + case(
+        (integrations.c.refresh_token_ct.is_not(None), 1), else_=0
+    )
+    async with storage_errors(), engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(integrations.c.key_id, func.count(), func.sum(present))
+                .where(integrations.c.key_id.is_not(None))
+                .group_by(integrations.c.key_id)
+            )
+        ).all()
+        flow_rows = (
+            await conn.execute(
+                select(oauth_flows.c.key_id, func.count())
+                .where(oauth_flows.c.key_id.is_not(None), oauth_flows.c.verifier_ct.is_not(None))
+                .group_by(oauth_flows.c.key_id)
+            )
+        ).all()
+    counts: dict[str, KeyCount] = {}
+    for kid, n, cts in rows:
+        counts[str(kid)] = KeyCount(integrations=int(n), ciphertexts=int(cts or 0))
+    for kid, n in flow_rows:
+        old = counts.get(str(kid), KeyCount())
+        counts[str(kid)] = KeyCount(old.integrations, old.flows + int(n), old.ciphertexts + int(n))
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Handed to the progress callback after every batch."""
+
+    done: int  # rows re-encrypted so far in this run
+    total: int  # rows under another key when the run started
+    deferred: int  # rows skipped for now: being refreshed, or changing under us
+    failed: int  # rows whose ciphertext did not decrypt (see the report)
+
+
+@dataclass
+class ReencryptReport:
+    primary: str
+    # Ciphertexts moved to the primary key, per key id they were under.
+    rewritten: Counter[str] = field(default_factory=Counter)
+    rows: int = 0
+    # Rows another writer moved to the primary key while we were at it.
+    resolved_by_others: int = 0
+    # Rows skipped in the last pass: still being refreshed (or contended) when we gave up.
+    deferred: int = 0
+    # Rows still under another key when the run ended (deferred, failed, or not reached).
+    remaining: int = 0
+    # "table id" → reason, for ciphertexts that failed to decrypt (never the ciphertext).
+    failed: dict[str, str] = field(default_factory=dict)
+    batches: int = 0
+    # True when no row is left under another key; else run again (it resumes).
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One table to re-encrypt and how to address its rows."""
+
+    table: Table
+    pk: str
+    columns: dict[str, str]  # ciphertext column → name in the associated data
+    leased: bool  # has refresh_lease_until
+
+    def needs_work(self, primary: str) -> ColumnElement[bool]:
+        t = self.table.c
+        stored = or_(*(t[c].is_not(None) for c in self.columns))
+        return and_(stored, or_(t.key_id.is_(None), t.key_id != primary))
+
+
+_TARGETS = (
+    _Target(integrations, "id", _INTEGRATION_COLUMNS, leased=True),
+    _Target(oauth_flows, "state_hash", _FLOW_COLUMNS, leased=False),
+)
+
+
+class _Run:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keyring: Keyring,
+        environment: str,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.engine = engine
+        self.keyring = keyring
+        self.environment = environment
+        self.clock = clock
+        self.report = ReencryptReport(primary=keyring.primary_id)
+
+    def _select(self, target: _Target) -> Any:
+        t = target.table.c
+        cols = [t[target.pk], t.version, t.key_id, *(t[c] for c in target.columns)]
+        if target.leased:
+            cols.append(t.refresh_lease_until)
+        return select(*cols)
+
+    def _live_lease(self, target: _Target, row: Row[Any], now: datetime) -> bool:
+        if not target.leased:
+            return False
+        until = row._mapping["refresh_lease_until"]
+        if until is None:
+            return False
+        if until.tzinfo is None:  # SQLite hands datetimes back naive (they are UTC)
+            until = until.replace(tzinfo=UTC)
+        return bool(until >= now)
+
+    def _rewrite(self, target: _Target, row: Row[Any]) -> tuple[dict[str, Any], Counter[str]]:
+        """New ciphertexts for the row (raises CiphertextInvalid), and old key ids moved."""
+        m = row._mapping
+        rid = str(m[target.pk])
+        values: dict[str, Any] = {"key_id": self.keyring.primary_id}
+        moved: Counter[str] = Counter()
+        for column, name in target.columns.items():
+            blob = m[column]
+            if blob is None:
+                continue
+            aad = associated_data(self.environment, rid, name)
+            moved[key_id_of(blob)] += 1
+            values[column] = self.keyring.encrypt(self.keyring.decrypt(blob, aad), aad)
+        return values, moved
+
+    async def _cas(
+        self,
+        conn: AsyncConnection,
+        target: _Target,
+        row: Row[Any],
+        values: dict[str, Any],
+        now: datetime,
+    ) -> bool:
+        t = target.table.c
+        m = row._mapping
+        conditions = [t[target.pk] == m[target.pk], t.version == m["version"]]
+        # The ciphertexts we re-encrypted must still be there: a flow whose verifier was
+        # forgotten (consumed) meanwhile must not get it back.
+        conditions += [t[c].is_not(None) for c in target.columns if m[c] is not None]
+        if target.leased:
+            # Atomic with the write: a refresh that took the lease after our read wins.
+            conditions.append(or_(t.refresh_lease_until.is_(None), t.refresh_lease_until < now))
+        result = await conn.execute(
+            update(target.table).where(*conditions).values(version=t.version + 1, **values)
+        )
+        return bool(result.rowcount == 1)
+
+    def _fail(self, target: _Target, rid: str, exc: CiphertextInvalid) -> None:
+        self.report.failed[f"{target.table.name} {rid}"] = exc.message
+        log.error(
+            "re-encryption: %s row %s does not decrypt (%s); left as it is",
+            target.table.name,
+            rid,
+            exc.message,
+        )
+
+    async def batch(self, target: _Target, after: str, size: int, deferred: set[str]) -> str | None:
+        """Re-encrypt one batch after ``after``; returns the last id seen, None at the end."""
+        t = target.table.c
+        primary = self.keyring.primary_id
+        async with storage_errors(), self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    self._select(target)
+                    .where(target.needs_work(primary), t[target.pk] > after)
+                    .order_by(t[target.pk])
+                    .limit(size)
+                )
+            ).all()
+        if not rows:
+            return None
+        now = self.clock()
+        planned: list[tuple[Row[Any], dict[str, Any], Counter[str]]] = []
+        for row in rows:
+            rid = str(row._mapping[target.pk])
+            if f"{target.table.name} {rid}" in self.report.failed:
+                continue
+            if self._live_lease(target, row, now):
+                deferred.add(rid)
+                continue
+            try:
+                values, moved = self._rewrite(target, row)
+            except CiphertextInvalid as exc:
+                self._fail(target, rid, exc)
+                continue
+            planned.append((row, values, moved))
+        # Crypto happens before the transaction, so row locks are held only for the UPDATEs.
+        conflicts: list[str] = []
+        async with storage_errors(), self.engine.begin() as conn:
+            for row, values, moved in planned:
+                if await self._cas(conn, target, row, values, now):
+                    self._count(moved)
+                else:
+                    conflicts.append(str(row._mapping[target.pk]))
+        for rid in conflicts:
+            await self._retry(target, rid, deferred)
+        self.report.batches += 1
+        return str(rows[-1]._mapping[target.pk])
+
+    def _count(self, moved: Counter[str]) -> None:
+        self.report.rewritten.update(moved)
+        self.report.rows += 1
+
+    async def _retry(self, target: _Target, rid: str, deferred: set[str]) -> None:
+        """The row changed between our read and our write: start again from what is there."""
+        t = target.table.c
+        for _ in range(_CAS_ATTEMPTS):
+            now = self.clock()
+            async with storage_errors(), self.engine.begin() as conn:
+                row = (await conn.execute(self._select(target).where(t[target.pk] == rid))).first()
+                if row is None:
+                    return  # deleted meanwhile: nothing left to protect
+                m = row._mapping
+                if all(m[c] is None for c in target.columns) or (
+                    m["key_id"] == self.keyring.primary_id
+                ):
+                    self.report.resolved_by_others += 1
+                    return
+                if self._live_lease(target, row, now):
+                    deferred.add(rid)
+                    return
+                try:
+                    values, moved = self._rewrite(target, row)
+                except CiphertextInvalid as exc:
+                    self._fail(target, rid, exc)
+                    return
+                if await self._cas(conn, target, row, values, now):
+                    self._count(moved)
+                    return
+        deferred.add(rid)
+
+
+async def pending_rows(engine: AsyncEngine, primary: str) -> int:
+    """Rows (integrations and flows) with a ciphertext under a key other than ``primary``."""
+    total = 0
+    async with storage_errors(), engine.connect() as conn:
+        for target in _TARGETS:
+            n = await conn.scalar(
+                select(func.count()).select_from(target.table).where(target.needs_work(primary))
+            )
+            total += int(n or 0)
+    return total
+
+
+async def reencrypt(
+    engine: AsyncEngine,
+    keyring: Keyring,
+    environment: str,
+    *,
+    batch_size: int = 200,
+    max_batches: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    lease_wait_seconds: float = 180.0,
+    retry_interval_seconds: float = 1.0,
+    clock: Callable[[], datetime] = _utcnow,
+) -> ReencryptReport:
+    """Re-encrypt every ciphertext not under the keyring's primary key, online.
+
+    Rows being refreshed are retried in later passes for up to ``lease_wait_seconds`` (a
+    lease outlives its holder's provider calls; one left by a crashed broker lapses by itself).
+    ``max_batches`` stops early — the next run resumes. Rows that do not decrypt are reported
+    in ``failed`` and left untouched.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    run = _Run(engine, keyring, environment, clock)
+    total = await pending_rows(engine, keyring.primary_id)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + lease_wait_seconds
+    report = run.report
+
+    def tell(deferred: int) -> None:
+        if progress is not None:
+            progress(Progress(report.rows, total, deferred, len(report.failed)))
+
+    async def finish(deferred: int) -> ReencryptReport:
+        report.deferred += deferred
+        report.remaining = await pending_rows(engine, keyring.primary_id)
+        report.complete = report.remaining == 0
+        tell(report.deferred)
+        return report
+
+    tell(0)
+    for target in _TARGETS:
+        deferred: set[str] = set()
+        after = ""
+        while True:
+            if max_batches is not None and report.batches >= max_batches:
+                return await finish(len(deferred))
+            last = await run.batch(target, after, batch_size, deferred)
+            if last is not None:
+                after = last
+                tell(len(deferred))
+                continue
+            if not deferred:
+                break
+            # End of a pass with rows skipped: go round again for those (and only those are
+            # left, apart from failed ones) once their refreshes have had time to finish.
+            if loop.time() >= give_up:
+                break
+            deferred = set()
+            after = ""
+            await asyncio.sleep(retry_interval_seconds)
+        report.deferred += len(deferred)
+    return await finish(0)
