@@ -121,7 +121,10 @@ def _static_checks(settings: Settings) -> tuple[list[Check], Keyring | None]:
 
 async def _database_checks(settings: Settings, keyring: Keyring | None) -> list[Check]:
     checks: list[Check] = []
-    engine = create_engine(settings.database)
+    try:
+        engine = create_engine(settings.database)
+    except OSError as exc:  # SQLite: the database file's directory cannot be created
+        return [Check("database reachable", Level.FAIL, f"cannot open the database: {exc}")]
     try:
         try:
             async with storage_errors(), engine.connect() as conn:

@@ -149,7 +149,9 @@ class ProgressBar:
         self._last_tenth = -1
 
     def __call__(self, progress: Any) -> None:
-        done, total = progress.done, max(progress.total, 1)
+        if not progress.total:
+            return
+        done, total = progress.done, progress.total
         share = min(done / total, 1.0)
         extra = ""
         if progress.deferred:

@@ -181,6 +181,26 @@ class TlsSettings(_Section):
         return value
 
 
+class CacheSettings(_Section):
+    """In-memory cache of the GetAccessToken hot path (invalidated across replicas through
+    PostgreSQL LISTEN/NOTIFY; bypassed whenever that channel is down)."""
+
+    enabled: bool = True
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class AuditSettings(_Section):
+    # Events of concurrent calls are written in one transaction (group commit); each call
+    # still waits until its own event is durable before its response leaves.
+    group_commit: bool = True
+    max_batch: int = Field(default=512, ge=1, le=10_000)
+
+
+class MetricsSettings(_Section):
+    # HOST:PORT for the Prometheus endpoint; off when unset.
+    listen: str | None = None
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -196,6 +216,9 @@ class Settings(_Section):
     refresh: RefreshSettings = RefreshSettings()
     logging: LoggingSettings = LoggingSettings()
     tls: TlsSettings = TlsSettings()
+    cache: CacheSettings = CacheSettings()
+    audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)
 
@@ -210,6 +233,7 @@ _SHORTCUTS = {
     "BROKER_KEYS_FILE": ("keys", "file"),
     "BROKER_LOG_LEVEL": ("logging", "level"),
     "BROKER_LOG_FORMAT": ("logging", "format"),
+    "BROKER_METRICS_LISTEN": ("metrics", "listen"),
     "BROKER_TLS_CERT_FILE": ("tls", "cert_file"),
     "BROKER_TLS_KEY_FILE": ("tls", "key_file"),
     "BROKER_TLS_CLIENT_CA_FILE": ("tls", "client_ca_file"),

@@ -21,10 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from broker import devmode
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.errors import ConfigError
 from broker.server.app import start
-from tests.conftest import ADMIN, make_settings, store_request
+from tests.conftest import ADMIN, expect_error, make_settings, store_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -317,3 +319,34 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: st
         blocker.close()
         if stopping is None:
             await broker.stop(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: an empty .broker/dev-caller-token is read as the token '' and registered as "
+    "sha256(''), so 'authorization: Bearer ' (no token) authenticates as the dev caller",
+)
+async def test_an_empty_dev_token_file_is_not_an_empty_credential(
+    tmp_path: Path, database_url: str
+) -> None:
+    home = tmp_path / "dev-home"
+    home.mkdir()
+    (home / "dev-caller-token").write_text("\n")  # e.g. truncated by a full disk
+    base = make_settings(database_url).model_copy(update={"callers": {}})
+    try:
+        settings, _token = devmode.prepare(base, home=home)
+    except ConfigError:
+        return  # refusing to start is a fine answer too
+    broker = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            await expect_error(
+                stub.ListIntegrations(
+                    pb.ListIntegrationsRequest(user_id="u"),
+                    metadata=(("authorization", "Bearer "),),
+                ),
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+    finally:
+        await broker.stop(0)

@@ -212,19 +212,24 @@ class _Run:
             exc.message,
         )
 
+    async def read_batch(self, target: _Target, after: str, size: int) -> list[Row[Any]]:
+        """The next rows under another key, in primary key order, after ``after``."""
+        t = target.table.c
+        async with storage_errors(), self.engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        self._select(target)
+                        .where(target.needs_work(self.keyring.primary_id), t[target.pk] > after)
+                        .order_by(t[target.pk])
+                        .limit(size)
+                    )
+                ).all()
+            )
+
     async def batch(self, target: _Target, after: str, size: int, deferred: set[str]) -> str | None:
         """Re-encrypt one batch after ``after``; returns the last id seen, None at the end."""
-        t = target.table.c
-        primary = self.keyring.primary_id
-        async with storage_errors(), self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    self._select(target)
-                    .where(target.needs_work(primary), t[target.pk] > after)
-                    .order_by(t[target.pk])
-                    .limit(size)
-                )
-            ).all()
+        rows = await self.read_batch(target, after, size)
         if not rows:
             return None
         now = self.clock()
