@@ -18,7 +18,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 def _dev_token(path: Path) -> str:
     if path.exists():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if token:
+            return token
+        path.unlink()  # an empty token file must never become an empty credential
     path.parent.mkdir(parents=True, exist_ok=True)
     token = "dev-" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

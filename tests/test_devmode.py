@@ -321,11 +321,6 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: st
             await broker.stop(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an empty .broker/dev-caller-token is read as the token '' and registered as "
-    "sha256(''), so 'authorization: Bearer ' (no token) authenticates as the dev caller",
-)
 async def test_an_empty_dev_token_file_is_not_an_empty_credential(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -139,6 +139,9 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         CredentialBrokerServicer(runtime.service, runtime.authorization), server
     )
     health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        # NOT_SERVING until the database watcher's first ping answers.
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -35,6 +35,8 @@ class CallerRegistry:
 
     def authenticate(self, token: str) -> Caller | None:
         """Compare against every caller in constant time, so timing says nothing about hashes."""
+        if not token:
+            return None
         digest = hashlib.sha256(token.encode()).digest()
         found: Caller | None = None
         for expected, caller in self._by_hash:
