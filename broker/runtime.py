@@ -15,6 +15,7 @@ from broker.config import Settings
 from broker.crypto import Keyring, load_keyring
 from broker.domain.audit import Auditor
 from broker.domain.authorization import AuthorizationService
+from broker.domain.cache import IntegrationCache
 from broker.domain.refresh import RefreshEngine
 from broker.domain.revocation import ProviderRevoker
 from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
@@ -43,6 +44,7 @@ class Runtime:
     service: IntegrationService
     authorization: AuthorizationService
     auditor: Auditor
+    cache: IntegrationCache
     clock: Clock
 
     async def close(self) -> None:
@@ -85,6 +87,16 @@ async def open_runtime(
         engine, cipher, registry, client, clock, owner=refresher.owner, lease=refresher.lease
     )
     service.revoker = revoker
+    # SQLite means one process: its own writes are all there is to hear about. On PostgreSQL
+    # the cache stays bypassed until the invalidation listener is connected.
+    cache = IntegrationCache(
+        settings.cache.max_entries,
+        enabled=settings.cache.enabled,
+        available=settings.database.is_sqlite,
+    )
+    service.cache = cache
+    for component in (service, refresher, revoker):
+        component.invalidate = cache.invalidate
     authorization = AuthorizationService(
         engine,
         cipher,
@@ -106,5 +118,6 @@ async def open_runtime(
         service=service,
         authorization=authorization,
         auditor=Auditor(engine, clock),
+        cache=cache,
         clock=clock,
     )

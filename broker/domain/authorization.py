@@ -25,8 +25,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.domain import validation
-from broker.domain import context
+from broker.domain import context, validation
 from broker.domain.model import Integration, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, TokenCipher
 from broker.errors import (

@@ -79,7 +79,7 @@ class IntegrationCache:
             owners = self._owners.setdefault((integration.user_id, integration.provider), {})
             owners[sel.account_id] = integration.id
         while len(self._by_id) > self.max_entries:
-            evicted, old = self._by_id.popitem(last=False)
+            _, old = self._by_id.popitem(last=False)
             self._drop_owner(old)
 
     # -- invalidation ----------------------------------------------------------------------

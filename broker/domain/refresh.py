@@ -56,7 +56,7 @@ from broker.errors import (
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse
 from broker.storage import repository
-from broker.storage.engine import storage_errors
+from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
 log = logging.getLogger("broker.refresh")
 
@@ -100,6 +100,8 @@ class RefreshEngine:
         self._flights: dict[str, asyncio.Task[tuple[StoredIntegration, bool]]] = {}
         self._unsaved: dict[str, _Unsaved] = {}
         self.provider_calls = 0
+        # Set by the runtime when a cache is in use: called for every committed write.
+        self.invalidate: Invalidate | None = None
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ class RefreshEngine:
         delay = 0.02
         while True:
             now = self.clock()
-            async with storage_errors(), self.engine.begin() as conn:
+            async with write_transaction(self.engine, self.invalidate) as conn:
                 row = await repository.get(conn, iid)
                 if row is None:
                     raise IntegrationNotFound(f"no integration with id {iid!r}")
@@ -299,7 +301,7 @@ class RefreshEngine:
 
     async def _rejected(self, row: StoredIntegration, exc: GrantRejected) -> StoredIntegration:
         iid = row.integration.id
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             current = await repository.get(conn, iid)
             if current is None:
                 raise IntegrationNotFound(f"no integration with id {iid!r}")
@@ -328,7 +330,7 @@ class RefreshEngine:
 
     async def _release(self, iid: str, values: dict[str, Any]) -> None:
         try:
-            async with storage_errors(), self.engine.begin() as conn:
+            async with write_transaction(self.engine, self.invalidate) as conn:
                 await repository.release_lease(conn, iid, self.owner, values)
         except StorageUnavailable:
             # The lease lapses by itself; nothing was rotated, so nothing is lost.
@@ -356,7 +358,7 @@ class RefreshEngine:
         return pending.stored
 
     async def _write(self, iid: str, version: int, values: dict[str, Any]) -> StoredIntegration:
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             written = await repository.write_refreshed(conn, iid, version, values)
             current = await repository.get(conn, iid)
         if current is None:
@@ -413,7 +415,7 @@ class RefreshEngine:
         )
         for _ in range(max_batches):
             now = self.clock()
-            async with storage_errors(), self.engine.begin() as conn:
+            async with write_transaction(self.engine, self.invalidate) as conn:
                 ids = await repository.claim_due(
                     conn, now + widest + interval, now, now + self.lease, self.owner, batch
                 )

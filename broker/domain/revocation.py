@@ -21,7 +21,7 @@ from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable, S
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
 from broker.storage import repository
-from broker.storage.engine import storage_errors
+from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
 log = logging.getLogger("broker.revocation")
 
@@ -46,6 +46,8 @@ class ProviderRevoker:
         self.clock = clock
         self.owner = owner
         self.lease = lease
+        # Set by the runtime when a cache is in use: called for every committed write.
+        self.invalidate: Invalidate | None = None
 
     async def revoke(self, stored: StoredIntegration) -> Revocation:
         integration = stored.integration
@@ -98,7 +100,7 @@ class ProviderRevoker:
         else:
             values.update(access_token_ct=None, refresh_token_ct=None, key_id=None)
             values["next_revocation_at"] = None
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             current = await repository.get(conn, integration_id, for_update=True)
             if current is not None:
                 await repository.update_row(
@@ -108,7 +110,7 @@ class ProviderRevoker:
     async def retry_pending(self, limit: int = 50) -> int:
         """One pass over PENDING revocations that are due; returns how many were tried."""
         now = self.clock()
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             ids = await repository.claim_pending_revocations(
                 conn, now, now + self.lease, self.owner, limit
             )

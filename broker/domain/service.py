@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring, associated_data
 from broker.domain import context, validation
+from broker.domain.cache import IntegrationCache
 from broker.domain.model import (
     AccessToken,
     Integration,
@@ -39,7 +40,7 @@ from broker.errors import (
     UnknownProvider,
 )
 from broker.storage import repository
-from broker.storage.engine import storage_errors
+from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
 Clock = Callable[[], datetime]
 
@@ -166,6 +167,9 @@ class IntegrationService:
         aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.aliases = dict(aliases or {})
+        # Set by the runtime when a cache is in use: called for every committed write.
+        self.invalidate: Invalidate | None = None
+        self.cache: IntegrationCache | None = None
         self.engine = engine
         self.cipher = cipher
         self.providers = providers
@@ -206,10 +210,17 @@ class IntegrationService:
 
     async def read(self, sel: Selector) -> StoredIntegration:
         validation.selector(sel)
-        if sel.provider:
-            context.check_provider(self.canonical(sel.provider))
-        async with storage_errors(), self.engine.connect() as conn:
-            stored = await self._resolve(conn, sel)
+        provider = self.canonical(sel.provider) if sel.provider else ""
+        if provider:
+            context.check_provider(provider)
+        cache = self.cache
+        stored = cache.get(sel, provider) if cache is not None else None
+        if stored is None:
+            seen = cache.seq if cache is not None else 0
+            async with storage_errors(), self.engine.connect() as conn:
+                stored = await self._resolve(conn, sel)
+            if cache is not None:
+                cache.put(sel, stored, seen)
         context.note(stored.integration)
         context.check_provider(stored.integration.provider)
         return stored
@@ -264,7 +275,7 @@ class IntegrationService:
         # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
         for _attempt in range(3):
             try:
-                async with storage_errors(), self.engine.begin() as conn:
+                async with write_transaction(self.engine, self.invalidate) as conn:
                     return await self._store(conn, cmd)
             except IntegrityError:
                 continue
@@ -350,7 +361,7 @@ class IntegrationService:
         left = remaining(stored.integration.expires_at, self.clock())
         if stored.integration.status is not Status.CONNECTED or left is None or left > timedelta(0):
             return
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             await repository.update_row(
                 conn,
                 stored.integration.id,
@@ -386,7 +397,7 @@ class IntegrationService:
         if not revoke:
             values.update(_WIPE)
         iid = stored.integration.id
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             # FOR UPDATE: a refresh writing at this moment lands first or loses its CAS.
             current = await repository.get(conn, iid, for_update=True)
             if current is None:
@@ -406,7 +417,7 @@ class IntegrationService:
         return updated.integration, outcome
 
     async def _set_revocation(self, iid: str, outcome: Revocation) -> None:
-        async with storage_errors(), self.engine.begin() as conn:
+        async with write_transaction(self.engine, self.invalidate) as conn:
             current = await repository.get(conn, iid)
             if current is not None:
                 await repository.update_row(

@@ -26,6 +26,7 @@ from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
 from broker.storage import repository
+from broker.storage.notify import InvalidationListener
 
 log = logging.getLogger("broker.server")
 
@@ -40,6 +41,7 @@ class Broker:
     runtime: Runtime
     port: int
     interceptor: AuthInterceptor
+    listener: InvalidationListener | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -140,8 +142,8 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     )
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
-        # NOT_SERVING until the database watcher's first ping answers.
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # open_runtime has just talked to the database; the watcher takes over from here.
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -156,6 +158,11 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     await server.start()
     broker = Broker(settings, server, health_servicer, runtime, port, interceptor)
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
+    if settings.cache.enabled and not settings.database.is_sqlite:
+        broker.listener = InvalidationListener(
+            settings.database.url.get_secret_value(), runtime.cache
+        )
+        broker.tasks.append(asyncio.create_task(broker.listener.run(), name="cache-listener"))
     if settings.refresh.background:
         broker.tasks.append(
             asyncio.create_task(runtime.refresher.run_background(), name="background-refresh")

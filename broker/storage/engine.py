@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.config import DatabaseSettings
 from broker.errors import StorageUnavailable
@@ -62,6 +62,43 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
     return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
+
+
+Invalidate = Callable[[str, str, str], None]
+CHANNEL = "broker_invalidate"
+
+
+@asynccontextmanager
+async def write_transaction(
+    engine: AsyncEngine, invalidate: Invalidate | None = None
+) -> AsyncIterator[AsyncConnection]:
+    """A transaction whose writes to integrations are announced once it has committed: to this
+    process through ``invalidate`` (its cache), to other replicas by NOTIFY (PostgreSQL sends
+    notifications only at commit, so nobody hears of a write that rolled back)."""
+    touched: list[tuple[str, str, str]] = []
+    async with storage_errors(), engine.begin() as conn:
+        conn.info["touched"] = touched
+        try:
+            yield conn
+        finally:
+            conn.info.pop("touched", None)
+    if invalidate is not None:
+        for integration_id, user_id, provider in touched:
+            invalidate(integration_id, user_id, provider)
+
+
+async def touch(
+    conn: AsyncConnection, integration_id: str, user_id: str = "", provider: str = ""
+) -> None:
+    """Record a write to one integration (see ``write_transaction``)."""
+    touched = conn.info.get("touched")
+    if touched is not None:
+        touched.append((integration_id, user_id, provider))
+    if conn.dialect.name == "postgresql":
+        payload = "\x1f".join((integration_id, user_id, provider))
+        await conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
+        )
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ from sqlalchemy import Row, and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.domain.model import Integration, Status, StoredIntegration
+from broker.storage.engine import touch
 from broker.storage.tables import integrations as t
 
 _COLUMNS = (
@@ -105,6 +106,8 @@ async def find_by_owner(
 
 async def insert_row(conn: AsyncConnection, values: dict[str, Any]) -> None:
     await conn.execute(insert(t).values(**values))
+    # A new row can change what an owner lookup resolves to (a second account).
+    await touch(conn, values["id"], values["user_id"], values["provider"])
 
 
 async def update_row(
@@ -116,7 +119,10 @@ async def update_row(
         .where(t.c.id == integration_id, t.c.version == expected_version)
         .values(version=t.c.version + 1, **values)
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    await touch(conn, integration_id)
+    return True
 
 
 async def list_page(

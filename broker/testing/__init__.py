@@ -1,1 +1,1 @@
-"""Test doubles shipped with the broker (used by its tests and by \`broker bench\`)."""
+"""Test doubles shipped with the broker (used by its tests and by ``broker bench``)."""

@@ -1,0 +1,60 @@
+"""What the benchmark stores and what the echo floor answers: one shape for both.
+
+Integration ids are derived from (salt, index) so that client processes can pick any of a
+million stored integrations from an index alone, without shipping the id list to each of them.
+They are still random-looking UUIDs, so index lookups hit the b-tree the way uuid4 ids do.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+
+ENVIRONMENT = "bench"
+PROVIDER = "acme"
+TOKEN_TYPE = "Bearer"
+SCOPES = ("read", "write")
+# About the size of a Google OAuth access token; the echo floor answers a token this long too.
+TOKEN_LENGTH = 160
+REFRESH_TOKEN_LENGTH = 64
+# Seeded tokens stay valid well beyond any run, so nothing but the storm ever refreshes.
+VALID_FOR = timedelta(days=1)
+
+
+def integration_id(salt: str, index: int) -> str:
+    digest = hashlib.blake2b(f"{salt}:{index}".encode(), digest_size=16).digest()
+    return str(uuid.UUID(bytes=digest, version=4))
+
+
+def user_id(index: int) -> str:
+    return f"bench-user-{index:08d}"
+
+
+def random_token(length: int) -> str:
+    raw = base64.urlsafe_b64encode(os.urandom(length * 3 // 4 + 3)).decode()
+    return raw[:length]
+
+
+def seeded_expiry(now: datetime | None = None) -> datetime:
+    return (now or datetime.now(UTC)) + VALID_FOR
+
+
+def sample_response(salt: str = "echo") -> pb.GetAccessTokenResponse:
+    """A response shaped exactly like the broker's for a seeded row (same field lengths)."""
+    expires = Timestamp()
+    expires.FromDatetime(seeded_expiry())
+    return pb.GetAccessTokenResponse(
+        access_token=random_token(TOKEN_LENGTH),
+        token_type=TOKEN_TYPE,
+        expires_at=expires,
+        scopes=SCOPES,
+        integration_id=integration_id(salt, 0),
+        refreshed=False,
+    )

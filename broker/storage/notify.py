@@ -1,0 +1,86 @@
+"""Cross-replica cache invalidation: a dedicated PostgreSQL connection LISTENs for the
+notifications that every write sends (``broker.storage.engine.touch``).
+
+If the connection drops, the cache is flushed and bypassed (``available = False``) until the
+listener is back: a replica that cannot hear about writes must not answer from memory. After
+reconnecting it flushes once more, since notifications sent while it was away are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from broker.domain.cache import IntegrationCache
+from broker.storage.engine import CHANNEL
+
+log = logging.getLogger("broker.cache")
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class InvalidationListener:
+    def __init__(self, url: str, cache: IntegrationCache, *, retry_seconds: float = 0.5) -> None:
+        self._dsn = asyncpg_dsn(url)
+        self.cache = cache
+        self.retry_seconds = retry_seconds
+        self.connected = asyncio.Event()
+        self.notifications = 0
+        self._conn: Any = None
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        integration_id, _, rest = payload.partition("\x1f")
+        user_id, _, provider = rest.partition("\x1f")
+        self.cache.invalidate(integration_id, user_id, provider)
+
+    def _on_lost(self, _conn: Any) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if self.cache.available:
+            log.warning("cache invalidation channel lost: cache flushed and bypassed")
+        self.cache.available = False
+        self.cache.flush()
+        self.connected.clear()
+
+    async def run(self) -> None:
+        """Keep a listening connection; runs until cancelled."""
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=5)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                self._lost()
+                log.debug("cache listener cannot connect (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(self.retry_seconds)
+                continue
+            self._conn = conn
+            try:
+                conn.add_termination_listener(self._on_lost)
+                await conn.add_listener(CHANNEL, self._on_notify)
+                # Writes made while nobody listened are unknown: start from nothing.
+                self.cache.flush()
+                self.cache.available = True
+                self.connected.set()
+                log.info("cache invalidation channel listening")
+                while not conn.is_closed():
+                    await asyncio.sleep(self.retry_seconds)
+                    # A dead TCP peer may not close the connection for a long time: probe.
+                    try:
+                        await asyncio.wait_for(conn.execute("SELECT 1"), timeout=2)
+                    except (OSError, asyncpg.PostgresError, TimeoutError):
+                        break
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                pass
+            finally:
+                self._lost()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), timeout=1)
+                self._conn = None

@@ -1,0 +1,335 @@
+"""The operator CLI: keys status/reencrypt, integrations list/show/disconnect/purge, check.
+
+Commands run through ``broker.cli.main`` in a worker thread (each runs its own event loop, as
+from a shell); one test runs the real ``python -m broker`` for the exit code end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from broker.cli import main
+from broker.config import DatabaseSettings
+from broker.crypto.keys import generate_key, parse_keyring
+from broker.domain.model import NewTokens, StoreCommand
+from broker.domain.service import IntegrationService, TokenCipher
+from broker.server.callers import hash_token
+from broker.storage.engine import create_engine
+from broker.storage.tables import audit_events, integrations
+from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS
+from tests.processes import write_toml
+
+NEW = generate_key("test2")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def config(tmp_path: Path, database_url: str, keys: str = KEYS, **server: Any) -> Path:
+    # A file per call: a test holds several configurations at once.
+    return write_toml(
+        tmp_path / f"broker-{uuid.uuid4().hex[:8]}.toml",
+        {
+            "server": {"environment": ENVIRONMENT, **server},
+            "database": {"url": database_url},
+            "keys": {"keys": keys},
+            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
+        },
+    )
+
+
+async def broker(
+    capsys: pytest.CaptureFixture[str], cfg: Path, *argv: str, stdin: Any = None
+) -> Result:
+    capsys.readouterr()
+    if stdin is not None:
+        sys.stdin = stdin
+    try:
+        code = await asyncio.to_thread(main, ["--config", str(cfg), *argv])
+    finally:
+        sys.stdin = sys.__stdin__
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+async def seed(database_url: str, keys: str, users: dict[str, int]) -> dict[str, str]:
+    """Integrations per user; returns id → access token."""
+    engine = create_engine(DatabaseSettings(url=database_url))
+    svc = IntegrationService(
+        engine, TokenCipher(parse_keyring(keys, "t"), ENVIRONMENT), {"twitter", "google"}
+    )
+    tokens: dict[str, str] = {}
+    try:
+        for user, count in users.items():
+            for n in range(count):
+                access = f"at-{user}-{n}-secretvalue"
+                integration, _ = await svc.store(
+                    StoreCommand(
+                        user_id=user,
+                        provider="twitter" if n % 2 == 0 else "google",
+                        account_id=f"acct-{n}",
+                        tokens=NewTokens(access, f"rt-{user}-{n}-secretvalue", "Bearer", None, ()),
+                        metadata={"n": n},
+                        expires_in_seconds=3600,
+                    )
+                )
+                tokens[integration.id] = access
+    finally:
+        await engine.dispose()
+    return tokens
+
+
+def assert_no_secrets(result: Result, *secrets: str) -> None:
+    text = result.out + result.err
+    assert "secretvalue" not in text
+    for secret in secrets:
+        assert secret.partition(":")[2] not in text
+
+
+async def test_keys_status_and_reencrypt(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(database_url, KEYS, {"u1": 4, "u2": 3})
+    old = config(tmp_path, database_url)
+    status = await broker(capsys, old, "keys", "status")
+    assert status.code == 0, status.err
+    assert status.out.split("\n")[1].split()[:5] == ["test1", "primary", "7", "0", "14"]
+
+    rotated = config(tmp_path, database_url, keys=f"{NEW},{KEYS}")
+    before = await broker(capsys, rotated, "keys", "status")
+    lines = before.out.splitlines()
+    assert lines[1].split()[:5] == ["test2", "primary", "0", "0", "0"]
+    assert lines[2].split()[:5] == ["test1", "decrypt-only", "7", "0", "14"]
+    assert "broker keys reencrypt" in before.err
+
+    done = await broker(capsys, rotated, "keys", "reencrypt", "--batch-size", "3")
+    assert done.code == 0, done.err
+    assert "re-encrypted 7 row(s), 14 ciphertext(s), to primary key 'test2'" in done.out
+    assert "from 'test1': 14 ciphertext(s)" in done.out
+    assert "re-encrypting" in done.err  # the progress goes to stderr
+    assert_no_secrets(done, KEYS, NEW)
+
+    after = await broker(capsys, rotated, "keys", "status")
+    lines = after.out.splitlines()
+    assert lines[1].split()[:5] == ["test2", "primary", "7", "0", "14"]
+    assert lines[2].split()[:5] == ["test1", "decrypt-only", "0", "0", "0"]
+    assert "14 (" in lines[1]  # the re-encryptions were counted against the nonce budget
+    assert_no_secrets(after, KEYS, NEW)
+
+    # The old key can go now; without it, status still works (and so does everything else).
+    retired = config(tmp_path, database_url, keys=NEW)
+    assert (await broker(capsys, retired, "keys", "status")).code == 0
+    assert (await broker(capsys, retired, "integrations", "list", "--user", "u1")).code == 0
+
+
+async def test_keys_reencrypt_resumes_and_status_names_a_missing_key(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(database_url, KEYS, {"u1": 5})
+    rotated = config(tmp_path, database_url, keys=f"{NEW},{KEYS}")
+    part = await broker(
+        capsys, rotated, "keys", "reencrypt", "--batch-size", "2", "--max-batches", "1"
+    )
+    assert part.code == 1
+    assert "3 row(s) still under other keys" in part.err
+    assert "again to resume" in part.err
+
+    # Retiring the old key too early: status names it; reencrypt refuses like the server.
+    retired = config(tmp_path, database_url, keys=NEW)
+    status = await broker(capsys, retired, "keys", "status")
+    assert status.code == 1
+    assert "MISSING" in status.out
+    assert "'test1' (3 integrations, 0 flows)" in status.err
+    refused = await broker(capsys, retired, "keys", "reencrypt")
+    assert refused.code == 2
+    assert "'test1' (3 rows)" in refused.err
+
+    rest = await broker(capsys, rotated, "keys", "reencrypt")
+    assert rest.code == 0, rest.err
+    assert "re-encrypted 3 row(s)" in rest.out
+
+
+async def test_integrations_list_show_disconnect(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = await seed(database_url, KEYS, {"alice": 3, "bob": 1})
+    cfg = config(tmp_path, database_url)
+    listed = await broker(capsys, cfg, "integrations", "list", "--user", "alice")
+    assert listed.code == 0, listed.err
+    assert listed.out.splitlines()[0].split() == [
+        "ID",
+        "PROVIDER",
+        "ACCOUNT",
+        "STATUS",
+        "EXPIRES",
+        "UPDATED",
+    ]
+    assert len(listed.out.splitlines()) == 4
+    google = await broker(
+        capsys, cfg, "integrations", "list", "--user", "alice", "--provider", "google"
+    )
+    assert len(google.out.splitlines()) == 2
+    assert_no_secrets(listed)
+
+    iid = next(i for i in tokens if tokens[i].startswith("at-bob"))
+    shown = await broker(capsys, cfg, "integrations", "show", iid)
+    assert shown.code == 0
+    assert f"id:                 {iid}" in shown.out
+    assert "key_id:             test1" in shown.out
+    assert "has_refresh_token:  True" in shown.out
+    assert_no_secrets(shown)
+
+    gone = await broker(
+        capsys, cfg, "integrations", "disconnect", iid, "--reason", "user left", "--skip-revocation"
+    )
+    assert gone.code == 0, gone.err
+    assert "DISCONNECTED; provider revocation: SKIPPED" in gone.out
+    disconnected = await broker(
+        capsys, cfg, "integrations", "list", "--user", "bob", "--status", "DISCONNECTED", "--json"
+    )
+    assert '"disconnect_reason": "user left"' in disconnected.out
+
+    missing = await broker(capsys, cfg, "integrations", "show", "no-such-id")
+    assert missing.code == 1
+    assert "no integration with id 'no-such-id'" in missing.err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_purge_needs_confirmation(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = await seed(database_url, KEYS, {"carol": 4, "dave": 1})
+    carol = [i for i in tokens if "carol" in tokens[i]]
+    engine = create_engine(DatabaseSettings(url=database_url))
+    past = datetime.now(UTC) - timedelta(hours=1)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(integrations)
+            .where(integrations.c.id.in_(carol[:2]))
+            .values(status="DISCONNECTED", access_token_ct=None, refresh_token_ct=None)
+        )
+        await conn.execute(
+            update(integrations)
+            .where(integrations.c.id == carol[2])
+            .values(status="DISCONNECTED", revocation="PENDING")
+        )
+        # Expired without a way to refresh, though nobody has asked for it since.
+        await conn.execute(
+            update(integrations)
+            .where(integrations.c.id == carol[3])
+            .values(expires_at=past, refresh_token_ct=None)
+        )
+    cfg = config(tmp_path, database_url)
+    purge = ("integrations", "purge", "--user", "carol")
+
+    dry = await broker(capsys, cfg, *purge, "--disconnected", "--dry-run")
+    assert dry.code == 0
+    assert "2 disconnected integration(s) of user 'carol' would delete" in dry.out
+    assert "1 disconnected integration(s) kept: provider revocation still pending" in dry.out
+
+    no_tty = await broker(capsys, cfg, *purge, "--disconnected", stdin=io.StringIO("y\n"))
+    assert no_tty.code == 1
+    assert "pass --yes" in no_tty.err
+    declined = await broker(capsys, cfg, *purge, "--disconnected", stdin=Terminal("n\n"))
+    assert declined.code == 1
+    assert "nothing deleted" in declined.err
+
+    confirmed = await broker(capsys, cfg, *purge, "--disconnected", stdin=Terminal("y\n"))
+    assert confirmed.code == 0, confirmed.err
+    assert "deleted 2 integration(s)" in confirmed.out
+    expired = await broker(capsys, cfg, *purge, "--expired", "--yes")
+    assert "deleted 1 integration(s)" in expired.out
+    left = await broker(capsys, cfg, "integrations", "list", "--user", "carol")
+    assert len(left.out.splitlines()) == 2  # header + the one with a pending revocation
+    assert carol[2] in left.out
+    async with engine.connect() as conn:
+        audited = (await conn.execute(audit_events.select())).all()
+    await engine.dispose()
+    assert {a._mapping["integration_id"] for a in audited} == {carol[0], carol[1], carol[3]}
+    assert (await broker(capsys, cfg, "integrations", "list", "--user", "dave")).code == 0
+
+
+async def test_check_exit_codes(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(database_url, KEYS, {"u1": 2})
+    good = await broker(capsys, config(tmp_path, database_url), "check")
+    assert good.code == 0, good.out
+    assert all(line.startswith("OK") for line in good.out.splitlines()), good.out
+    for name in ("keys cover every row", "environment", "database migrated", "providers"):
+        assert name in good.out
+
+    missing_key = await broker(capsys, config(tmp_path, database_url, keys=NEW), "check")
+    assert missing_key.code == 1
+    assert "FAIL  keys cover every row" in missing_key.out
+    assert "'test1' (2 integrations, 0 flows)" in missing_key.out
+
+    other_env = await broker(
+        capsys, config(tmp_path, database_url, environment="production"), "check"
+    )
+    assert other_env.code == 1
+    assert "FAIL  environment" in other_env.out
+    assert "'test'" in other_env.out
+    assert "'production'" in other_env.out
+    assert_no_secrets(other_env, KEYS)
+
+    fresh = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    unmigrated = await broker(capsys, config(tmp_path, fresh), "check")
+    assert unmigrated.code == 1
+    assert "FAIL  database migrated" in unmigrated.out
+    assert "broker migrate" in unmigrated.out
+
+    down = "postgresql+asyncpg://nobody@127.0.0.1:1/none"
+    unreachable = await broker(capsys, config(tmp_path, down), "check")
+    assert unreachable.code == 3
+    assert "FAIL  database reachable" in unreachable.out
+
+    bad = write_toml(tmp_path / "bad.toml", {"server": {"listen": "nowhere"}})
+    invalid = await broker(capsys, bad, "check")
+    assert invalid.code == 2
+    assert "FAIL  configuration" in invalid.out
+    assert "server.listen" in invalid.out
+
+    bad_provider = write_toml(
+        tmp_path / "provider.toml",
+        {
+            "server": {"environment": ENVIRONMENT},
+            "database": {"url": database_url},
+            "keys": {"keys": KEYS},
+            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
+            "providers": {"acme": {"client_id": "x"}},
+        },
+    )
+    incomplete = await broker(capsys, bad_provider, "check")
+    assert incomplete.code == 1
+    assert "FAIL  providers" in incomplete.out
+    assert "providers.acme" in incomplete.out
+
+
+def test_check_exit_code_from_the_real_command(tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+    run = [sys.executable, "-m", "broker", "--config", str(cfg)]
+    assert subprocess.run([*run, "check"], capture_output=True, check=False).returncode == 1
+    migrated = subprocess.run([*run, "migrate"], capture_output=True, text=True, check=False)
+    assert migrated.returncode == 0, migrated.stderr
+    done = subprocess.run([*run, "check"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

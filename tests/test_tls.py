@@ -1,0 +1,490 @@
+"""TLS and mTLS with a throwaway CA made here with ``cryptography``: a client certificate's SAN
+is the caller's identity (same policies as bearer tokens); no certificate, a certificate from
+another CA or an unknown identity is refused. Plaintext beyond loopback needs an explicit
+setting. TLS sits in front of storage, so SQLite is enough."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import select
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import Settings
+from broker.errors import ConfigError
+from broker.server import app as server_app
+from broker.server.app import Broker, start
+from broker.server.callers import hash_token
+from broker.storage.tables import audit_events
+from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
+
+Code = grpc.StatusCode
+
+RUNNER_IDENTITY = "workflow-runner.internal"
+SPIFFE_IDENTITY = "spiffe://broker.test/ns/jobs/sa/reporter"
+
+
+@pytest.fixture
+def backend() -> str:
+    """Overrides the sqlite/postgres parameter: TLS is decided before storage is touched."""
+    return "sqlite"
+
+
+# -- a throwaway PKI ----------------------------------------------------------------------------
+
+
+@dataclass
+class Pem:
+    cert: bytes
+    key: bytes
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Authority:
+    def __init__(self, name: str) -> None:
+        self.key = _key()
+        now = datetime.now(UTC)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.name = subject
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(
+        self, common_name: str, sans: list[x509.GeneralName], *, server: bool = False
+    ) -> Pem:
+        key = _key()
+        now = datetime.now(UTC)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return Pem(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+@dataclass
+class Pki:
+    ca: Authority
+    other_ca: Authority
+    server: Pem
+    runner: Pem  # DNS SAN workflow-runner.internal
+    spiffe: Pem  # URI SAN only
+    stranger: Pem  # from the right CA, an identity nobody configured
+    impostor: Pem  # the runner's identity, signed by another CA
+    files: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca = Authority("Broker Test CA")
+    other = Authority("Somebody Else's CA")
+    server = ca.issue(
+        "broker.test",
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.2")),
+        ],
+        server=True,
+    )
+    directory = tmp_path_factory.mktemp("pki")
+    files = {
+        "ca": directory / "ca.pem",
+        "cert": directory / "server.pem",
+        "key": directory / "server.key",
+    }
+    files["ca"].write_bytes(ca.pem)
+    files["cert"].write_bytes(server.cert)
+    files["key"].write_bytes(server.key)
+    files["key"].chmod(0o600)
+    return Pki(
+        ca=ca,
+        other_ca=other,
+        server=server,
+        runner=ca.issue("runner", [x509.DNSName(RUNNER_IDENTITY)]),
+        spiffe=ca.issue("reporter", [x509.UniformResourceIdentifier(SPIFFE_IDENTITY)]),
+        stranger=ca.issue("stranger", [x509.DNSName("stranger.internal")]),
+        impostor=other.issue("runner", [x509.DNSName(RUNNER_IDENTITY)]),
+        files=files,
+    )
+
+
+def tls_callers() -> dict[str, Any]:
+    return {
+        "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
+        "workflow-runner": {
+            "tls_identity": RUNNER_IDENTITY,
+            "methods": ["GetAccessToken", "GetIntegration"],
+            "providers": ["twitter"],
+        },
+        "reporter": {"tls_identity": SPIFFE_IDENTITY, "methods": ["ListIntegrations"]},
+    }
+
+
+@pytest.fixture
+def settings(database_url: str, pki: Pki) -> Settings:
+    return make_settings(
+        database_url,
+        tls={
+            "cert_file": str(pki.files["cert"]),
+            "key_file": str(pki.files["key"]),
+            "client_ca_file": str(pki.files["ca"]),
+        },
+        callers=tls_callers(),
+    )
+
+
+def credentials(pki: Pki, client: Pem | None, root: bytes | None = None) -> Any:
+    return grpc.ssl_channel_credentials(
+        root_certificates=root if root is not None else pki.ca.pem,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+
+
+def tls_stub(broker: Broker, creds: Any, host: str = "127.0.0.1") -> tuple[Any, Any]:
+    channel = grpc.aio.secure_channel(f"{host}:{broker.port}", creds)
+    return channel, pb_grpc.CredentialBrokerStub(channel)
+
+
+@pytest.fixture
+async def admin_stub(broker: Broker, pki: Pki) -> AsyncIterator[pb_grpc.CredentialBrokerStub]:
+    """A bearer-token caller over mTLS (any certificate from the CA gets through the handshake)."""
+    channel, stub = tls_stub(broker, credentials(pki, pki.stranger))
+    async with channel:
+        yield stub
+
+
+async def store(stub: pb_grpc.CredentialBrokerStub, provider: str = "twitter") -> str:
+    response = await stub.StoreIntegration(
+        store_request(provider=provider, scopes=[]), metadata=ADMIN
+    )
+    return str(response.integration.id)
+
+
+# -- mTLS -------------------------------------------------------------------------------------
+
+
+async def test_good_client_certificate_calls_without_bearer(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    iid = await store(admin_stub)
+    channel, stub = tls_stub(broker, credentials(pki, pki.runner))
+    async with channel:
+        got = await stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=iid), metadata=(("x-request-id", "mtls-1"),)
+        )
+        assert got.integration_id == iid and got.access_token
+    async with broker.engine.connect() as conn:
+        row = (
+            await conn.execute(select(audit_events).where(audit_events.c.request_id == "mtls-1"))
+        ).one()
+    assert row.caller == "workflow-runner"
+    assert row.method == "GetAccessToken"
+    assert row.integration_id == iid
+
+
+async def test_certificate_identity_gets_its_own_policy(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    google = await store(admin_stub, "google")
+    channel, stub = tls_stub(broker, credentials(pki, pki.runner))
+    async with channel:
+        await expect_error(
+            stub.StoreIntegration(store_request(scopes=[])),
+            Code.PERMISSION_DENIED,
+            contains="StoreIntegration",
+        )
+        await expect_error(
+            stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=google)),
+            Code.PERMISSION_DENIED,
+            contains="'google'",
+        )
+        # A bearer token does not widen a certificate caller's policy: the certificate wins.
+        await expect_error(
+            stub.StoreIntegration(store_request(scopes=[]), metadata=ADMIN),
+            Code.PERMISSION_DENIED,
+            contains="StoreIntegration",
+        )
+
+
+async def test_uri_san_identity(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    await store(admin_stub)
+    channel, stub = tls_stub(broker, credentials(pki, pki.spiffe))
+    async with channel:
+        listed = await stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"))
+        assert [i.provider for i in listed.integrations] == ["twitter"]
+        await expect_error(
+            stub.GetAccessToken(pb.GetAccessTokenRequest(user_id="user-1", provider="twitter")),
+            Code.PERMISSION_DENIED,
+            contains="GetAccessToken",
+        )
+
+
+async def test_no_client_certificate_fails_the_handshake(broker: Broker, pki: Pki) -> None:
+    channel, stub = tls_stub(broker, credentials(pki, None))
+    async with channel:
+        await expect_error(
+            stub.ListIntegrations(
+                pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN, timeout=5
+            ),
+            Code.UNAVAILABLE,
+        )
+
+
+async def test_client_certificate_from_another_ca_fails_the_handshake(
+    broker: Broker, pki: Pki
+) -> None:
+    channel, stub = tls_stub(broker, credentials(pki, pki.impostor))
+    async with channel:
+        await expect_error(
+            stub.GetAccessToken(
+                pb.GetAccessTokenRequest(user_id="user-1", provider="twitter"), timeout=5
+            ),
+            Code.UNAVAILABLE,
+        )
+
+
+async def test_plaintext_client_is_refused(broker: Broker) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        await expect_error(
+            stub.ListIntegrations(
+                pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN, timeout=5
+            ),
+            Code.UNAVAILABLE,
+        )
+
+
+async def test_unknown_identity_without_bearer_is_unauthenticated(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+) -> None:
+    iid = await store(admin_stub)
+    channel, stub = tls_stub(broker, credentials(pki, pki.stranger))
+    async with channel:
+        await expect_error(
+            stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid)),
+            Code.UNAUTHENTICATED,
+            contains="stranger.internal",
+        )
+        await expect_error(
+            stub.GetAccessToken(
+                pb.GetAccessTokenRequest(integration_id=iid),
+                metadata=(("authorization", "Bearer not-a-caller"),),
+            ),
+            Code.UNAUTHENTICATED,
+        )
+        # The same connection with a configured bearer token is that caller.
+        got = await stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
+        )
+        assert got.integration_id == iid
+
+
+# -- server TLS only ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server_tls_settings(database_url: str, pki: Pki) -> Settings:
+    return make_settings(
+        database_url,
+        tls={"cert_file": str(pki.files["cert"]), "key_file": str(pki.files["key"])},
+    )
+
+
+async def test_server_tls_only_works_with_bearer_tokens(
+    server_tls_settings: Settings, pki: Pki
+) -> None:
+    broker = await start(server_tls_settings)
+    try:
+        channel, stub = tls_stub(broker, credentials(pki, None))
+        async with channel:
+            iid = await store(stub)
+            got = await stub.GetAccessToken(
+                pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
+            )
+            assert got.integration_id == iid
+            await expect_error(
+                stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid)),
+                Code.UNAUTHENTICATED,
+                contains="authorization",
+            )
+        # The client checks the server: a client trusting another CA refuses to talk.
+        channel, stub = tls_stub(broker, credentials(pki, None, root=pki.other_ca.pem))
+        async with channel:
+            await expect_error(
+                stub.ListIntegrations(
+                    pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN, timeout=5
+                ),
+                Code.UNAVAILABLE,
+            )
+    finally:
+        await broker.stop(0)
+
+
+async def test_tls_on_a_non_loopback_address_needs_no_insecure_setting(
+    database_url: str, pki: Pki
+) -> None:
+    # 127.0.0.2 is not on the broker's loopback list, so it counts as "the network" here
+    # while the test still only touches loopback.
+    settings = make_settings(
+        database_url,
+        server={"listen": "127.0.0.2:0"},
+        tls={"cert_file": str(pki.files["cert"]), "key_file": str(pki.files["key"])},
+    )
+    broker = await start(settings)
+    try:
+        channel, stub = tls_stub(broker, credentials(pki, None), host="127.0.0.2")
+        async with channel:
+            listed = await stub.ListIntegrations(
+                pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
+            )
+            assert list(listed.integrations) == []
+    finally:
+        await broker.stop(0)
+
+
+async def test_unreadable_certificate_file_is_a_config_error(
+    database_url: str, pki: Pki, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.pem"
+    settings = make_settings(
+        database_url, tls={"cert_file": str(missing), "key_file": str(pki.files["key"])}
+    )
+    with pytest.raises(ConfigError, match="nope.pem"):
+        await start(settings)
+
+
+# -- plaintext beyond loopback ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "127.0.0.2:0"])
+async def test_non_loopback_without_tls_is_refused(database_url: str, listen: str) -> None:
+    settings = make_settings(database_url, server={"listen": listen})
+    with pytest.raises(ConfigError) as caught:
+        await start(settings)
+    message = str(caught.value)
+    assert "TLS" in message and "allow_insecure" in message
+
+
+class RecordingServer:
+    """Stands in for grpc.aio.Server in ``_listen``: records the ports, binds nothing."""
+
+    def __init__(self) -> None:
+        self.insecure: list[str] = []
+        self.secure: list[str] = []
+
+    def add_insecure_port(self, address: str) -> int:
+        self.insecure.append(address)
+        return 1
+
+    def add_secure_port(self, address: str, _credentials: Any) -> int:
+        self.secure.append(address)
+        return 1
+
+
+def test_all_interfaces_with_allow_insecure_listens_in_clear_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}"
+    server = RecordingServer()
+    settings = make_settings(url, server={"listen": "0.0.0.0:0", "allow_insecure": True})
+    with caplog.at_level(logging.WARNING, logger="broker.server"):
+        server_app._listen(server, settings)  # type: ignore[arg-type]
+    assert server.insecure == ["0.0.0.0:0"] and server.secure == []
+    assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
+    # Loopback needs neither TLS nor the setting, and does not warn.
+    caplog.clear()
+    quiet = RecordingServer()
+    server_app._listen(quiet, make_settings(url))  # type: ignore[arg-type]
+    assert quiet.insecure == ["127.0.0.1:0"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_non_loopback_with_allow_insecure_serves_in_clear(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(
+        database_url, server={"listen": "127.0.0.2:0", "allow_insecure": True}
+    )
+    with caplog.at_level(logging.WARNING, logger="broker.server"):
+        broker = await start(settings)
+    try:
+        assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
+        async with grpc.aio.insecure_channel(f"127.0.0.2:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            listed = await stub.ListIntegrations(
+                pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
+            )
+            assert list(listed.integrations) == []
+    finally:
+        await broker.stop(0)
