@@ -231,6 +231,7 @@ _SHORTCUTS = {
     "BROKER_DATABASE_URL": ("database", "url"),
     "BROKER_KEYS": ("keys", "keys"),
     "BROKER_KEYS_FILE": ("keys", "file"),
+    "BROKER_KEYS_COMMAND": ("keys", "command"),
     "BROKER_LOG_LEVEL": ("logging", "level"),
     "BROKER_LOG_FORMAT": ("logging", "format"),
     "BROKER_METRICS_LISTEN": ("metrics", "listen"),

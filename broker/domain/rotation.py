@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring, associated_data, key_id_of
 from broker.errors import CiphertextInvalid
-from broker.storage.engine import storage_errors
+from broker.storage.engine import storage_errors, touch
 from broker.storage.tables import integrations, oauth_flows
 
 log = logging.getLogger("broker.rotation")
@@ -201,7 +201,12 @@ class _Run:
         result = await conn.execute(
             update(target.table).where(*conditions).values(version=t.version + 1, **values)
         )
-        return bool(result.rowcount == 1)
+        if result.rowcount != 1:
+            return False
+        if target.leased:
+            # Cached rows elsewhere hold the old ciphertext: tell replicas (a key change).
+            await touch(conn, str(m[target.pk]))
+        return True
 
     def _fail(self, target: _Target, rid: str, exc: CiphertextInvalid) -> None:
         self.report.failed[f"{target.table.name} {rid}"] = exc.message

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.errors import ConfigError
 from broker.storage.engine import storage_errors
-from broker.storage.tables import broker_meta, integrations
+from broker.storage.tables import broker_meta, integrations, oauth_flows
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -78,12 +78,17 @@ def _verify(connection: Connection, environment: str, key_ids: tuple[str, ...]) 
             "run `broker migrate` (or upgrade the broker)"
         )
     _check_environment(_environment(connection), environment)
-    rows = connection.execute(
-        select(integrations.c.key_id, func.count())
-        .where(integrations.c.key_id.is_not(None))
-        .group_by(integrations.c.key_id)
-    ).all()
-    missing = {str(kid): int(n) for kid, n in rows if kid not in key_ids}
+    missing: dict[str, int] = {}
+    for table, column in (
+        (integrations, integrations.c.key_id),
+        (oauth_flows, oauth_flows.c.key_id),
+    ):
+        rows = connection.execute(
+            select(column, func.count()).where(column.is_not(None)).group_by(column)
+        ).all()
+        for kid, n in rows:
+            if kid not in key_ids:
+                missing[str(kid)] = missing.get(str(kid), 0) + int(n)
     if missing:
         detail = ", ".join(f"{kid!r} ({n} rows)" for kid, n in sorted(missing.items()))
         raise ConfigError(
