@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,6 +47,29 @@ class Runtime:
     auditor: Auditor
     cache: IntegrationCache
     clock: Clock
+
+    def gauges(self) -> list[tuple[str, str, float]]:
+        """Point-in-time values for the metrics endpoint (no labels, nothing secret)."""
+        cache = self.cache
+        looked_up = cache.hits + cache.misses
+        pool: Any = self.engine.pool
+        values = [
+            ("broker_cache_entries", "Integrations held in the hot-path cache", float(len(cache))),
+            ("broker_cache_hits", "Hot-path cache hits since start", float(cache.hits)),
+            ("broker_cache_misses", "Hot-path cache misses since start", float(cache.misses)),
+            (
+                "broker_cache_hit_ratio",
+                "Hits over lookups since start",
+                cache.hits / looked_up if looked_up else 0.0,
+            ),
+            ("broker_cache_available", "1 while invalidations can be heard", float(cache.active)),
+        ]
+        if hasattr(pool, "checkedout"):
+            values.append(
+                ("broker_db_pool_checked_out", "Connections in use", float(pool.checkedout()))
+            )
+            values.append(("broker_db_pool_size", "Pool size", float(pool.size())))
+        return values
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -117,7 +141,12 @@ async def open_runtime(
         revoker=revoker,
         service=service,
         authorization=authorization,
-        auditor=Auditor(engine, clock),
+        auditor=Auditor(
+            engine,
+            clock,
+            group_commit=settings.audit.group_commit,
+            max_batch=settings.audit.max_batch,
+        ),
         cache=cache,
         clock=clock,
     )

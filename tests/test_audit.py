@@ -5,9 +5,9 @@ token does not leave."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,8 +37,15 @@ async def audit_rows(broker: Broker) -> list[Any]:
         )
 
 
-async def by_request_id(broker: Broker) -> dict[str, Any]:
+async def by_request_id(broker: Broker, expect: set[str] | None = None) -> dict[str, Any]:
+    """Events by request id. Failure events are written after the error status has left (best
+    effort), so with ``expect`` this polls until those request ids are all there."""
+    deadline = asyncio.get_running_loop().time() + 5
     rows = await audit_rows(broker)
+    while expect is not None and not expect <= {r.request_id for r in rows}:
+        assert asyncio.get_running_loop().time() < deadline, "audit events did not appear"
+        await asyncio.sleep(0.02)
+        rows = await audit_rows(broker)
     found: dict[str, Any] = {}
     for row in rows:
         assert row.request_id not in found, f"two events for request {row.request_id}"
@@ -57,7 +64,9 @@ async def trailing_request_id(call: Any) -> str:
     raise AssertionError("no x-request-id in the trailing metadata")
 
 
-async def test_every_rpc_writes_one_event(stub: pb_grpc.CredentialBrokerStub, broker: Broker) -> None:
+async def test_every_rpc_writes_one_event(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+) -> None:
     started = datetime.now(UTC) - timedelta(seconds=1)
     access = f"at-audit-{uuid.uuid4().hex}"
     refresh = f"rt-audit-{uuid.uuid4().hex}"
@@ -85,16 +94,14 @@ async def test_every_rpc_writes_one_event(stub: pb_grpc.CredentialBrokerStub, br
         pb.DisconnectRequest(integration_id=iid, reason="audit test"),
         metadata=with_id(ADMIN, "req-disconnect"),
     )
-    error = await expect_error(
+    await expect_error(
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(integration_id=iid), metadata=with_id(RUNNER, "req-failed")
         ),
         Code.FAILED_PRECONDITION,
         "INTEGRATION_DISCONNECTED",
     )
-    assert dict(error.trailing_metadata() or ()).get("x-request-id") == "req-failed"
 
-    rows = await by_request_id(broker)
     expected = {
         # request id: (caller, method, integration id, user, provider, outcome)
         "req-store": ("admin", "StoreIntegration", iid, "user-1", "twitter", "OK"),
@@ -103,9 +110,15 @@ async def test_every_rpc_writes_one_event(stub: pb_grpc.CredentialBrokerStub, br
         "req-list": ("admin", "ListIntegrations", None, "user-1", None, "OK"),
         "req-disconnect": ("admin", "Disconnect", iid, "user-1", "twitter", "OK"),
         "req-failed": (
-            "runner", "GetAccessToken", iid, "user-1", "twitter", "FAILED_PRECONDITION",
+            "runner",
+            "GetAccessToken",
+            iid,
+            "user-1",
+            "twitter",
+            "FAILED_PRECONDITION",
         ),
     }
+    rows = await by_request_id(broker, set(expected))
     assert set(rows) == set(expected)
     now = datetime.now(UTC) + timedelta(seconds=1)
     for request_id, values in expected.items():
@@ -124,7 +137,16 @@ async def test_every_rpc_writes_one_event(stub: pb_grpc.CredentialBrokerStub, br
         assert secret not in everything
 
 
-async def test_failed_lookup_names_what_was_asked_for(
+LOOKUP_BUG = (
+    "BUG: a call that fails before finding an integration writes its audit event with "
+    "user_id, provider and integration_id all NULL (IntegrationService.read() notes nothing "
+    "until the row is found), so probes of another user's integrations are not attributable "
+    "to that user or id"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=LOOKUP_BUG)
+async def test_failed_lookup_by_owner_names_the_owner(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker
 ) -> None:
     """Probing another user's integrations leaves a trail under that user."""
@@ -135,6 +157,15 @@ async def test_failed_lookup_names_what_was_asked_for(
         ),
         Code.NOT_FOUND,
     )
+    row = (await by_request_id(broker, {"req-probe-owner"}))["req-probe-owner"]
+    assert (row.caller, row.method, row.outcome) == ("runner", "GetAccessToken", "NOT_FOUND")
+    assert (row.user_id, row.provider) == ("user-2", "google")
+
+
+@pytest.mark.xfail(strict=True, reason=LOOKUP_BUG)
+async def test_failed_lookup_by_id_names_the_id(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+) -> None:
     missing = str(uuid.uuid4())
     await expect_error(
         stub.GetAccessToken(
@@ -143,13 +174,29 @@ async def test_failed_lookup_names_what_was_asked_for(
         ),
         Code.NOT_FOUND,
     )
-    rows = await by_request_id(broker)
-    owner = rows["req-probe-owner"]
-    assert (owner.caller, owner.method, owner.outcome) == ("runner", "GetAccessToken", "NOT_FOUND")
-    assert (owner.user_id, owner.provider) == ("user-2", "google")
-    by_id = rows["req-probe-id"]
-    assert by_id.outcome == "NOT_FOUND"
-    assert by_id.integration_id == missing
+    row = (await by_request_id(broker, {"req-probe-id"}))["req-probe-id"]
+    assert (row.caller, row.method, row.outcome) == ("runner", "GetAccessToken", "NOT_FOUND")
+    assert row.integration_id == missing
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: on a failed call the x-request-id trailing metadata set by the interceptor "
+    "is replaced by abort_with_status (its trailing metadata is only grpc-status-details-bin), "
+    "so a caller cannot quote the (generated) request id of a failed call",
+)
+async def test_failed_call_returns_its_request_id(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+) -> None:
+    error = await expect_error(
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=str(uuid.uuid4())), metadata=RUNNER
+        ),
+        Code.NOT_FOUND,
+    )
+    returned = dict(error.trailing_metadata() or ()).get("x-request-id")
+    assert returned, "the failed call carries its request id"
+    assert returned in await by_request_id(broker, {str(returned)})
 
 
 async def test_request_id_is_generated_when_missing_or_malformed(
@@ -158,14 +205,16 @@ async def test_request_id_is_generated_when_missing_or_malformed(
     call = stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN)
     await call
     generated = await trailing_request_id(call)
-    assert len(generated) == 32 and int(generated, 16) >= 0
+    assert len(generated) == 32
+    assert int(generated, 16) >= 0
     bad = "not ok; DROP TABLE audit_events " + "x" * 80
     call = stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="user-1"), metadata=with_id(ADMIN, bad)
     )
     await call
     replaced = await trailing_request_id(call)
-    assert replaced != bad and len(replaced) == 32
+    assert replaced != bad
+    assert len(replaced) == 32
     rows = await by_request_id(broker)
     assert set(rows) == {generated, replaced}
 
@@ -220,32 +269,16 @@ class AuditTable:
 
 
 @pytest.fixture
-async def audit_table(database_url: str, broker: Broker) -> AsyncIterator[AuditTable]:
-    table = AuditTable(database_url)
-    yield table
-
-
-def xfail_on_postgres(request: pytest.FixtureRequest, backend: str, reason: str) -> None:
-    if backend == "postgres":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-PG_BUG = (
-    "BUG (PostgreSQL): an audit INSERT into a missing table raises ProgrammingError "
-    "(UndefinedTable), which storage_errors()/Auditor.record do not turn into "
-    "AuditUnavailable, so the interceptor lets it escape: the caller gets UNKNOWN "
-    "'Unexpected <class ...ProgrammingError>' instead of UNAVAILABLE AUDIT_UNAVAILABLE"
-)
+def audit_table(database_url: str, broker: Broker) -> AuditTable:
+    """(Started after the broker, which has verified the schema with the table in place.)"""
+    return AuditTable(database_url)
 
 
 async def test_audit_write_failure_fails_closed_and_returns_no_token(
     stub: pb_grpc.CredentialBrokerStub,
     broker: Broker,
     audit_table: AuditTable,
-    backend: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    xfail_on_postgres(request, backend, PG_BUG)
     access = f"at-failclosed-{uuid.uuid4().hex}"
     iid = (
         await stub.StoreIntegration(store_request(access_token=access), metadata=ADMIN)
@@ -272,18 +305,16 @@ async def test_audit_write_failure_fails_closed_and_returns_no_token(
     )
     assert got.access_token == access
     rows = await by_request_id(broker)
-    assert "req-seen" in rows and "req-blind" not in rows
+    assert "req-seen" in rows
+    assert "req-blind" not in rows
 
 
 async def test_failure_events_are_best_effort(
     stub: pb_grpc.CredentialBrokerStub,
     broker: Broker,
     audit_table: AuditTable,
-    backend: str,
-    request: pytest.FixtureRequest,
 ) -> None:
     """A call that fails anyway keeps its own error when its event cannot be written."""
-    xfail_on_postgres(request, backend, PG_BUG.replace("UNAVAILABLE AUDIT_UNAVAILABLE", "NOT_FOUND"))
     await audit_table.hide()
     try:
         await expect_error(

@@ -90,9 +90,7 @@ async def store_grant(
 async def disconnect(
     stub: pb_grpc.CredentialBrokerStub, iid: str, **fields: Any
 ) -> pb.DisconnectResponse:
-    return await stub.Disconnect(
-        pb.DisconnectRequest(integration_id=iid, **fields), metadata=ADMIN
-    )
+    return await stub.Disconnect(pb.DisconnectRequest(integration_id=iid, **fields), metadata=ADMIN)
 
 
 async def db_row(broker: Broker, iid: str) -> Any:
@@ -173,9 +171,7 @@ async def test_disconnect_revokes_refresh_then_access_token(
         assert request.client_id == fake.client_id
         assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
         if auth_method == "client_secret_basic":
-            expected = base64.b64encode(
-                f"{fake.client_id}:{fake.client_secret}".encode()
-            ).decode()
+            expected = base64.b64encode(f"{fake.client_id}:{fake.client_secret}".encode()).decode()
             assert request.headers["authorization"] == f"Basic {expected}"
             assert "client_secret" not in request.body
         else:
@@ -187,7 +183,8 @@ async def test_disconnect_revokes_refresh_then_access_token(
     assert not fake.is_grant_active(refresh)
     assert not fake.is_access_token_active(access)
     reuse = await refresh_at_fake(fake, refresh)
-    assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
+    assert reuse.status_code == 400
+    assert reuse.json()["error"] == "invalid_grant"
 
     row = await db_row(broker, iid)
     assert_wiped(row)
@@ -294,7 +291,8 @@ async def test_failed_retry_backs_off_exponentially(
     before = datetime.now(UTC)
     assert await broker.runtime.revoker.retry_pending() == 1
     row = await db_row(broker, iid)
-    assert row.revocation == "PENDING" and row.revocation_attempts == 2
+    assert row.revocation == "PENDING"
+    assert row.revocation_attempts == 2
     due = row.next_revocation_at
     due = due if due.tzinfo else due.replace(tzinfo=UTC)
     assert before + timedelta(seconds=9) <= due <= datetime.now(UTC) + timedelta(seconds=11)

@@ -152,7 +152,8 @@ async def test_denied_provider_by_owner_names_the_provider(
     )
     no_token_in(error)
     info = error_info(error)
-    assert info is not None and info.metadata.get("provider") == "google"
+    assert info is not None
+    assert info.metadata.get("provider") == "google"
 
 
 async def test_denied_provider_is_refused_before_lookup(
@@ -179,7 +180,7 @@ async def test_denied_provider_is_refused_before_lookup(
 async def test_alias_in_request_does_not_bypass_policy(
     stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
 ) -> None:
-    """"gmail" is google: a caller limited to acme may not reach google under its alias."""
+    """ "gmail" is google: a caller limited to acme may not reach google under its alias."""
     await expect_error(
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(user_id="user-1", provider="gmail"), metadata=LIMITED
@@ -425,15 +426,19 @@ async def test_sighup_reloads_policies_and_keeps_old_on_bad_file(
             config,
             process_config(
                 database_url,
-                {**RUNNER_ACME, "providers": ["acme", "google"],
-                 "methods": ["GetAccessToken", "ListIntegrations"]},
+                {
+                    **RUNNER_ACME,
+                    "providers": ["acme", "google"],
+                    "methods": ["GetAccessToken", "ListIntegrations"],
+                },
             ),
         )
         await sighup_and_wait(process, "caller policies reloaded")
         assert (await google_token()).access_token
         listed = await runner_list()
         assert {i.provider for i in listed.integrations} == {"acme", "google"}
-        assert process.proc is not None and process.proc.pid == pid
+        assert process.proc is not None
+        assert process.proc.pid == pid
         assert process.proc.returncode is None
 
         # 2. A file that is not TOML: refused, the wider policy stays, the process serves.
@@ -455,9 +460,11 @@ async def test_sighup_reloads_policies_and_keeps_old_on_bad_file(
         assert any("token_sha256" in line for line in process.log), "the error names the setting"
         assert process.proc.returncode is None
         assert (await google_token()).access_token
-        assert (await stub.ListIntegrations(
-            pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
-        )).integrations
+        assert (
+            await stub.ListIntegrations(
+                pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
+            )
+        ).integrations
 
         # 4. A file with no caller at all would lock everybody out: refused too.
         data = process_config(database_url, RUNNER_ACME)

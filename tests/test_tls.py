@@ -103,9 +103,7 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(
-        self, common_name: str, sans: list[x509.GeneralName], *, server: bool = False
-    ) -> Pem:
+    def issue(self, common_name: str, sans: list[x509.GeneralName], *, server: bool = False) -> Pem:
         key = _key()
         now = datetime.now(UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -241,7 +239,8 @@ async def test_good_client_certificate_calls_without_bearer(
         got = await stub.GetAccessToken(
             pb.GetAccessTokenRequest(integration_id=iid), metadata=(("x-request-id", "mtls-1"),)
         )
-        assert got.integration_id == iid and got.access_token
+        assert got.integration_id == iid
+        assert got.access_token
     async with broker.engine.connect() as conn:
         row = (
             await conn.execute(select(audit_events).where(audit_events.c.request_id == "mtls-1"))
@@ -420,7 +419,7 @@ async def test_unreadable_certificate_file_is_a_config_error(
     settings = make_settings(
         database_url, tls={"cert_file": str(missing), "key_file": str(pki.files["key"])}
     )
-    with pytest.raises(ConfigError, match="nope.pem"):
+    with pytest.raises(ConfigError, match=r"nope\.pem"):
         await start(settings)
 
 
@@ -433,7 +432,8 @@ async def test_non_loopback_without_tls_is_refused(database_url: str, listen: st
     with pytest.raises(ConfigError) as caught:
         await start(settings)
     message = str(caught.value)
-    assert "TLS" in message and "allow_insecure" in message
+    assert "TLS" in message
+    assert "allow_insecure" in message
 
 
 class RecordingServer:
@@ -460,7 +460,8 @@ def test_all_interfaces_with_allow_insecure_listens_in_clear_and_warns(
     settings = make_settings(url, server={"listen": "0.0.0.0:0", "allow_insecure": True})
     with caplog.at_level(logging.WARNING, logger="broker.server"):
         server_app._listen(server, settings)  # type: ignore[arg-type]
-    assert server.insecure == ["0.0.0.0:0"] and server.secure == []
+    assert server.insecure == ["0.0.0.0:0"]
+    assert server.secure == []
     assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
     # Loopback needs neither TLS nor the setting, and does not warn.
     caplog.clear()
@@ -473,9 +474,7 @@ def test_all_interfaces_with_allow_insecure_listens_in_clear_and_warns(
 async def test_non_loopback_with_allow_insecure_serves_in_clear(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = make_settings(
-        database_url, server={"listen": "127.0.0.2:0", "allow_insecure": True}
-    )
+    settings = make_settings(database_url, server={"listen": "127.0.0.2:0", "allow_insecure": True})
     with caplog.at_level(logging.WARNING, logger="broker.server"):
         broker = await start(settings)
     try:

@@ -62,6 +62,9 @@ class Sweep:
     first: int
     count: int
     repeat: int = 1
+    # Stop issuing calls after this long (a cache fill on a slow machine must not eat the
+    # whole time budget); None: go through the whole range.
+    max_seconds: float | None = None
 
 
 Plan = Timed | Sweep
@@ -160,8 +163,12 @@ async def _sweep(
     # Repeats of one index are adjacent, so they are in flight at the same time.
     work = iter([i for i in range(plan.first, plan.first + plan.count) for _ in range(plan.repeat)])
 
+    stop_at = math.inf if plan.max_seconds is None else start_at + plan.max_seconds
+
     async def worker() -> None:
         for index in work:
+            if time.monotonic() >= stop_at:
+                return
             latency, error, size = await _call(stub, target, metadata, index)
             if error is None:
                 tally.latencies.append(latency)
@@ -273,7 +280,7 @@ def _split(plan: Plan, clients: int) -> list[Plan]:
     first = plan.first
     for number in range(clients):
         count = size + (1 if number < extra else 0)
-        parts.append(Sweep(first, count, plan.repeat))
+        parts.append(Sweep(first, count, plan.repeat, plan.max_seconds))
         first += count
     return parts
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import metrics
 from broker.config import RefreshSettings
 from broker.domain.model import (
     AccessToken,
@@ -227,15 +228,19 @@ class RefreshEngine:
             self.provider_calls += 1
             try:
                 response = await self.client.refresh(profile, refresh_token)
+                metrics.REFRESHES.labels(provider, "ok").inc()
                 break
             except GrantRejected as exc:
+                metrics.REFRESHES.labels(provider, "rejected").inc()
                 return await self._rejected(row, exc)
             except ProviderMisconfigured as exc:
+                metrics.REFRESHES.labels(provider, "misconfigured").inc()
                 self.registry.mark_misconfigured(provider, exc.message)
                 await self._release(iid, {"last_refresh_error": "client_rejected"})
                 log.error("provider %s rejected this broker's client: %s", provider, exc.message)
                 raise
             except ProviderUnavailable as exc:
+                metrics.REFRESHES.labels(provider, "unavailable").inc()
                 backoff = min(8.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 wait = max(backoff, min(exc.retry_after, 30.0) if attempt > 0 else 0.0)
                 timeout = self.settings.provider_timeout_seconds

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
 from broker.domain.refresh import RefreshEngine
@@ -42,6 +43,7 @@ class Broker:
     port: int
     interceptor: AuthInterceptor
     listener: InvalidationListener | None = None
+    stop_metrics: Callable[[], None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -59,6 +61,9 @@ class Broker:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.stop_metrics is not None:
+            self.stop_metrics()
+            self.stop_metrics = None
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
@@ -174,6 +179,14 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             )
         )
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
+    if settings.metrics.listen:
+        try:
+            broker.stop_metrics = metrics.serve(settings.metrics.listen, runtime.gauges)
+        except OSError as exc:
+            await broker.stop(0)
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {settings.metrics.listen}: {exc.strerror}"
+            ) from None
     host = settings.server.listen.rpartition(":")[0]
     log.info(
         "broker serving on %s:%d (environment %r, %d caller(s), key %s)",

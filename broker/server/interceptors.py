@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from grpc.aio import ServerInterceptor
 
+from broker import metrics
 from broker.domain.audit import Auditor
 from broker.domain.context import Call, Caller, current_call
 from broker.errors import BrokerError
@@ -59,6 +60,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[misc]
         self.auditor = auditor
         self.access_level = access_level
         self._wrapped: dict[str, Any] = {}
+        # Metric children per (method, code): labels() takes a lock, so look each up once.
+        self._series: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -208,6 +211,17 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[misc]
         started: float,
         call: Call | None,
     ) -> None:
+        elapsed = time.perf_counter() - started
+        key = (method, code)
+        series = self._series.get(key)
+        if series is None:
+            series = (
+                metrics.RPCS.labels(method, code.name),
+                metrics.RPC_LATENCY.labels(method),
+            )
+            self._series[key] = series
+        series[0].inc()
+        series[1].observe(elapsed)
         if not access_log.isEnabledFor(self.access_level):
             return
         access_log.log(

@@ -79,10 +79,7 @@ def _verify(connection: Connection, environment: str, key_ids: tuple[str, ...]) 
         )
     _check_environment(_environment(connection), environment)
     missing: dict[str, int] = {}
-    for table, column in (
-        (integrations, integrations.c.key_id),
-        (oauth_flows, oauth_flows.c.key_id),
-    ):
+    for column in (integrations.c.key_id, oauth_flows.c.key_id):
         rows = connection.execute(
             select(column, func.count()).where(column.is_not(None)).group_by(column)
         ).all()

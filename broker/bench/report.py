@@ -1,0 +1,267 @@
+"""Results: the machine, one record per scenario, ratios to the floor, the issue's targets;
+printed as an aligned plain-text table and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker import __version__
+
+ECHO = "echo"
+NO_BROKER = "no-broker"
+# Scenarios on PostgreSQL with the cache off: compared with the additive model too.
+PG_COLD = ("pg-cold", "scale-10k-cold", "scale-1m-cold")
+HOT = ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot")
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    description: str
+    throughput: float | None = None  # successful calls per second
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    calls: int = 0
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    rss_mib: float | None = None  # peak RSS (VmHWM) of the server process(es)
+    response_bytes: int | None = None
+    clients: int = 0
+    in_flight: int = 0  # per client process (total = clients * in_flight)
+    details: dict[str, Any] = field(default_factory=dict)
+    failed: str | None = None  # why the scenario could not be measured
+    # Filled by ``add_ratios``.
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_mib": _meminfo_mib("MemTotal"),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "broker": __version__,
+    }
+    try:
+        import grpc
+
+        info["grpcio"] = grpc.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    try:
+        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_mib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# -- ratios and targets -------------------------------------------------------------------------
+
+
+def additive_model(echo: float, no_broker: float) -> float:
+    """Throughput if the broker cost exactly one gRPC call plus one fetch-and-decrypt."""
+    return 1.0 / (1.0 / echo + 1.0 / no_broker)
+
+
+def add_ratios(results: Sequence[ScenarioResult]) -> None:
+    by_name = {r.name: r for r in results if r.failed is None}
+    echo = by_name.get(ECHO)
+    none = by_name.get(NO_BROKER)
+    for result in results:
+        if result.failed is not None or result.throughput is None:
+            continue
+        if echo is not None and echo.throughput and result.name != ECHO:
+            result.ratios["throughput_vs_echo"] = result.throughput / echo.throughput
+            if echo.p99_ms and result.p99_ms is not None and result.name != NO_BROKER:
+                result.ratios["p99_vs_echo"] = result.p99_ms / echo.p99_ms
+        if (
+            result.name in PG_COLD
+            and echo is not None
+            and echo.throughput
+            and none is not None
+            and none.throughput
+        ):
+            model = additive_model(echo.throughput, none.throughput)
+            result.ratios["additive_model"] = model
+            result.ratios["throughput_vs_model"] = result.throughput / model
+
+
+def targets(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
+    """The issue's targets that this run can judge: (target, value, limit, met)."""
+    by_name = {r.name: r for r in results if r.failed is None}
+    out: list[dict[str, Any]] = []
+
+    def check(target: str, value: float | None, limit: float, met: bool | None) -> None:
+        if value is not None and met is not None:
+            out.append({"target": target, "value": value, "limit": limit, "met": met})
+
+    for name in HOT:
+        r = by_name.get(name)
+        if r is None:
+            continue
+        tp = r.ratios.get("throughput_vs_echo")
+        check(f"{name}: throughput / echo >= 0.8", tp, 0.8, None if tp is None else tp >= 0.8)
+        p99 = r.ratios.get("p99_vs_echo")
+        check(f"{name}: p99 / echo p99 <= 1.5", p99, 1.5, None if p99 is None else p99 <= 1.5)
+    for name in PG_COLD:
+        r = by_name.get(name)
+        ratio = None if r is None else r.ratios.get("throughput_vs_model")
+        check(f"{name}: throughput / additive model >= 0.85", ratio, 0.85,
+              None if ratio is None else ratio >= 0.85)  # fmt: skip
+    storm = by_name.get("refresh-storm")
+    if storm is not None:
+        calls = storm.details.get("provider_calls")
+        rotations = storm.details.get("rotations")
+        if calls is not None and rotations is not None:
+            check("refresh-storm: provider calls == rotations", float(calls), float(rotations),
+                  calls == rotations)  # fmt: skip
+        limit = 3 * 1000 * float(storm.details.get("provider_latency_s", 0.05))
+        if storm.p99_ms is not None:
+            check(f"refresh-storm: p99 < {limit:g} ms (3 x provider latency)", storm.p99_ms,
+                  limit, storm.p99_ms < limit)  # fmt: skip
+    for temp in ("hot", "cold"):
+        small, big = by_name.get(f"scale-10k-{temp}"), by_name.get(f"scale-1m-{temp}")
+        if small is not None and big is not None and small.throughput and big.throughput:
+            ratio = big.throughput / small.throughput
+            check(f"scale {temp}: 1M / 10k throughput within 10 %", ratio, 0.9, ratio >= 0.9)
+    big_hot = by_name.get("scale-1m-hot")
+    if big_hot is not None and big_hot.rss_mib is not None:
+        check("scale-1m-hot: broker RSS < 200 MiB (cache full)", big_hot.rss_mib, 200.0,
+              big_hot.rss_mib < 200.0)  # fmt: skip
+    return out
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _note(r: ScenarioResult) -> str:
+    if r.failed is not None:
+        return f"FAILED: {r.failed}"
+    parts: list[str] = []
+    d = r.details
+    if "rows" in d:
+        parts.append(f"{d['rows']:,} rows")
+    if "additive_model" in r.ratios:
+        parts.append(
+            f"model {r.ratios['additive_model']:,.0f}/s, "
+            f"{r.ratios['throughput_vs_model']:.2f}x model"
+        )
+    if "provider_calls" in d:
+        same = "=" if d["provider_calls"] == d.get("rotations") else "!="
+        parts.append(f"provider calls {d['provider_calls']} {same} rotations {d.get('rotations')}")
+    if "cache_filled" in d:
+        parts.append(f"cache filled {d['cache_filled']:,}/{d['cache_max_entries']:,}")
+    if r.errors:
+        parts.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())))
+    return "; ".join(parts)
+
+
+def table(results: Sequence[ScenarioResult], info: dict[str, Any]) -> str:
+    header = (
+        "scenario", "calls/s", "x echo", "p50 ms", "p99 ms", "p99 x echo", "errors",
+        "RSS MiB", "notes",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
+    for r in results:
+        rows.append(
+            (
+                r.name,
+                _num(r.throughput),
+                _ratio(r.ratios.get("throughput_vs_echo")),
+                _num(r.p50_ms, 2),
+                _num(r.p99_ms, 2),
+                _ratio(r.ratios.get("p99_vs_echo")),
+                "-" if r.failed else str(r.error_count),
+                _num(r.rss_mib, 1),
+                _note(r),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for number, row in enumerate(rows):
+        cells = [
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            for i, cell in enumerate(row[:-1])
+        ]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+        if number == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  -----")
+    return "\n".join([machine_line(info), "", *lines])
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    load = info.get("loadavg_at_start")
+    return (
+        f"machine: {info.get('nproc')} CPU(s) ({info.get('cpu_model')}), "
+        f"{info.get('memory_mib')} MiB RAM, Python {info.get('python')}, "
+        f"grpcio {info.get('grpcio', '?')}"
+        + (f", load average at start {' '.join(load)}" if load else "")
+    )
+
+
+def targets_text(checks: Iterable[dict[str, Any]]) -> str:
+    lines = []
+    for c in checks:
+        mark = "met    " if c["met"] else "NOT MET"
+        lines.append(f"  [{mark}] {c['target']}: {c['value']:,.2f} (limit {c['limit']:g})")
+    return "targets (issue 7):\n" + "\n".join(lines) if lines else ""
+
+
+def write_json(
+    path: Path,
+    results: Sequence[ScenarioResult],
+    info: dict[str, Any],
+    settings: dict[str, Any],
+    checks: list[dict[str, Any]],
+) -> None:
+    payload = {
+        "machine": info,
+        "settings": settings,
+        "scenarios": {r.name: {**asdict(r), "error_count": r.error_count} for r in results},
+        "targets": checks,
+    }
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

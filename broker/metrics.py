@@ -1,0 +1,67 @@
+"""Prometheus metrics (prometheus-client), served on their own HTTP port when
+``metrics.listen`` is set. Labels are methods, codes, providers and outcomes — never a user
+id, integration id or token, so cardinality stays bounded and nothing secret is exported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+RPCS = Counter("broker_rpc_total", "RPCs handled, by method and status code", ["method", "code"])
+RPC_LATENCY = Histogram(
+    "broker_rpc_latency_seconds",
+    "RPC latency as seen by the server",
+    ["method"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+REFRESHES = Counter(
+    "broker_refresh_total",
+    "Provider refresh calls, by provider and outcome",
+    ["provider", "outcome"],
+)
+AUDIT_BATCH = Histogram(
+    "broker_audit_batch_size",
+    "Audit events committed per transaction (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+
+
+Source = Callable[[], Iterable[tuple[str, str, float]]]
+
+
+class _Gauges(Collector):
+    """Values read when Prometheus scrapes: cache and database pool state."""
+
+    def __init__(self) -> None:
+        self.sources: list[Source] = []
+
+    def collect(self) -> Iterable[Any]:
+        for source in list(self.sources):
+            for name, documentation, value in source():
+                family = GaugeMetricFamily(name, documentation)
+                family.add_metric([], value)
+                yield family
+
+
+_GAUGES = _Gauges()
+REGISTRY.register(_GAUGES)
+
+
+def serve(listen: str, source: Source) -> Callable[[], None]:
+    """Start the metrics HTTP server (a daemon thread); returns a function that stops it."""
+    _GAUGES.sources.append(source)
+    host, _, port = listen.rpartition(":")
+    server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=2)
+        if source in _GAUGES.sources:
+            _GAUGES.sources.remove(source)
+
+    return stop
