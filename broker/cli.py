@@ -48,6 +48,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
+    if args.workers > 1:
+        if args.dev:
+            raise ConfigError("--workers: dev mode runs one process on SQLite")
+        from broker.server import workers
+
+        return workers.run(settings, args.workers, args.config)
     token = None
     if args.dev:
         settings, token = devmode.prepare(settings)
@@ -453,6 +459,13 @@ def parser() -> argparse.ArgumentParser:
         "--dev",
         action="store_true",
         help="zero set-up: SQLite, key and caller token under ./.broker/, migrate on start",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N processes on one port (SO_REUSEPORT; needs PostgreSQL)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -51,6 +51,9 @@ class ServerSettings(_Section):
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     # Listening beyond loopback without TLS sends bearer tokens and access tokens in clear.
     allow_insecure: bool = False
+    # Set by `broker serve --workers N` for its children: share the port, offset metrics.
+    reuse_port: bool = False
+    worker_index: int = Field(default=0, ge=0)
 
     @field_validator("listen")
     @classmethod

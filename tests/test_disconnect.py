@@ -19,7 +19,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.domain import revocation as revocation_module
-from broker.server.app import Broker
+from broker.server.app import Broker, start
 from broker.storage.tables import integrations
 from tests.conftest import ADMIN, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer, RecordedRequest
@@ -409,3 +409,38 @@ async def test_reconnect_after_disconnect_serves_the_new_grant(
     )
     assert integration.integration.status == pb.INTEGRATION_STATUS_CONNECTED
     assert not integration.integration.HasField("disconnected_at")
+
+
+# -- several replicas --------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"])  # replicas share a database on PostgreSQL
+async def test_no_replica_serves_a_cached_token_after_disconnect(
+    backend: str, settings: Settings, fake: FakeAuthServer
+) -> None:
+    """Replica B has the token in its hot-path cache; Disconnect through replica A; B must
+    refuse from then on (invalidation across replicas on PostgreSQL)."""
+    assert backend == "postgres"
+    a = await start(settings)
+    b = await start(settings)
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
+        ):
+            stub_a = pb_grpc.CredentialBrokerStub(channel_a)
+            stub_b = pb_grpc.CredentialBrokerStub(channel_b)
+            for n in range(10):
+                iid, access, _ = await store_grant(stub_a, fake, user_id=f"user-{n}")
+                for _ in range(2):  # the second one is answered from B's cache
+                    got = await stub_b.GetAccessToken(
+                        pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
+                    )
+                    assert got.access_token == access
+                response = await disconnect(stub_a, iid)
+                assert response.revocation == Outcome.REVOCATION_OUTCOME_REVOKED
+                await expect_disconnected(stub_b, iid)
+    finally:
+        await b.stop(0)
+        await a.stop(0)

@@ -43,7 +43,9 @@ def random_token(length: int) -> str:
 
 
 def seeded_expiry(now: datetime | None = None) -> datetime:
-    return (now or datetime.now(UTC)) + VALID_FOR
+    # A fixed sub-second part: Timestamp.nanos is a varint, so its encoded size depends on its
+    # value; fixing it makes the broker's responses and the echo's exactly the same size.
+    return ((now or datetime.now(UTC)) + VALID_FOR).replace(microsecond=654_321)
 
 
 def sample_response(salt: str = "echo") -> pb.GetAccessTokenResponse:

@@ -30,13 +30,16 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.bench import data
+
+if TYPE_CHECKING:  # the async stub type exists in the stubs only
+    from broker.api.credentialbroker.v1.broker_pb2_grpc import CredentialBrokerAsyncStub
 
 _START_DELAY = 0.3  # seconds between "all connected" and the first call
 _CALL_TIMEOUT = 30.0
@@ -107,7 +110,7 @@ class _Tally:
 
 
 async def _call(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: CredentialBrokerAsyncStub,
     target: Target,
     metadata: tuple[tuple[str, str], ...],
     index: int,
@@ -122,7 +125,7 @@ async def _call(
 
 
 async def _timed(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: CredentialBrokerAsyncStub,
     target: Target,
     metadata: tuple[tuple[str, str], ...],
     plan: Timed,
@@ -152,7 +155,7 @@ async def _timed(
 
 
 async def _sweep(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: CredentialBrokerAsyncStub,
     target: Target,
     metadata: tuple[tuple[str, str], ...],
     plan: Sweep,
@@ -191,7 +194,7 @@ async def _client(conn: Connection, target: Target, plan: Plan, in_flight: int, 
     metadata = (("authorization", f"Bearer {target.bearer}"),) if target.bearer else ()
     async with grpc.aio.insecure_channel(target.address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 20)
-        stub = pb_grpc.CredentialBrokerStub(channel)
+        stub: CredentialBrokerAsyncStub = pb_grpc.CredentialBrokerStub(channel)
         conn.send("ready")
         start_at = float(conn.recv())
         if isinstance(plan, Timed):

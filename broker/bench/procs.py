@@ -85,7 +85,8 @@ class BrokerServer:
         return self
 
     def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line.rstrip())
             match = _SERVING.search(line)

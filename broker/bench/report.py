@@ -3,6 +3,7 @@ printed as an aligned plain-text table and written as JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -62,10 +63,8 @@ def machine() -> dict[str, Any]:
         info["grpcio"] = grpc.__version__
     except ImportError:  # pragma: no cover - a dependency
         pass
-    try:
+    with contextlib.suppress(OSError):
         info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
     return info
 
 

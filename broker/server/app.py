@@ -132,7 +132,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.max_metadata_size", settings.server.max_metadata_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
             # Keepalive enforcement: clients may not ping more often than every 10 s without
             # calls in flight; two strikes and the connection is closed (GOAWAY).
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -181,7 +181,10 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
     if settings.metrics.listen:
         try:
-            broker.stop_metrics = metrics.serve(settings.metrics.listen, runtime.gauges)
+            broker.stop_metrics = metrics.serve(
+                _offset_port(settings.metrics.listen, settings.server.worker_index),
+                runtime.gauges,
+            )
         except OSError as exc:
             await broker.stop(0)
             raise ConfigError(
@@ -228,6 +231,12 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _offset_port(listen: str, index: int) -> str:
+    """Worker N of `serve --workers` serves metrics on the configured port + N."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + index}" if index else listen
 
 
 async def run(

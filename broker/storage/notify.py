@@ -56,7 +56,7 @@ class InvalidationListener:
         while True:
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            except Exception as exc:
                 self._lost()
                 log.debug("cache listener cannot connect (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(self.retry_seconds)
@@ -75,10 +75,10 @@ class InvalidationListener:
                     # A dead TCP peer may not close the connection for a long time: probe.
                     try:
                         await asyncio.wait_for(conn.execute("SELECT 1"), timeout=2)
-                    except (OSError, asyncpg.PostgresError, TimeoutError):
+                    except Exception:  # closed, reset, timed out: all mean "reconnect"
                         break
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                pass
+            except Exception as exc:
+                log.debug("cache listener failed (%s); reconnecting", type(exc).__name__)
             finally:
                 self._lost()
                 with contextlib.suppress(Exception):

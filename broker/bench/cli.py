@@ -1,0 +1,167 @@
+"""``broker bench``: the performance run of DESIGN §9 / issue 7 (``make bench``).
+
+    broker bench --standard --json bench.json       # every scenario, standard settings
+    broker bench --scenario echo --scenario pg-hot  # a subset (groups: sqlite, pg, scale, …)
+    python -m broker.bench --quick                  # smoke test: seconds, 1,000-row "1M"
+
+Hook into the main CLI with ``broker.bench.cli.register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from broker.bench import report, scenarios
+
+_DB_ENV = "BROKER_BENCH_DATABASE_URL"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--standard",
+        action="store_true",
+        help="every scenario with the standard settings (what `make bench` runs; < 10 min "
+        "on 2 cores)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny durations, 1,000 rows instead of 1,000,000",
+    )
+    p.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help=f"run only this scenario or group (repeatable): {', '.join(scenarios.NAMES)}; "
+        f"groups: {', '.join(scenarios.GROUPS)}",
+    )
+    p.add_argument("--duration", type=_positive, metavar="S", help="measured seconds per run")
+    p.add_argument("--warmup", type=_non_negative, metavar="S", help="unmeasured seconds first")
+    p.add_argument("--clients", type=_count, metavar="N", help="load-generating processes")
+    p.add_argument("--concurrency", type=_count, metavar="N", help="calls in flight per client")
+    p.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"PostgreSQL to create bench_* databases in (dropped afterwards); default "
+        f"${_DB_ENV} or {scenarios.DEFAULT_DATABASE_URL}",
+    )
+    p.add_argument("--scale-rows", type=_count, metavar="N", help="rows of the scale-1m runs")
+    p.add_argument(
+        "--fill-seconds", type=_positive, metavar="S", help="cap on the cache fill (scale-1m-hot)"
+    )
+    p.add_argument(
+        "--workers", type=_count, metavar="N", help="pass `--workers N` to `broker serve`"
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench`` to the ``broker`` command's subparsers."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmark GetAccessToken against the gRPC echo floor (DESIGN §9)"
+    )
+    add_arguments(bench)
+    bench.set_defaults(func=run)
+
+
+def options(args: argparse.Namespace) -> scenarios.Options:
+    o = scenarios.quick() if args.quick else scenarios.Options()
+    o.database_url = args.database_url or os.environ.get(_DB_ENV) or o.database_url
+    for name in ("duration", "warmup", "clients", "concurrency", "fill_seconds", "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(o, name, value)
+    if args.scale_rows is not None:
+        o.scale_large = args.scale_rows
+    return o
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        names = scenarios.select(args.scenario or ["all"])
+    except ValueError as exc:
+        print(f"broker bench: {exc}", file=sys.stderr)
+        return 2
+    opts = options(args)
+    info = report.machine()
+    print(report.machine_line(info), file=sys.stderr)
+    results: list[report.ScenarioResult] = []
+    began = time.monotonic()
+    interrupted = False
+    previous = _terminate_as_interrupt()
+    try:
+        with scenarios.Bench(opts) as bench:
+            try:
+                results = bench.run(names)
+            except KeyboardInterrupt:
+                interrupted = True
+                print("\nbroker bench: interrupted; cleaning up", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C during clean-up: it finished anyway
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    elapsed = time.monotonic() - began
+    info["bench_seconds"] = round(elapsed, 1)
+    report.add_ratios(results)
+    checks = report.targets(results)
+    print(report.table(results, info))
+    print(f"\n{len(results)} scenario(s) in {elapsed:.0f}s")
+    text = report.targets_text(checks)
+    if text:
+        print("\n" + text)
+    if args.json is not None:
+        report.write_json(args.json, results, info, opts.public(), checks)
+        print(f"results written to {args.json}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if any(r.failed for r in results) else 0
+
+
+def _terminate_as_interrupt() -> signal._HANDLER:
+    """SIGTERM unwinds like Ctrl-C, so servers are stopped and databases dropped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m broker.bench",
+        description="Benchmark GetAccessToken against the gRPC echo floor (DESIGN §9).",
+    )
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parser().parse_args(argv))
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value

@@ -1,0 +1,650 @@
+"""The scenarios and the run that owns every process, file and database they create.
+
+Each broker scenario runs a real ``python -m broker serve`` (after ``broker migrate``) with a
+temporary configuration, a fresh keyring and one caller; rows are seeded directly into the
+database, encrypted exactly as the broker encrypts them (``seed``). ``Bench`` is a context
+manager: on exit — normal, error or Ctrl-C — it stops every server it started, drops every
+PostgreSQL database it created and removes its temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from broker.bench import data, echo, load, procs, seed
+from broker.bench.report import ScenarioResult
+from broker.config import load_settings
+from broker.crypto import generate_key, parse_keyring
+from broker.domain.service import ACCESS, TokenCipher
+from broker.server.callers import hash_token
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# A token URL nothing listens on: outside the storm no seeded token is due for refresh, so the
+# provider is configured (tokens must belong to a known provider) but never called.
+_UNUSED_TOKEN_URL = "http://127.0.0.1:9/token"
+_SECRET_ENV = "BENCH_ACME_SECRET"
+
+
+@dataclass
+class Options:
+    duration: float = 10.0  # measured window per scenario, seconds
+    warmup: float = 2.0  # excluded from the figures
+    clients: int = 2  # load-generating processes
+    concurrency: int = 16  # calls in flight per client process
+    database_url: str = DEFAULT_DATABASE_URL  # PostgreSQL to create bench_* databases in
+    rows: int = 1_000  # integrations for the SQLite/PostgreSQL hot and cold scenarios
+    scale_small: int = 10_000
+    scale_large: int = 1_000_000
+    # Hot scale runs spread calls over this many integrations (all of them fit in the cache);
+    # cold scale runs spread them over every stored integration.
+    working_set: int = 10_000
+    storm_size: int = 1_000
+    storm_in_flight: int = 200  # total, over all client processes
+    storm_repeat: int = 2  # requests per integration, adjacent so duplicates overlap
+    provider_latency: float = 0.05
+    fill_seconds: float = 150.0  # cap on the cache fill before scale-1m-hot
+    prewarm_seconds: float = 30.0  # cap on the pre-warm sweep before a timed run
+    no_broker_in_flight: int = 8  # concurrent fetch+decrypt tasks of the in-process loop
+    seed_workers: int = 2  # processes encrypting and COPYing a large seed
+    workers: int | None = None  # passed on as `broker serve --workers N` when set
+
+    def public(self) -> dict[str, Any]:
+        """Settings for the report (the database password hidden)."""
+        out = dict(self.__dict__)
+        out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        return out
+
+
+def quick() -> Options:
+    """Tiny durations and seeds: a smoke test of every moving part in seconds."""
+    return Options(
+        duration=1.0,
+        warmup=0.5,
+        clients=1,
+        concurrency=4,
+        rows=200,
+        scale_small=1_000,
+        scale_large=1_000,
+        working_set=500,
+        storm_size=50,
+        storm_in_flight=20,
+        fill_seconds=10.0,
+        prewarm_seconds=10.0,
+        no_broker_in_flight=4,
+    )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    dataset: str | None  # the seeded data it needs (shared between scenarios)
+
+
+SCENARIOS = (
+    Scenario("echo", "bare grpc.aio server, constant response of the broker's size", None),
+    Scenario("no-broker", "in-process asyncpg fetchrow + AES-GCM decrypt", "pg"),
+    Scenario("sqlite-hot", "GetAccessToken, SQLite, cache on, auth+audit", "sqlite"),
+    Scenario("sqlite-cold", "GetAccessToken, SQLite, cache off, auth+audit", "sqlite"),
+    Scenario("pg-hot", "GetAccessToken, PostgreSQL, cache on, auth+audit", "pg"),
+    Scenario("pg-cold", "GetAccessToken, PostgreSQL, cache off, auth+audit", "pg"),
+    Scenario("refresh-storm", "all expired at once, provider answers in 50 ms", "storm"),
+    Scenario("scale-10k-hot", "PostgreSQL hot, 10,000 stored", "scale-10k"),
+    Scenario("scale-10k-cold", "PostgreSQL cold, 10,000 stored", "scale-10k"),
+    Scenario("scale-1m-hot", "PostgreSQL hot, 1,000,000 stored, cache filled", "scale-1m"),
+    Scenario("scale-1m-cold", "PostgreSQL cold, 1,000,000 stored", "scale-1m"),
+)
+NAMES = tuple(s.name for s in SCENARIOS)
+GROUPS = {
+    "all": NAMES,
+    "sqlite": ("sqlite-hot", "sqlite-cold"),
+    "pg": ("pg-hot", "pg-cold"),
+    "postgres": ("pg-hot", "pg-cold"),
+    "storm": ("refresh-storm",),
+    "scale": ("scale-10k-hot", "scale-10k-cold", "scale-1m-hot", "scale-1m-cold"),
+    "scale-10k": ("scale-10k-hot", "scale-10k-cold"),
+    "scale-1m": ("scale-1m-hot", "scale-1m-cold"),
+    "hot": ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot"),
+    "cold": ("sqlite-cold", "pg-cold", "scale-10k-cold", "scale-1m-cold"),
+}
+
+
+def select(names: Sequence[str]) -> list[str]:
+    """Scenario names (or group names) to run, in the standard order; ValueError if unknown."""
+    wanted: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            wanted.update(GROUPS[name])
+        elif name in NAMES:
+            wanted.add(name)
+        else:
+            raise ValueError(
+                f"unknown scenario {name!r}; known: {', '.join(NAMES)} "
+                f"(groups: {', '.join(GROUPS)})"
+            )
+    return [n for n in NAMES if n in wanted]
+
+
+@dataclass
+class Dataset:
+    key: str
+    salt: str
+    rows: int
+    url: str  # the broker's database URL
+    dsn: str | None  # asyncpg DSN (PostgreSQL only)
+    config_dir: Path
+    seed_seconds: float = 0.0
+    pg_name: str | None = None
+    token_url: str = _UNUSED_TOKEN_URL
+
+
+@dataclass
+class Bench:
+    options: Options
+    say: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+
+    def __post_init__(self) -> None:
+        self.run_id = secrets.token_hex(3)
+        self.tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+        self.keyring = generate_key("bench")
+        self.bearer = "cb_bench_" + secrets.token_urlsafe(24)
+        self.servers: list[procs.BrokerServer] = []
+        self.databases: list[str] = []
+        self.datasets: dict[str, Dataset] = {}
+        self.started = time.monotonic()
+        self._pg_problem: str | None = None
+        self._pg_checked = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for server in list(self.servers):
+            with contextlib.suppress(Exception):
+                server.stop()
+        self.servers.clear()
+        for name in list(self.datasets):
+            with contextlib.suppress(Exception):
+                self.drop_dataset(name)
+        for database in list(self.databases):
+            with contextlib.suppress(Exception):
+                asyncio.run(self._drop_database(database))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def log(self, message: str) -> None:
+        self.say(f"[{time.monotonic() - self.started:6.1f}s] {message}")
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, names: Sequence[str]) -> list[ScenarioResult]:
+        by_name = {s.name: s for s in SCENARIOS}
+        results: list[ScenarioResult] = []
+        for number, name in enumerate(names):
+            scenario = by_name[name]
+            self.log(f"{name}: {scenario.description}")
+            try:
+                result = self._dispatch(scenario)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                self.log(f"{name}: FAILED: {exc}")
+                result = ScenarioResult(name, scenario.description, failed=_short(exc))
+            else:
+                self.log(f"{name}: {_summary(result)}")
+            results.append(result)
+            # Drop data nobody later in the run needs (the 1M table is ~0.8 GB).
+            later = {by_name[n].dataset for n in names[number + 1 :]}
+            for key in list(self.datasets):
+                if key not in later:
+                    self.drop_dataset(key)
+        return results
+
+    def _dispatch(self, scenario: Scenario) -> ScenarioResult:
+        o = self.options
+        name = scenario.name
+        if name == "echo":
+            return self.echo(scenario)
+        if name == "no-broker":
+            return self.no_broker(scenario)
+        if name == "refresh-storm":
+            return self.storm(scenario)
+        hot = name.endswith("-hot")
+        if name.startswith("sqlite"):
+            ds = self.dataset("sqlite", o.rows)
+            return self.broker_run(scenario, ds, hot=hot, count=ds.rows, prewarm=ds.rows)
+        if name.startswith("pg"):
+            ds = self.dataset("pg", o.rows)
+            return self.broker_run(scenario, ds, hot=hot, count=ds.rows, prewarm=ds.rows)
+        rows = o.scale_small if name.startswith("scale-10k") else o.scale_large
+        ds = self.dataset(scenario.dataset or "", rows)
+        working = min(o.working_set, rows)
+        if hot:
+            fill = rows if name.startswith("scale-1m") else 0
+            return self.broker_run(
+                scenario, ds, hot=True, count=working, prewarm=working, fill=min(fill, rows)
+            )
+        # Cold: every stored row is equally likely, so the database really works at this size;
+        # a pre-warm sweep only where it covers the whole table.
+        return self.broker_run(
+            scenario, ds, hot=False, count=rows, prewarm=rows if rows <= working else 0
+        )
+
+    # -- scenarios ------------------------------------------------------------------------------
+
+    def echo(self, scenario: Scenario) -> ScenarioResult:
+        o = self.options
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        response = data.sample_response()
+        proc = ctx.Process(
+            target=echo.serve, args=(theirs, response.SerializeToString()), name="bench-echo"
+        )
+        proc.start()
+        theirs.close()
+        try:
+            if not ours.poll(60):
+                raise RuntimeError("echo server did not start")
+            port = int(ours.recv())
+            target = load.Target(f"127.0.0.1:{port}", bearer=None, salt="echo")
+            result = load.run(target, self._timed(0, o.rows), o.clients, o.concurrency,
+                              self._timed_timeout())  # fmt: skip
+            assert proc.pid is not None
+            rss = procs.peak_rss_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            ours.close()
+        return _from_load(scenario, result, rss, {"constant_response_bytes": response.ByteSize()})
+
+    def no_broker(self, scenario: Scenario) -> ScenarioResult:
+        o = self.options
+        ds = self.dataset("pg", o.rows)
+        assert ds.dsn is not None
+        result = _run_loop(
+            _no_broker_loop(
+                ds.dsn, ds.salt, ds.rows, self.keyring, o.warmup, o.duration, o.no_broker_in_flight
+            )
+        )
+        return _from_load(
+            scenario,
+            result,
+            None,
+            {
+                "rows": ds.rows,
+                "in_process": True,
+                "driver": "asyncpg",
+                "pool": o.no_broker_in_flight,
+            },
+        )
+
+    def broker_run(
+        self,
+        scenario: Scenario,
+        ds: Dataset,
+        *,
+        hot: bool,
+        count: int,
+        prewarm: int = 0,
+        fill: int = 0,
+    ) -> ScenarioResult:
+        o = self.options
+        details: dict[str, Any] = {
+            "rows": ds.rows,
+            "seed_seconds": round(ds.seed_seconds, 2),
+            "working_set": count,
+            "cache": "on" if hot else "off",
+        }
+        server = self.start_broker(ds, {} if hot else {"BROKER_CACHE__ENABLED": "false"})
+        try:
+            target = load.Target(server.address, bearer=self.bearer, salt=ds.salt)
+            if fill:
+                # Fill the cache to its bound with distinct integrations so the RSS figure is
+                # the one of a full cache over a large table (capped in time; reported).
+                entries = min(fill, _cache_max_entries())
+                self.log(f"{scenario.name}: filling the cache with {entries:,} integrations")
+                sweep = load.run(target, load.Sweep(0, entries, 1, o.fill_seconds), o.clients,
+                                 o.concurrency, o.fill_seconds + 120)  # fmt: skip
+                details.update(
+                    cache_max_entries=_cache_max_entries(),
+                    cache_filled=sweep.calls,
+                    fill_seconds=round(sweep.seconds, 1),
+                    fill_throughput=round(sweep.throughput),
+                    fill_errors=sweep.errors,
+                )
+            elif prewarm:
+                load.run(target, load.Sweep(0, prewarm, 1, o.prewarm_seconds), o.clients,
+                         o.concurrency, o.prewarm_seconds + 120)  # fmt: skip
+            result = load.run(target, self._timed(0, count), o.clients, o.concurrency,
+                              self._timed_timeout())  # fmt: skip
+            rss = procs.peak_rss_mib(server.pid)
+            if not server.alive():
+                raise RuntimeError("the broker exited during the run:\n  " + _tail(server))
+        finally:
+            details["exit_code"] = self.stop_broker(server)
+        return _from_load(scenario, result, rss, details)
+
+    def storm(self, scenario: Scenario) -> ScenarioResult:
+        from broker.testing.fakeauth import FakeAuthServer
+
+        o = self.options
+        with FakeAuthServer(latency=o.provider_latency, expires_in=3600) as fake:
+            grants = tuple(fake.issue_grant(scopes=data.SCOPES) for _ in range(o.storm_size))
+            # Seeded already expired: every first request must refresh, in the foreground.
+            ds = self.dataset(
+                "storm", o.storm_size, tokens=grants, expires_at=datetime.now(UTC),
+                token_url=fake.token_url,
+            )  # fmt: skip
+            assert ds.dsn is not None
+            server = self.start_broker(
+                ds, {"BROKER_REFRESH__BACKGROUND": "false", _SECRET_ENV: fake.client_secret}
+            )
+            try:
+                clients = max(1, min(o.clients, o.storm_in_flight))
+                in_flight = max(1, o.storm_in_flight // clients)
+                target = load.Target(server.address, bearer=self.bearer, salt=ds.salt)
+                result = load.run(target, load.Sweep(0, ds.rows, o.storm_repeat), clients,
+                                  in_flight, 600)  # fmt: skip
+                rss = procs.peak_rss_mib(server.pid)
+                provider_calls = fake.refresh_calls
+            finally:
+                code = self.stop_broker(server)
+            rotations = asyncio.run(
+                _fetch_value(
+                    ds.dsn,
+                    "SELECT count(*) FROM integrations WHERE last_refreshed_at IS NOT NULL",
+                )
+            )
+        return _from_load(
+            scenario,
+            result,
+            rss,
+            {
+                "rows": ds.rows,
+                "requests_per_integration": o.storm_repeat,
+                "in_flight_total": clients * in_flight,
+                "provider_latency_s": o.provider_latency,
+                "provider_calls": provider_calls,
+                "rotations": int(rotations),
+                "exit_code": code,
+            },
+        )
+
+    # -- brokers --------------------------------------------------------------------------------
+
+    def start_broker(self, ds: Dataset, extra_env: dict[str, str]) -> procs.BrokerServer:
+        env = procs.broker_env({"BROKER_KEYS": self.keyring, **extra_env})
+        env.setdefault(_SECRET_ENV, "unused")
+        args = ("--workers", str(self.options.workers)) if self.options.workers else ()
+        server = procs.BrokerServer(self._config(ds), env, args)
+        self.servers.append(server)
+        server.start()
+        self.log(f"broker pid {server.pid} serving on {server.address} ({ds.key})")
+        return server
+
+    def stop_broker(self, server: procs.BrokerServer) -> int | None:
+        code = server.stop()
+        if server in self.servers:
+            self.servers.remove(server)
+        return code
+
+    def _config(self, ds: Dataset) -> Path:
+        path = ds.config_dir / "broker.toml"
+        path.write_text(
+            "\n".join(
+                [
+                    "[server]",
+                    'listen = "127.0.0.1:0"',
+                    f'environment = "{data.ENVIRONMENT}"',
+                    "[database]",
+                    f"url = {_toml_string(ds.url)}",
+                    "[callers.bench]",
+                    f'token_sha256 = "{hash_token(self.bearer)}"',
+                    f"[providers.{data.PROVIDER}]",
+                    f"token_url = {_toml_string(ds.token_url)}",
+                    'client_id = "fake-client"',
+                    f'client_secret_env = "{_SECRET_ENV}"',
+                    "rotates_refresh_tokens = true",
+                    "",
+                ]
+            )
+        )
+        return path
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def dataset(
+        self,
+        key: str,
+        rows: int,
+        *,
+        tokens: tuple[tuple[str, str], ...] = (),
+        expires_at: datetime | None = None,
+        token_url: str = _UNUSED_TOKEN_URL,
+    ) -> Dataset:
+        """The seeded, migrated database for ``key`` (made on first use)."""
+        if key in self.datasets:
+            return self.datasets[key]
+        config_dir = self.tmp / key
+        config_dir.mkdir(parents=True, exist_ok=True)
+        salt = f"{self.run_id}-{key}"
+        if key == "sqlite":
+            path = config_dir / "broker.db"
+            ds = Dataset(key, salt, rows, f"sqlite+aiosqlite:///{path}", None, config_dir)
+        else:
+            self._require_postgres()
+            name = f"bench_{self.run_id}_{key.replace('-', '_')}"
+            asyncio.run(self._create_database(name))
+            ds = Dataset(
+                key, salt, rows, self._url(name, "postgresql+asyncpg"),
+                self._url(name, "postgresql"), config_dir, pg_name=name,
+            )  # fmt: skip
+        ds.token_url = token_url
+        self.datasets[key] = ds
+        env = procs.broker_env({"BROKER_KEYS": self.keyring})
+        procs.run_cli(self._config(ds), env, "migrate")
+        plan = seed.SeedPlan(
+            salt=salt, start=0, count=rows, keyring=self.keyring, expires_at=expires_at,
+            tokens=tokens,
+        )  # fmt: skip
+        self.log(f"seeding {rows:,} integrations into {key}")
+        if ds.dsn is None:
+            ds.seed_seconds = seed.seed_sqlite(str(config_dir / "broker.db"), plan)
+        else:
+            ds.seed_seconds = seed.seed_postgres(ds.dsn, plan, self.options.seed_workers)
+        self.log(f"seeded {rows:,} integrations in {ds.seed_seconds:.1f}s")
+        return ds
+
+    def drop_dataset(self, key: str) -> None:
+        ds = self.datasets.pop(key)
+        if ds.pg_name is not None:
+            asyncio.run(self._drop_database(ds.pg_name))
+        shutil.rmtree(ds.config_dir, ignore_errors=True)
+
+    def _url(self, database: str, driver: str) -> str:
+        url = make_url(self.options.database_url).set(drivername=driver, database=database)
+        return url.render_as_string(hide_password=False)
+
+    def _require_postgres(self) -> None:
+        if not self._pg_checked:
+            self._pg_checked = True
+            try:
+                asyncio.run(
+                    _fetch_value(self._url(_admin_db(self.options), "postgresql"), "SELECT 1")
+                )
+            except Exception as exc:
+                where = self.options.public()["database_url"]
+                self._pg_problem = f"PostgreSQL unavailable at {where}: {_short(exc)}"
+        if self._pg_problem is not None:
+            raise RuntimeError(self._pg_problem)
+
+    async def _create_database(self, name: str) -> None:
+        conn = await asyncpg.connect(self._url(_admin_db(self.options), "postgresql"))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+            self.databases.append(name)
+        finally:
+            await conn.close()
+
+    async def _drop_database(self, name: str) -> None:
+        conn = await asyncpg.connect(self._url(_admin_db(self.options), "postgresql"))
+        try:
+            # FORCE: a broker killed mid-run may leave a connection behind.
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if name in self.databases:
+                self.databases.remove(name)
+        finally:
+            await conn.close()
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def _timed(self, first: int, count: int) -> load.Timed:
+        return load.Timed(self.options.duration, self.options.warmup, first, count)
+
+    def _timed_timeout(self) -> float:
+        return self.options.warmup + self.options.duration + 90
+
+
+# -- the in-process "no broker" loop ------------------------------------------------------------
+
+# The columns the broker reads for GetAccessToken (broker.storage.repository), so the driver
+# moves the same bytes.
+_ROW_COLUMNS = (
+    "id, user_id, provider, account_id, status, token_type, scopes, metadata, created_at, "
+    "updated_at, expires_at, last_refreshed_at, disconnected_at, disconnect_reason, version, "
+    "access_token_ct, refresh_token_ct, key_id, refresh_failures, revocation, revocation_attempts"
+)
+
+
+async def _no_broker_loop(
+    dsn: str, salt: str, rows: int, keyring: str, warmup: float, duration: float, in_flight: int
+) -> load.LoadResult:
+    """What a service does without the broker: fetch its row, decrypt the token. ``in_flight``
+    tasks share a pool of as many connections, in this one process."""
+    cipher = TokenCipher(parse_keyring(keyring, "bench keyring"), data.ENVIRONMENT)
+    query = f"SELECT {_ROW_COLUMNS} FROM integrations WHERE id = $1"  # noqa: S608 - constants
+    pool = await asyncpg.create_pool(dsn, min_size=in_flight, max_size=in_flight)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    window_from = time.monotonic() + warmup
+    window_to = window_from + duration
+
+    async def worker(rng: random.Random) -> None:
+        while time.monotonic() < window_to:
+            iid = data.integration_id(salt, rng.randrange(rows))
+            began = time.perf_counter()
+            error = None
+            try:
+                row = await pool.fetchrow(query, iid)
+                cipher.decrypt(iid, ACCESS, row["access_token_ct"])
+            except Exception as exc:
+                error = type(exc).__name__
+            latency = time.perf_counter() - began
+            if window_from <= time.monotonic() <= window_to:
+                if error is None:
+                    latencies.append(latency)
+                else:
+                    errors[error] = errors.get(error, 0) + 1
+
+    try:
+        await asyncio.gather(*(worker(random.Random(i)) for i in range(in_flight)))
+    finally:
+        await pool.close()
+    latencies.sort()
+    return load.LoadResult(len(latencies), duration, latencies, errors, 0, 1, in_flight)
+
+
+def _run_loop(coro: Any) -> load.LoadResult:
+    """Run on uvloop when installed: the loop the broker runs on, so the comparison is fair."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[no-any-return]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)  # type: ignore[no-any-return]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _fetch_value(dsn: str, query: str) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+def _admin_db(options: Options) -> str:
+    return make_url(options.database_url).database or "postgres"
+
+
+def _cache_max_entries() -> int:
+    """cache.max_entries as the brokers will see it (default, or BROKER_CACHE__MAX_ENTRIES)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("BROKER_CACHE__")}
+    return load_settings(env=env).cache.max_entries
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _from_load(
+    scenario: Scenario, result: load.LoadResult, rss: float | None, details: dict[str, Any]
+) -> ScenarioResult:
+    p50, p99 = result.percentile(0.50), result.percentile(0.99)
+    return ScenarioResult(
+        name=scenario.name,
+        description=scenario.description,
+        throughput=result.throughput,
+        p50_ms=None if p50 is None else p50 * 1000,
+        p99_ms=None if p99 is None else p99 * 1000,
+        calls=result.calls,
+        seconds=result.seconds,
+        errors=result.errors,
+        rss_mib=rss,
+        response_bytes=result.response_bytes or None,
+        clients=result.clients,
+        in_flight=result.in_flight,
+        details=details,
+    )
+
+
+def _summary(r: ScenarioResult) -> str:
+    tp = "-" if r.throughput is None else f"{r.throughput:,.0f} calls/s"
+    p99 = "-" if r.p99_ms is None else f"p99 {r.p99_ms:.2f} ms"
+    return f"{tp}, {p99}, {r.error_count} errors"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + "…"
+
+
+def _tail(server: procs.BrokerServer) -> str:
+    return "\n  ".join(list(server.log)[-20:])

@@ -1,0 +1,34 @@
+"""Smoke test of ``broker bench``: every moving part of the echo and SQLite scenarios runs
+(client processes, echo server, a real broker subprocess, seeding, report). Timings are not
+checked — only that figures come out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_bench_writes_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.bench", "--quick",
+         "--scenario", "echo", "--scenario", "sqlite-hot", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["machine"]["nproc"] >= 1
+    scenarios = result["scenarios"]
+    assert set(scenarios) == {"echo", "sqlite-hot"}
+    for name in ("echo", "sqlite-hot"):
+        figures = scenarios[name]
+        assert figures["failed"] is None
+        assert figures["throughput"] > 0
+        assert figures["p99_ms"] > 0
+        assert figures["error_count"] == 0
+    # Same response shape as the floor, and the ratio printed next to the figure.
+    assert scenarios["sqlite-hot"]["response_bytes"] == scenarios["echo"]["response_bytes"]
+    assert scenarios["sqlite-hot"]["ratios"]["throughput_vs_echo"] > 0
+    assert "sqlite-hot" in done.stdout
