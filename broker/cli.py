@@ -352,6 +352,50 @@ def cmd_integrations_list(args: argparse.Namespace) -> int:
     return _with_runtime(args, body)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from broker.storage import audit_log
+    from broker.storage.engine import storage_errors
+
+    if not (args.user or args.integration or args.caller or args.all):
+        print("broker: give --user, --integration or --caller (or --all)", file=sys.stderr)
+        return EXIT_CONFIG
+    since = datetime.fromisoformat(args.since) if args.since else None
+
+    async def body(runtime: Runtime) -> int:
+        async with storage_errors(), runtime.engine.connect() as conn:
+            events = await audit_log.list_events(
+                conn,
+                user_id=args.user,
+                integration_id=args.integration,
+                caller=args.caller,
+                since=since,
+                limit=args.limit,
+            )
+        if args.json:
+            print(json.dumps(events, indent=2, default=str))
+            return EXIT_OK
+        rows = [
+            ["TIME", "CALLER", "METHOD", "OUTCOME", "INTEGRATION", "USER", "PROVIDER", "REQUEST"]
+        ]
+        for e in events:
+            rows.append(
+                [
+                    _when(e["occurred_at"]),
+                    e["caller"],
+                    e["method"],
+                    e["outcome"],
+                    e["integration_id"] or "-",
+                    e["user_id"] or "-",
+                    e["provider"] or "-",
+                    e["request_id"],
+                ]
+            )
+        _table(rows, sys.stdout)
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
 def cmd_integrations_show(args: argparse.Namespace) -> int:
     from broker.domain.model import Selector
 
@@ -507,6 +551,16 @@ def parser() -> argparse.ArgumentParser:
         help="how long to keep retrying rows that are being refreshed (default 180)",
     )
     reenc.set_defaults(func=cmd_keys_reencrypt)
+
+    audit = sub.add_parser("audit", help="read the audit trail, newest first")
+    audit.add_argument("--user", help="events of this user_id")
+    audit.add_argument("--integration", help="events of this integration id")
+    audit.add_argument("--caller", help="events of this caller name")
+    audit.add_argument("--all", action="store_true", help="no filter")
+    audit.add_argument("--since", help="ISO time, e.g. 2026-11-26T00:00:00+00:00")
+    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=cmd_audit)
 
     integ = sub.add_parser(
         "integrations", help="look at and clean up integrations (metadata only)"

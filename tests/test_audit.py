@@ -19,9 +19,18 @@ from sqlalchemy.engine import make_url
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import Settings
 from broker.server.app import Broker
 from broker.storage.tables import audit_events
-from tests.conftest import ADMIN, ADMIN_TOKEN, RUNNER, RUNNER_TOKEN, expect_error, store_request
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    RUNNER,
+    RUNNER_TOKEN,
+    expect_error,
+    make_settings,
+    store_request,
+)
 
 Code = grpc.StatusCode
 
@@ -272,6 +281,12 @@ class AuditTable:
 def audit_table(database_url: str, broker: Broker) -> AuditTable:
     """(Started after the broker, which has verified the schema with the table in place.)"""
     return AuditTable(database_url)
+
+
+@pytest.fixture(params=[True, False], ids=["group-commit", "one-by-one"])
+def settings(database_url: str, request: pytest.FixtureRequest) -> Settings:
+    """Both ways of writing events: batched (group commit, the default) and one at a time."""
+    return make_settings(database_url, audit={"group_commit": request.param})
 
 
 async def test_audit_write_failure_fails_closed_and_returns_no_token(

@@ -1,0 +1,67 @@
+"""`broker audit`: operators read the trail by user, integration or caller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.server.app import Broker
+from tests.conftest import ADMIN, ENVIRONMENT, KEYS, RUNNER, store_request
+
+
+async def audit_cli(database_url: str, *args: str) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEYS": KEYS,
+        "BROKER_ENVIRONMENT": ENVIRONMENT,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "audit",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_audit_cli_filters(
+    stub: pb_grpc.CredentialBrokerStub, broker: Broker, database_url: str
+) -> None:
+    stored = await stub.StoreIntegration(
+        store_request(access_token="at-audit-canary"), metadata=ADMIN
+    )
+    iid = stored.integration.id
+    await stub.GetAccessToken(
+        pb.GetAccessTokenRequest(integration_id=iid), metadata=(*RUNNER, ("x-request-id", "req-42"))
+    )
+    await stub.StoreIntegration(store_request(user_id="someone-else"), metadata=ADMIN)
+
+    code, out, _ = await audit_cli(database_url, "--user", "user-1", "--json")
+    assert code == 0
+    events = json.loads(out)
+    assert [e["method"] for e in events] == ["GetAccessToken", "StoreIntegration"]
+    assert events[0]["caller"] == "runner"
+    assert events[0]["request_id"] == "req-42"
+    assert events[0]["integration_id"] == iid
+    assert all(e["outcome"] == "OK" for e in events)
+    assert "at-audit-canary" not in out
+
+    code, out, _ = await audit_cli(database_url, "--caller", "runner")
+    assert code == 0
+    assert "GetAccessToken" in out
+    assert "StoreIntegration" not in out
+    code, out, _ = await audit_cli(database_url, "--integration", iid, "--json")
+    assert {e["integration_id"] for e in json.loads(out)} == {iid}
+    code, _, err = await audit_cli(database_url)
+    assert code == 2
+    assert "--user" in err
