@@ -289,11 +289,25 @@ def settings(database_url: str, request: pytest.FixtureRequest) -> Settings:
     return make_settings(database_url, audit={"group_commit": request.param})
 
 
+PG_ONE_BY_ONE_BUG = (
+    "BUG (PostgreSQL, [audit] group_commit = false): the INSERT into a missing audit table "
+    "raises sqlalchemy ProgrammingError (UndefinedTable); Auditor._write converts only "
+    "StorageUnavailable, and the interceptor catches only BrokerError, so the call ends "
+    "UNKNOWN with details 'Unexpected <class ProgrammingError>: ... [SQL: INSERT INTO "
+    "audit_events ...] [parameters: ...]' instead of UNAVAILABLE AUDIT_UNAVAILABLE"
+)
+
+
 async def test_audit_write_failure_fails_closed_and_returns_no_token(
     stub: pb_grpc.CredentialBrokerStub,
     broker: Broker,
     audit_table: AuditTable,
+    backend: str,
+    settings: Settings,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if backend == "postgres" and not settings.audit.group_commit:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PG_ONE_BY_ONE_BUG))
     access = f"at-failclosed-{uuid.uuid4().hex}"
     iid = (
         await stub.StoreIntegration(store_request(access_token=access), metadata=ADMIN)

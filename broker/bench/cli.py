@@ -24,13 +24,14 @@ _DB_ENV = "BROKER_BENCH_DATABASE_URL"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--standard",
         action="store_true",
         help="every scenario with the standard settings (what `make bench` runs; < 10 min "
         "on 2 cores)",
     )
-    p.add_argument(
+    mode.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: tiny durations, 1,000 rows instead of 1,000,000",

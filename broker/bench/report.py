@@ -193,7 +193,10 @@ def _note(r: ScenarioResult) -> str:
         same = "=" if d["provider_calls"] == d.get("rotations") else "!="
         parts.append(f"provider calls {d['provider_calls']} {same} rotations {d.get('rotations')}")
     if "cache_filled" in d:
-        parts.append(f"cache filled {d['cache_filled']:,}/{d['cache_max_entries']:,}")
+        parts.append(
+            f"cache fill: {d['cache_filled']:,} distinct ids served "
+            f"(max_entries {d['cache_max_entries']:,})"
+        )
     if r.errors:
         parts.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())))
     return "; ".join(parts)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -38,7 +39,7 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_n
 class Broker:
     settings: Settings
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: HealthServicer
     runtime: Runtime
     port: int
     interceptor: AuthInterceptor
@@ -145,7 +146,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
         CredentialBrokerServicer(runtime.service, runtime.authorization), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     for name in ("", SERVICE_NAME):
         # open_runtime has just talked to the database; the watcher takes over from here.
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -216,7 +217,7 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
         except OSError as exc:
             raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
         credentials = grpc.ssl_server_credentials(
-            ((key, cert),), root_certificates=ca, require_client_auth=ca is not None
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
         )
         return server.add_secure_port(listen, credentials)
     if host not in LOOPBACK:

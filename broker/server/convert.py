@@ -92,6 +92,7 @@ def selector(request: Any) -> Selector:
 def status_filter(value: int) -> Status | None:
     if value == pb.INTEGRATION_STATUS_UNSPECIFIED:
         return None
-    if value not in STATUS_FROM_PB:
+    status = STATUS_FROM_PB.get(pb.IntegrationStatus.ValueType(value))
+    if status is None:
         raise InvalidArgument("status", f"unknown status {value}")
-    return STATUS_FROM_PB[value]
+    return status

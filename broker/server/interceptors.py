@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc.aio import ServerInterceptor
@@ -48,7 +48,7 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
-class AuthInterceptor(ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
         self,
         registry: CallerRegistry,
@@ -149,7 +149,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[misc]
                     await self.auditor.record(call, "OK")
                 except BrokerError as error:
                     self._access(caller, name, error.code, started, call)
-                    await context.abort_with_status(to_status(error))
+                    await cast(Any, context).abort_with_status(to_status(error))
             self._access(caller, name, grpc.StatusCode.OK, started, call)
             return response
 

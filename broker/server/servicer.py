@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -35,13 +35,14 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await method(self, request, context)
         except BrokerError as error:
-            await context.abort_with_status(to_status(error))
+            # grpc-stubs lags grpc.aio: abort_with_status exists but is not declared.
+            await cast(Any, context).abort_with_status(to_status(error))
         except Exception:
             # The traceback stays in the server log; the caller gets an id to quote, never
             # the exception text (it could carry anything).
             incident = uuid.uuid4().hex[:12]
             log.exception("internal error in %s (incident %s)", method.__name__, incident)
-            await context.abort_with_status(
+            await cast(Any, context).abort_with_status(
                 plain_status(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
             )
         raise AssertionError("unreachable")  # pragma: no cover - abort always raises
