@@ -57,9 +57,16 @@ class BrokerProcess:
 
     async def start(self, timeout: float = 20.0) -> BrokerProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker", "--config", str(self.config), "serve",
-            env=self.env, cwd=self.cwd,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "broker",
+            "--config",
+            str(self.config),
+            "serve",
+            env=self.env,
+            cwd=self.cwd,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))

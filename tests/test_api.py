@@ -18,7 +18,9 @@ from tests.conftest import ADMIN, expect_error, store_request
 Code = grpc.StatusCode
 
 
-async def store(stub: pb_grpc.CredentialBrokerStub, **fields: object) -> pb.StoreIntegrationResponse:
+async def store(
+    stub: pb_grpc.CredentialBrokerStub, **fields: object
+) -> pb.StoreIntegrationResponse:
     return await stub.StoreIntegration(store_request(**fields), metadata=ADMIN)
 
 
@@ -100,7 +102,9 @@ async def test_get_and_list_integrations_carry_no_tokens(
         pb.GetIntegrationRequest(integration_id=stored.integration.id), metadata=ADMIN
     )
     assert got.integration == stored.integration
-    listed = await stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN)
+    listed = await stub.ListIntegrations(
+        pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
+    )
     assert [i.id for i in listed.integrations] == [stored.integration.id]
     for message in (got, listed, stored):
         raw = message.SerializeToString()
@@ -139,7 +143,9 @@ async def test_list_pagination_and_filters(stub: pb_grpc.CredentialBrokerStub) -
     )
     assert ids[0] not in [i.id for i in connected.integrations]
     assert len(connected.integrations) == 6
-    other = await stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="nobody"), metadata=ADMIN)
+    other = await stub.ListIntegrations(
+        pb.ListIntegrationsRequest(user_id="nobody"), metadata=ADMIN
+    )
     assert not other.integrations and not other.next_page_token
 
 
@@ -147,8 +153,9 @@ async def test_disconnect_then_reconnect(stub: pb_grpc.CredentialBrokerStub) -> 
     stored = await store(stub, access_token="at-old")
     iid = stored.integration.id
     response = await stub.Disconnect(
-        pb.DisconnectRequest(integration_id=iid, reason="user clicked disconnect",
-                             skip_provider_revocation=True),
+        pb.DisconnectRequest(
+            integration_id=iid, reason="user clicked disconnect", skip_provider_revocation=True
+        ),
         metadata=ADMIN,
     )
     assert response.integration.status == pb.INTEGRATION_STATUS_DISCONNECTED
@@ -176,7 +183,9 @@ async def test_min_valid_for_and_expiry(stub: pb_grpc.CredentialBrokerStub) -> N
     stored = await store(stub, refresh_token="", expires_in_seconds=120, access_token="at-short")
     iid = stored.integration.id
     ok = await stub.GetAccessToken(
-        pb.GetAccessTokenRequest(integration_id=iid, min_valid_for=duration_pb2.Duration(seconds=60)),
+        pb.GetAccessTokenRequest(
+            integration_id=iid, min_valid_for=duration_pb2.Duration(seconds=60)
+        ),
         metadata=ADMIN,
     )
     assert ok.access_token == "at-short"
@@ -272,7 +281,9 @@ async def test_store_rejects_bad_input_and_writes_nothing(
 
 async def row_count(broker: Broker) -> int:
     async with broker.engine.connect() as conn:
-        return int((await conn.execute(select(func.count()).select_from(integrations))).scalar_one())
+        return int(
+            (await conn.execute(select(func.count()).select_from(integrations))).scalar_one()
+        )
 
 
 async def test_store_rejects_oversized_and_malformed_metadata(
@@ -280,12 +291,14 @@ async def test_store_rejects_oversized_and_malformed_metadata(
 ) -> None:
     big = struct_pb2.Struct()
     big.update({"blob": "y" * (64 * 1024)})
-    await expect_error(store(stub, metadata=big), Code.INVALID_ARGUMENT, "INVALID_ARGUMENT",
-                       contains="metadata")
+    await expect_error(
+        store(stub, metadata=big), Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="metadata"
+    )
     nan = struct_pb2.Struct()
     nan.update({"n": float("nan")})
-    await expect_error(store(stub, metadata=nan), Code.INVALID_ARGUMENT, "INVALID_ARGUMENT",
-                       contains="metadata")
+    await expect_error(
+        store(stub, metadata=nan), Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="metadata"
+    )
     ts = timestamp_pb2.Timestamp(seconds=1)
     await expect_error(
         store(stub, expires_at=ts, expires_in_seconds=5),
@@ -298,30 +311,50 @@ async def test_store_rejects_oversized_and_malformed_metadata(
 
 async def test_selector_validation(stub: pb_grpc.CredentialBrokerStub) -> None:
     stored = await store(stub)
-    both = pb.GetAccessTokenRequest(integration_id=stored.integration.id, user_id="user-1",
-                                    provider="twitter")
-    await expect_error(stub.GetAccessToken(both, metadata=ADMIN), Code.INVALID_ARGUMENT,
-                       "INVALID_ARGUMENT", contains="not both")
-    await expect_error(stub.GetAccessToken(pb.GetAccessTokenRequest(), metadata=ADMIN),
-                       Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="integration_id")
+    both = pb.GetAccessTokenRequest(
+        integration_id=stored.integration.id, user_id="user-1", provider="twitter"
+    )
+    await expect_error(
+        stub.GetAccessToken(both, metadata=ADMIN),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="not both",
+    )
+    await expect_error(
+        stub.GetAccessToken(pb.GetAccessTokenRequest(), metadata=ADMIN),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="integration_id",
+    )
     await expect_error(
         stub.GetAccessToken(pb.GetAccessTokenRequest(user_id="user-1"), metadata=ADMIN),
-        Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="provider",
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="provider",
     )
     await expect_error(
         stub.GetAccessToken(
-            pb.GetAccessTokenRequest(integration_id=stored.integration.id,
-                                     min_valid_for=duration_pb2.Duration(seconds=-1)),
+            pb.GetAccessTokenRequest(
+                integration_id=stored.integration.id,
+                min_valid_for=duration_pb2.Duration(seconds=-1),
+            ),
             metadata=ADMIN,
         ),
-        Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="min_valid_for",
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="min_valid_for",
     )
     await expect_error(
-        stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1", page_token="%%%"),
-                              metadata=ADMIN),
-        Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="page_token",
+        stub.ListIntegrations(
+            pb.ListIntegrationsRequest(user_id="user-1", page_token="%%%"), metadata=ADMIN
+        ),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="page_token",
     )
     await expect_error(
         stub.ListIntegrations(pb.ListIntegrationsRequest(), metadata=ADMIN),
-        Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", contains="user_id",
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="user_id",
     )

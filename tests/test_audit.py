@@ -146,15 +146,6 @@ async def test_every_rpc_writes_one_event(
         assert secret not in everything
 
 
-LOOKUP_BUG = (
-    "BUG: a call that fails before finding an integration writes its audit event with "
-    "user_id, provider and integration_id all NULL (IntegrationService.read() notes nothing "
-    "until the row is found), so probes of another user's integrations are not attributable "
-    "to that user or id"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LOOKUP_BUG)
 async def test_failed_lookup_by_owner_names_the_owner(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker
 ) -> None:
@@ -171,7 +162,6 @@ async def test_failed_lookup_by_owner_names_the_owner(
     assert (row.user_id, row.provider) == ("user-2", "google")
 
 
-@pytest.mark.xfail(strict=True, reason=LOOKUP_BUG)
 async def test_failed_lookup_by_id_names_the_id(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker
 ) -> None:
@@ -188,12 +178,6 @@ async def test_failed_lookup_by_id_names_the_id(
     assert row.integration_id == missing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on a failed call the x-request-id trailing metadata set by the interceptor "
-    "is replaced by abort_with_status (its trailing metadata is only grpc-status-details-bin), "
-    "so a caller cannot quote the (generated) request id of a failed call",
-)
 async def test_failed_call_returns_its_request_id(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker
 ) -> None:
@@ -231,8 +215,9 @@ async def test_request_id_is_generated_when_missing_or_malformed(
 async def test_calls_refused_before_the_servicer_touch_nothing(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker
 ) -> None:
-    """Unauthenticated calls and methods outside a caller's policy read nothing: no event,
-    and above all no integration data (the access log records them)."""
+    """Calls refused before the servicer read nothing. An unauthenticated one has no caller to
+    record (the access log has it); a known caller trying a method outside its policy is
+    recorded as PERMISSION_DENIED, with no integration data."""
     await expect_error(
         stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1")),
         Code.UNAUTHENTICATED,
@@ -241,7 +226,18 @@ async def test_calls_refused_before_the_servicer_touch_nothing(
         stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"), metadata=RUNNER),
         Code.PERMISSION_DENIED,
     )
-    assert await audit_rows(broker) == []
+    deadline = asyncio.get_running_loop().time() + 5
+    while not (rows := await audit_rows(broker)):
+        assert asyncio.get_running_loop().time() < deadline, "no audit event for the refusal"
+        await asyncio.sleep(0.02)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.caller, row.method, row.outcome) == (
+        "runner",
+        "ListIntegrations",
+        "PERMISSION_DENIED",
+    )
+    assert (row.user_id, row.provider, row.integration_id) == (None, None, None)
 
 
 # -- fail closed --------------------------------------------------------------------------------
@@ -254,14 +250,19 @@ class AuditTable:
     def __init__(self, database_url: str) -> None:
         self.url = make_url(database_url)
 
+    def _sqlite(self, sql: str) -> None:
+        conn = sqlite3.connect(str(self.url.database), timeout=10)
+        try:
+            conn.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+
     async def _execute(self, sql: str) -> None:
         if self.url.get_backend_name() == "sqlite":
-            conn = sqlite3.connect(str(self.url.database), timeout=10)
-            try:
-                conn.execute(sql)
-                conn.commit()
-            finally:
-                conn.close()
+            # In a thread: the broker shares this event loop and may hold the write lock for
+            # a moment; blocking the loop here would keep it from ever letting go.
+            await asyncio.to_thread(self._sqlite, sql)
             return
         dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
         pg = await asyncpg.connect(dsn, timeout=10)
@@ -289,15 +290,6 @@ def settings(database_url: str, request: pytest.FixtureRequest) -> Settings:
     return make_settings(database_url, audit={"group_commit": request.param})
 
 
-PG_ONE_BY_ONE_BUG = (
-    "BUG (PostgreSQL, [audit] group_commit = false): the INSERT into a missing audit table "
-    "raises sqlalchemy ProgrammingError (UndefinedTable); Auditor._write converts only "
-    "StorageUnavailable, and the interceptor catches only BrokerError, so the call ends "
-    "UNKNOWN with details 'Unexpected <class ProgrammingError>: ... [SQL: INSERT INTO "
-    "audit_events ...] [parameters: ...]' instead of UNAVAILABLE AUDIT_UNAVAILABLE"
-)
-
-
 async def test_audit_write_failure_fails_closed_and_returns_no_token(
     stub: pb_grpc.CredentialBrokerStub,
     broker: Broker,
@@ -306,8 +298,6 @@ async def test_audit_write_failure_fails_closed_and_returns_no_token(
     settings: Settings,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "postgres" and not settings.audit.group_commit:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PG_ONE_BY_ONE_BUG))
     access = f"at-failclosed-{uuid.uuid4().hex}"
     iid = (
         await stub.StoreIntegration(store_request(access_token=access), metadata=ADMIN)

@@ -336,12 +336,6 @@ async def test_refused_revocation_is_failed_and_wiped(
     assert await broker.runtime.revoker.retry_pending() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StoreIntegration for the same (user, provider, account) while the old grant's "
-    "revocation is PENDING resets revocation to NULL and overwrites the ciphertexts, so the old "
-    "grant is never revoked at the provider",
-)
 async def test_reconnect_while_pending_still_revokes_the_old_grant(
     stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
 ) -> None:

@@ -190,11 +190,6 @@ async def test_alias_in_request_does_not_bypass_policy(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: caller policy providers are not canonicalised; providers=['x'] denies the "
-    "alias' own provider (twitter) on every call",
-)
 async def test_alias_in_policy_allows_the_provider(
     stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
 ) -> None:

@@ -50,8 +50,12 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
     return make_settings(
         database_url,
         providers=provider_settings(fake),
-        refresh={"margin_seconds": 30, "provider_timeout_seconds": 1, "max_attempts": 2,
-                 "background": False},
+        refresh={
+            "margin_seconds": 30,
+            "provider_timeout_seconds": 1,
+            "max_attempts": 2,
+            "background": False,
+        },
     )
 
 
@@ -76,7 +80,9 @@ async def store_grant(
     return response.integration.id, access, refresh
 
 
-async def token(stub: pb_grpc.CredentialBrokerStub, iid: str, **fields: Any) -> pb.GetAccessTokenResponse:
+async def token(
+    stub: pb_grpc.CredentialBrokerStub, iid: str, **fields: Any
+) -> pb.GetAccessTokenResponse:
     return await stub.GetAccessToken(
         pb.GetAccessTokenRequest(integration_id=iid, **fields), metadata=ADMIN
     )
@@ -123,7 +129,9 @@ async def test_valid_token_is_served_without_refresh(
     assert fake.refresh_calls == 0
 
 
-async def test_min_valid_for_decides(stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer) -> None:
+async def test_min_valid_for_decides(
+    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+) -> None:
     iid, access, _ = await store_grant(stub, fake, expires_in=120)
     as_is = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=60))
     assert as_is.access_token == access and not as_is.refreshed
@@ -159,9 +167,7 @@ async def test_refresh_keeps_refresh_token_when_response_has_none(
     assert fake.refresh_calls == 2
 
 
-async def test_missing_expires_in_uses_default(
-    database_url: str, fake: FakeAuthServer
-) -> None:
+async def test_missing_expires_in_uses_default(database_url: str, fake: FakeAuthServer) -> None:
     fake.expires_in = None
     settings = make_settings(
         database_url,
@@ -182,8 +188,18 @@ async def test_missing_expires_in_uses_default(
 
 # Provider answer → (status afterwards, gRPC code, ErrorInfo reason), as in DESIGN §5.
 FAILURES = [
-    ("invalid_grant", "NEEDS_REAUTHORIZATION", Code.FAILED_PRECONDITION, "REAUTHORIZATION_REQUIRED"),
-    ("invalid_scope", "NEEDS_REAUTHORIZATION", Code.FAILED_PRECONDITION, "REAUTHORIZATION_REQUIRED"),
+    (
+        "invalid_grant",
+        "NEEDS_REAUTHORIZATION",
+        Code.FAILED_PRECONDITION,
+        "REAUTHORIZATION_REQUIRED",
+    ),
+    (
+        "invalid_scope",
+        "NEEDS_REAUTHORIZATION",
+        Code.FAILED_PRECONDITION,
+        "REAUTHORIZATION_REQUIRED",
+    ),
     ("invalid_client", "CONNECTED", Code.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
     ("unauthorized_client", "CONNECTED", Code.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
     ("rate_limited", "CONNECTED", Code.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),

@@ -77,7 +77,10 @@ async def test_one_refresh_per_rotation_across_three_processes(
         access, refresh = fake.issue_grant()
         stored = await stubs[0].StoreIntegration(
             pb.StoreIntegrationRequest(
-                user_id="u", provider="acme", access_token=access, refresh_token=refresh,
+                user_id="u",
+                provider="acme",
+                access_token=access,
+                refresh_token=refresh,
                 expires_in_seconds=0,
             ),
             metadata=ADMIN,

@@ -17,8 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from broker.bench import report, scenarios
+from broker.bench import catalog
+
+if TYPE_CHECKING:
+    from broker.bench import scenarios
 
 _DB_ENV = "BROKER_BENCH_DATABASE_URL"
 
@@ -40,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scenario",
         action="append",
         metavar="NAME",
-        help=f"run only this scenario or group (repeatable): {', '.join(scenarios.NAMES)}; "
-        f"groups: {', '.join(scenarios.GROUPS)}",
+        help=f"run only this scenario or group (repeatable): {', '.join(catalog.NAMES)}; "
+        f"groups: {', '.join(catalog.GROUPS)}",
     )
     p.add_argument("--duration", type=_positive, metavar="S", help="measured seconds per run")
     p.add_argument("--warmup", type=_non_negative, metavar="S", help="unmeasured seconds first")
@@ -51,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--database-url",
         metavar="URL",
         help=f"PostgreSQL to create bench_* databases in (dropped afterwards); default "
-        f"${_DB_ENV} or {scenarios.DEFAULT_DATABASE_URL}",
+        f"${_DB_ENV} or {catalog.DEFAULT_DATABASE_URL}",
     )
     p.add_argument("--scale-rows", type=_count, metavar="N", help="rows of the scale-1m runs")
     p.add_argument(
@@ -73,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def options(args: argparse.Namespace) -> scenarios.Options:
+    from broker.bench import scenarios
+
     o = scenarios.quick() if args.quick else scenarios.Options()
     o.database_url = args.database_url or os.environ.get(_DB_ENV) or o.database_url
     for name in ("duration", "warmup", "clients", "concurrency", "fill_seconds", "workers"):
@@ -85,8 +91,12 @@ def options(args: argparse.Namespace) -> scenarios.Options:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: they pull in asyncpg, SQLAlchemy and the domain, which other `broker`
+    # commands should not pay for at start-up.
+    from broker.bench import report, scenarios
+
     try:
-        names = scenarios.select(args.scenario or ["all"])
+        names = catalog.select(args.scenario or ["all"])
     except ValueError as exc:
         print(f"broker bench: {exc}", file=sys.stderr)
         return 2

@@ -28,13 +28,13 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from broker.bench import data, echo, load, procs, seed
+from broker.bench.catalog import DEFAULT_DATABASE_URL, SCENARIOS, Scenario
 from broker.bench.report import ScenarioResult
 from broker.config import load_settings
 from broker.crypto import generate_key, parse_keyring
 from broker.domain.service import ACCESS, TokenCipher
 from broker.server.callers import hash_token
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # A token URL nothing listens on: outside the storm no seeded token is due for refresh, so the
 # provider is configured (tokens must belong to a known provider) but never called.
 _UNUSED_TOKEN_URL = "http://127.0.0.1:9/token"
@@ -58,7 +58,7 @@ class Options:
     storm_in_flight: int = 200  # total, over all client processes
     storm_repeat: int = 2  # requests per integration, adjacent so duplicates overlap
     provider_latency: float = 0.05
-    fill_seconds: float = 120.0  # cap on the cache fill before scale-1m-hot
+    fill_seconds: float = 150.0  # cap on the cache fill before scale-1m-hot
     prewarm_seconds: float = 30.0  # cap on the pre-warm sweep before a timed run
     no_broker_in_flight: int = 8  # concurrent fetch+decrypt tasks of the in-process loop
     seed_workers: int = 2  # processes encrypting and COPYing a large seed
@@ -88,57 +88,6 @@ def quick() -> Options:
         prewarm_seconds=10.0,
         no_broker_in_flight=4,
     )
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    description: str
-    dataset: str | None  # the seeded data it needs (shared between scenarios)
-
-
-SCENARIOS = (
-    Scenario("echo", "bare grpc.aio server, constant response of the broker's size", None),
-    Scenario("no-broker", "in-process asyncpg fetchrow + AES-GCM decrypt", "pg"),
-    Scenario("sqlite-hot", "GetAccessToken, SQLite, cache on, auth+audit", "sqlite"),
-    Scenario("sqlite-cold", "GetAccessToken, SQLite, cache off, auth+audit", "sqlite"),
-    Scenario("pg-hot", "GetAccessToken, PostgreSQL, cache on, auth+audit", "pg"),
-    Scenario("pg-cold", "GetAccessToken, PostgreSQL, cache off, auth+audit", "pg"),
-    Scenario("refresh-storm", "all expired at once, provider answers in 50 ms", "storm"),
-    Scenario("scale-10k-hot", "PostgreSQL hot, 10,000 stored", "scale-10k"),
-    Scenario("scale-10k-cold", "PostgreSQL cold, 10,000 stored", "scale-10k"),
-    Scenario("scale-1m-hot", "PostgreSQL hot, 1,000,000 stored, cache filled", "scale-1m"),
-    Scenario("scale-1m-cold", "PostgreSQL cold, 1,000,000 stored", "scale-1m"),
-)
-NAMES = tuple(s.name for s in SCENARIOS)
-GROUPS = {
-    "all": NAMES,
-    "sqlite": ("sqlite-hot", "sqlite-cold"),
-    "pg": ("pg-hot", "pg-cold"),
-    "postgres": ("pg-hot", "pg-cold"),
-    "storm": ("refresh-storm",),
-    "scale": ("scale-10k-hot", "scale-10k-cold", "scale-1m-hot", "scale-1m-cold"),
-    "scale-10k": ("scale-10k-hot", "scale-10k-cold"),
-    "scale-1m": ("scale-1m-hot", "scale-1m-cold"),
-    "hot": ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot"),
-    "cold": ("sqlite-cold", "pg-cold", "scale-10k-cold", "scale-1m-cold"),
-}
-
-
-def select(names: Sequence[str]) -> list[str]:
-    """Scenario names (or group names) to run, in the standard order; ValueError if unknown."""
-    wanted: set[str] = set()
-    for name in names:
-        if name in GROUPS:
-            wanted.update(GROUPS[name])
-        elif name in NAMES:
-            wanted.add(name)
-        else:
-            raise ValueError(
-                f"unknown scenario {name!r}; known: {', '.join(NAMES)} "
-                f"(groups: {', '.join(GROUPS)})"
-            )
-    return [n for n in NAMES if n in wanted]
 
 
 @dataclass

@@ -12,6 +12,7 @@ instead of one per call — and each call still waits for its own event to be co
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -24,6 +25,8 @@ from broker.domain.service import Clock
 from broker.errors import StorageUnavailable
 from broker.storage.engine import storage_errors
 from broker.storage.tables import audit_events
+
+log = logging.getLogger("broker.audit")
 
 
 class AuditUnavailable(StorageUnavailable):
@@ -95,6 +98,9 @@ class Auditor:
         try:
             async with storage_errors(), self.engine.begin() as conn:
                 await conn.execute(insert(audit_events), events)
-        except StorageUnavailable:
+        except Exception as exc:
+            # Whatever went wrong (database down, table missing, constraint), no event means
+            # no answer. The class name is logged; the message may quote the SQL and values.
+            log.error("audit events could not be written (%s)", type(exc).__name__)
             raise AuditUnavailable(_UNAVAILABLE) from None
         metrics.AUDIT_BATCH.observe(len(events))

@@ -54,6 +54,14 @@ current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 )
 
 
+def note_request(integration_id: str, user_id: str, provider: str) -> None:
+    """What the caller asked for, recorded before the lookup so a failed one is audited too."""
+    call = current_call.get()
+    if call is not None:
+        call.integration_id = integration_id or call.integration_id
+        call.note_owner(user_id, provider or None)
+
+
 def note(integration: Integration) -> None:
     call = current_call.get()
     if call is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import uuid
 from collections.abc import Callable, Container, Mapping
 from dataclasses import replace
@@ -41,6 +42,8 @@ from broker.errors import (
 )
 from broker.storage import repository
 from broker.storage.engine import Invalidate, storage_errors, write_transaction
+
+log = logging.getLogger("broker.service")
 
 Clock = Callable[[], datetime]
 
@@ -211,6 +214,7 @@ class IntegrationService:
     async def read(self, sel: Selector) -> StoredIntegration:
         validation.selector(sel)
         provider = self.canonical(sel.provider) if sel.provider else ""
+        context.note_request(sel.integration_id, sel.user_id, provider)
         if provider:
             context.check_provider(provider)
         cache = self.cache
@@ -272,6 +276,7 @@ class IntegrationService:
         context.check_provider(cmd.provider)
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
         cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+        await self._revoke_before_reconnect(cmd)
         # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
         for _attempt in range(3):
             try:
@@ -280,6 +285,29 @@ class IntegrationService:
             except IntegrityError:
                 continue
         raise ReauthorizationRequired("could not store the integration; retry")  # pragma: no cover
+
+    async def _revoke_before_reconnect(self, cmd: StoreCommand) -> None:
+        """A reconnect replaces the tokens of a disconnected integration. If that one's
+        revocation is still PENDING, try it now: once overwritten, the old grant could never
+        be revoked by the broker again."""
+        if self.revoker is None:
+            return
+        async with storage_errors(), self.engine.connect() as conn:
+            found = await repository.find_by_owner(
+                conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1
+            )
+        if not found or found[0].revocation != Revocation.PENDING.value:
+            return
+        old = found[0]
+        outcome = await self.revoker.revoke(old)
+        await self.revoker.settle(old.integration.id, outcome, old.revocation_attempts + 1)
+        if outcome is Revocation.PENDING:
+            log.error(
+                "integration %s reconnected while the revocation of its previous grant was "
+                "still pending; that grant could not be revoked and must be revoked at %s",
+                old.integration.id,
+                old.integration.provider,
+            )
 
     async def _store(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
         now = self.clock()

@@ -23,6 +23,7 @@ from broker.config import Settings
 from broker.domain.refresh import RefreshEngine
 from broker.domain.service import Clock, IntegrationService, utcnow
 from broker.errors import ConfigError
+from broker.providers.catalog import ALIASES
 from broker.runtime import Runtime, open_runtime
 from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
@@ -78,7 +79,7 @@ class Broker:
 
     def reload_callers(self, settings: Settings) -> None:
         """SIGHUP: new caller policies take effect for new calls; on error the old stay."""
-        registry = CallerRegistry(settings.callers)
+        registry = CallerRegistry(settings.callers, ALIASES, self.runtime.service.providers)
         if not len(registry):
             raise ConfigError("callers: the new configuration has no caller; keeping the old one")
         self.interceptor.registry = registry
@@ -114,7 +115,11 @@ class Broker:
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     """Build and start a broker; raises ConfigError if it must not serve this configuration."""
     runtime = await open_runtime(settings, clock=clock)
-    callers = CallerRegistry(settings.callers)
+    try:
+        callers = CallerRegistry(settings.callers, ALIASES, runtime.service.providers)
+    except ConfigError:
+        await runtime.close()
+        raise
     if not len(callers):
         await runtime.close()
         raise ConfigError(

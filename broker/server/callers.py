@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 from broker.config import CallerSettings
 from broker.domain.context import Caller
+from broker.errors import ConfigError
 
 
 def hash_token(token: str) -> str:
@@ -16,15 +17,28 @@ def hash_token(token: str) -> str:
 
 
 class CallerRegistry:
-    def __init__(self, callers: Mapping[str, CallerSettings]) -> None:
+    def __init__(
+        self,
+        callers: Mapping[str, CallerSettings],
+        aliases: Mapping[str, str] | None = None,
+        known: Container[str] | None = None,
+    ) -> None:
+        """``aliases`` map provider aliases to the stored name ("x" → "twitter"); with
+        ``known``, a policy naming a provider nobody configured is refused (a typo would
+        otherwise deny silently)."""
         self._by_hash: list[tuple[bytes, Caller]] = []
         self._by_identity: dict[str, Caller] = {}
+        aliases = aliases or {}
         for name, settings in callers.items():
-            caller = Caller(
-                name=name,
-                methods=frozenset(settings.methods),
-                providers=None if settings.providers is None else frozenset(settings.providers),
-            )
+            providers = None
+            if settings.providers is not None:
+                for provider in settings.providers:
+                    if known is not None and provider not in known:
+                        raise ConfigError(
+                            f"callers.{name}.providers: unknown provider {provider!r}"
+                        )
+                providers = frozenset(aliases.get(p, p) for p in settings.providers)
+            caller = Caller(name=name, methods=frozenset(settings.methods), providers=providers)
             if settings.token_sha256:
                 self._by_hash.append((bytes.fromhex(settings.token_sha256), caller))
             if settings.tls_identity:

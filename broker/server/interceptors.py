@@ -19,7 +19,7 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from broker import metrics
-from broker.domain.audit import Auditor
+from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller, current_call
 from broker.errors import BrokerError
 from broker.server.callers import CallerRegistry
@@ -130,7 +130,11 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 self._access(None, name, denied.code, started, None)
                 await context.abort(denied.code, denied.message)
             if not caller.may_call(name):
-                self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, None)
+                # Audited (a known caller tried something outside its policy), though no
+                # integration was touched; unauthenticated calls have no caller to record.
+                refused = Call(caller, name, self._request_id(context), detail="method refused")
+                self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, refused)
+                await self._audit_failure(refused, grpc.StatusCode.PERMISSION_DENIED)
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"caller {caller.name!r} may not call {name}",
@@ -140,16 +144,25 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             try:
                 response = await behaviour(request, context)
             except BaseException:
+                # The status has already gone to the client (abort sends it): log first, then
+                # the best-effort audit event of the failure.
                 code = context.code() or grpc.StatusCode.UNKNOWN
-                await self._audit_failure(call, code)
                 self._access(caller, name, code, started, call)
+                await self._audit_failure(call, code)
                 raise
             if self.auditor is not None:
                 try:
                     await self.auditor.record(call, "OK")
-                except BrokerError as error:
+                except Exception as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, BrokerError)
+                        else AuditUnavailable(
+                            "the audit trail cannot be written, so the broker refuses to answer"
+                        )
+                    )
                     self._access(caller, name, error.code, started, call)
-                    await cast(Any, context).abort_with_status(to_status(error))
+                    await cast(Any, context).abort_with_status(to_status(error, call.request_id))
             self._access(caller, name, grpc.StatusCode.OK, started, call)
             return response
 
@@ -199,7 +212,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             return
         try:
             await self.auditor.record(call, code.name)
-        except BrokerError:
+        except Exception:
             # The call already failed; its own error is what the caller must see.
             log.warning("audit event for a failed %s could not be written", call.method)
 

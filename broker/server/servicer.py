@@ -14,6 +14,7 @@ import grpc
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.domain.authorization import AuthorizationService
+from broker.domain.context import current_call
 from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.service import IntegrationService
 from broker.errors import BrokerError
@@ -36,7 +37,10 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await method(self, request, context)
         except BrokerError as error:
             # grpc-stubs lags grpc.aio: abort_with_status exists but is not declared.
-            await cast(Any, context).abort_with_status(to_status(error))
+            call = current_call.get()
+            await cast(Any, context).abort_with_status(
+                to_status(error, call.request_id if call else None)
+            )
         except Exception:
             # The traceback stays in the server log; the caller gets an id to quote, never
             # the exception text (it could carry anything).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -10,7 +12,7 @@ from grpc_status import rpc_status
 from broker.errors import DOMAIN, BrokerError, ProviderUnavailable
 
 
-def to_status(error: BrokerError) -> grpc.Status:
+def to_status(error: BrokerError, request_id: str | None = None) -> grpc.Status:
     info = any_pb2.Any()
     info.Pack(
         error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
@@ -24,7 +26,13 @@ def to_status(error: BrokerError) -> grpc.Status:
         details.append(retry)
     code: int = error.code.value[0]
     status = status_pb2.Status(code=code, message=error.message, details=details)
-    return rpc_status.to_status(status)
+    result = rpc_status.to_status(status)
+    if request_id is None:
+        return result
+    # Aborting replaces trailing metadata, so the request id has to travel with the status.
+    return _WithMetadata(
+        result.code, result.details, (*result.trailing_metadata, ("x-request-id", request_id))
+    )
 
 
 def plain_status(code: grpc.StatusCode, message: str, reason: str | None = None) -> grpc.Status:
@@ -35,3 +43,10 @@ def plain_status(code: grpc.StatusCode, message: str, reason: str | None = None)
         details.append(info)
     value: int = code.value[0]
     return rpc_status.to_status(status_pb2.Status(code=value, message=message, details=details))
+
+
+class _WithMetadata(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata

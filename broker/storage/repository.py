@@ -7,7 +7,7 @@ re-encryption batch) can never overwrite newer tokens.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Row, and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -49,7 +49,7 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def to_stored(row: Row[Unpack[tuple[Any, ...]]]) -> StoredIntegration:
+def to_stored(row: Row[*tuple[Any, ...]]) -> StoredIntegration:
     m = row._mapping
     created = utc(m["created_at"])
     updated = utc(m["updated_at"])

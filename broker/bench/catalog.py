@@ -1,0 +1,60 @@
+"""The scenario names and groups (no heavy imports: the ``broker`` CLI reads them to build its
+help text, and must stay quick to start)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    dataset: str | None  # the seeded data it needs (shared between scenarios)
+
+
+SCENARIOS = (
+    Scenario("echo", "bare grpc.aio server, constant response of the broker's size", None),
+    Scenario("no-broker", "in-process asyncpg fetchrow + AES-GCM decrypt", "pg"),
+    Scenario("sqlite-hot", "GetAccessToken, SQLite, cache on, auth+audit", "sqlite"),
+    Scenario("sqlite-cold", "GetAccessToken, SQLite, cache off, auth+audit", "sqlite"),
+    Scenario("pg-hot", "GetAccessToken, PostgreSQL, cache on, auth+audit", "pg"),
+    Scenario("pg-cold", "GetAccessToken, PostgreSQL, cache off, auth+audit", "pg"),
+    Scenario("refresh-storm", "all expired at once, provider answers in 50 ms", "storm"),
+    Scenario("scale-10k-hot", "PostgreSQL hot, 10,000 stored", "scale-10k"),
+    Scenario("scale-10k-cold", "PostgreSQL cold, 10,000 stored", "scale-10k"),
+    Scenario("scale-1m-hot", "PostgreSQL hot, 1,000,000 stored, cache filled", "scale-1m"),
+    Scenario("scale-1m-cold", "PostgreSQL cold, 1,000,000 stored", "scale-1m"),
+)
+NAMES = tuple(s.name for s in SCENARIOS)
+GROUPS = {
+    "all": NAMES,
+    "sqlite": ("sqlite-hot", "sqlite-cold"),
+    "pg": ("pg-hot", "pg-cold"),
+    "postgres": ("pg-hot", "pg-cold"),
+    "storm": ("refresh-storm",),
+    "scale": ("scale-10k-hot", "scale-10k-cold", "scale-1m-hot", "scale-1m-cold"),
+    "scale-10k": ("scale-10k-hot", "scale-10k-cold"),
+    "scale-1m": ("scale-1m-hot", "scale-1m-cold"),
+    "hot": ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot"),
+    "cold": ("sqlite-cold", "pg-cold", "scale-10k-cold", "scale-1m-cold"),
+}
+
+
+def select(names: Sequence[str]) -> list[str]:
+    """Scenario names (or group names) to run, in the standard order; ValueError if unknown."""
+    wanted: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            wanted.update(GROUPS[name])
+        elif name in NAMES:
+            wanted.add(name)
+        else:
+            raise ValueError(
+                f"unknown scenario {name!r}; known: {', '.join(NAMES)} "
+                f"(groups: {', '.join(GROUPS)})"
+            )
+    return [n for n in NAMES if n in wanted]
