@@ -49,14 +49,19 @@ def banner(listen: str, port: int, token: str | None) -> str:
     host = listen.rpartition(":")[0]
     target = f"{host}:{port}"
     auth = f"authorization: Bearer {token}" if token else "authorization: Bearer $TOKEN"
+    # One line of JSON: a backslash-newline inside quotes would reach grpcurl literally.
+    store = (
+        '{"user_id": "u1", "provider": "twitter", "access_token": "at-example", '
+        '"expires_in_seconds": 3600}'
+    )
     return f"""
 Credential Broker (dev mode) listening on {target}
   database: SQLite under ./.broker/   key: ./.broker/keys   caller token: ./.broker/dev-caller-token
 
 Try it:
   grpcurl -plaintext -H '{auth}' {target} list
-  grpcurl -plaintext -H '{auth}' -d '{{"user_id": "u1", "provider": "twitter", \\
-      "access_token": "at-example", "refresh_token": "rt-example", "expires_in_seconds": 3600}}' \\
+  grpcurl -plaintext -H '{auth}' \\
+      -d '{store}' \\
       {target} credentialbroker.v1.CredentialBroker/StoreIntegration
   grpcurl -plaintext -H '{auth}' -d '{{"user_id": "u1", "provider": "twitter"}}' \\
       {target} credentialbroker.v1.CredentialBroker/GetAccessToken

@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -168,13 +168,14 @@ async def channel(broker: Broker) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb_grpc.CredentialBrokerStub:
+def stub(channel: grpc.aio.Channel) -> pb_grpc.CredentialBrokerAsyncStub:
     return pb_grpc.CredentialBrokerStub(channel)
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a failed call, or None."""
-    for key, value in error.trailing_metadata() or ():
+    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
+    for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
@@ -186,7 +187,8 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
 
 
 def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
-    for key, value in error.trailing_metadata() or ():
+    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
+    for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
             for detail in status.details:

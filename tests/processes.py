@@ -78,7 +78,8 @@ class BrokerProcess:
         return self
 
     async def _read(self, ready: asyncio.Future[int]) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)

@@ -19,19 +19,20 @@ Code = grpc.StatusCode
 
 
 async def store(
-    stub: pb_grpc.CredentialBrokerStub, **fields: object
+    stub: pb_grpc.CredentialBrokerAsyncStub, **fields: object
 ) -> pb.StoreIntegrationResponse:
     return await stub.StoreIntegration(store_request(**fields), metadata=ADMIN)
 
 
-async def test_store_then_get_access_token(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_store_then_get_access_token(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     meta = struct_pb2.Struct()
     meta.update({"username": "@someone", "nested": {"n": 1}})
     stored = await store(stub, access_token="at-1", metadata=meta)
     assert stored.created
     integration = stored.integration
     assert integration.status == pb.INTEGRATION_STATUS_CONNECTED
-    assert integration.user_id == "user-1" and integration.provider == "twitter"
+    assert integration.user_id == "user-1"
+    assert integration.provider == "twitter"
     assert list(integration.scopes) == ["tweet.read", "users.read"]
     assert integration.metadata["username"] == "@someone"
     assert integration.has_refresh_token
@@ -49,7 +50,7 @@ async def test_store_then_get_access_token(stub: pb_grpc.CredentialBrokerStub) -
     assert by_owner.access_token == "at-1"
 
 
-async def test_store_upserts_on_owner(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_store_upserts_on_owner(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     first = await store(stub, access_token="at-1", refresh_token="rt-1")
     second = await store(stub, access_token="at-2", refresh_token="")
     assert not second.created
@@ -62,7 +63,7 @@ async def test_store_upserts_on_owner(stub: pb_grpc.CredentialBrokerStub) -> Non
     assert token.access_token == "at-2"
 
 
-async def test_store_with_expires_at(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_store_with_expires_at(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     when = datetime.now(UTC) + timedelta(hours=2)
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(when)
@@ -76,7 +77,7 @@ async def test_store_with_expires_at(stub: pb_grpc.CredentialBrokerStub) -> None
     assert abs((got - when).total_seconds()) < 0.01
 
 
-async def test_several_accounts_need_account_id(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_several_accounts_need_account_id(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     a = await store(stub, account_id="acct-a", access_token="at-a")
     b = await store(stub, account_id="acct-b", access_token="at-b")
     assert a.integration.id != b.integration.id
@@ -95,7 +96,7 @@ async def test_several_accounts_need_account_id(stub: pb_grpc.CredentialBrokerSt
 
 
 async def test_get_and_list_integrations_carry_no_tokens(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     stored = await store(stub, access_token="secret-access", refresh_token="secret-refresh")
     got = await stub.GetIntegration(
@@ -108,10 +109,11 @@ async def test_get_and_list_integrations_carry_no_tokens(
     assert [i.id for i in listed.integrations] == [stored.integration.id]
     for message in (got, listed, stored):
         raw = message.SerializeToString()
-        assert b"secret-access" not in raw and b"secret-refresh" not in raw
+        assert b"secret-access" not in raw
+        assert b"secret-refresh" not in raw
 
 
-async def test_list_pagination_and_filters(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_list_pagination_and_filters(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     ids = []
     for n in range(7):
         provider = "google" if n % 2 else "slack"
@@ -131,7 +133,8 @@ async def test_list_pagination_and_filters(stub: pb_grpc.CredentialBrokerStub) -
         if not token:
             break
     assert pages == 3
-    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(ids)
+    assert len(seen) == len(set(seen))
     google = await stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="user-1", provider="google"), metadata=ADMIN
     )
@@ -146,10 +149,11 @@ async def test_list_pagination_and_filters(stub: pb_grpc.CredentialBrokerStub) -
     other = await stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="nobody"), metadata=ADMIN
     )
-    assert not other.integrations and not other.next_page_token
+    assert not other.integrations
+    assert not other.next_page_token
 
 
-async def test_disconnect_then_reconnect(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_disconnect_then_reconnect(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     stored = await store(stub, access_token="at-old")
     iid = stored.integration.id
     response = await stub.Disconnect(
@@ -171,14 +175,15 @@ async def test_disconnect_then_reconnect(stub: pb_grpc.CredentialBrokerStub) -> 
     again = await stub.Disconnect(pb.DisconnectRequest(integration_id=iid), metadata=ADMIN)
     assert again.integration.status == pb.INTEGRATION_STATUS_DISCONNECTED
     reconnected = await store(stub, access_token="at-new")
-    assert reconnected.integration.id == iid and not reconnected.created
+    assert reconnected.integration.id == iid
+    assert not reconnected.created
     assert reconnected.integration.status == pb.INTEGRATION_STATUS_CONNECTED
     assert not reconnected.integration.HasField("disconnected_at")
     token = await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN)
     assert token.access_token == "at-new"
 
 
-async def test_min_valid_for_and_expiry(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_min_valid_for_and_expiry(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     # No refresh token: a token that is not valid long enough cannot be made valid.
     stored = await store(stub, refresh_token="", expires_in_seconds=120, access_token="at-short")
     iid = stored.integration.id
@@ -213,7 +218,7 @@ async def test_min_valid_for_and_expiry(stub: pb_grpc.CredentialBrokerStub) -> N
     assert after.integration.status == pb.INTEGRATION_STATUS_EXPIRED
 
 
-async def test_required_scopes(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_required_scopes(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     stored = await store(stub, scopes=["a", "b"])
     iid = stored.integration.id
     await stub.GetAccessToken(
@@ -229,7 +234,7 @@ async def test_required_scopes(stub: pb_grpc.CredentialBrokerStub) -> None:
     )
 
 
-async def test_not_found(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_not_found(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     await expect_error(
         stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id="nope"), metadata=ADMIN),
         Code.NOT_FOUND,
@@ -269,7 +274,7 @@ BIG = "x" * (64 * 1024 + 1)
     ],
 )
 async def test_store_rejects_bad_input_and_writes_nothing(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     broker: Broker,
     fields: dict[str, object],
     field: str,
@@ -287,7 +292,7 @@ async def row_count(broker: Broker) -> int:
 
 
 async def test_store_rejects_oversized_and_malformed_metadata(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     big = struct_pb2.Struct()
     big.update({"blob": "y" * (64 * 1024)})
@@ -309,7 +314,7 @@ async def test_store_rejects_oversized_and_malformed_metadata(
     assert await row_count(broker) == 0
 
 
-async def test_selector_validation(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_selector_validation(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     stored = await store(stub)
     both = pb.GetAccessTokenRequest(
         integration_id=stored.integration.id, user_id="user-1", provider="twitter"

@@ -9,7 +9,7 @@ import asyncio
 import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -74,7 +74,7 @@ async def trailing_request_id(call: Any) -> str:
 
 
 async def test_every_rpc_writes_one_event(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     started = datetime.now(UTC) - timedelta(seconds=1)
     access = f"at-audit-{uuid.uuid4().hex}"
@@ -86,12 +86,12 @@ async def test_every_rpc_writes_one_event(
     iid = (await call).integration.id
     assert await trailing_request_id(call) == "req-store"
 
-    call = stub.GetAccessToken(
+    token_call = stub.GetAccessToken(
         pb.GetAccessTokenRequest(user_id="user-1", provider="twitter"),
         metadata=with_id(RUNNER, "req-token"),
     )
-    assert (await call).access_token == access
-    assert await trailing_request_id(call) == "req-token"
+    assert (await token_call).access_token == access
+    assert await trailing_request_id(token_call) == "req-token"
 
     await stub.GetIntegration(
         pb.GetIntegrationRequest(integration_id=iid), metadata=with_id(ADMIN, "req-get")
@@ -147,7 +147,7 @@ async def test_every_rpc_writes_one_event(
 
 
 async def test_failed_lookup_by_owner_names_the_owner(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     """Probing another user's integrations leaves a trail under that user."""
     await expect_error(
@@ -163,7 +163,7 @@ async def test_failed_lookup_by_owner_names_the_owner(
 
 
 async def test_failed_lookup_by_id_names_the_id(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     missing = str(uuid.uuid4())
     await expect_error(
@@ -179,7 +179,7 @@ async def test_failed_lookup_by_id_names_the_id(
 
 
 async def test_failed_call_returns_its_request_id(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     error = await expect_error(
         stub.GetAccessToken(
@@ -187,13 +187,15 @@ async def test_failed_call_returns_its_request_id(
         ),
         Code.NOT_FOUND,
     )
-    returned = dict(error.trailing_metadata() or ()).get("x-request-id")
+    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
+    metadata = cast("grpc.aio.Metadata | None", error.trailing_metadata())
+    returned = dict(metadata or ()).get("x-request-id")
     assert returned, "the failed call carries its request id"
     assert returned in await by_request_id(broker, {str(returned)})
 
 
 async def test_request_id_is_generated_when_missing_or_malformed(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     call = stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN)
     await call
@@ -213,7 +215,7 @@ async def test_request_id_is_generated_when_missing_or_malformed(
 
 
 async def test_calls_refused_before_the_servicer_touch_nothing(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     """Calls refused before the servicer read nothing. An unauthenticated one has no caller to
     record (the access log has it); a known caller trying a method outside its policy is
@@ -291,7 +293,7 @@ def settings(database_url: str, request: pytest.FixtureRequest) -> Settings:
 
 
 async def test_audit_write_failure_fails_closed_and_returns_no_token(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     broker: Broker,
     audit_table: AuditTable,
     backend: str,
@@ -329,7 +331,7 @@ async def test_audit_write_failure_fails_closed_and_returns_no_token(
 
 
 async def test_failure_events_are_best_effort(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     broker: Broker,
     audit_table: AuditTable,
 ) -> None:

@@ -35,7 +35,7 @@ async def audit_cli(database_url: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_audit_cli_filters(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, database_url: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, database_url: str
 ) -> None:
     stored = await stub.StoreIntegration(
         store_request(access_token="at-audit-canary"), metadata=ADMIN

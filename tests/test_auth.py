@@ -47,7 +47,7 @@ REQUESTS: dict[str, Message] = {
 }
 
 
-def call(stub: pb_grpc.CredentialBrokerStub, method: str, metadata: Any) -> Any:
+def call(stub: pb_grpc.CredentialBrokerAsyncStub, method: str, metadata: Any) -> Any:
     return getattr(stub, method)(REQUESTS[method], metadata=metadata)
 
 
@@ -77,7 +77,7 @@ def test_every_rpc_is_covered() -> None:
     ids=["missing", "wrong", "basic-scheme", "no-scheme", "empty", "prefix", "other-header"],
 )
 async def test_unauthenticated(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, method: str, metadata: Any
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, method: str, metadata: Any
 ) -> None:
     error = await expect_error(call(stub, method, metadata), Code.UNAUTHENTICATED)
     details = error.details() or ""
@@ -87,7 +87,7 @@ async def test_unauthenticated(
     assert await row_count(broker) == 0
 
 
-async def test_scheme_is_case_insensitive(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_scheme_is_case_insensitive(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     response = await stub.StoreIntegration(
         store_request(), metadata=(("authorization", f"bearer {ADMIN_TOKEN}"),)
     )
@@ -96,7 +96,7 @@ async def test_scheme_is_case_insensitive(stub: pb_grpc.CredentialBrokerStub) ->
 
 @pytest.mark.parametrize("method", sorted(set(REQUESTS) - {"GetAccessToken"}))
 async def test_runner_may_only_get_access_tokens(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, method: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, method: str
 ) -> None:
     stored = await stub.StoreIntegration(store_request(access_token="at-runner"), metadata=ADMIN)
     error = await expect_error(call(stub, method, RUNNER), Code.PERMISSION_DENIED)
@@ -113,7 +113,7 @@ async def test_runner_may_only_get_access_tokens(
     assert token.access_token == "at-runner"
 
 
-async def test_admin_may_call_everything(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_admin_may_call_everything(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     for method in ("StoreIntegration", "GetAccessToken", "GetIntegration", "ListIntegrations"):
         await call(stub, method, ADMIN)
     disconnected = await call(stub, "Disconnect", ADMIN)

@@ -95,7 +95,9 @@ async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
     await running.stop(0)
 
 
-async def begin(stub: pb_grpc.CredentialBrokerStub, **fields: Any) -> pb.BeginAuthorizationResponse:
+async def begin(
+    stub: pb_grpc.CredentialBrokerAsyncStub, **fields: Any
+) -> pb.BeginAuthorizationResponse:
     values: dict[str, Any] = {"user_id": "user-1", "provider": "acme", "redirect_uri": CALLBACK}
     values.update(fields)
     return await stub.BeginAuthorization(pb.BeginAuthorizationRequest(**values), metadata=ADMIN)
@@ -111,7 +113,7 @@ async def consent(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
 
 
-async def complete(stub: pb_grpc.CredentialBrokerStub, **fields: str) -> Any:
+async def complete(stub: pb_grpc.CredentialBrokerAsyncStub, **fields: str) -> Any:
     return await stub.CompleteAuthorization(
         pb.CompleteAuthorizationRequest(**fields), metadata=ADMIN
     )
@@ -143,7 +145,7 @@ def sha256(text: str) -> str:
 
 
 async def test_begin_consent_complete_then_get_access_token(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, clock: FakeClock
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, clock: FakeClock
 ) -> None:
     metadata = struct_pb2.Struct()
     metadata.update({"workspace": "w-1"})
@@ -193,7 +195,7 @@ async def test_begin_consent_complete_then_get_access_token(
 
 
 async def test_account_id_from_token_response_and_pkce_disabled(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     fake.extra_token_fields = {"team": {"id": "T-42", "name": "Team"}}
     started = await begin(stub, provider="teamy", account_id="guess")
@@ -208,7 +210,7 @@ async def test_account_id_from_token_response_and_pkce_disabled(
 
 
 async def test_account_id_from_request_when_response_has_none(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     started = await begin(stub, account_id="acct-7")
     callback = await consent(started.authorization_url)
@@ -220,7 +222,7 @@ async def test_account_id_from_request_when_response_has_none(
 
 
 async def test_only_the_state_hash_and_an_encrypted_verifier_are_stored(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     started = await begin(stub)
     [row] = await flow_rows(broker)
@@ -241,7 +243,7 @@ async def test_only_the_state_hash_and_an_encrypted_verifier_are_stored(
 
 
 async def test_verifier_moved_to_another_flow_is_data_loss(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     first = await begin(stub)
     second = await begin(stub)
@@ -271,7 +273,7 @@ async def test_verifier_moved_to_another_flow_is_data_loss(
 
 
 async def test_code_from_another_flow_fails_pkce(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     # An injected code: issued for flow A (A's challenge), presented with flow B's state, so
     # the broker sends B's verifier and the provider refuses it.
@@ -295,7 +297,7 @@ async def test_code_from_another_flow_fails_pkce(
 
 
 async def test_replayed_state_is_refused(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     started = await begin(stub)
     callback = await consent(started.authorization_url)
@@ -309,7 +311,7 @@ async def test_replayed_state_is_refused(
     assert code_exchanges(fake) == 1
 
 
-async def test_unknown_state_is_refused(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_unknown_state_is_refused(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     await expect_error(
         complete(stub, state="not-a-state-we-issued", code="c"),
         Code.FAILED_PRECONDITION,
@@ -319,7 +321,7 @@ async def test_unknown_state_is_refused(stub: pb_grpc.CredentialBrokerStub) -> N
 
 
 async def test_expired_flow_is_refused(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, clock: FakeClock
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, clock: FakeClock
 ) -> None:
     started = await begin(stub)
     callback = await consent(started.authorization_url)
@@ -334,7 +336,7 @@ async def test_expired_flow_is_refused(
 
 
 async def test_unregistered_redirect_uri_is_invalid_argument(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     for uri in ("http://localhost:3000/callback", CALLBACK + "/", CALLBACK + "?x=1"):
         await expect_error(
@@ -346,7 +348,9 @@ async def test_unregistered_redirect_uri_is_invalid_argument(
     assert await flow_rows(broker) == []
 
 
-async def test_begin_input_validation(stub: pb_grpc.CredentialBrokerStub, broker: Broker) -> None:
+async def test_begin_input_validation(
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
+) -> None:
     await expect_error(
         begin(stub, provider="nope"), Code.INVALID_ARGUMENT, "UNKNOWN_PROVIDER", contains="nope"
     )
@@ -364,7 +368,7 @@ async def test_begin_input_validation(stub: pb_grpc.CredentialBrokerStub, broker
     assert await flow_rows(broker) == []
 
 
-async def test_complete_needs_code_or_error(stub: pb_grpc.CredentialBrokerStub) -> None:
+async def test_complete_needs_code_or_error(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
     started = await begin(stub)
     await expect_error(complete(stub, state=started.state), Code.INVALID_ARGUMENT, contains="code")
     await expect_error(complete(stub, code="c"), Code.INVALID_ARGUMENT, contains="state")
@@ -374,7 +378,7 @@ async def test_complete_needs_code_or_error(stub: pb_grpc.CredentialBrokerStub) 
 
 
 async def test_provider_error_in_callback_closes_the_flow(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     fake.deny_authorization = True
     started = await begin(stub)
@@ -406,7 +410,7 @@ async def test_provider_error_in_callback_closes_the_flow(
 
 
 async def test_concurrent_completions_exchange_the_code_once(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     started = await begin(stub)
     callback = await consent(started.authorization_url)
@@ -434,7 +438,7 @@ async def test_concurrent_completions_exchange_the_code_once(
 
 
 async def test_google_url_has_offline_access_and_consent(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     started = await begin(stub, provider="google")
     parts = urlsplit(started.authorization_url)
@@ -462,7 +466,7 @@ async def test_google_url_has_offline_access_and_consent(
 
 
 async def test_purge_removes_old_flows_only(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, clock: FakeClock
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, clock: FakeClock
 ) -> None:
     done = await begin(stub)
     callback = await consent(done.authorization_url)
@@ -480,7 +484,7 @@ async def test_purge_removes_old_flows_only(
 
 
 async def test_run_purger_purges_in_the_background(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, clock: FakeClock
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, clock: FakeClock
 ) -> None:
     await begin(stub)
     clock.advance(timedelta(hours=2))
@@ -498,7 +502,7 @@ async def test_run_purger_purges_in_the_background(
 
 
 async def test_no_state_code_verifier_or_token_in_logs(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     started = await begin(stub)
@@ -517,7 +521,7 @@ async def test_no_state_code_verifier_or_token_in_logs(
 
 
 async def test_consume_waits_for_and_loses_to_an_uncommitted_consume(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, clock: FakeClock
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, clock: FakeClock
 ) -> None:
     # What makes two replicas' completions safe: the second conditional UPDATE blocks on the
     # first one's row (PostgreSQL) or database (SQLite) lock, then matches nothing.

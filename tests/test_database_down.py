@@ -118,7 +118,7 @@ def health_is(channel: grpc.aio.Channel, status: int) -> Callable[[], Awaitable[
 
 
 def token_works(
-    stub: pb_grpc.CredentialBrokerStub, iid: str, expected: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, expected: str
 ) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         try:
@@ -135,7 +135,7 @@ def token_works(
     return check
 
 
-async def expect_storage_unavailable(stub: pb_grpc.CredentialBrokerStub, iid: str) -> None:
+async def expect_storage_unavailable(stub: pb_grpc.CredentialBrokerAsyncStub, iid: str) -> None:
     """Every kind of call fails fast with UNAVAILABLE STORAGE_UNAVAILABLE and a plain message."""
     calls = [
         stub.GetAccessToken(
@@ -158,7 +158,7 @@ async def expect_storage_unavailable(stub: pb_grpc.CredentialBrokerStub, iid: st
 
 
 async def test_database_down_then_back(
-    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     stored = await stub.StoreIntegration(store_request(access_token="at-survives"), metadata=ADMIN)
     iid = stored.integration.id
@@ -178,7 +178,7 @@ async def test_database_down_then_back(
 
 
 async def test_unresponsive_database_times_out(
-    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, proxy: Proxy, channel: grpc.aio.Channel, stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     """Connections stay open but nothing comes back: calls give up after database.timeout."""
     stored = await stub.StoreIntegration(store_request(access_token="at-frozen"), metadata=ADMIN)

@@ -71,7 +71,10 @@ def provider_for(auth_method: str) -> str:
 
 
 async def store_grant(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, provider: str = "acme", **fields: Any
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    fake: FakeAuthServer,
+    provider: str = "acme",
+    **fields: Any,
 ) -> tuple[str, str, str]:
     access, refresh = fake.issue_grant(scopes=("read",))
     values: dict[str, Any] = {
@@ -88,7 +91,7 @@ async def store_grant(
 
 
 async def disconnect(
-    stub: pb_grpc.CredentialBrokerStub, iid: str, **fields: Any
+    stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, **fields: Any
 ) -> pb.DisconnectResponse:
     return await stub.Disconnect(pb.DisconnectRequest(integration_id=iid, **fields), metadata=ADMIN)
 
@@ -117,7 +120,7 @@ def assert_wiped(row: Any) -> None:
     assert row.refresh_token_ct is None
 
 
-async def expect_disconnected(stub: pb_grpc.CredentialBrokerStub, iid: str) -> None:
+async def expect_disconnected(stub: pb_grpc.CredentialBrokerAsyncStub, iid: str) -> None:
     error = await expect_error(
         stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN),
         Code.FAILED_PRECONDITION,
@@ -146,7 +149,7 @@ async def make_due(broker: Broker, iid: str) -> None:
 
 
 async def test_disconnect_revokes_refresh_then_access_token(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer, auth_method: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer, auth_method: str
 ) -> None:
     iid, access, refresh = await store_grant(stub, fake, provider_for(auth_method))
     assert fake.is_grant_active(refresh)
@@ -195,7 +198,7 @@ async def test_disconnect_revokes_refresh_then_access_token(
 
 
 async def test_disconnect_by_owner(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, refresh = await store_grant(stub, fake)
     response = await stub.Disconnect(
@@ -208,7 +211,7 @@ async def test_disconnect_by_owner(
 
 
 async def test_second_disconnect_is_idempotent(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     first = await disconnect(stub, iid, reason="first")
@@ -227,7 +230,7 @@ async def test_second_disconnect_is_idempotent(
 
 
 async def test_pending_on_503_then_retried_to_revoked(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, access, refresh = await store_grant(stub, fake)
     fake.fail_next("unavailable", path="/revoke")
@@ -282,7 +285,7 @@ async def test_pending_on_503_then_retried_to_revoked(
 
 
 async def test_failed_retry_backs_off_exponentially(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, refresh = await store_grant(stub, fake)
     fake.fail_next("unavailable", times=2, path="/revoke")
@@ -301,7 +304,7 @@ async def test_failed_retry_backs_off_exponentially(
 
 
 async def test_pending_gives_up_as_failed_after_the_last_attempt(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     fake.fail_always("unavailable", path="/revoke")
@@ -324,7 +327,7 @@ async def test_pending_gives_up_as_failed_after_the_last_attempt(
 
 
 async def test_refused_revocation_is_failed_and_wiped(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     fake.fail_next("invalid_client", path="/revoke")
@@ -337,7 +340,7 @@ async def test_refused_revocation_is_failed_and_wiped(
 
 
 async def test_reconnect_while_pending_still_revokes_the_old_grant(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, old_refresh = await store_grant(stub, fake)
     fake.fail_next("unavailable", path="/revoke")
@@ -358,7 +361,7 @@ async def test_reconnect_while_pending_still_revokes_the_old_grant(
 
 
 async def test_skip_provider_revocation(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, refresh = await store_grant(stub, fake)
     response = await disconnect(stub, iid, skip_provider_revocation=True)
@@ -376,7 +379,7 @@ async def test_skip_provider_revocation(
 
 
 async def test_provider_without_revocation_url_is_not_supported(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, refresh = await store_grant(stub, fake, provider="norevoke")
     response = await disconnect(stub, iid)
@@ -390,7 +393,7 @@ async def test_provider_without_revocation_url_is_not_supported(
 
 
 async def test_reconnect_after_disconnect_serves_the_new_grant(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     await disconnect(stub, iid)

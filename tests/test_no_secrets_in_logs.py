@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import grpc
@@ -110,7 +110,8 @@ def record_texts(record: logging.LogRecord) -> list[str]:
 
 def error_texts(error: grpc.aio.AioRpcError) -> list[str]:
     texts = [error.details() or "", error.debug_error_string() or "", repr(error)]
-    for key, value in error.trailing_metadata() or ():
+    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
+    for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
         texts.append(f"{key}={value!r}")
         if key == "grpc-status-details-bin":
             texts.append(str(status_pb2.Status.FromString(value)))
@@ -205,7 +206,7 @@ async def consent(url: str) -> dict[str, str]:
 
 
 async def run_flows(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     broker: Broker,
     fake: FakeAuthServer,
     canaries: Canaries,
@@ -346,7 +347,7 @@ async def run_flows(
 
 
 async def test_no_canary_in_logs_errors_or_audit_rows(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     broker: Broker,
     fake: FakeAuthServer,
     canaries: Canaries,

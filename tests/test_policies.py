@@ -80,7 +80,9 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url, callers=policy_callers(), providers={"acme": ACME})
 
 
-async def store(stub: pb_grpc.CredentialBrokerStub, provider: str, user: str = "user-1") -> str:
+async def store(
+    stub: pb_grpc.CredentialBrokerAsyncStub, provider: str, user: str = "user-1"
+) -> str:
     response = await stub.StoreIntegration(
         store_request(user_id=user, provider=provider, scopes=[]), metadata=ADMIN
     )
@@ -88,7 +90,7 @@ async def store(stub: pb_grpc.CredentialBrokerStub, provider: str, user: str = "
 
 
 @pytest.fixture
-async def stored(stub: pb_grpc.CredentialBrokerStub) -> dict[str, str]:
+async def stored(stub: pb_grpc.CredentialBrokerAsyncStub) -> dict[str, str]:
     """user-1 has acme, google and twitter integrations; provider → integration id."""
     return {p: await store(stub, p) for p in ("acme", "google", "twitter")}
 
@@ -108,7 +110,7 @@ def no_token_in(error: grpc.aio.AioRpcError) -> None:
 
 
 async def test_allowed_provider_is_served(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     by_id = await stub.GetAccessToken(
         pb.GetAccessTokenRequest(integration_id=stored["acme"]), metadata=LIMITED
@@ -122,7 +124,7 @@ async def test_allowed_provider_is_served(
 
 
 async def test_denied_provider_by_integration_id_names_the_provider(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     error = await expect_error(
         stub.GetAccessToken(
@@ -141,7 +143,7 @@ async def test_denied_provider_by_integration_id_names_the_provider(
 
 
 async def test_denied_provider_by_owner_names_the_provider(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     error = await expect_error(
         stub.GetAccessToken(
@@ -157,7 +159,7 @@ async def test_denied_provider_by_owner_names_the_provider(
 
 
 async def test_denied_provider_is_refused_before_lookup(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     """A caller may not learn whether a user has an integration of a provider it may not use."""
     await expect_error(
@@ -178,7 +180,7 @@ async def test_denied_provider_is_refused_before_lookup(
 
 
 async def test_alias_in_request_does_not_bypass_policy(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     """ "gmail" is google: a caller limited to acme may not reach google under its alias."""
     await expect_error(
@@ -191,7 +193,7 @@ async def test_alias_in_request_does_not_bypass_policy(
 
 
 async def test_alias_in_policy_allows_the_provider(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     got = await stub.GetAccessToken(
         pb.GetAccessTokenRequest(user_id="user-1", provider="x"), metadata=ALIASED
@@ -200,7 +202,7 @@ async def test_alias_in_policy_allows_the_provider(
 
 
 async def test_list_shows_only_allowed_providers(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     everything = await stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
@@ -226,7 +228,7 @@ async def test_list_shows_only_allowed_providers(
 
 
 async def test_get_integration_of_denied_provider(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     ok = await stub.GetIntegration(
         pb.GetIntegrationRequest(integration_id=stored["acme"]), metadata=VIEWER
@@ -242,7 +244,7 @@ async def test_get_integration_of_denied_provider(
 
 
 async def test_store_for_denied_provider_writes_nothing(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, stored: dict[str, str]
 ) -> None:
     before = await row_count(broker)
     await expect_error(
@@ -261,7 +263,7 @@ async def test_store_for_denied_provider_writes_nothing(
 
 
 async def test_disconnect_of_denied_provider_changes_nothing(
-    stub: pb_grpc.CredentialBrokerStub, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, stored: dict[str, str]
 ) -> None:
     await expect_error(
         stub.Disconnect(
@@ -286,7 +288,7 @@ async def test_disconnect_of_denied_provider_changes_nothing(
 
 
 async def test_denied_method_names_the_method(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, stored: dict[str, str]
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, stored: dict[str, str]
 ) -> None:
     before = await row_count(broker)
     error = await expect_error(

@@ -60,7 +60,7 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
 
 
 async def store_grant(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     fake: FakeAuthServer,
     expires_in: int = 0,
     **fields: Any,
@@ -81,7 +81,7 @@ async def store_grant(
 
 
 async def token(
-    stub: pb_grpc.CredentialBrokerStub, iid: str, **fields: Any
+    stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, **fields: Any
 ) -> pb.GetAccessTokenResponse:
     return await stub.GetAccessToken(
         pb.GetAccessTokenRequest(integration_id=iid, **fields), metadata=ADMIN
@@ -96,7 +96,7 @@ async def row(broker: Broker, iid: str) -> Any:
 
 
 async def test_expired_token_is_refreshed_and_rotated(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     iid, old_access, old_refresh = await store_grant(stub, fake)
     got = await token(stub, iid)
@@ -105,13 +105,15 @@ async def test_expired_token_is_refreshed_and_rotated(
     assert fake.is_access_token_active(got.access_token)
     assert fake.refresh_calls == 1
     new_refresh = fake.current_refresh_token(old_refresh)
-    assert new_refresh is not None and new_refresh != old_refresh
+    assert new_refresh is not None
+    assert new_refresh != old_refresh
     stored = await row(broker, iid)
     assert stored.integration.last_refreshed_at is not None
     assert stored.integration.version == 2
     # The stored refresh token is the rotated one: a second refresh works and the grant lives.
     again = await token(stub, iid, force_refresh=True)
-    assert again.refreshed and again.access_token != got.access_token
+    assert again.refreshed
+    assert again.access_token != got.access_token
     assert fake.refresh_calls == 2
     assert fake.is_grant_active(old_refresh)
     integration = await stub.GetIntegration(
@@ -121,30 +123,33 @@ async def test_expired_token_is_refreshed_and_rotated(
 
 
 async def test_valid_token_is_served_without_refresh(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     iid, access, _ = await store_grant(stub, fake, expires_in=3600)
     got = await token(stub, iid)
-    assert got.access_token == access and not got.refreshed
+    assert got.access_token == access
+    assert not got.refreshed
     assert fake.refresh_calls == 0
 
 
 async def test_min_valid_for_decides(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     iid, access, _ = await store_grant(stub, fake, expires_in=120)
     as_is = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=60))
-    assert as_is.access_token == access and not as_is.refreshed
+    assert as_is.access_token == access
+    assert not as_is.refreshed
     assert fake.refresh_calls == 0
     longer = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=600))
-    assert longer.refreshed and longer.access_token != access
+    assert longer.refreshed
+    assert longer.access_token != access
     assert fake.refresh_calls == 1
     expires = longer.expires_at.ToDatetime(tzinfo=UTC)
     assert expires - datetime.now(UTC) > timedelta(seconds=600)
 
 
 async def test_concurrent_callers_share_one_refresh(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     fake.latency = 0.05
     iid, _, old_refresh = await store_grant(stub, fake)
@@ -156,7 +161,7 @@ async def test_concurrent_callers_share_one_refresh(
 
 
 async def test_refresh_keeps_refresh_token_when_response_has_none(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     fake.omit_refresh_token = True
     fake.rotate = False
@@ -213,7 +218,7 @@ FAILURES = [
 
 @pytest.mark.parametrize(("answer", "status", "code", "reason"), FAILURES)
 async def test_provider_failures(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     fake: FakeAuthServer,
     broker: Broker,
     answer: str,
@@ -228,7 +233,8 @@ async def test_provider_failures(
     assert stored.integration.status.value == status
     if code == Code.UNAVAILABLE:
         info = retry_info(error)
-        assert info is not None and info.retry_delay.seconds >= 1
+        assert info is not None
+        assert info.retry_delay.seconds >= 1
         assert stored.refresh_failures == 1
         # Retried within the call (max_attempts=2) unless the deadline forbids.
         assert fake.refresh_calls in (1, 2)
@@ -246,16 +252,18 @@ async def test_provider_failures(
         await expect_error(token(stub, iid), Code.FAILED_PRECONDITION, "REAUTHORIZATION_REQUIRED")
         assert fake.refresh_calls == 1
     # Error messages never carry a token.
-    assert "rt_" not in (error.details() or "") and "at_" not in (error.details() or "")
+    assert "rt_" not in (error.details() or "")
+    assert "at_" not in (error.details() or "")
 
 
 async def test_transient_failure_serves_current_token_when_it_still_satisfies(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     iid, access, _ = await store_grant(stub, fake, expires_in=20)  # inside the 30 s margin
     fake.fail_always("unavailable")
     got = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=10))
-    assert got.access_token == access and not got.refreshed
+    assert got.access_token == access
+    assert not got.refreshed
     await expect_error(
         token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=60)),
         Code.UNAVAILABLE,
@@ -267,7 +275,7 @@ async def test_transient_failure_serves_current_token_when_it_still_satisfies(
 
 
 async def test_transient_failure_is_retried_within_the_call(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     fake.fail_next("unavailable", 1)
@@ -277,7 +285,7 @@ async def test_transient_failure_is_retried_within_the_call(
 
 
 async def test_invalid_grant_after_a_lost_race_serves_the_new_token(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     fake.fail_next("invalid_grant", 1)
@@ -304,7 +312,7 @@ async def test_invalid_grant_after_a_lost_race_serves_the_new_token(
 
 
 async def test_tokens_survive_a_database_failure_after_the_provider_answered(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
     fake: FakeAuthServer,
     broker: Broker,
     monkeypatch: pytest.MonkeyPatch,
@@ -321,7 +329,8 @@ async def test_tokens_survive_a_database_failure_after_the_provider_answered(
     monkeypatch.setattr(repository, "write_refreshed", flaky_write)
     got = await token(stub, iid)
     # The caller gets the new token even though the database has not taken it yet ...
-    assert got.refreshed and fake.is_access_token_active(got.access_token)
+    assert got.refreshed
+    assert fake.is_access_token_active(got.access_token)
     assert fake.refresh_calls == 1
     stored = await row(broker, iid)
     assert stored.integration.version == 1, "not stored yet"
@@ -342,20 +351,21 @@ async def test_tokens_survive_a_database_failure_after_the_provider_answered(
 
 
 async def test_background_refresh(
-    stub: pb_grpc.CredentialBrokerStub, fake: FakeAuthServer, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     soon, access, _ = await store_grant(stub, fake, expires_in=10)
     later, _, _ = await store_grant(stub, fake, expires_in=3600, account_id="other")
     assert await broker.refresher.background_pass() == 1
     assert fake.refresh_calls == 1
     got = await token(stub, soon)
-    assert got.access_token != access and not got.refreshed  # already fresh
+    assert got.access_token != access
+    assert not got.refreshed  # already fresh
     assert (await row(broker, later)).integration.version == 1
     assert await broker.refresher.background_pass() == 0
 
 
 async def test_unconfigured_builtin_refresh_is_provider_misconfigured(
-    stub: pb_grpc.CredentialBrokerStub,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     stored = await stub.StoreIntegration(
         pb.StoreIntegrationRequest(
@@ -395,7 +405,8 @@ async def test_background_refresh_shared_by_replicas(
     await asyncio.gather(a.refresher.background_pass(), b.refresher.background_pass())
     # Each integration refreshed exactly once between the two replicas, and the work was shared.
     assert fake.refresh_calls == 20
-    assert a.refresher.provider_calls > 0 and b.refresher.provider_calls > 0
+    assert a.refresher.provider_calls > 0
+    assert b.refresher.provider_calls > 0
     async with a.engine.connect() as conn:
         versions = (await conn.execute(select(integrations.c.version))).scalars().all()
     assert sorted(versions) == [2] * 20

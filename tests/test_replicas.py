@@ -98,4 +98,4 @@ async def test_one_refresh_per_rotation_across_three_processes(
             await expire_all(url)
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)

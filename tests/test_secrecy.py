@@ -52,12 +52,12 @@ def encodings(token: str) -> list[bytes]:
     return [raw, raw.hex().encode(), base64.b64encode(raw), raw[::-1]]
 
 
-async def store(stub: pb_grpc.CredentialBrokerStub, **fields: Any) -> str:
+async def store(stub: pb_grpc.CredentialBrokerAsyncStub, **fields: Any) -> str:
     response = await stub.StoreIntegration(store_request(**fields), metadata=ADMIN)
     return str(response.integration.id)
 
 
-async def get_token(stub: pb_grpc.CredentialBrokerStub, iid: str) -> pb.GetAccessTokenResponse:
+async def get_token(stub: pb_grpc.CredentialBrokerAsyncStub, iid: str) -> pb.GetAccessTokenResponse:
     request = pb.GetAccessTokenRequest(integration_id=iid)
     response: pb.GetAccessTokenResponse = await stub.GetAccessToken(request, metadata=ADMIN)
     return response
@@ -132,7 +132,7 @@ def _sqlite_bytes(url: str) -> bytes:
 
 
 async def test_plaintext_never_in_database_bytes(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, backend: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, backend: str
 ) -> None:
     owner = f"owner-{uuid.uuid4().hex}"
     tokens = [canary("access"), canary("refresh"), canary("access2"), canary("refresh2")]
@@ -153,7 +153,9 @@ async def test_plaintext_never_in_database_bytes(
 # -- moved or corrupted ciphertexts -----------------------------------------------------------
 
 
-async def expect_data_loss(stub: pb_grpc.CredentialBrokerStub, iid: str, *secrets: str) -> None:
+async def expect_data_loss(
+    stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, *secrets: str
+) -> None:
     error = await expect_error(get_token(stub, iid), Code.DATA_LOSS, "CIPHERTEXT_INVALID")
     shown = (error.details() or "") + repr(error.trailing_metadata()) + repr(error_info(error))
     for secret in secrets:
@@ -161,7 +163,7 @@ async def expect_data_loss(stub: pb_grpc.CredentialBrokerStub, iid: str, *secret
 
 
 async def test_ciphertext_copied_to_another_row_fails(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     a_at, a_rt, b_at, b_rt = canary("a-at"), canary("a-rt"), canary("b-at"), canary("b-rt")
@@ -186,7 +188,7 @@ async def test_ciphertext_copied_to_another_row_fails(
 
 
 async def test_refresh_ciphertext_moved_to_access_column_fails(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     at, rt = canary("at"), canary("rt")
     iid = await store(stub, access_token=at, refresh_token=rt)
@@ -195,7 +197,7 @@ async def test_refresh_ciphertext_moved_to_access_column_fails(
 
 
 async def test_moved_refresh_token_is_not_adopted_on_upsert(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker
 ) -> None:
     """A store without a refresh token keeps (re-encrypts) the row's old one; a refresh token
     moved in from another row must not be laundered into this row that way."""
@@ -229,7 +231,7 @@ async def test_moved_refresh_token_is_not_adopted_on_upsert(
 
 
 async def test_ciphertext_from_another_environment_fails(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, tmp_path: Path
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, tmp_path: Path
 ) -> None:
     """A whole row (same id, same keys) written by a broker of another environment."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'other-env.db'}"
@@ -264,7 +266,7 @@ async def test_ciphertext_from_another_environment_fails(
     ["version", "key-id", "nonce", "body", "tag", "truncated", "garbage"],
 )
 async def test_corrupted_ciphertext_gives_data_loss(
-    stub: pb_grpc.CredentialBrokerStub, broker: Broker, where: str
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, where: str
 ) -> None:
     token = canary("at")
     iid = await store(stub, access_token=token)

@@ -213,14 +213,14 @@ def tls_stub(broker: Broker, creds: Any, host: str = "127.0.0.1") -> tuple[Any, 
 
 
 @pytest.fixture
-async def admin_stub(broker: Broker, pki: Pki) -> AsyncIterator[pb_grpc.CredentialBrokerStub]:
+async def admin_stub(broker: Broker, pki: Pki) -> AsyncIterator[pb_grpc.CredentialBrokerAsyncStub]:
     """A bearer-token caller over mTLS (any certificate from the CA gets through the handshake)."""
     channel, stub = tls_stub(broker, credentials(pki, pki.stranger))
     async with channel:
         yield stub
 
 
-async def store(stub: pb_grpc.CredentialBrokerStub, provider: str = "twitter") -> str:
+async def store(stub: pb_grpc.CredentialBrokerAsyncStub, provider: str = "twitter") -> str:
     response = await stub.StoreIntegration(
         store_request(provider=provider, scopes=[]), metadata=ADMIN
     )
@@ -231,7 +231,7 @@ async def store(stub: pb_grpc.CredentialBrokerStub, provider: str = "twitter") -
 
 
 async def test_good_client_certificate_calls_without_bearer(
-    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     iid = await store(admin_stub)
     channel, stub = tls_stub(broker, credentials(pki, pki.runner))
@@ -251,7 +251,7 @@ async def test_good_client_certificate_calls_without_bearer(
 
 
 async def test_certificate_identity_gets_its_own_policy(
-    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     google = await store(admin_stub, "google")
     channel, stub = tls_stub(broker, credentials(pki, pki.runner))
@@ -275,7 +275,7 @@ async def test_certificate_identity_gets_its_own_policy(
 
 
 async def test_uri_san_identity(
-    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     await store(admin_stub)
     channel, stub = tls_stub(broker, credentials(pki, pki.spiffe))
@@ -325,7 +325,7 @@ async def test_plaintext_client_is_refused(broker: Broker) -> None:
 
 
 async def test_unknown_identity_without_bearer_is_unauthenticated(
-    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerStub
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub
 ) -> None:
     iid = await store(admin_stub)
     channel, stub = tls_stub(broker, credentials(pki, pki.stranger))

@@ -1,0 +1,30 @@
+# Credential Broker image: `broker serve` as a non-root user. No key and no configuration are
+# baked in; pass them at run time (README, "Docker").
+
+FROM python:3.11-slim AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/broker \
+ && /opt/broker/bin/pip install "pip==26.3"
+WORKDIR /src
+# README.md is the package's long description (pyproject.toml), so the build needs it.
+COPY pyproject.toml constraints.txt README.md ./
+COPY broker ./broker
+RUN /opt/broker/bin/pip install -c constraints.txt .
+
+FROM python:3.11-slim
+RUN groupadd --system --gid 10001 broker \
+ && useradd --system --uid 10001 --gid broker --home-dir /var/lib/broker --create-home \
+      --shell /usr/sbin/nologin broker
+COPY --from=builder /opt/broker /opt/broker
+ENV PATH=/opt/broker/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    BROKER_LISTEN=0.0.0.0:50051
+# A non-loopback listen address needs TLS (BROKER_TLS_CERT_FILE, BROKER_TLS_KEY_FILE) or
+# BROKER_SERVER__ALLOW_INSECURE=true behind a mesh that encrypts; the broker refuses otherwise.
+WORKDIR /var/lib/broker
+USER 10001:10001
+EXPOSE 50051
+ENTRYPOINT ["broker"]
+CMD ["serve"]
