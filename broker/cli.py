@@ -552,6 +552,10 @@ def parser() -> argparse.ArgumentParser:
     )
     reenc.set_defaults(func=cmd_keys_reencrypt)
 
+    from broker.bench import cli as bench_cli
+
+    bench_cli.register(sub)
+
     audit = sub.add_parser("audit", help="read the audit trail, newest first")
     audit.add_argument("--user", help="events of this user_id")
     audit.add_argument("--integration", help="events of this integration id")
