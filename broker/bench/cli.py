@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 results = bench.run(names)
             except KeyboardInterrupt:
                 interrupted = True
+                results = bench.results
                 print("\nbroker bench: interrupted; cleaning up", file=sys.stderr)
     except KeyboardInterrupt:  # a second Ctrl-C during clean-up: it finished anyway
         interrupted = True

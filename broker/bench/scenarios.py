@@ -116,6 +116,7 @@ class Bench:
         self.servers: list[procs.BrokerServer] = []
         self.databases: list[str] = []
         self.datasets: dict[str, Dataset] = {}
+        self.results: list[ScenarioResult] = []
         self.started = time.monotonic()
         self._pg_problem: str | None = None
         self._pg_checked = False
@@ -148,7 +149,8 @@ class Bench:
 
     def run(self, names: Sequence[str]) -> list[ScenarioResult]:
         by_name = {s.name: s for s in SCENARIOS}
-        results: list[ScenarioResult] = []
+        # Kept on the instance so an interrupted run still reports what it measured.
+        results = self.results
         for number, name in enumerate(names):
             scenario = by_name[name]
             self.log(f"{name}: {scenario.description}")
