@@ -16,15 +16,14 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.domain.context import Call
 from broker.domain.service import Clock
 from broker.errors import StorageUnavailable
+from broker.storage import audit_log
 from broker.storage.engine import storage_errors
-from broker.storage.tables import audit_events
 
 log = logging.getLogger("broker.audit")
 
@@ -44,22 +43,23 @@ class Auditor:
         self.clock = clock
         self.group_commit = group_commit
         self.max_batch = max_batch
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    def event(self, call: Call, outcome: str) -> dict[str, Any]:
-        return {
-            "id": str(uuid.uuid4()),
-            "occurred_at": self.clock(),
-            "caller": call.caller.name,
-            "method": call.method,
-            "integration_id": call.integration_id,
-            "user_id": call.user_id,
-            "provider": call.provider,
-            "outcome": outcome,
-            "request_id": call.request_id,
-            "detail": call.detail,
-        }
+    def event(self, call: Call, outcome: str) -> tuple[Any, ...]:
+        """One row, in ``audit_log.COLUMNS`` order."""
+        return (
+            str(uuid.uuid4()),
+            self.clock(),
+            call.caller.name,
+            call.method,
+            call.integration_id,
+            call.user_id,
+            call.provider,
+            outcome,
+            call.request_id,
+            call.detail,
+        )
 
     async def record(self, call: Call, outcome: str) -> None:
         """Return once the event is committed; AuditUnavailable if it cannot be."""
@@ -94,10 +94,10 @@ class Auditor:
         finally:
             self._writer = None
 
-    async def _write(self, events: list[dict[str, Any]]) -> None:
+    async def _write(self, events: list[tuple[Any, ...]]) -> None:
         try:
-            async with storage_errors(), self.engine.begin() as conn:
-                await conn.execute(insert(audit_events), events)
+            async with storage_errors():
+                await audit_log.insert_events(self.engine, events)
         except Exception as exc:
             # Whatever went wrong (database down, table missing, constraint), no event means
             # no answer. The class name is logged; the message may quote the SQL and values.

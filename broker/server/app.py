@@ -5,11 +5,11 @@ connections and engines close."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +32,7 @@ from broker.storage import repository
 from broker.storage.notify import InvalidationListener
 
 log = logging.getLogger("broker.server")
+T = TypeVar("T")
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
 
@@ -64,18 +65,24 @@ class Broker:
         grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self.stop_metrics is not None:
-            self.stop_metrics()
+            # Its shutdown blocks until the HTTP thread notices: keep the event loop free.
+            await _bounded("metrics endpoint", asyncio.to_thread(self.stop_metrics), 5)
             self.stop_metrics = None
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=10)
+            for task in pending:
+                # Shutdown must finish; say which background task would not.
+                log.error("shutdown: background task %s did not stop", task.get_name())
         # Tokens a provider issued that the database has not taken yet: one last try.
-        if await self.refresher.flush_unsaved():
+        unsaved = await _bounded(
+            "last store of refreshed tokens", self.refresher.flush_unsaved(), 10
+        )
+        if unsaved:
             log.error("shutting down with refreshed tokens that could not be stored")
-        await self.runtime.close()
+        await _bounded("closing the database engine and HTTP client", self.runtime.close(), 10)
 
     def reload_callers(self, settings: Settings) -> None:
         """SIGHUP: new caller policies take effect for new calls; on error the old stay."""
@@ -206,6 +213,14 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         runtime.keyring.primary_id,
     )
     return broker
+
+
+async def _bounded(what: str, step: Awaitable[T], seconds: float) -> T | None:
+    try:
+        return await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.error("shutdown: %s did not finish within %.0f s; going on", what, seconds)
+        return None
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
