@@ -189,7 +189,8 @@ class CacheSettings(_Section):
     PostgreSQL LISTEN/NOTIFY; bypassed whenever that channel is down)."""
 
     enabled: bool = True
-    max_entries: int = Field(default=100_000, ge=1)
+    # About 1.4 KiB per entry (ciphertexts and metadata): 50,000 keeps a broker under 200 MiB.
+    max_entries: int = Field(default=50_000, ge=1)
 
 
 class AuditSettings(_Section):

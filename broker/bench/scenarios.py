@@ -15,6 +15,7 @@ import multiprocessing
 import random
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -359,13 +360,21 @@ class Bench:
             self.servers.remove(server)
         return code
 
+    def _port(self) -> int:
+        """0 (any free port) for one process; workers share a port, so it must be fixed."""
+        if not self.options.workers or self.options.workers < 2:
+            return 0
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
     def _config(self, ds: Dataset) -> Path:
         path = ds.config_dir / "broker.toml"
         path.write_text(
             "\n".join(
                 [
                     "[server]",
-                    'listen = "127.0.0.1:0"',
+                    f'listen = "127.0.0.1:{self._port()}"',
                     f'environment = "{data.ENVIRONMENT}"',
                     "[database]",
                     f"url = {_toml_string(ds.url)}",
