@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.domain import context, validation
+from broker.domain import context, periodic, validation
 from broker.domain.model import Integration, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, TokenCipher
 from broker.errors import (
@@ -307,13 +307,6 @@ class AuthorizationService:
 
     async def run_purger(self, interval_seconds: float = 300.0) -> None:
         """Purge old flows every ``interval_seconds`` until cancelled (a background task)."""
-        while True:
-            try:
-                purged = await self.purge_expired()
-                if purged:
-                    log.info("purged %d old authorization flow(s)", purged)
-            except StorageUnavailable:
-                log.warning("authorization flow purge: database unavailable")
-            except Exception:
-                log.exception("authorization flow purge failed")
-            await asyncio.sleep(interval_seconds)
+        await periodic.every(
+            interval_seconds, self.purge_expired, "authorization flow purge", "%d purged"
+        )

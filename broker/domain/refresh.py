@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.config import RefreshSettings
+from broker.domain import periodic
 from broker.domain.model import (
     AccessToken,
     NewTokens,
@@ -452,13 +453,9 @@ class RefreshEngine:
         return await self._refresh_leased(row, self._budget_end(request)), True
 
     async def run_background(self) -> None:
-        while True:
-            try:
-                count = await self.background_pass()
-                if count:
-                    log.info("background refresh: %d integration(s) refreshed", count)
-            except StorageUnavailable:
-                log.warning("background refresh: database unavailable")
-            except Exception:
-                log.exception("background refresh pass failed")
-            await asyncio.sleep(self.settings.background_interval_seconds)
+        await periodic.every(
+            self.settings.background_interval_seconds,
+            self.background_pass,
+            "background refresh",
+            "%d provider call(s)",
+        )

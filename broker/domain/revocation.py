@@ -8,16 +8,16 @@ attempts (FAILED). The ciphertexts are wiped as soon as the outcome is final.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.domain import periodic
 from broker.domain.model import Revocation, StoredIntegration
 from broker.domain.service import ACCESS, REFRESH, Clock, TokenCipher
-from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable, StorageUnavailable
+from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
 from broker.storage import repository
@@ -124,11 +124,4 @@ class ProviderRevoker:
         return len(ids)
 
     async def run_background(self, interval: float) -> None:
-        while True:
-            try:
-                await self.retry_pending()
-            except StorageUnavailable:
-                log.warning("revocation retries: database unavailable")
-            except Exception:
-                log.exception("revocation retry pass failed")
-            await asyncio.sleep(interval)
+        await periodic.every(interval, self.retry_pending, "revocation retries", "%d tried")

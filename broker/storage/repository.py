@@ -214,7 +214,8 @@ async def claim_due(
     """Lease up to ``limit`` connected integrations that expire before ``horizon`` and that
     nobody is refreshing. On PostgreSQL, replicas claiming at once skip each other's rows
     (``FOR UPDATE SKIP LOCKED``) instead of queueing on them, so they share the work."""
-    query = (
+    return await _claim(
+        conn,
         select(t.c.id)
         .where(
             t.c.status == "CONNECTED",
@@ -225,8 +226,14 @@ async def claim_due(
             or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
         )
         .order_by(t.c.expires_at)
-        .limit(limit)
+        .limit(limit),
+        owner,
+        until,
     )
+
+
+async def _claim(conn: AsyncConnection, query: Any, owner: str, until: datetime) -> list[str]:
+    """Lease the rows ``query`` selects, in the same transaction as the selection."""
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     ids = [row[0] for row in (await conn.execute(query)).all()]
@@ -244,7 +251,8 @@ async def claim_pending_revocations(
 ) -> list[str]:
     """Lease disconnected integrations whose provider revocation is due for another try.
     A disconnected row is never refreshed, so the refresh lease columns serve here too."""
-    query = (
+    return await _claim(
+        conn,
         select(t.c.id)
         .where(
             t.c.status == "DISCONNECTED",
@@ -253,15 +261,7 @@ async def claim_pending_revocations(
             or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
         )
         .order_by(t.c.next_revocation_at)
-        .limit(limit)
+        .limit(limit),
+        owner,
+        until,
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    ids = [row[0] for row in (await conn.execute(query)).all()]
-    if ids:
-        await conn.execute(
-            update(t)
-            .where(t.c.id.in_(ids))
-            .values(refresh_lease_owner=owner, refresh_lease_until=until)
-        )
-    return ids
