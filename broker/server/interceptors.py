@@ -183,7 +183,15 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             async def stream(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                await check(context)
+                try:
+                    self.identify(context)
+                except _Denied as denied:
+                    # End the stream with the status rather than abort(): aborting a
+                    # bidirectional stream whose client is still sending races in gRPC core
+                    # ("Internal error from Core") instead of delivering UNAUTHENTICATED.
+                    context.set_code(denied.code)
+                    context.set_details(denied.message)
+                    return
                 async for response in inner(requests, context):
                     yield response
 
