@@ -383,9 +383,7 @@ async def test_unconfigured_builtin_refresh_is_provider_misconfigured(
 
 
 @pytest.fixture
-async def two_brokers(settings: Settings, backend: str) -> AsyncIterator[tuple[Broker, Broker]]:
-    if backend != "postgres":
-        pytest.skip("replicas share PostgreSQL only")
+async def two_brokers(settings: Settings) -> AsyncIterator[tuple[Broker, Broker]]:
     a = await start(settings)
     b = await start(settings)
     yield a, b
@@ -393,6 +391,10 @@ async def two_brokers(settings: Settings, backend: str) -> AsyncIterator[tuple[B
     await b.stop(0)
 
 
+# Replicas share PostgreSQL only: no SQLite variant.
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_background_refresh_shared_by_replicas(
     two_brokers: tuple[Broker, Broker], fake: FakeAuthServer
 ) -> None:
