@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import grpc
@@ -172,31 +172,28 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.CredentialBrokerAsyncStub:
     return pb_grpc.CredentialBrokerStub(channel)
 
 
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo detail of a failed call, or None."""
+Detail = TypeVar("Detail", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
+
+
+def _detail(error: grpc.aio.AioRpcError, kind: type[Detail]) -> Detail | None:
+    """The first ``kind`` detail in a failed call's google.rpc.Status, or None."""
     # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
     for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return info
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(kind.DESCRIPTOR):
+                    found = kind()
+                    detail.Unpack(found)
+                    return found
     return None
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    return _detail(error, error_details_pb2.ErrorInfo)
 
 
 def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
-    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
-    for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    info = error_details_pb2.RetryInfo()
-                    detail.Unpack(info)
-                    return info
-    return None
+    return _detail(error, error_details_pb2.RetryInfo)
 
 
 async def expect_error(
