@@ -188,7 +188,7 @@ class IntegrationService:
 
     async def _resolve(self, conn: AsyncConnection, sel: Selector) -> StoredIntegration:
         if sel.integration_id:
-            stored = await repository.get(conn, sel.integration_id)
+            stored = await repository.read(conn, sel.integration_id)
             if stored is None:
                 raise IntegrationNotFound(
                     f"no integration with id {sel.integration_id!r}",

@@ -6,14 +6,17 @@ re-encryption batch) can never overwrite newer tokens.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.domain.model import Integration, Status, StoredIntegration
-from broker.storage.engine import touch
+from broker.storage.engine import is_unavailable, touch
 from broker.storage.tables import integrations as t
 
 _COLUMNS = (
@@ -50,7 +53,10 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 def to_stored(row: Row[*tuple[Any, ...]]) -> StoredIntegration:
-    m = row._mapping
+    return _stored(row._mapping)
+
+
+def _stored(m: Mapping[Any, Any]) -> StoredIntegration:
     created = utc(m["created_at"])
     updated = utc(m["updated_at"])
     assert created is not None
@@ -82,6 +88,34 @@ def to_stored(row: Row[*tuple[Any, ...]]) -> StoredIntegration:
         revocation=m["revocation"],
         revocation_attempts=int(m["revocation_attempts"]),
     )
+
+
+# The cold GetAccessToken read on PostgreSQL goes straight to asyncpg: one prepared statement
+# (asyncpg caches it per connection), no SQLAlchemy execution machinery per call.
+_PG_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+_PG_GET = str(_SELECT.where(t.c.id == bindparam("id")).compile(dialect=_PG_DIALECT))
+
+
+async def read(conn: AsyncConnection, integration_id: str) -> StoredIntegration | None:
+    """``get`` for the hot read path, outside any transaction."""
+    if conn.dialect.name != "postgresql":
+        return await get(conn, integration_id)
+    raw = await conn.get_raw_connection()
+    try:
+        record = await raw.driver_connection.fetchrow(_PG_GET, integration_id)  # type: ignore[union-attr]
+    except Exception as exc:
+        if is_unavailable(exc):
+            # SQLAlchemy did not see this failure: drop the connection from the pool ourselves.
+            await conn.invalidate()
+        raise
+    if record is None:
+        return None
+    values = dict(record)
+    # SQLAlchemy's JSON type is json on PostgreSQL, which asyncpg returns as text.
+    for column in ("scopes", "metadata"):
+        if isinstance(values[column], str):
+            values[column] = json.loads(values[column])
+    return _stored(values)
 
 
 async def get(
