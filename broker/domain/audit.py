@@ -23,7 +23,6 @@ from broker.domain.context import Call
 from broker.domain.service import Clock
 from broker.errors import StorageUnavailable
 from broker.storage import audit_log
-from broker.storage.engine import storage_errors
 
 log = logging.getLogger("broker.audit")
 
@@ -96,8 +95,7 @@ class Auditor:
 
     async def _write(self, events: list[tuple[Any, ...]]) -> None:
         try:
-            async with storage_errors():
-                await audit_log.insert_events(self.engine, events)
+            await audit_log.insert_events(self.engine, events)
         except Exception as exc:
             # Whatever went wrong (database down, table missing, constraint), no event means
             # no answer. The class name is logged; the message may quote the SQL and values.

@@ -108,8 +108,10 @@ class RefreshEngine:
     # -- deciding ------------------------------------------------------------------------------
 
     def margin(self, provider: str) -> timedelta:
+        # On the hot path (every due() check): a membership test, not a raised UnknownProvider,
+        # for built-ins stored without a configured client.
         seconds = self.settings.margin_seconds
-        with contextlib.suppress(UnknownProvider):
+        if provider in self.registry:
             profile_margin = self.registry.get(provider).refresh_margin_seconds
             if profile_margin is not None:
                 seconds = profile_margin

@@ -38,6 +38,7 @@ from broker.errors import (
     IntegrationNotFound,
     InvalidArgument,
     ReauthorizationRequired,
+    StorageUnavailable,
     UnknownProvider,
 )
 from broker.storage import repository
@@ -284,7 +285,9 @@ class IntegrationService:
                     return await self._store(conn, cmd)
             except IntegrityError:
                 continue
-        raise ReauthorizationRequired("could not store the integration; retry")  # pragma: no cover
+        raise StorageUnavailable(  # pragma: no cover - three lost races in a row
+            "concurrent writes to this integration kept conflicting; retry"
+        )
 
     async def _revoke_before_reconnect(self, cmd: StoreCommand) -> None:
         """A reconnect replaces the tokens of a disconnected integration. If that one's
