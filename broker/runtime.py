@@ -22,6 +22,7 @@ from broker.domain.revocation import ProviderRevoker
 from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
+from broker.storage import audit_log
 from broker.storage.engine import create_engine
 from broker.storage.schema import verify
 
@@ -73,6 +74,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.auditor.close()
         await self.engine.dispose()
 
 
@@ -146,6 +148,9 @@ async def open_runtime(
             clock,
             group_commit=settings.audit.group_commit,
             max_batch=settings.audit.max_batch,
+            max_delay=settings.audit.max_delay_ms / 1000,
+            siblings=settings.audit.siblings,
+            sink=audit_log.sink_for(engine, settings.database.timeout_seconds),
         ),
         cache=cache,
         clock=clock,

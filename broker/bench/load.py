@@ -9,7 +9,9 @@ Two plans:
 
 - ``Timed``: a warm-up, then a measured window of fixed duration. Every worker picks a random
   integration index per call. A call counts (and its latency is kept) when it *completes*
-  inside the window; calls still in flight at the end are awaited and discarded.
+  inside the window; calls still in flight at the end are awaited and discarded. With
+  ``rate`` the loop is open: calls start on a fixed schedule whatever the answers, which is
+  how a quiet broker's latency is measured (a closed loop always runs it at full load).
 - ``Sweep``: every index of a range is requested ``repeat`` times (repeats adjacent, so
   duplicates are in flight together), then the process ends; all calls count. Used for
   pre-warming, filling the cache, and the refresh storm.
@@ -58,6 +60,7 @@ class Timed:
     warmup: float
     first: int  # integration indexes first .. first+count-1
     count: int
+    rate: float | None = None  # calls/s per client process (open loop); None: closed loop
 
 
 @dataclass(frozen=True)
@@ -139,17 +142,33 @@ async def _timed(
 
     async def worker(rng: random.Random) -> None:
         while time.monotonic() < window_to:
-            index = plan.first + rng.randrange(plan.count)
-            latency, error, size = await _call(stub, target, metadata, index)
-            done = time.monotonic()
-            if window_from <= done <= window_to:
-                if error is None:
-                    tally.latencies.append(latency)
-                    tally.response_bytes = size
-                else:
-                    tally.errors[error] += 1
+            await one(plan.first + rng.randrange(plan.count))
+
+    async def scheduled(rng: random.Random, rate: float) -> None:
+        calls: set[asyncio.Task[None]] = set()
+        interval = 1.0 / rate
+        due = start_at
+        while due < window_to:
+            await _sleep_until(due)
+            call = asyncio.create_task(one(plan.first + rng.randrange(plan.count)))
+            calls.add(call)
+            call.add_done_callback(calls.discard)
+            due += interval
+        await asyncio.gather(*calls)
+
+    async def one(index: int) -> None:
+        latency, error, size = await _call(stub, target, metadata, index)
+        if window_from <= time.monotonic() <= window_to:
+            if error is None:
+                tally.latencies.append(latency)
+                tally.response_bytes = size
+            else:
+                tally.errors[error] += 1
 
     await _sleep_until(start_at)
+    if plan.rate is not None:
+        await scheduled(random.Random(seed), plan.rate)
+        return tally
     await asyncio.gather(*(worker(random.Random(seed * 1_000 + i)) for i in range(in_flight)))
     return tally
 

@@ -127,6 +127,17 @@ class BrokerServer:
 # -- peak RSS -----------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its descendants so far (from /proc; 0 if gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in [pid, *_descendants(pid)]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM (peak resident set) of ``pid`` and of its descendants, summed, in MiB.
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from sqlalchemy.engine import make_url
 
 from broker.bench import data, echo, load, procs, seed
@@ -64,6 +65,7 @@ class Options:
     no_broker_in_flight: int = 8  # concurrent fetch+decrypt tasks of the in-process loop
     seed_workers: int = 2  # processes encrypting and COPYing a large seed
     workers: int | None = None  # passed on as `broker serve --workers N` when set
+    open_rate: float = 500.0  # calls/s of the open-loop scenarios, over all client processes
 
     def public(self) -> dict[str, Any]:
         """Settings for the report (the database password hidden)."""
@@ -120,6 +122,7 @@ class Bench:
         self.results: list[ScenarioResult] = []
         self.started = time.monotonic()
         self._pg_problem: str | None = None
+        self._metrics_port: int | None = None
         self._pg_checked = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -175,13 +178,13 @@ class Bench:
     def _dispatch(self, scenario: Scenario) -> ScenarioResult:
         o = self.options
         name = scenario.name
-        if name == "echo":
+        if name in ("echo", "echo-open"):
             return self.echo(scenario)
         if name == "no-broker":
             return self.no_broker(scenario)
         if name == "refresh-storm":
             return self.storm(scenario)
-        hot = name.endswith("-hot")
+        hot = name.endswith(("-hot", "-open"))
         if name.startswith(("sqlite", "pg")):
             ds = self.dataset(name.partition("-")[0], o.rows)
             return self.broker_run(scenario, ds, hot=hot, count=ds.rows)
@@ -211,9 +214,11 @@ class Bench:
                 raise RuntimeError("echo server did not start")
             port = int(ours.recv())
             target = load.Target(f"127.0.0.1:{port}", bearer=None, salt="echo")
-            result = load.run(target, self._timed(0, o.rows), o.clients, o.concurrency,
-                              self._timed_timeout())  # fmt: skip
             assert proc.pid is not None
+            cpu = procs.cpu_seconds(proc.pid)
+            result = load.run(target, self._timed(0, o.rows, scenario), o.clients,
+                              o.concurrency, self._timed_timeout())  # fmt: skip
+            cpu_used = procs.cpu_seconds(proc.pid) - cpu
             rss = procs.peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
@@ -222,7 +227,11 @@ class Bench:
                 proc.kill()
                 proc.join()
             ours.close()
-        return _from_load(scenario, result, rss, {"constant_response_bytes": response.ByteSize()})
+        details = {
+            "constant_response_bytes": response.ByteSize(),
+            "server_cpu_us_per_call": _per_call_us(cpu_used, result),
+        }
+        return _from_load(scenario, result, rss, details)
 
     def no_broker(self, scenario: Scenario) -> ScenarioResult:
         o = self.options
@@ -287,8 +296,14 @@ class Bench:
             elif hot:
                 load.run(target, load.Sweep(0, count, 1, o.prewarm_seconds), o.clients,
                          o.concurrency, o.prewarm_seconds + 120)  # fmt: skip
-            result = load.run(target, self._timed(0, count), o.clients, o.concurrency,
-                              self._timed_timeout())  # fmt: skip
+            cpu = procs.cpu_seconds(server.pid)
+            batches = self._audit_batches()
+            result = load.run(target, self._timed(0, count, scenario), o.clients,
+                              o.concurrency, self._timed_timeout())  # fmt: skip
+            details["server_cpu_us_per_call"] = _per_call_us(
+                procs.cpu_seconds(server.pid) - cpu, result
+            )
+            details["audit_batches"] = _batch_delta(batches, self._audit_batches())
             rss = procs.peak_rss_mib(server.pid)
             if not server.alive():
                 raise RuntimeError("the broker exited during the run:\n  " + _tail(server))
@@ -370,6 +385,7 @@ class Bench:
 
     def _config(self, ds: Dataset) -> Path:
         path = ds.config_dir / "broker.toml"
+        self._metrics_port = _free_port()
         path.write_text(
             "\n".join(
                 [
@@ -378,6 +394,8 @@ class Bench:
                     f'environment = "{data.ENVIRONMENT}"',
                     "[database]",
                     f"url = {_toml_string(ds.url)}",
+                    "[metrics]",
+                    f'listen = "127.0.0.1:{self._metrics_port}"',
                     "[callers.bench]",
                     f'token_sha256 = "{hash_token(self.bearer)}"',
                     f"[providers.{data.PROVIDER}]",
@@ -478,8 +496,27 @@ class Bench:
 
     # -- plans ----------------------------------------------------------------------------------
 
-    def _timed(self, first: int, count: int) -> load.Timed:
-        return load.Timed(self.options.duration, self.options.warmup, first, count)
+    def _timed(self, first: int, count: int, scenario: Scenario | None = None) -> load.Timed:
+        o = self.options
+        rate = None
+        if scenario is not None and scenario.name.endswith("-open"):
+            rate = o.open_rate / o.clients
+        return load.Timed(o.duration, o.warmup, first, count, rate)
+
+    def _audit_batches(self) -> dict[str, float]:
+        """The broker's audit batch-size histogram (cumulative), from its metrics endpoint."""
+        if self._metrics_port is None:
+            return {}
+        try:
+            body = httpx.get(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return {}
+        out: dict[str, float] = {}
+        for line in body.splitlines():
+            if line.startswith("broker_audit_batch_size_"):
+                key, _, value = line.rpartition(" ")
+                out[key.removeprefix("broker_audit_batch_size_")] = float(value)
+        return out
 
     def _timed_timeout(self) -> float:
         return self.options.warmup + self.options.duration + 90
@@ -565,6 +602,36 @@ def _cache_max_entries() -> int:
 
     env = {k: v for k, v in os.environ.items() if k.startswith("BROKER_CACHE__")}
     return load_settings(env=env).cache.max_entries
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _per_call_us(cpu_seconds: float, result: load.LoadResult) -> float | None:
+    """Server CPU (user + system) per counted call; the window includes the calls' tails."""
+    return round(cpu_seconds / result.calls * 1e6, 1) if result.calls else None
+
+
+def _batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Audit batches committed during the measured run: count, mean size, and how many
+    batches fell in each size bucket (``le`` = at most that many events)."""
+    count = after.get("count", 0.0) - before.get("count", 0.0)
+    if count <= 0:
+        return {}
+    total = after.get("sum", 0.0) - before.get("sum", 0.0)
+    buckets: dict[str, int] = {}
+    below = 0.0
+    for key, value in after.items():
+        if key.startswith("bucket{"):
+            le = key.partition('le="')[2].partition('"')[0]
+            cumulative = value - before.get(key, 0.0)
+            if cumulative - below > 0:
+                buckets[le] = int(cumulative - below)
+            below = cumulative
+    return {"count": int(count), "mean": round(total / count, 1), "by_size": buckets}
 
 
 def _toml_string(value: str) -> str:

@@ -121,6 +121,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             return self._guard_other(handler, kwargs)
         name = method[len(SERVICE_PREFIX) :]
         behaviour = handler.unary_unary
+        if self.auditor is not None:
+            behaviour = self.auditor.tracking(behaviour)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()

@@ -1,12 +1,16 @@
-"""Reading the audit trail (``broker audit``): newest first, filtered by user, integration or
-caller. Events hold no tokens, so they can be printed as they are."""
+"""The audit trail in the database: writing batches of events (the group commit's sinks) and
+reading them back (``broker audit``: newest first, filtered by user, integration or caller).
+Events hold no tokens, so they can be printed as they are."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+import asyncpg
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.storage.repository import utc
@@ -60,20 +64,90 @@ _SQLITE_INSERT = (
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
-async def insert_events(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> None:
-    """Commit a batch of events (tuples in ``COLUMNS`` order) in one go.
+class EventSink(Protocol):
+    """Where committed batches of audit events go (one transaction per ``write``)."""
 
-    This is the one write on the GetAccessToken hot path, so it goes straight to the driver:
-    COPY on PostgreSQL, one executemany on SQLite — no SQL compiled per batch.
+    async def write(self, rows: list[tuple[Any, ...]]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class EngineSink:
+    """Batches through the engine's pool: one executemany on SQLite, COPY on PostgreSQL."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            if conn.dialect.name == "postgresql":
+                await driver.copy_records_to_table("audit_events", records=rows, columns=COLUMNS)
+                return
+            await driver.executemany(
+                _SQLITE_INSERT,
+                [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
+            )
+            await driver.commit()
+
+    async def close(self) -> None:
+        return None
+
+
+def _unnest_insert() -> str:
+    """``INSERT ... SELECT FROM unnest($1::type[], ...)``: a whole batch is one execution of
+    one prepared statement, whatever its size (so asyncpg prepares it once per connection)."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    casts = ", ".join(
+        f"${i}::{t.c[name].type.compile(dialect=dialect)}[]" for i, name in enumerate(COLUMNS, 1)
+    )
+    # Built from our own column names and types at import, never from input.
+    return f"INSERT INTO audit_events ({', '.join(COLUMNS)}) SELECT * FROM unnest({casts})"  # noqa: S608
+
+
+class PostgresSink:
+    """The GetAccessToken hot path's one write, on a connection of its own.
+
+    Outside the pool: no checkout, check-in or greenlet hop per batch, and the prepared
+    statement stays on the connection. A failed batch drops the connection (its state is
+    unknown after a network error); the next batch connects again.
     """
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        if conn.dialect.name == "postgresql":
-            await driver.copy_records_to_table("audit_events", records=rows, columns=COLUMNS)
-            return
-        await driver.executemany(
-            _SQLITE_INSERT,
-            [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
-        )
-        await driver.commit()
+
+    def __init__(self, dsn: str, timeout: float) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self.statement = _unnest_insert()
+        self._conn: asyncpg.Connection | None = None
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            conn = self._conn = await asyncpg.connect(
+                self.dsn,
+                timeout=self.timeout,
+                command_timeout=self.timeout,
+                server_settings={"application_name": "credential-broker-audit"},
+            )
+        try:
+            await conn.execute(self.statement, *zip(*rows, strict=True))
+        except BaseException:
+            self._conn = None
+            conn.terminate()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), self.timeout)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
+
+
+def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
+    """PostgreSQL gets the dedicated connection; SQLite (one writer anyway) the pool."""
+    if engine.dialect.name == "postgresql":
+        url = engine.url.set(drivername="postgresql")
+        return PostgresSink(url.render_as_string(hide_password=False), timeout)
+    return EngineSink(engine)

@@ -1,0 +1,141 @@
+"""The adaptive group commit: batches grow while calls are in flight, a quiet broker commits at
+once, a failed batch fails every call in it, and the PostgreSQL sink survives losing its
+connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from broker.domain.audit import Auditor, AuditUnavailable
+from broker.domain.context import Call, Caller
+from broker.storage import audit_log
+from broker.storage.engine import create_engine
+from tests.conftest import _dsn
+
+CALLER = Caller(name="runner", methods=frozenset({"GetAccessToken"}), providers=None)
+
+
+class RecordingSink:
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        await asyncio.sleep(0.0005)  # a commit takes a moment; calls keep arriving meanwhile
+        if self.fail:
+            raise OSError("disk on fire")
+        self.batches.append(len(rows))
+
+    async def close(self) -> None:
+        return None
+
+
+def auditor(sink: RecordingSink, **kwargs: Any) -> Auditor:
+    return Auditor(None, lambda: datetime.now(UTC), sink=sink, **kwargs)  # type: ignore[arg-type]
+
+
+async def serve(audit: Auditor, clients: int, calls: int, rng: random.Random) -> None:
+    """A closed loop: ``clients`` callers, each making ``calls`` calls one after another
+    through a tracked method and recording its event (as the interceptor does)."""
+
+    async def method(request: Any, context: Any) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.0005))
+        # Serving a call costs CPU on the one event loop: calls reach the audit one by one.
+        time.sleep(0.0003)
+
+    tracked = audit.tracking(method)
+
+    async def client(c: int) -> None:
+        for i in range(calls):
+            await tracked(None, None)
+            await audit.record(Call(CALLER, "GetAccessToken", f"req-{c}-{i}"), "OK")
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+
+
+async def test_busy_broker_writes_few_large_batches() -> None:
+    rng = random.Random(7)
+    gathered = RecordingSink()
+    await serve(auditor(gathered, max_delay=1.0, siblings=4), 16, 8, rng)
+    eager = RecordingSink()
+    await serve(auditor(eager, max_delay=0, siblings=4), 16, 8, random.Random(7))
+    assert sum(gathered.batches) == sum(eager.batches) == 128
+    # Holding the batch open while calls are in flight groups every client's call into one
+    # transaction; without the window batches are whatever arrived during the last commit.
+    assert max(gathered.batches) == 16, gathered.batches
+    assert len(gathered.batches) * 2 <= len(eager.batches), (gathered.batches, eager.batches)
+
+
+async def test_quiet_broker_commits_at_once() -> None:
+    """Fewer calls in flight than ``siblings``: no window, even a very long one."""
+    sink = RecordingSink()
+    audit = auditor(sink, max_delay=30.0, siblings=4)
+    for i in range(5):
+        await asyncio.wait_for(serve(audit, 1, 1, random.Random(i)), timeout=10)
+    assert sink.batches == [1, 1, 1, 1, 1]
+
+
+async def test_window_never_outlasts_max_delay_when_a_call_hangs() -> None:
+    """A call stuck in the servicer (a slow refresh) keeps ``in_flight`` up; the batch still
+    goes after ``max_delay`` instead of waiting for it."""
+    sink = RecordingSink()
+    audit = auditor(sink, max_delay=0.05, siblings=2)
+    release = asyncio.Event()
+
+    async def stuck(request: Any, context: Any) -> None:
+        await release.wait()
+
+    hanging = asyncio.create_task(audit.tracking(stuck)(None, None))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(serve(audit, 3, 1, random.Random(1)), timeout=10)
+    assert sum(sink.batches) == 3
+    release.set()
+    await hanging
+
+
+async def test_failed_batch_fails_every_call_in_it() -> None:
+    audit = auditor(RecordingSink(fail=True), max_delay=0.05, siblings=2)
+    results = await asyncio.gather(
+        *(audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK") for i in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, AuditUnavailable) for r in results), results
+
+
+@pytest.mark.postgres
+async def test_postgres_sink_reconnects_after_losing_its_connection(
+    postgres: Any,
+) -> None:
+    from broker.config import DatabaseSettings
+
+    url = await postgres.new()
+    engine = create_engine(DatabaseSettings(url=url))
+    sink = audit_log.sink_for(engine, 5.0)
+    assert isinstance(sink, audit_log.PostgresSink)
+    audit = auditor(RecordingSink(), max_delay=0)
+    audit.sink = sink
+    admin = await asyncpg.connect(_dsn(url))
+    try:
+        await audit.record(Call(CALLER, "GetAccessToken", "before"), "OK")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'credential-broker-audit'"
+        )
+        # The first batch after the loss may fail (fail closed); the next one reconnects.
+        with contextlib.suppress(AuditUnavailable):
+            await audit.record(Call(CALLER, "GetAccessToken", "lost"), "OK")
+        await audit.record(Call(CALLER, "GetAccessToken", "after"), "OK")
+        ids = {r["request_id"] for r in await admin.fetch("SELECT request_id FROM audit_events")}
+        assert {"before", "after"} <= ids
+    finally:
+        await admin.close()
+        await audit.close()
+        await engine.dispose()
