@@ -128,6 +128,12 @@ class ProviderSettings(_Section):
     extra_headers: dict[str, str] | None = None
     # Dotted path in the token response where the provider's account id is (e.g. "team.id").
     account_id_path: str | None = None
+    # Credential kinds StoreIntegration accepts (authorization_code, api_key, basic,
+    # client_credentials, service_account, github_app_installation). Without
+    # authorization_code the provider needs no client_id.
+    kinds: list[str] | None = None
+    # REST API base URL (the GitHub App installation-token endpoint lives under it).
+    api_url: str | None = None
 
 
 class CallerSettings(_Section):

@@ -108,6 +108,7 @@ async def open_runtime(
         clock=clock,
         refresher=refresher,
         aliases=ALIASES,
+        profiles=registry,
     )
     revoker = ProviderRevoker(
         engine, cipher, registry, client, clock, owner=refresher.owner, lease=refresher.lease

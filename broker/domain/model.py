@@ -16,6 +16,30 @@ class Status(enum.StrEnum):
     DISCONNECTED = "DISCONNECTED"
 
 
+class Kind(enum.StrEnum):
+    """What an integration holds (DESIGN §12); the column ``credential_type``."""
+
+    AUTHORIZATION_CODE = "authorization_code"
+    API_KEY = "api_key"
+    BASIC = "basic"
+    CLIENT_CREDENTIALS = "client_credentials"
+    SERVICE_ACCOUNT = "service_account"
+    GITHUB_APP_INSTALLATION = "github_app_installation"
+
+    @property
+    def minted(self) -> bool:
+        """Kinds whose access token the broker mints from a long-lived secret."""
+        return self in _MINTED
+
+    @property
+    def static(self) -> bool:
+        """Kinds handed out as stored: they do not expire."""
+        return self in (Kind.API_KEY, Kind.BASIC)
+
+
+_MINTED = frozenset({Kind.CLIENT_CREDENTIALS, Kind.SERVICE_ACCOUNT, Kind.GITHUB_APP_INSTALLATION})
+
+
 class Revocation(enum.StrEnum):
     REVOKED = "REVOKED"
     NOT_SUPPORTED = "NOT_SUPPORTED"
@@ -42,6 +66,7 @@ class Integration:
     disconnect_reason: str | None
     has_refresh_token: bool
     version: int
+    credential_type: Kind = Kind.AUTHORIZATION_CODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +80,23 @@ class StoredIntegration:
     refresh_failures: int = 0
     revocation: str | None = None
     revocation_attempts: int = 0
+    # The long-lived secret of every kind but the authorization code (JSON, encrypted).
+    credential_ct: bytes | None = field(default=None, repr=False)
+
+    @property
+    def renewable(self) -> bool:
+        """Whether the refresh engine can get a new access token: by a refresh token, or by
+        minting one from the stored credential."""
+        if self.integration.credential_type.minted:
+            return self.credential_ct is not None
+        return self.refresh_token_ct is not None
+
+    @property
+    def wiped(self) -> bool:
+        """No secret left to serve from (disconnected, or ciphertexts wiped)."""
+        if self.integration.credential_type is Kind.AUTHORIZATION_CODE:
+            return self.access_token_ct is None
+        return self.credential_ct is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +120,20 @@ class NewTokens:
     scopes: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class Credential:
+    """A credential of any kind but the authorization code, as given to StoreIntegration.
+    ``fields`` holds secrets (keys, passwords, private keys): never in a repr."""
+
+    kind: Kind
+    fields: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Credential(kind={self.kind.value!r}, fields=<hidden>)"
+
+    __str__ = __repr__
+
+
 @dataclass(frozen=True, slots=True)
 class StoreCommand:
     user_id: str
@@ -87,6 +143,7 @@ class StoreCommand:
     metadata: dict[str, Any]
     # Alternative to tokens.expires_at, resolved against the broker's clock.
     expires_in_seconds: int | None = None
+    credential: Credential | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +154,10 @@ class AccessToken:
     scopes: tuple[str, ...] = ()
     integration_id: str = ""
     refreshed: bool = False
+    credential_type: Kind = Kind.AUTHORIZATION_CODE
+    # Ready to apply to the provider request (secrets inside: never logged).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    query: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ import os
 import random
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -57,6 +58,8 @@ from broker.errors import (
 )
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse
+from broker.providers.mint import Minter
+from broker.providers.profile import ProviderProfile
 from broker.storage import repository
 from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
@@ -102,6 +105,7 @@ class RefreshEngine:
         self._flights: dict[str, asyncio.Task[tuple[StoredIntegration, bool]]] = {}
         self._unsaved: dict[str, _Unsaved] = {}
         self.provider_calls = 0
+        self.minter = Minter(client)
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
 
@@ -185,7 +189,7 @@ class RefreshEngine:
                     return row, True
                 if not moved and not request.force_refresh and not self.due(row, request):
                     return row, False
-                if row.refresh_token_ct is None:
+                if not row.renewable:
                     raise ReauthorizationRequired(
                         f"integration {iid} has no refresh token and its access token is "
                         "expiring; the user must authorize again",
@@ -222,15 +226,14 @@ class RefreshEngine:
                 f"(set providers.{provider}.client_id and client_secret_env)",
                 provider=provider,
             ) from None
-        assert row.refresh_token_ct is not None
-        refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
+        obtain, refresh_token, carried = self._renewal(row, profile)
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             attempt += 1
             self.provider_calls += 1
             try:
-                response = await self.client.refresh(profile, refresh_token)
+                response = await obtain()
                 metrics.REFRESHES.labels(provider, "ok").inc()
                 break
             except GrantRejected as exc:
@@ -273,16 +276,32 @@ class RefreshEngine:
                         provider=provider,
                     ) from None
                 await asyncio.sleep(wait)
-        return await self._persist(
-            row, self._values(row, profile.default_expires_in_seconds, response, refresh_token)
-        )
+        values = self._values(row, profile.default_expires_in_seconds, response, refresh_token)
+        return await self._persist(row, {**values, **carried})
+
+    def _renewal(
+        self, row: StoredIntegration, profile: ProviderProfile
+    ) -> tuple[Callable[[], Awaitable[TokenResponse]], str | None, dict[str, Any]]:
+        """Where refreshing and minting part ways: (how to get new tokens, the refresh token
+        to keep, extra column values for the write). Everything around it — single flight,
+        lease, retries, failure classification, compare-and-swap — is the same for both."""
+        iid = row.integration.id
+        kind = row.integration.credential_type
+        if kind.minted:
+            credential = self.cipher.credential(row)
+            # Re-encrypted under the primary key in the same write, so the row's key_id holds.
+            carried = self.cipher.credential_values(iid, credential)
+            return (lambda: self.minter.mint(profile, kind.value, credential.fields)), None, carried
+        assert row.refresh_token_ct is not None
+        refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
+        return (lambda: self.client.refresh(profile, refresh_token)), refresh_token, {}
 
     def _values(
         self,
         row: StoredIntegration,
         profile_default: int | None,
         response: TokenResponse,
-        old_refresh: str,
+        old_refresh: str | None,
     ) -> dict[str, Any]:
         default = (
             profile_default
@@ -386,7 +405,7 @@ class RefreshEngine:
             expires_at=values["expires_at"],
             scopes=tuple(values["scopes"]),
             last_refreshed_at=values["last_refreshed_at"],
-            has_refresh_token=True,
+            has_refresh_token=values.get("refresh_token_ct", row.refresh_token_ct) is not None,
         )
         return replace(
             row,

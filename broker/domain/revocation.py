@@ -15,11 +15,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import periodic
-from broker.domain.model import Revocation, StoredIntegration
+from broker.domain.model import Kind, Revocation, StoredIntegration
 from broker.domain.service import ACCESS, REFRESH, Clock, TokenCipher
 from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
+from broker.providers.mint import Minter
+from broker.providers.profile import ProviderProfile
 from broker.storage import repository
 from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
@@ -46,6 +48,7 @@ class ProviderRevoker:
         self.clock = clock
         self.owner = owner
         self.lease = lease
+        self.minter = Minter(client)
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
 
@@ -54,6 +57,8 @@ class ProviderRevoker:
         if integration.provider not in self.registry:
             return Revocation.NOT_SUPPORTED
         profile = self.registry.get(integration.provider)
+        if integration.credential_type is not Kind.AUTHORIZATION_CODE:
+            return await self._revoke_minted(stored, profile)
         if not profile.revocation_url:
             return Revocation.NOT_SUPPORTED
         tokens: list[tuple[str, str]] = []
@@ -82,6 +87,32 @@ class ProviderRevoker:
             return Revocation.FAILED
         return Revocation.REVOKED
 
+    async def _revoke_minted(
+        self, stored: StoredIntegration, profile: ProviderProfile
+    ) -> Revocation:
+        """Only a GitHub installation token can be revoked (DELETE /installation/token); API
+        keys, passwords, client secrets and private keys are the user's to revoke at the
+        provider, and minted OAuth tokens simply expire."""
+        integration = stored.integration
+        if (
+            integration.credential_type is not Kind.GITHUB_APP_INSTALLATION
+            or stored.access_token_ct is None
+        ):
+            return Revocation.NOT_SUPPORTED
+        try:
+            token = self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct)
+            await self.minter.revoke_installation_token(profile, token)
+        except CiphertextInvalid:
+            log.error("integration %s: cannot decrypt its token to revoke it", integration.id)
+            return Revocation.FAILED
+        except ProviderUnavailable as exc:
+            log.warning("integration %s: revocation pending (%s)", integration.id, exc.message)
+            return Revocation.PENDING
+        except BrokerError as exc:
+            log.warning("integration %s: revocation refused (%s)", integration.id, exc.reason)
+            return Revocation.FAILED
+        return Revocation.REVOKED
+
     async def settle(self, integration_id: str, outcome: Revocation, attempts: int) -> None:
         values: dict[str, Any] = {
             "revocation": outcome.value,
@@ -98,7 +129,9 @@ class ProviderRevoker:
             delay = min(3600.0, 5.0 * 2 ** (attempts - 1))
             values["next_revocation_at"] = self.clock() + timedelta(seconds=delay)
         else:
-            values.update(access_token_ct=None, refresh_token_ct=None, key_id=None)
+            values.update(
+                access_token_ct=None, refresh_token_ct=None, credential_ct=None, key_id=None
+            )
             values["next_revocation_at"] = None
         async with write_transaction(self.engine, self.invalidate) as conn:
             current = await repository.get(conn, integration_id, for_update=True)

@@ -36,8 +36,13 @@ from broker.storage.tables import integrations, oauth_flows
 log = logging.getLogger("broker.rotation")
 
 # Column names bound into the associated data; they must match the writers'
-# (broker.domain.service ACCESS/REFRESH, broker.domain.authorization VERIFIER_COLUMN).
-_INTEGRATION_COLUMNS = {"access_token_ct": "access_token", "refresh_token_ct": "refresh_token"}
+# (broker.domain.service ACCESS/REFRESH, broker.domain.credentials CREDENTIAL,
+# broker.domain.authorization VERIFIER_COLUMN).
+_INTEGRATION_COLUMNS = {
+    "access_token_ct": "access_token",
+    "refresh_token_ct": "refresh_token",
+    "credential_ct": "credential",
+}
 _FLOW_COLUMNS = {"verifier_ct": "pkce_verifier"}
 # A row whose version keeps moving under us is left for a later pass after this many tries.
 _CAS_ATTEMPTS = 3
@@ -58,9 +63,10 @@ class KeyCount:
 
 async def key_status(engine: AsyncEngine) -> dict[str, KeyCount]:
     """Ciphertexts per key id across ``integrations`` and ``oauth_flows``."""
-    present = case((integrations.c.access_token_ct.is_not(None), 1), else_=0) + case(
-        (integrations.c.refresh_token_ct.is_not(None), 1), else_=0
-    )
+    cases = [case((integrations.c[c].is_not(None), 1), else_=0) for c in _INTEGRATION_COLUMNS]
+    present: ColumnElement[Any] = cases[0]
+    for more in cases[1:]:
+        present = present + more
     async with storage_errors(), engine.connect() as conn:
         rows = (
             await conn.execute(

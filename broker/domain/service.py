@@ -17,11 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring, associated_data
-from broker.domain import context, validation
+from broker.domain import context, credentials, validation
 from broker.domain.cache import IntegrationCache
 from broker.domain.model import (
     AccessToken,
+    Credential,
     Integration,
+    Kind,
     NewTokens,
     Page,
     Revocation,
@@ -41,6 +43,7 @@ from broker.errors import (
     StorageUnavailable,
     UnknownProvider,
 )
+from broker.providers.profile import AUTHORIZATION_CODE, ProviderProfile
 from broker.storage import repository
 from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
@@ -64,6 +67,14 @@ class Refresher(Protocol):
         ...
 
     async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken: ...
+
+
+class ProfileLookup(Protocol):
+    """What StoreIntegration needs to know of a provider profile (the provider registry)."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def get(self, name: str) -> ProviderProfile: ...
 
 
 class Revoker(Protocol):
@@ -103,27 +114,51 @@ class TokenCipher:
             values["refresh_token_ct"] = self.encrypt(integration_id, REFRESH, tokens.refresh_token)
         return values
 
-    def access_token(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
+    def credential_values(self, integration_id: str, credential: Credential) -> dict[str, Any]:
+        blob = self.encrypt(integration_id, credentials.CREDENTIAL, credentials.dump(credential))
+        return {"credential_ct": blob, "credential_type": credential.kind.value}
+
+    def credential(self, stored: StoredIntegration) -> Credential:
+        """The stored credential of a kind other than the authorization code, decrypted."""
         integration = stored.integration
-        if stored.access_token_ct is None:
+        if stored.credential_ct is None:
             raise IntegrationDisconnected(
                 f"integration {integration.id} was disconnected; the user must connect again",
                 integration_id=integration.id,
             )
+        plaintext = self.decrypt(integration.id, credentials.CREDENTIAL, stored.credential_ct)
+        return credentials.load(integration.credential_type, plaintext)
+
+    def access_token(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
+        integration = stored.integration
+        kind = integration.credential_type
+        if kind.static:
+            token, headers, query = credentials.static_material(self.credential(stored))
+        elif stored.access_token_ct is None or stored.wiped:
+            raise IntegrationDisconnected(
+                f"integration {integration.id} was disconnected; the user must connect again",
+                integration_id=integration.id,
+            )
+        else:
+            token = self.decrypt(integration.id, ACCESS, stored.access_token_ct)
+            headers, query = credentials.bearer_headers(integration.token_type, token), {}
         return AccessToken(
-            access_token=self.decrypt(integration.id, ACCESS, stored.access_token_ct),
+            access_token=token,
             token_type=integration.token_type,
             expires_at=integration.expires_at,
             scopes=integration.scopes,
             integration_id=integration.id,
             refreshed=refreshed,
+            credential_type=kind,
+            headers=headers,
+            query=query,
         )
 
 
 def check_servable(stored: StoredIntegration, required_scopes: tuple[str, ...] = ()) -> None:
     """Raise the error that says why this integration's token must not be served, if any."""
     integration = stored.integration
-    if integration.status is Status.DISCONNECTED or stored.access_token_ct is None:
+    if integration.status is Status.DISCONNECTED or stored.wiped:
         raise IntegrationDisconnected(
             f"integration {integration.id} was disconnected; the user must connect again",
             integration_id=integration.id,
@@ -169,7 +204,10 @@ class IntegrationService:
         refresher: Refresher | None = None,
         revoker: Revoker | None = None,
         aliases: Mapping[str, str] | None = None,
+        profiles: ProfileLookup | None = None,
     ) -> None:
+        # Credential kinds and endpoints per provider; None: every kind is accepted.
+        self.profiles = profiles
         self.aliases = dict(aliases or {})
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
@@ -263,6 +301,8 @@ class IntegrationService:
         validation.text("user_id", cmd.user_id, validation.MAX_ID)
         validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
         validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
+        if cmd.credential is not None:
+            return await self._store_credential(cmd)
         validation.token("access_token", cmd.tokens.access_token, required=True)
         validation.token("refresh_token", cmd.tokens.refresh_token or "", required=False)
         validation.text(
@@ -270,13 +310,73 @@ class IntegrationService:
         )
         validation.scopes("scopes", cmd.tokens.scopes)
         validation.metadata(cmd.metadata)
+        cmd = self._owner(cmd, Kind.AUTHORIZATION_CODE)
+        expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
+        cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+        return await self._upsert(cmd)
+
+    async def _store_credential(self, cmd: StoreCommand) -> tuple[Integration, bool]:
+        tokens = cmd.tokens
+        given = [
+            name
+            for name, value in (
+                ("access_token", tokens.access_token),
+                ("refresh_token", tokens.refresh_token),
+                ("token_type", tokens.token_type),
+                ("expires_at", tokens.expires_at),
+                ("expires_in_seconds", cmd.expires_in_seconds),
+            )
+            if value
+        ]
+        if given:
+            raise InvalidArgument(
+                "credential",
+                f"give credential or the OAuth token fields, not both (also given: "
+                f"{', '.join(given)})",
+            )
+        assert cmd.credential is not None
+        credential = credentials.validate(cmd.credential)
+        validation.scopes("scopes", tokens.scopes)
+        validation.metadata(cmd.metadata)
+        cmd = self._owner(replace(cmd, credential=credential), credential.kind)
+        return await self._upsert(cmd)
+
+    def _owner(self, cmd: StoreCommand, kind: Kind) -> StoreCommand:
+        """Check the provider (known, allowed to the caller, serves this kind); canonical name."""
         if cmd.provider not in self.providers:
             raise UnknownProvider(cmd.provider)
         cmd = replace(cmd, provider=self.canonical(cmd.provider))
         context.note_owner(cmd.user_id, cmd.provider)
         context.check_provider(cmd.provider)
-        expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
-        cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+        profiles = self.profiles
+        if profiles is None:
+            return cmd
+        if cmd.provider in profiles:
+            profile = profiles.get(cmd.provider)
+            kinds, token_url = profile.kinds, profile.token_url
+        else:
+            # A built-in without a configured client still stores authorization-code tokens.
+            kinds, token_url = frozenset({AUTHORIZATION_CODE}), None
+        if kind.value not in kinds:
+            field = "credential" if cmd.credential is not None else "access_token"
+            raise InvalidArgument(
+                field,
+                f"provider {cmd.provider!r} does not take {kind.value} credentials (it takes "
+                f"{', '.join(sorted(kinds))}; see providers.{cmd.provider}.kinds)",
+            )
+        credential = cmd.credential
+        if (
+            credential is not None
+            and kind in (Kind.CLIENT_CREDENTIALS, Kind.SERVICE_ACCOUNT)
+            and not (token_url or credential.fields.get("token_url"))
+        ):
+            raise InvalidArgument(
+                f"credential.{kind.value}.token_url",
+                f"is required: provider {cmd.provider!r} has no token_url",
+            )
+        return cmd
+
+    async def _upsert(self, cmd: StoreCommand) -> tuple[Integration, bool]:
         await self._revoke_before_reconnect(cmd)
         # Two stores of one new owner can race to INSERT; the loser retries as an UPDATE.
         for _attempt in range(3):
@@ -331,8 +431,12 @@ class IntegrationService:
         if existing:
             current = existing[0]
             iid = current.integration.id
-            values = {**common, **self.cipher.token_values(iid, tokens)}
-            if not tokens.refresh_token and current.refresh_token_ct is not None:
+            values = {**common, **self._secret_values(iid, cmd, now)}
+            if (
+                cmd.credential is None
+                and not tokens.refresh_token
+                and current.refresh_token_ct is not None
+            ):
                 # Keep the refresh token the broker already has (as on a refresh without one),
                 # re-encrypted so the whole row uses the primary key.
                 old = self.cipher.decrypt(iid, REFRESH, current.refresh_token_ct)
@@ -344,7 +448,7 @@ class IntegrationService:
             iid = str(uuid.uuid4())
             values = {
                 **common,
-                **self.cipher.token_values(iid, tokens),
+                **self._secret_values(iid, cmd, now),
                 "id": iid,
                 "user_id": cmd.user_id,
                 "provider": cmd.provider,
@@ -358,6 +462,28 @@ class IntegrationService:
         assert stored is not None
         context.note(stored.integration)
         return stored.integration, created
+
+    def _secret_values(self, iid: str, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
+        credential = cmd.credential
+        if credential is None:
+            return {
+                **self.cipher.token_values(iid, cmd.tokens),
+                "credential_type": Kind.AUTHORIZATION_CODE.value,
+                "credential_ct": None,
+            }
+        kind = credential.kind
+        return {
+            **self.cipher.credential_values(iid, credential),
+            "access_token_ct": None,
+            "refresh_token_ct": None,
+            "key_id": self.cipher.keyring.primary_id,
+            "token_type": credentials.token_type(kind),
+            # A minted kind has no token yet: due at once, minted by the first caller (or the
+            # background refresher). Static kinds do not expire.
+            "expires_at": now if kind.minted else None,
+            "scopes": list(cmd.tokens.scopes or credentials.requested_scopes(credential)),
+            "next_refresh_at": None,
+        }
 
     # -- access tokens ---------------------------------------------------------------------
 
@@ -374,7 +500,7 @@ class IntegrationService:
         refresher = self.refresher
         if (
             refresher is not None
-            and stored.refresh_token_ct is not None
+            and stored.renewable
             and (req.force_refresh or refresher.due(stored, req))
         ):
             return await refresher.refresh(stored, req)
@@ -457,4 +583,9 @@ class IntegrationService:
 
 
 # Ciphertexts are wiped once nothing more will be done with them.
-_WIPE: dict[str, Any] = {"access_token_ct": None, "refresh_token_ct": None, "key_id": None}
+_WIPE: dict[str, Any] = {
+    "access_token_ct": None,
+    "refresh_token_ct": None,
+    "credential_ct": None,
+    "key_id": None,
+}

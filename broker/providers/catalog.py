@@ -12,11 +12,10 @@ import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from broker.config import ProviderSettings
 from broker.errors import ConfigError, UnknownProvider
-from broker.providers.profile import ProviderProfile, Quirk
+from broker.providers.profile import KINDS, ProviderProfile, Quirk, safe_url
 
 BUILTINS: Mapping[str, ProviderProfile] = {
     profile.name: profile
@@ -47,6 +46,9 @@ BUILTINS: Mapping[str, ProviderProfile] = {
             # on the first consent, so a reconnect without it would leave us with none.
             extra_authorize_params={"access_type": "offline", "prompt": "consent"},
             scopes=("openid", "email"),
+            # RFC 7523 JWT bearer against the same token endpoint, with the service account's
+            # own key: no OAuth client needed for it.
+            kinds=frozenset({"authorization_code", "service_account"}),
         ),
         ProviderProfile(
             name="slack",
@@ -77,6 +79,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
             extra_authorize_params={"owner": "user"},
             extra_headers={"Notion-Version": "2022-06-28"},
             account_id_path="workspace_id",
+            # Internal integrations authenticate with a secret sent as a Bearer API key.
+            kinds=frozenset({"authorization_code", "api_key"}),
         ),
         ProviderProfile(
             name="github",
@@ -94,6 +98,9 @@ BUILTINS: Mapping[str, ProviderProfile] = {
             extra_headers={"Accept": "application/json"},
             scopes=("read:user",),
             quirks=frozenset({Quirk.GITHUB_REVOCATION}),
+            # App installation tokens: App JWT -> POST {api_url}/app/installations/{id}/...
+            kinds=frozenset({"authorization_code", "github_app_installation"}),
+            api_url="https://api.github.com",
         ),
         ProviderProfile(
             name="microsoft",
@@ -119,7 +126,6 @@ BUILTINS: Mapping[str, ProviderProfile] = {
 ALIASES: Mapping[str, str] = {"x": "twitter", "gmail": "google"}
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 # Settings copied onto the profile as they are when set; the rest need converting.
 _PLAIN = (
     "token_url",
@@ -133,6 +139,7 @@ _PLAIN = (
     "body_encoding",
     "pkce",
     "account_id_path",
+    "api_url",
 )
 
 
@@ -233,10 +240,15 @@ def _profile(
         changes["extra_authorize_params"] = _merge(
             base.extra_authorize_params, settings.extra_authorize_params
         )
+    if settings.kinds is not None:
+        unknown = sorted(set(settings.kinds) - set(KINDS))
+        if unknown or not settings.kinds:
+            raise ConfigError(f"{where}.kinds: give one or more of {', '.join(KINDS)}")
+        changes["kinds"] = frozenset(settings.kinds)
     changes["client_secret"] = _client_secret(where, settings, env)
     profile = dataclasses.replace(base, **changes)
 
-    for name in ("token_url", "authorization_url", "revocation_url"):
+    for name in ("token_url", "authorization_url", "revocation_url", "api_url"):
         _check_url(f"{where}.{name}", getattr(profile, name))
     for uri in profile.redirect_uris:
         _check_url(f"{where}.redirect_uris", uri)
@@ -271,11 +283,8 @@ def _merge(base: Mapping[str, str], overrides: Mapping[str, str]) -> dict[str, s
 def _check_url(where: str, url: str | None) -> None:
     if url is None:
         return
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
     # Plain http would put client secrets and tokens on the wire; loopback is for tests and
     # local fakes only.
-    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+    if safe_url(url):
         return
     raise ConfigError(f"{where}: must be an https:// URL (http:// only for localhost)")

@@ -6,6 +6,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
+from urllib.parse import urlsplit
+
+# Credential kinds a profile can serve (``broker.domain.model.Kind`` values). Only the
+# authorization code needs the broker's own OAuth client.
+AUTHORIZATION_CODE = "authorization_code"
+KINDS = (
+    AUTHORIZATION_CODE,
+    "api_key",
+    "basic",
+    "client_credentials",
+    "service_account",
+    "github_app_installation",
+)
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def safe_url(url: str) -> bool:
+    """https with a host, or plain http to loopback (tests and local fakes only): secrets are
+    sent to these URLs, so they must not travel in the clear."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in _LOOPBACK
+
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 BodyEncoding = Literal["form", "json"]
@@ -67,17 +91,30 @@ class ProviderProfile:
     # How scopes are joined in an authorization URL; RFC 6749 says space, Slack wants commas.
     scope_separator: str = " "
     quirks: frozenset[Quirk] = frozenset()
+    # Credential kinds StoreIntegration accepts for this provider.
+    kinds: frozenset[str] = frozenset({AUTHORIZATION_CODE})
+    # REST API base URL, for the GitHub App installation-token endpoint.
+    api_url: str | None = None
 
     def missing_settings(self) -> tuple[str, ...]:
         """Names of the settings this profile still needs before it can refresh tokens."""
         missing = []
+        if AUTHORIZATION_CODE not in self.kinds:
+            # No OAuth client of the broker's own: each integration brings its credential.
+            return ("api_url",) if self._needs_api_url else ()
         if not self.token_url:
             missing.append("token_url")
         if not self.client_id:
             missing.append("client_id")
         if self.auth_method != "none" and not self.client_secret:
             missing.append("client_secret_env")
+        if self._needs_api_url:
+            missing.append("api_url")
         return tuple(missing)
+
+    @property
+    def _needs_api_url(self) -> bool:
+        return "github_app_installation" in self.kinds and not self.api_url
 
     @property
     def is_configured(self) -> bool:

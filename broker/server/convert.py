@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.domain.model import Integration, Revocation, Selector, Status
+from broker.domain.model import Credential, Integration, Kind, Revocation, Selector, Status
 from broker.errors import InvalidArgument
 
 STATUS_TO_PB = {
@@ -18,6 +18,14 @@ STATUS_TO_PB = {
     Status.DISCONNECTED: pb.INTEGRATION_STATUS_DISCONNECTED,
 }
 STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
+KIND_TO_PB = {
+    Kind.AUTHORIZATION_CODE: pb.CREDENTIAL_TYPE_AUTHORIZATION_CODE,
+    Kind.API_KEY: pb.CREDENTIAL_TYPE_API_KEY,
+    Kind.BASIC: pb.CREDENTIAL_TYPE_BASIC,
+    Kind.CLIENT_CREDENTIALS: pb.CREDENTIAL_TYPE_CLIENT_CREDENTIALS,
+    Kind.SERVICE_ACCOUNT: pb.CREDENTIAL_TYPE_SERVICE_ACCOUNT,
+    Kind.GITHUB_APP_INSTALLATION: pb.CREDENTIAL_TYPE_GITHUB_APP_INSTALLATION,
+}
 REVOCATION_TO_PB = {
     Revocation.REVOKED: pb.REVOCATION_OUTCOME_REVOKED,
     Revocation.NOT_SUPPORTED: pb.REVOCATION_OUTCOME_NOT_SUPPORTED,
@@ -70,6 +78,7 @@ def integration(value: Integration) -> pb.Integration:
         disconnect_reason=value.disconnect_reason or "",
         token_type=value.token_type,
         has_refresh_token=value.has_refresh_token,
+        credential_type=KIND_TO_PB[value.credential_type],
     )
     if value.expires_at is not None:
         message.expires_at.CopyFrom(timestamp(value.expires_at))
@@ -96,3 +105,17 @@ def status_filter(value: int) -> Status | None:
     if status is None:
         raise InvalidArgument("status", f"unknown status {value}")
     return status
+
+
+def credential(request: pb.StoreIntegrationRequest) -> Credential | None:
+    """The request's credential oneof as a domain Credential (unchecked), or None."""
+    if not request.HasField("credential"):
+        return None
+    which = request.credential.WhichOneof("kind")
+    if which is None:
+        raise InvalidArgument("credential", "set one of its kinds")
+    message = getattr(request.credential, which)
+    fields = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return Credential(Kind(which), fields)

@@ -68,6 +68,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if request.HasField("expires_at")
             else None
         )
+        credential = convert.credential(request)
         command = StoreCommand(
             user_id=request.user_id,
             provider=request.provider,
@@ -75,7 +76,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             tokens=NewTokens(
                 access_token=request.access_token,
                 refresh_token=request.refresh_token or None,
-                token_type=request.token_type or "Bearer",
+                token_type=request.token_type or ("" if credential else "Bearer"),
                 expires_at=expires_at,
                 scopes=tuple(request.scopes),
             ),
@@ -83,6 +84,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             expires_in_seconds=(
                 request.expires_in_seconds if request.HasField("expires_in_seconds") else None
             ),
+            credential=credential,
         )
         integration, created = await self.service.store(command)
         return pb.StoreIntegrationResponse(
@@ -113,6 +115,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             scopes=token.scopes,
             integration_id=token.integration_id,
             refreshed=token.refreshed,
+            credential_type=convert.KIND_TO_PB[token.credential_type],
+            headers=token.headers,
+            query=token.query,
         )
         if token.expires_at is not None:
             response.expires_at.CopyFrom(convert.timestamp(token.expires_at))

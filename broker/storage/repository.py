@@ -15,7 +15,7 @@ from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.domain.model import Integration, Status, StoredIntegration
+from broker.domain.model import Integration, Kind, Status, StoredIntegration
 from broker.storage.engine import is_unavailable, touch
 from broker.storage.tables import integrations as t
 
@@ -41,6 +41,8 @@ _COLUMNS = (
     t.c.refresh_failures,
     t.c.revocation,
     t.c.revocation_attempts,
+    t.c.credential_type,
+    t.c.credential_ct,
 )
 _SELECT = select(*_COLUMNS)
 
@@ -78,6 +80,7 @@ def _stored(m: Mapping[Any, Any]) -> StoredIntegration:
         disconnect_reason=m["disconnect_reason"],
         has_refresh_token=m["refresh_token_ct"] is not None,
         version=int(m["version"]),
+        credential_type=Kind(m["credential_type"]),
     )
     return StoredIntegration(
         integration=integration,
@@ -87,6 +90,7 @@ def _stored(m: Mapping[Any, Any]) -> StoredIntegration:
         refresh_failures=int(m["refresh_failures"]),
         revocation=m["revocation"],
         revocation_attempts=int(m["revocation_attempts"]),
+        credential_ct=m["credential_ct"],
     )
 
 
@@ -253,7 +257,14 @@ async def claim_due(
         select(t.c.id)
         .where(
             t.c.status == "CONNECTED",
-            t.c.refresh_token_ct.is_not(None),
+            or_(
+                t.c.refresh_token_ct.is_not(None),
+                # Minted kinds: renewed from their stored credential ahead of expiry too.
+                and_(
+                    t.c.credential_ct.is_not(None),
+                    t.c.credential_type.in_(sorted(k.value for k in Kind if k.minted)),
+                ),
+            ),
             t.c.expires_at.is_not(None),
             t.c.expires_at < horizon,
             or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),

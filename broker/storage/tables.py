@@ -64,6 +64,10 @@ integrations = Table(
     # until refresh_lease_until. Longer than the provider timeout times the attempts.
     Column("refresh_lease_owner", String(64), nullable=True),
     Column("refresh_lease_until", DateTime(timezone=True), nullable=True),
+    # What the row holds (DESIGN §12); every kind but the authorization code keeps its
+    # long-lived secret in credential_ct (JSON, encrypted like the tokens).
+    Column("credential_type", String(32), nullable=False, server_default="authorization_code"),
+    Column("credential_ct", LargeBinary, nullable=True),
     UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),

@@ -68,6 +68,34 @@ REVOCATION_OUTCOME_PENDING: RevocationOutcome.ValueType  # 4
 REVOCATION_OUTCOME_SKIPPED: RevocationOutcome.ValueType  # 5
 Global___RevocationOutcome: _TypeAlias = RevocationOutcome  # noqa: Y015
 
+class _CredentialType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CredentialTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CredentialType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CREDENTIAL_TYPE_UNSPECIFIED: _CredentialType.ValueType  # 0
+    CREDENTIAL_TYPE_AUTHORIZATION_CODE: _CredentialType.ValueType  # 1
+    """OAuth tokens from the authorization-code flow (the token fields of StoreIntegration)."""
+    CREDENTIAL_TYPE_API_KEY: _CredentialType.ValueType  # 2
+    CREDENTIAL_TYPE_BASIC: _CredentialType.ValueType  # 3
+    CREDENTIAL_TYPE_CLIENT_CREDENTIALS: _CredentialType.ValueType  # 4
+    CREDENTIAL_TYPE_SERVICE_ACCOUNT: _CredentialType.ValueType  # 5
+    CREDENTIAL_TYPE_GITHUB_APP_INSTALLATION: _CredentialType.ValueType  # 6
+
+class CredentialType(_CredentialType, metaclass=_CredentialTypeEnumTypeWrapper):
+    """What an integration holds (DESIGN §12)."""
+
+CREDENTIAL_TYPE_UNSPECIFIED: CredentialType.ValueType  # 0
+CREDENTIAL_TYPE_AUTHORIZATION_CODE: CredentialType.ValueType  # 1
+"""OAuth tokens from the authorization-code flow (the token fields of StoreIntegration)."""
+CREDENTIAL_TYPE_API_KEY: CredentialType.ValueType  # 2
+CREDENTIAL_TYPE_BASIC: CredentialType.ValueType  # 3
+CREDENTIAL_TYPE_CLIENT_CREDENTIALS: CredentialType.ValueType  # 4
+CREDENTIAL_TYPE_SERVICE_ACCOUNT: CredentialType.ValueType  # 5
+CREDENTIAL_TYPE_GITHUB_APP_INSTALLATION: CredentialType.ValueType  # 6
+Global___CredentialType: _TypeAlias = CredentialType  # noqa: Y015
+
 @_typing.final
 class Integration(_message.Message):
     """Metadata of a stored integration. Never carries a token."""
@@ -89,6 +117,7 @@ class Integration(_message.Message):
     DISCONNECT_REASON_FIELD_NUMBER: _builtins.int
     TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     HAS_REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_TYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     provider: _builtins.str
@@ -97,6 +126,8 @@ class Integration(_message.Message):
     disconnect_reason: _builtins.str
     token_type: _builtins.str
     has_refresh_token: _builtins.bool
+    credential_type: Global___CredentialType.ValueType
+    """What the integration holds; never the secret itself."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -129,10 +160,11 @@ class Integration(_message.Message):
         disconnect_reason: _builtins.str = ...,
         token_type: _builtins.str = ...,
         has_refresh_token: _builtins.bool = ...,
+        credential_type: Global___CredentialType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "last_refreshed_at", b"last_refreshed_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created_at", b"created_at", "disconnect_reason", b"disconnect_reason", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "has_refresh_token", b"has_refresh_token", "id", b"id", "last_refreshed_at", b"last_refreshed_at", "metadata", b"metadata", "provider", b"provider", "scopes", b"scopes", "status", b"status", "token_type", b"token_type", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created_at", b"created_at", "credential_type", b"credential_type", "disconnect_reason", b"disconnect_reason", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "has_refresh_token", b"has_refresh_token", "id", b"id", "last_refreshed_at", b"last_refreshed_at", "metadata", b"metadata", "provider", b"provider", "scopes", b"scopes", "status", b"status", "token_type", b"token_type", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +184,7 @@ class StoreIntegrationRequest(_message.Message):
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     provider: _builtins.str
     account_id: _builtins.str
@@ -167,6 +200,12 @@ class StoreIntegrationRequest(_message.Message):
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def credential(self) -> Global___Credential:
+        """Any kind but the authorization code: an API key, Basic credentials, or a long-lived
+        secret the broker mints short-lived tokens from. Not together with the token fields.
+        """
+
     def __init__(
         self,
         *,
@@ -180,10 +219,11 @@ class StoreIntegrationRequest(_message.Message):
         expires_in_seconds: _builtins.int | None = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        credential: Global___Credential | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "access_token", b"access_token", "account_id", b"account_id", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata", "provider", b"provider", "refresh_token", b"refresh_token", "scopes", b"scopes", "token_type", b"token_type", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "access_token", b"access_token", "account_id", b"account_id", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata", "provider", b"provider", "refresh_token", b"refresh_token", "scopes", b"scopes", "token_type", b"token_type", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expires_in_seconds: _TypeAlias = _typing.Literal["expires_in_seconds"]  # noqa: Y015
     _WhichOneofArgType__expires_in_seconds: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds"]  # noqa: Y015
@@ -265,20 +305,74 @@ Global___GetAccessTokenRequest: _TypeAlias = GetAccessTokenRequest  # noqa: Y015
 class GetAccessTokenResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class QueryEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     INTEGRATION_ID_FIELD_NUMBER: _builtins.int
     REFRESHED_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_TYPE_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     token_type: _builtins.str
     integration_id: _builtins.str
     refreshed: _builtins.bool
+    credential_type: Global___CredentialType.ValueType
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Apply as is to the provider request: "Authorization: Bearer …", "Authorization: Basic …",
+        or an API key's own header.
+        """
+
+    @_builtins.property
+    def query(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Query parameters to add, for API keys placed in the URL."""
+
     def __init__(
         self,
         *,
@@ -288,10 +382,13 @@ class GetAccessTokenResponse(_message.Message):
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         integration_id: _builtins.str = ...,
         refreshed: _builtins.bool = ...,
+        credential_type: Global___CredentialType.ValueType = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        query: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_at", b"expires_at", "integration_id", b"integration_id", "refreshed", b"refreshed", "scopes", b"scopes", "token_type", b"token_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "credential_type", b"credential_type", "expires_at", b"expires_at", "headers", b"headers", "integration_id", b"integration_id", "query", b"query", "refreshed", b"refreshed", "scopes", b"scopes", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -577,3 +674,243 @@ class CompleteAuthorizationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteAuthorizationResponse: _TypeAlias = CompleteAuthorizationResponse  # noqa: Y015
+
+@_typing.final
+class Credential(_message.Message):
+    """One credential kind; stored encrypted, never returned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    BASIC_FIELD_NUMBER: _builtins.int
+    CLIENT_CREDENTIALS_FIELD_NUMBER: _builtins.int
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    GITHUB_APP_INSTALLATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def api_key(self) -> Global___ApiKeyCredential: ...
+    @_builtins.property
+    def basic(self) -> Global___BasicCredential: ...
+    @_builtins.property
+    def client_credentials(self) -> Global___ClientCredentialsCredential: ...
+    @_builtins.property
+    def service_account(self) -> Global___ServiceAccountCredential: ...
+    @_builtins.property
+    def github_app_installation(self) -> Global___GitHubAppInstallationCredential: ...
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKeyCredential | None = ...,
+        basic: Global___BasicCredential | None = ...,
+        client_credentials: Global___ClientCredentialsCredential | None = ...,
+        service_account: Global___ServiceAccountCredential | None = ...,
+        github_app_installation: Global___GitHubAppInstallationCredential | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "basic", b"basic", "client_credentials", b"client_credentials", "github_app_installation", b"github_app_installation", "kind", b"kind", "service_account", b"service_account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "basic", b"basic", "client_credentials", b"client_credentials", "github_app_installation", b"github_app_installation", "kind", b"kind", "service_account", b"service_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["api_key", "basic", "client_credentials", "service_account", "github_app_installation"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Credential: _TypeAlias = Credential  # noqa: Y015
+
+@_typing.final
+class ApiKeyCredential(_message.Message):
+    """Sent in a header (header, e.g. "X-Api-Key", value prefix + key) or in the URL (query_parameter)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    QUERY_PARAMETER_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    header: _builtins.str
+    query_parameter: _builtins.str
+    prefix: _builtins.str
+    """Put before the key as is, e.g. "Bearer " or "Token "."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        header: _builtins.str = ...,
+        query_parameter: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "key", b"key", "prefix", b"prefix", "query_parameter", b"query_parameter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKeyCredential: _TypeAlias = ApiKeyCredential  # noqa: Y015
+
+@_typing.final
+class BasicCredential(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    password: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BasicCredential: _TypeAlias = BasicCredential  # noqa: Y015
+
+@_typing.final
+class ClientCredentialsCredential(_message.Message):
+    """OAuth 2.0 client credentials grant (RFC 6749 §4.4)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    TOKEN_URL_FIELD_NUMBER: _builtins.int
+    AUTH_METHOD_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    client_secret: _builtins.str
+    audience: _builtins.str
+    resource: _builtins.str
+    token_url: _builtins.str
+    """Only when the provider profile has none; the profile's wins otherwise."""
+    auth_method: _builtins.str
+    """client_secret_basic (default: the profile's) or client_secret_post."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        client_secret: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        audience: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        token_url: _builtins.str = ...,
+        auth_method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "auth_method", b"auth_method", "client_id", b"client_id", "client_secret", b"client_secret", "resource", b"resource", "scopes", b"scopes", "token_url", b"token_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientCredentialsCredential: _TypeAlias = ClientCredentialsCredential  # noqa: Y015
+
+@_typing.final
+class ServiceAccountCredential(_message.Message):
+    """RFC 7523 JWT-bearer grant, e.g. a Google service account. Give json_key (the service
+    account's JSON key file as is) or private_key + issuer (+ key_id).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    TOKEN_URL_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    JSON_KEY_FIELD_NUMBER: _builtins.int
+    private_key: _builtins.str
+    key_id: _builtins.str
+    issuer: _builtins.str
+    """The client_email of a Google service account."""
+    subject: _builtins.str
+    """The user to act for (domain-wide delegation)."""
+    token_url: _builtins.str
+    audience: _builtins.str
+    """Defaults to the token URL."""
+    json_key: _builtins.str
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        private_key: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        issuer: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        token_url: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        json_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "issuer", b"issuer", "json_key", b"json_key", "key_id", b"key_id", "private_key", b"private_key", "scopes", b"scopes", "subject", b"subject", "token_url", b"token_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceAccountCredential: _TypeAlias = ServiceAccountCredential  # noqa: Y015
+
+@_typing.final
+class GitHubAppInstallationCredential(_message.Message):
+    """A GitHub App installation: an App JWT is exchanged for an installation token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PermissionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    INSTALLATION_ID_FIELD_NUMBER: _builtins.int
+    REPOSITORIES_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    private_key: _builtins.str
+    installation_id: _builtins.str
+    @_builtins.property
+    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Restrict the tokens to these repositories (names) and permissions ("contents": "read")."""
+
+    @_builtins.property
+    def permissions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        private_key: _builtins.str = ...,
+        installation_id: _builtins.str = ...,
+        repositories: _abc.Iterable[_builtins.str] | None = ...,
+        permissions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "installation_id", b"installation_id", "permissions", b"permissions", "private_key", b"private_key", "repositories", b"repositories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GitHubAppInstallationCredential: _TypeAlias = GitHubAppInstallationCredential  # noqa: Y015
