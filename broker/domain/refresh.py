@@ -79,6 +79,11 @@ class _Unsaved:
     stored: StoredIntegration
 
 
+def _secret_name(row: StoredIntegration) -> str:
+    kind = row.integration.credential_type
+    return f"{kind.value} credential" if kind.minted else "refresh token"
+
+
 class RefreshEngine:
     def __init__(
         self,
@@ -350,7 +355,7 @@ class RefreshEngine:
             )
         log.info("integration %s: provider answered %s; needs reauthorization", iid, exc.error)
         raise ReauthorizationRequired(
-            f"the provider rejected the refresh token of integration {iid} ({exc.error}); "
+            f"the provider rejected the {_secret_name(row)} of integration {iid} ({exc.error}); "
             "the user must authorize again",
             integration_id=iid,
         )

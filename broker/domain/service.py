@@ -335,11 +335,12 @@ class IntegrationService:
                 f"{', '.join(given)})",
             )
         assert cmd.credential is not None
+        # The provider first: a kind it does not take is refused before its fields are read.
+        cmd = self._owner(cmd, cmd.credential.kind)
         credential = credentials.validate(cmd.credential)
         validation.scopes("scopes", tokens.scopes)
         validation.metadata(cmd.metadata)
-        cmd = self._owner(replace(cmd, credential=credential), credential.kind)
-        return await self._upsert(cmd)
+        return await self._upsert(replace(cmd, credential=credential))
 
     def _owner(self, cmd: StoreCommand, kind: Kind) -> StoreCommand:
         """Check the provider (known, allowed to the caller, serves this kind); canonical name."""

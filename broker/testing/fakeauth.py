@@ -12,6 +12,12 @@ check PKCE (S256 or plain). It can be told to misbehave for the next N requests 
         ...
         assert fake.refresh_calls == 2
 
+Minted credential kinds (DESIGN §12) are served too: the client-credentials grant (the fake's
+client, until ``revoke_client()``), the RFC 7523 JWT-bearer grant (assertions signed by a key
+given to ``register_service_account``; signature, ``aud``, ``exp`` and ``iat`` checked), and a
+GitHub-style ``POST /app/installations/{id}/access_tokens`` (App JWT signed by a key given to
+``register_app``) with ``DELETE /installation/token``. ``mint_calls`` counts the mints.
+
 The server runs in its own thread, so it serves sync and async tests alike; every public method
 is thread-safe.
 """
@@ -21,13 +27,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
+
+import jwt
 
 Failure = Literal[
     "invalid_grant",
@@ -128,6 +138,12 @@ class FakeAuthServer:
         self._scripts: list[_Script] = []
         self._requests: list[RecordedRequest] = []
         self._refresh_calls = 0
+        self._mint_calls = 0
+        self.client_revoked = False
+        # issuer -> public key PEM (service accounts); app id -> (public key PEM, installations)
+        self._service_accounts: dict[str, str] = {}
+        self._apps: dict[str, tuple[str, set[str]]] = {}
+        self._minted: dict[str, str] = {}  # minted access token -> what minted it
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -209,6 +225,37 @@ class FakeAuthServer:
     def refresh_calls(self) -> int:
         with self._lock:
             return self._refresh_calls
+
+    @property
+    def mint_calls(self) -> int:
+        """Tokens minted (client credentials, JWT bearer, installation tokens), failures too."""
+        with self._lock:
+            return self._mint_calls
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/api"
+
+    def revoke_client(self) -> None:
+        """The fake's client is revoked: client-credentials grants fail with invalid_client."""
+        with self._lock:
+            self.client_revoked = True
+
+    def register_service_account(self, issuer: str, public_key_pem: str) -> None:
+        with self._lock:
+            self._service_accounts[issuer] = public_key_pem
+
+    def register_app(self, app_id: str, public_key_pem: str, installations: set[str]) -> None:
+        with self._lock:
+            self._apps[app_id] = (public_key_pem, set(installations))
+
+    def uninstall(self, app_id: str, installation_id: str) -> None:
+        with self._lock:
+            self._apps[app_id][1].discard(installation_id)
+
+    def is_minted_token_active(self, token: str) -> bool:
+        with self._lock:
+            return token in self._minted and token not in self.revoked
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -304,6 +351,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     def _dispatch(self, method: str) -> None:
         fake = self.server_fake
         parts = urlsplit(self.path)
@@ -326,6 +376,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             if parts.path == "/token" and body.get("grant_type") == "refresh_token":
                 fake._refresh_calls += 1
+            if body.get("grant_type") in _MINT_GRANTS or _INSTALLATION.fullmatch(parts.path):
+                fake._mint_calls += 1
             script = fake._take_script(parts.path)
         fake._sleep(fake.latency)
         if script is not None and script.kind != "slow":
@@ -335,6 +387,13 @@ class _Handler(BaseHTTPRequestHandler):
             fake._sleep(script.delay)
         if (method, parts.path) == ("GET", "/authorize"):
             self._authorize(query)
+            return
+        if self._github(method, parts.path):
+            return
+        if (method, parts.path, body.get("grant_type")) == ("POST", "/token", _JWT_BEARER):
+            # The signed assertion authenticates the client (RFC 7523 §3.1).
+            with fake._lock:
+                self._jwt_bearer(body)
             return
         if method != "POST" or parts.path not in {"/token", "/revoke"}:
             self._send(404, {"error": "not_found"})
@@ -379,6 +438,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_ok(self, auth_method: str, client_id: str | None, secret: str | None) -> bool:
         fake = self.server_fake
         if auth_method not in fake.auth_methods or client_id != fake.client_id:
+            return False
+        if fake.client_revoked:
             return False
         return auth_method == "none" or secret == fake.client_secret
 
@@ -466,6 +527,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._refresh(body)
         elif grant_type == "authorization_code":
             self._exchange(body)
+        elif grant_type == "client_credentials":
+            self._mint(str(body.get("scope") or ""), "client_credentials")
         else:
             self._oauth_error("unsupported_grant_type")
 
@@ -537,6 +600,82 @@ class _Handler(BaseHTTPRequestHandler):
         payload.update(fake.extra_token_fields)
         self._send(200, payload)
 
+    def _mint(self, scope: str, source: str) -> None:
+        fake = self.server_fake
+        token = _token("mt")
+        fake._minted[token] = source
+        payload: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if fake.expires_in is not None:
+            payload["expires_in"] = fake.expires_in
+        if scope:
+            payload["scope"] = scope
+        self._send(200, payload)
+
+    def _jwt_bearer(self, body: dict[str, Any]) -> None:
+        fake = self.server_fake
+        assertion = str(body.get("assertion") or "")
+        try:
+            issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+            key = fake._service_accounts.get(str(issuer))
+            if key is None:
+                raise jwt.InvalidTokenError("unknown issuer")
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=["RS256", "ES256", "ES384", "ES512"],
+                audience=fake.token_url,
+                options={"require": ["iss", "aud", "exp", "iat"]},
+            )
+            if claims["exp"] - claims["iat"] > 3600 or claims["iat"] > time.time() + 60:
+                raise jwt.InvalidTokenError("lifetime")
+        except jwt.InvalidTokenError:
+            # Google's answer to a bad signature, an unknown key or a stale assertion.
+            self._oauth_error("invalid_grant", description="invalid JWT signature or claims")
+            return
+        self._mint(str(claims.get("scope") or ""), "service_account")
+
+    def _github(self, method: str, path: str) -> bool:
+        """GitHub's App installation endpoints; False when ``path`` is not one of them."""
+        fake = self.server_fake
+        auth = self.headers.get("authorization") or ""
+        bearer = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if (method, path) == ("DELETE", "/api/installation/token"):
+            with fake._lock:
+                if bearer not in fake._minted or bearer in fake.revoked:
+                    self._send(401, {"message": "Bad credentials"})
+                else:
+                    fake.revoked.add(bearer)
+                    self.send_response(204)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+            return True
+        found = _INSTALLATION.fullmatch(path)
+        if found is None or method != "POST":
+            return False
+        installation = found.group(1)
+        try:
+            app_id = str(jwt.decode(bearer, options={"verify_signature": False}).get("iss"))
+            with fake._lock:
+                key, installations = fake._apps[app_id]
+            claims = jwt.decode(
+                bearer, key, algorithms=["RS256"], options={"require": ["iss", "exp", "iat"]}
+            )
+            if claims["exp"] - claims["iat"] > 660:
+                raise jwt.InvalidTokenError("GitHub App JWTs live at most 10 minutes")
+        except (jwt.InvalidTokenError, KeyError):
+            self._send(401, {"message": "A JSON web token could not be decoded"})
+            return True
+        if installation not in installations:
+            self._send(404, {"message": "Not Found"})
+            return True
+        with fake._lock:
+            token = "ghs_" + secrets.token_urlsafe(24)
+            fake._minted[token] = "github_app_installation"
+        lifetime = fake.expires_in if fake.expires_in is not None else 3600
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + lifetime))
+        self._send(201, {"token": token, "expires_at": expires, "permissions": {}})
+        return True
+
     def _revoke(self, body: dict[str, Any]) -> None:
         fake = self.server_fake
         token = body.get("token") or ""
@@ -553,4 +692,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, raw=b"")
 
 
+_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+_MINT_GRANTS = frozenset({"client_credentials", _JWT_BEARER})
+_INSTALLATION = re.compile(r"/api/app/installations/([^/]+)/access_tokens")
 _SLACK_ERRORS = {"invalid_grant": "invalid_refresh_token", "invalid_client": "invalid_client_id"}
