@@ -375,7 +375,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(events, indent=2, default=str))
             return EXIT_OK
         rows = [
-            ["TIME", "CALLER", "METHOD", "OUTCOME", "INTEGRATION", "USER", "PROVIDER", "REQUEST"]
+            [
+                "TIME",
+                "CALLER",
+                "METHOD",
+                "OUTCOME",
+                "INTEGRATION",
+                "USER",
+                "PROVIDER",
+                "KIND",
+                "REQUEST",
+            ]
         ]
         for e in events:
             rows.append(
@@ -387,6 +397,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     e["integration_id"] or "-",
                     e["user_id"] or "-",
                     e["provider"] or "-",
+                    e["credential_type"] or "-",
                     e["request_id"],
                 ]
             )

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +15,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from sqlalchemy import select, update
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
@@ -97,7 +97,10 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
 
 
 def credential(kind: str, **fields: Any) -> pb.Credential:
-    return pb.Credential(**{kind: fields})
+    message = pb.Credential()
+    getattr(message, kind).SetInParent()
+    json_format.ParseDict(fields, getattr(message, kind))
+    return message
 
 
 def service_account_json() -> str:
@@ -247,6 +250,27 @@ async def test_minted_kind_mints_caches_and_remints(
     assert fresh.access_token.encode() not in row["access_token_ct"]
     assert row["refresh_token_ct"] is None
     assert key_id_of(row["credential_ct"]) == "test1"
+
+
+async def test_background_refresher_mints_ahead_of_expiry(
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
+) -> None:
+    # Never asked for yet: the background pass mints it before any caller waits on it.
+    waiting = await store(stub, minted_credential("service_account", fake))
+    static = await store(
+        stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u2"
+    )
+    assert await broker.refresher.background_pass() == 1
+    assert fake.mint_calls == 1
+    got = await token(stub, waiting.id)
+    assert not got.refreshed, "already minted"
+    assert fake.is_minted_token_active(got.access_token)
+    # Close to expiry: minted again ahead of it; far from it (and static kinds): left alone.
+    await set_row(broker, waiting.id, expires_at=datetime.now(UTC) + timedelta(seconds=10))
+    assert await broker.refresher.background_pass() == 1
+    assert (await token(stub, waiting.id)).access_token != got.access_token
+    assert await broker.refresher.background_pass() == 0
+    assert (await row_of(broker, static.id))["version"] == 1
 
 
 async def test_requests_the_fake_saw(
@@ -627,3 +651,21 @@ async def test_canary_secrets_of_every_kind_never_leak(
         leaks += scan(str(message), needles, type(message).__name__)
     assert not leaks, "\n".join(sorted(set(leaks)))
     assert len(audit) >= len(ids) * 3
+
+
+async def test_audit_records_the_kind(
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
+) -> None:
+    key = await store(
+        stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u1"
+    )
+    app = await store(stub, minted_credential("github_app_installation", fake), user="u2")
+    for iid in (key.id, app.id):
+        await token(stub, iid)
+    await asyncio.sleep(0.2)
+    async with broker.engine.connect() as conn:
+        rows = (await conn.execute(select(audit_events))).all()
+    kinds = {(r.integration_id, r.method): r.credential_type for r in rows}
+    assert kinds[(key.id, "StoreIntegration")] == "api_key"
+    assert kinds[(key.id, "GetAccessToken")] == "api_key"
+    assert kinds[(app.id, "GetAccessToken")] == "github_app_installation"

@@ -95,6 +95,7 @@ class Auditor:
             outcome,
             call.request_id,
             call.detail,
+            call.credential_type,
         )
 
     async def record(self, call: Call, outcome: str) -> None:

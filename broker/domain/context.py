@@ -38,11 +38,14 @@ class Call:
     provider: str | None = None
     detail: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # The kind of credential the call reached (api_key, authorization_code, ...).
+    credential_type: str | None = None
 
     def note(self, integration: Integration) -> None:
         self.integration_id = integration.id
         self.user_id = integration.user_id
         self.provider = integration.provider
+        self.credential_type = integration.credential_type.value
 
     def note_owner(self, user_id: str, provider: str | None = None) -> None:
         self.user_id = user_id or self.user_id

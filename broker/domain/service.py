@@ -334,10 +334,11 @@ class IntegrationService:
                 f"give credential or the OAuth token fields, not both (also given: "
                 f"{', '.join(given)})",
             )
-        assert cmd.credential is not None
+        given_credential = cmd.credential
+        assert given_credential is not None
         # The provider first: a kind it does not take is refused before its fields are read.
-        cmd = self._owner(cmd, cmd.credential.kind)
-        credential = credentials.validate(cmd.credential)
+        cmd = self._owner(cmd, given_credential.kind)
+        credential = credentials.validate(given_credential)
         validation.scopes("scopes", tokens.scopes)
         validation.metadata(cmd.metadata)
         return await self._upsert(replace(cmd, credential=credential))

@@ -55,10 +55,12 @@ COLUMNS = (
     "outcome",
     "request_id",
     "detail",
+    "credential_type",
 )
 _SQLITE_INSERT = (
     "INSERT INTO audit_events (id, occurred_at, caller, method, integration_id, user_id, "
-    "provider, outcome, request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "provider, outcome, request_id, detail, credential_type) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # SQLAlchemy's storage format for DateTime on SQLite (naive UTC), so its reads parse our rows.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"

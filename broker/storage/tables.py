@@ -87,6 +87,7 @@ audit_events = Table(
     Column("outcome", String(32), nullable=False),
     Column("request_id", String(64), nullable=False),
     Column("detail", String(255), nullable=True),
+    Column("credential_type", String(32), nullable=True),
     Index("ix_audit_user", "user_id", "occurred_at"),
     Index("ix_audit_integration", "integration_id", "occurred_at"),
     Index("ix_audit_caller", "caller", "occurred_at"),

@@ -1,4 +1,5 @@
-"""Credential kinds beyond the authorization code: the kind and its encrypted credential.
+"""Credential kinds beyond the authorization code: the kind and its encrypted credential, and
+the kind in audit events.
 
 Revision ID: 0007
 Revises: 0003
@@ -28,9 +29,14 @@ def upgrade() -> None:
             )
         )
         batch.add_column(sa.Column("credential_ct", sa.LargeBinary, nullable=True))
+    # Audit events name the kind of credential a call reached.
+    with op.batch_alter_table("audit_events") as batch:
+        batch.add_column(sa.Column("credential_type", sa.String(32), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("audit_events") as batch:
+        batch.drop_column("credential_type")
     with op.batch_alter_table("integrations") as batch:
         batch.drop_column("credential_ct")
         batch.drop_column("credential_type")
