@@ -247,3 +247,40 @@ client_secret_env = "NOTION_SECRET"
     assert providers.get("acme").client_secret == "acme-secret"
     assert providers.get("notion").body_encoding == "json"
     assert providers.get("notion").client_secret == "notion-secret"
+
+
+def test_kinds_without_the_authorization_code_need_no_client() -> None:
+    providers = registry(
+        openai={"kinds": ["api_key"]},
+        github={"kinds": ["github_app_installation"]},
+        google={"kinds": ["service_account"]},
+    )
+    assert providers.get("openai").kinds == frozenset({"api_key"})
+    github = providers.get("github")
+    assert github.api_url == "https://api.github.com"
+    assert github.client_id is None
+    assert providers.get("google").token_url == BUILTINS["google"].token_url
+    # Built-ins with a client take the authorization code and their app-level kind.
+    full = registry(google={"client_id": "gid", "client_secret_env": "GOOGLE_SECRET"})
+    assert full.get("google").kinds == frozenset({"authorization_code", "service_account"})
+    assert BUILTINS["github"].kinds == frozenset({"authorization_code", "github_app_installation"})
+    assert BUILTINS["twitter"].kinds == frozenset({"authorization_code"})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kinds": ["api_key", "password"]}, "providers.acme.kinds"),
+        ({"kinds": []}, "providers.acme.kinds"),
+        ({"kinds": ["github_app_installation"]}, "providers.acme.api_url: required"),
+        (
+            {"kinds": ["github_app_installation"], "api_url": "http://api.example.com"},
+            "providers.acme.api_url: must be an https:// URL",
+        ),
+        ({"kinds": ["authorization_code", "api_key"]}, "providers.acme.token_url: required"),
+    ],
+)
+def test_bad_kinds_settings(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        registry(acme=settings)
+    assert message in str(caught.value)
