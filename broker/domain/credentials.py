@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -186,7 +187,7 @@ def signing_algorithm(field: str, pem: str) -> str:
     """RS256 for an RSA key, ES256/384/512 for an EC key; the key itself never in the error."""
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise InvalidArgument(
             field, "is not an unencrypted PEM private key (PKCS#8 or PKCS#1)"
         ) from None

@@ -25,10 +25,14 @@ _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 def safe_url(url: str) -> bool:
     """https with a host, or plain http to loopback (tests and local fakes only): secrets are
     sent to these URLs, so they must not travel in the clear."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        return False
+    if parts.scheme == "https" and host:
         return True
-    return parts.scheme == "http" and parts.hostname in _LOOPBACK
+    return parts.scheme == "http" and host in _LOOPBACK
 
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
