@@ -9,7 +9,9 @@ attempts (FAILED). The ciphertexts are wiped as soon as the outcome is final.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -57,26 +59,16 @@ class ProviderRevoker:
         if integration.provider not in self.registry:
             return Revocation.NOT_SUPPORTED
         profile = self.registry.get(integration.provider)
-        if integration.credential_type is not Kind.AUTHORIZATION_CODE:
-            return await self._revoke_minted(stored, profile)
-        if not profile.revocation_url:
-            return Revocation.NOT_SUPPORTED
-        tokens: list[tuple[str, str]] = []
         try:
-            if stored.refresh_token_ct is not None:
-                tokens.append(
-                    (self.cipher.decrypt(integration.id, REFRESH, stored.refresh_token_ct), REFRESH)
-                )
-            if stored.access_token_ct is not None:
-                tokens.append(
-                    (self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct), ACCESS)
-                )
+            calls = self._calls(stored, profile)
         except CiphertextInvalid:
             log.error("integration %s: cannot decrypt its tokens to revoke them", integration.id)
             return Revocation.FAILED
+        if calls is None:
+            return Revocation.NOT_SUPPORTED
         try:
-            for token, hint in tokens:
-                await self.client.revoke(profile, token, hint)
+            for call in calls:
+                await call()
         except RevocationNotSupported:
             return Revocation.NOT_SUPPORTED
         except ProviderUnavailable as exc:
@@ -87,31 +79,32 @@ class ProviderRevoker:
             return Revocation.FAILED
         return Revocation.REVOKED
 
-    async def _revoke_minted(
+    def _calls(
         self, stored: StoredIntegration, profile: ProviderProfile
-    ) -> Revocation:
-        """Only a GitHub installation token can be revoked (DELETE /installation/token); API
-        keys, passwords, client secrets and private keys are the user's to revoke at the
-        provider, and minted OAuth tokens simply expire."""
+    ) -> list[Callable[[], Awaitable[None]]] | None:
+        """The provider calls that revoke what the integration holds; None: nothing can be.
+
+        Authorization code: the refresh token first, then the access token (RFC 7009). Of the
+        other kinds only a GitHub installation token can be revoked (DELETE
+        /installation/token); API keys, passwords, client secrets and private keys are their
+        owner's to revoke at the provider, and other minted tokens simply expire.
+        """
         integration = stored.integration
-        if (
-            integration.credential_type is not Kind.GITHUB_APP_INSTALLATION
-            or stored.access_token_ct is None
-        ):
-            return Revocation.NOT_SUPPORTED
-        try:
-            token = self.cipher.decrypt(integration.id, ACCESS, stored.access_token_ct)
-            await self.minter.revoke_installation_token(profile, token)
-        except CiphertextInvalid:
-            log.error("integration %s: cannot decrypt its token to revoke it", integration.id)
-            return Revocation.FAILED
-        except ProviderUnavailable as exc:
-            log.warning("integration %s: revocation pending (%s)", integration.id, exc.message)
-            return Revocation.PENDING
-        except BrokerError as exc:
-            log.warning("integration %s: revocation refused (%s)", integration.id, exc.reason)
-            return Revocation.FAILED
-        return Revocation.REVOKED
+        iid = integration.id
+        kind = integration.credential_type
+        if kind is Kind.AUTHORIZATION_CODE:
+            if not profile.revocation_url:
+                return None
+            held = ((REFRESH, stored.refresh_token_ct), (ACCESS, stored.access_token_ct))
+            return [
+                partial(self.client.revoke, profile, self.cipher.decrypt(iid, hint, blob), hint)
+                for hint, blob in held
+                if blob is not None
+            ]
+        if kind is Kind.GITHUB_APP_INSTALLATION and stored.access_token_ct is not None:
+            token = self.cipher.decrypt(iid, ACCESS, stored.access_token_ct)
+            return [partial(self.minter.revoke_installation_token, profile, token)]
+        return None
 
     async def settle(self, integration_id: str, outcome: Revocation, attempts: int) -> None:
         values: dict[str, Any] = {
