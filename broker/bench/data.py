@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.domain.credentials import bearer_headers
 
 ENVIRONMENT = "bench"
 PROVIDER = "acme"
@@ -52,11 +53,14 @@ def sample_response(salt: str = "echo") -> pb.GetAccessTokenResponse:
     """A response shaped exactly like the broker's for a seeded row (same field lengths)."""
     expires = Timestamp()
     expires.FromDatetime(seeded_expiry())
+    token = random_token(TOKEN_LENGTH)
     return pb.GetAccessTokenResponse(
-        access_token=random_token(TOKEN_LENGTH),
+        access_token=token,
         token_type=TOKEN_TYPE,
         expires_at=expires,
         scopes=SCOPES,
         integration_id=integration_id(salt, 0),
         refreshed=False,
+        credential_type=pb.CREDENTIAL_TYPE_AUTHORIZATION_CODE,
+        headers=bearer_headers(TOKEN_TYPE, token),
     )
