@@ -298,6 +298,7 @@ def _integration_dict(integration: Any, key_id: str | None = None) -> dict[str, 
         "provider": integration.provider,
         "account_id": integration.account_id,
         "status": integration.status.value,
+        "credential_type": integration.credential_type.value,
         "scopes": list(integration.scopes),
         "metadata": integration.metadata,
         "has_refresh_token": integration.has_refresh_token,
@@ -334,13 +335,14 @@ def cmd_integrations_list(args: argparse.Namespace) -> int:
         if not found:
             print(f"user {args.user!r} has no matching integration", file=sys.stderr)
             return EXIT_OK
-        rows = [["ID", "PROVIDER", "ACCOUNT", "STATUS", "EXPIRES", "UPDATED"]]
+        rows = [["ID", "PROVIDER", "ACCOUNT", "KIND", "STATUS", "EXPIRES", "UPDATED"]]
         for i in found:
             rows.append(
                 [
                     i.id,
                     i.provider,
                     i.account_id or "-",
+                    i.credential_type.value,
                     i.status.value,
                     _when(i.expires_at),
                     _when(i.updated_at),

@@ -175,6 +175,7 @@ async def test_integrations_list_show_disconnect(
         "ID",
         "PROVIDER",
         "ACCOUNT",
+        "KIND",
         "STATUS",
         "EXPIRES",
         "UPDATED",
@@ -192,6 +193,7 @@ async def test_integrations_list_show_disconnect(
     assert f"id:                 {iid}" in shown.out
     assert "key_id:             test1" in shown.out
     assert "has_refresh_token:  True" in shown.out
+    assert "credential_type:    authorization_code" in shown.out
     assert_no_secrets(shown)
 
     gone = await broker(

@@ -28,6 +28,7 @@ from broker.server.app import Broker, start
 from broker.storage.tables import audit_events, integrations
 from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
+from tests.test_grpcurl import Grpcurl, _grpcurl
 from tests.test_no_secrets_in_logs import error_texts, record_texts, scan
 
 Code = grpc.StatusCode
@@ -82,6 +83,9 @@ def kind_providers(fake: FakeAuthServer) -> dict[str, Any]:
         },
         # Static kinds only: no OAuth client of the broker's own is needed.
         "keysonly": {"kinds": ["api_key", "basic"]},
+        # The README's examples.
+        "openai": {"kinds": ["api_key"]},
+        "jira": {"kinds": ["basic"]},
     }
 
 
@@ -669,3 +673,43 @@ async def test_audit_records_the_kind(
     assert kinds[(key.id, "StoreIntegration")] == "api_key"
     assert kinds[(key.id, "GetAccessToken")] == "api_key"
     assert kinds[(app.id, "GetAccessToken")] == "github_app_installation"
+
+
+async def test_readme_examples_through_grpcurl(broker: Broker) -> None:
+    """The README's api_key and basic examples, bodies as written, through grpcurl."""
+    run = Grpcurl(f"127.0.0.1:{broker.port}", _grpcurl())
+    examples = [
+        (
+            {
+                "user_id": "user-123",
+                "provider": "openai",
+                "credential": {
+                    "api_key": {"key": "sk-example", "header": "Authorization", "prefix": "Bearer "}
+                },
+            },
+            {"Authorization": "Bearer sk-example"},
+        ),
+        (
+            {
+                "user_id": "user-123",
+                "provider": "jira",
+                "credential": {
+                    "basic": {"username": "alice@example.com", "password": "api-token-example"}
+                },
+            },
+            {"Authorization": "Basic YWxpY2VAZXhhbXBsZS5jb206YXBpLXRva2VuLWV4YW1wbGU="},
+        ),
+    ]
+    for body, headers in examples:
+        stored = await run.call("StoreIntegration", body)
+        assert stored.returncode == 0, stored.stderr
+        assert "sk-example" not in stored.stdout
+        assert "api-token-example" not in stored.stdout
+        kind = stored.json()["integration"]["credential_type"]
+        assert kind == "CREDENTIAL_TYPE_" + next(iter(body["credential"])).upper()
+        got = await run.call(
+            "GetAccessToken", {"user_id": "user-123", "provider": body["provider"]}
+        )
+        assert got.returncode == 0, got.stderr
+        assert got.json()["headers"] == headers
+        assert got.json()["credential_type"] == kind
