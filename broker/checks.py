@@ -24,8 +24,7 @@ from broker.domain.rotation import KeyCount, key_status
 from broker.errors import ConfigError, StorageUnavailable
 from broker.providers.catalog import build_registry
 from broker.server.callers import CallerRegistry
-from broker.storage import repository
-from broker.storage.engine import create_engine, storage_errors
+from broker.storage.engine import create_engine, probe, storage_errors
 from broker.storage.schema import head_revision
 from broker.storage.tables import broker_meta
 
@@ -123,12 +122,11 @@ async def _database_checks(settings: Settings, keyring: Keyring | None) -> list[
     checks: list[Check] = []
     try:
         engine = create_engine(settings.database)
-    except OSError as exc:  # SQLite: the database file's directory cannot be created
-        return [Check("database reachable", Level.FAIL, f"cannot open the database: {exc}")]
+    except ConfigError as exc:  # SQLite: the database file's directory cannot be created
+        return [Check("database reachable", Level.FAIL, str(exc))]
     try:
         try:
-            async with storage_errors(), engine.connect() as conn:
-                await repository.ping(conn)
+            await probe(engine, settings.database.timeout_seconds)
         except StorageUnavailable as exc:
             return [Check("database reachable", Level.FAIL, exc.message)]
         checks.append(Check("database reachable", Level.OK, engine.dialect.name))

@@ -33,11 +33,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _migrate(settings: Settings) -> str:
-    from broker.storage.engine import create_engine
+    from broker.storage.engine import create_engine, probe
     from broker.storage.schema import migrate
 
     engine = create_engine(settings.database)
     try:
+        await probe(engine, settings.database.timeout_seconds)
         return await migrate(engine, settings.server.environment)
     finally:
         await engine.dispose()

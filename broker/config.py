@@ -7,12 +7,15 @@ Everything is validated at start-up; a bad value raises ConfigError naming the s
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -25,6 +28,8 @@ from pydantic import (
 )
 
 from broker.errors import ConfigError
+
+log = logging.getLogger("broker.config")
 
 METHODS = (
     "StoreIntegration",
@@ -255,7 +260,35 @@ _SHORTCUTS = {
 }
 
 
-def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+# BROKER_* variables that are not settings: the file to read, and the test and benchmark
+# harnesses' database URLs.
+_OTHER_VARIABLES = {"BROKER_CONFIG", "BROKER_TEST_DATABASE_URL", "BROKER_BENCH_DATABASE_URL"}
+
+
+def _suggest(name: str, known: list[str], prefix: str = "") -> str:
+    """ "; did you mean X?" when one of ``known`` is close to ``name`` (compared without the
+    common ``prefix``, so BROKER_TOKEN is not taken for BROKER_LISTEN), else ""."""
+    stems = {k.removeprefix(prefix): k for k in known}
+    close = difflib.get_close_matches(name.removeprefix(prefix), list(stems), n=1, cutoff=0.8)
+    return f"; did you mean {stems[close[0]]}?" if close else ""
+
+
+def _known_variables() -> list[str]:
+    names = [*_SHORTCUTS, *_OTHER_VARIABLES]
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names += [f"BROKER_{section}__{key}".upper() for key in model.model_fields]
+    return names
+
+
+def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """Copy BROKER_* variables into ``data``; returns which variable set which setting.
+
+    A name that is no setting but looks like one (``BROKER_DATABSE_URL``) is an error: ignoring
+    it would quietly fall back to a default, e.g. SQLite instead of the PostgreSQL meant.
+    Other unknown names are reported and ignored."""
+    origin: dict[tuple[str, str], str] = {}
     for name, value in env.items():
         if name in _SHORTCUTS:
             section, key = _SHORTCUTS[name]
@@ -263,18 +296,69 @@ def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
             section, _, key = name[len("BROKER_") :].lower().partition("__")
             if section in {"providers", "callers"} or "__" in key:
                 continue
+        elif name.startswith("BROKER_") and name not in _OTHER_VARIABLES:
+            hint = _suggest(name, _known_variables(), "BROKER_")
+            if hint:
+                raise ConfigError(f"{name}: not a broker setting{hint}")
+            log.warning("ignoring environment variable %s: not a broker setting", name)
+            continue
         else:
             continue
         data.setdefault(section, {})[key] = value
+        origin[(section, key)] = name
+    return origin
 
 
-def _describe(error: ValidationError) -> str:
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The settings model that holds the last part of ``loc`` (None if it cannot be told)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return None
+            model = field.annotation
+        elif get_origin(model) is dict:
+            model = get_args(model)[1]  # a provider's or caller's name: its value's model
+        else:
+            return None
+        if get_origin(model) in (Union, types.UnionType):  # X | None
+            model = next(a for a in get_args(model) if a is not type(None))
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: ValidationError, origin: Mapping[tuple[str, str], str]) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        loc = tuple(item["loc"])
+        where = ".".join(str(part) for part in loc) or "settings"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            known = list(model.model_fields) if model is not None else []
+            message = "unknown setting" + _suggest(str(loc[-1]), known)
+        variable = origin.get((str(loc[0]), str(loc[1]))) if len(loc) == 2 else None
+        if variable is not None:
+            message += f" (from {variable})"
         lines.append(f"{where}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"BROKER_CONFIG: file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"BROKER_CONFIG: {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"BROKER_CONFIG: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"BROKER_CONFIG: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"BROKER_CONFIG: cannot read {path}: {exc.strerror}") from None
 
 
 def load_settings(
@@ -283,16 +367,9 @@ def load_settings(
     """Read the TOML file (if any) and the environment; raise ConfigError naming bad settings."""
     env = os.environ if env is None else env
     path = config_path or env.get("BROKER_CONFIG")
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"BROKER_CONFIG: file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"BROKER_CONFIG: {path} is not valid TOML: {exc}") from None
-    _overlay_env(data, env)
+    data = _read_file(path) if path else {}
+    origin = _overlay_env(data, env)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, origin)) from None

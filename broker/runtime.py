@@ -23,7 +23,7 @@ from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
 from broker.storage import audit_log
-from broker.storage.engine import create_engine
+from broker.storage.engine import create_engine, probe
 from broker.storage.schema import verify
 
 
@@ -88,6 +88,7 @@ async def open_runtime(
     engine = create_engine(settings.database)
     if check_database:
         try:
+            await probe(engine, settings.database.timeout_seconds)
             await verify(engine, settings.server.environment, keyring.ids)
         except BaseException:
             await engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,20 +11,27 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.config import DatabaseSettings
-from broker.errors import StorageUnavailable
+from broker.errors import ConfigError, StorageUnavailable
 
 
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     url = make_url(settings.url.get_secret_value())
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(url.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"database.url: cannot create the folder {folder} for the SQLite file: "
+                    f"{exc.strerror}"
+                ) from None
         engine = create_async_engine(
             url, connect_args={"timeout": settings.timeout_seconds}, pool_pre_ping=False
         )
@@ -116,3 +124,53 @@ async def storage_errors() -> AsyncIterator[None]:
                 "the database is unreachable; retry shortly", cause=type(exc).__name__
             ) from None
         raise
+
+
+def describe_url(url: URL) -> str:
+    """Where a database is, for people: never the password."""
+    if url.get_backend_name() == "sqlite":
+        return f"SQLite database {url.database or ':memory:'}"
+    host = url.host or "localhost"
+    return f"PostgreSQL database {url.database!r} on {host}:{url.port or 5432} as {url.username!r}"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's wrappers."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "orig", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def describe_cause(exc: BaseException, timeout: float) -> str:
+    inner = _innermost(exc)
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused (is the server running, and is this its port?)"
+    if isinstance(inner, socket.gaierror):
+        return "host name not found"
+    if isinstance(inner, asyncio.TimeoutError | TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(inner, asyncpg.TooManyConnectionsError):
+        return f"the server refuses more connections ({inner}); lower pool_size or add capacity"
+    text = str(inner).strip() or type(inner).__name__
+    return text.splitlines()[0]
+
+
+async def probe(engine: AsyncEngine, connect_timeout: float = 5.0) -> None:
+    """Connect once and run ``SELECT 1``, as start-up does before anything else.
+
+    Raises StorageUnavailable whose message names the database (host, port, name, role) and
+    the cause in one line: a database or role that does not exist, a wrong host or port, a
+    server refusing connections — never a traceback."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise StorageUnavailable(
+            f"cannot use the {describe_url(engine.url)}: {describe_cause(exc, connect_timeout)}",
+            cause=type(_innermost(exc)).__name__,
+        ) from None

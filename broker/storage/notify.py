@@ -44,8 +44,9 @@ class InvalidationListener:
     def _on_lost(self, _conn: Any) -> None:
         self._lost()
 
-    def _lost(self) -> None:
-        if self.cache.available:
+    def _lost(self, *, stopping: bool = False) -> None:
+        # Closing the channel at shutdown is no loss worth a warning; the cache goes all the same.
+        if self.cache.available and not stopping:
             log.warning("cache invalidation channel lost: cache flushed and bypassed")
         self.cache.available = False
         self.cache.flush()
@@ -80,7 +81,11 @@ class InvalidationListener:
             except Exception as exc:
                 log.debug("cache listener failed (%s); reconnecting", type(exc).__name__)
             finally:
-                self._lost()
+                task = asyncio.current_task()
+                stopping = task is not None and task.cancelling() > 0
+                if stopping:
+                    conn.remove_termination_listener(self._on_lost)
+                self._lost(stopping=stopping)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), timeout=1)
                 self._conn = None
