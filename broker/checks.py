@@ -16,9 +16,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.config import Settings, load_settings
+from broker.config import Settings
 from broker.crypto import Keyring, load_keyring
 from broker.crypto.aead import NONCE_LIMIT
+from broker.devmode import operator_settings
 from broker.domain.key_usage import read_key_usage
 from broker.domain.rotation import KeyCount, key_status
 from broker.errors import ConfigError, StorageUnavailable
@@ -183,7 +184,7 @@ async def _database_checks(settings: Settings, keyring: Keyring | None) -> list[
 async def run_checks(config_path: str | Path | None) -> tuple[list[Check], Settings | None]:
     """Every check that can run; ``settings`` is None when the configuration is invalid."""
     try:
-        settings = load_settings(config_path=config_path)
+        settings = operator_settings(config_path)
     except ConfigError as exc:
         return [Check("configuration", Level.FAIL, str(exc))], None
     checks = [Check("configuration", Level.OK, f"environment {settings.server.environment!r}")]

@@ -29,7 +29,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(config_path=args.config)
+    if args.command == "serve":
+        return load_settings(config_path=args.config)
+    # Beside a dev broker with nothing configured, the operator commands use its key and caller.
+    return devmode.operator_settings(args.config)
 
 
 async def _migrate(settings: Settings) -> str:

@@ -1,27 +1,42 @@
 """``broker serve --dev``: zero set-up on a laptop. SQLite under ./.broker/, a generated key and
-a generated caller token, all kept in files so a restart finds the same data."""
+a generated caller token, all kept in files so a restart finds the same data.
+
+The operator commands (``check``, ``keys status``, ``integrations``, ``audit``) run beside a dev
+broker with nothing configured find the same files through ``attach``.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shlex
 from pathlib import Path
 
-from broker.config import CallerSettings, KeysSettings, Settings
+from broker.config import CallerSettings, DatabaseSettings, KeysSettings, Settings, load_settings
 from broker.crypto.keys import ensure_dev_keyfile
 from broker.errors import ConfigError
 from broker.server.callers import hash_token
 
 DEV_CALLER = "dev"
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+HOME = Path(".broker")
+TOKEN_FILE = "dev-caller-token"
+KEY_FILE = "keys"
 
 
-def _dev_token(path: Path) -> str:
+def _read_token(path: Path) -> str | None:
     if path.exists():
         token = path.read_text().strip()
         if token:
             return token
-        path.unlink()  # an empty token file must never become an empty credential
+    return None
+
+
+def _dev_token(path: Path) -> str:
+    token = _read_token(path)
+    if token:
+        return token
+    path.unlink(missing_ok=True)  # an empty token file must never become an empty credential
     path.parent.mkdir(parents=True, exist_ok=True)
     token = "dev-" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -30,39 +45,83 @@ def _dev_token(path: Path) -> str:
     return token
 
 
-def prepare(settings: Settings, home: Path = Path(".broker")) -> tuple[Settings, str | None]:
-    """Fill in what a dev broker lacks; returns the settings and the dev caller's token."""
+def _keys_configured(settings: Settings) -> bool:
+    keys = settings.keys
+    return keys.keys is not None or keys.file is not None or keys.command is not None
+
+
+def prepare(settings: Settings, home: Path = HOME) -> tuple[Settings, str | None]:
+    """Fill in what a dev broker lacks; returns the settings and the dev caller's token.
+
+    The dev caller is added next to any callers the configuration has (dev mode listens on
+    loopback only); the token is None only when the configuration has its own caller named
+    ``dev``, which then wins."""
     host = settings.server.listen.rpartition(":")[0]
     if host not in LOOPBACK:
         raise ConfigError(f"server.listen: dev mode only listens on loopback, not {host}")
     update: dict[str, object] = {}
-    if settings.keys.keys is None and settings.keys.file is None:
-        update["keys"] = KeysSettings(file=ensure_dev_keyfile(home / "keys"))
+    if not _keys_configured(settings):
+        update["keys"] = KeysSettings(file=ensure_dev_keyfile(home / KEY_FILE))
     token = None
-    if not settings.callers:
-        token = _dev_token(home / "dev-caller-token")
-        update["callers"] = {DEV_CALLER: CallerSettings(token_sha256=hash_token(token))}
+    if DEV_CALLER not in settings.callers:
+        token = _dev_token(home / TOKEN_FILE)
+        dev = CallerSettings(token_sha256=hash_token(token))
+        update["callers"] = {**settings.callers, DEV_CALLER: dev}
     return settings.model_copy(update=update), token
 
 
-def banner(listen: str, port: int, token: str | None) -> str:
+def attach(settings: Settings, *, configured: bool, home: Path = HOME) -> Settings:
+    """The dev broker's key and caller, for a command run beside its ``home`` with no other
+    configuration (no file, the default SQLite database, no keys): the same settings as the
+    running ``serve --dev`` has. Reads only; creates nothing."""
+    default_url = DatabaseSettings().url.get_secret_value()
+    if configured or settings.database.url.get_secret_value() != default_url:
+        return settings
+    update: dict[str, object] = {}
+    if not _keys_configured(settings) and (home / KEY_FILE).is_file():
+        update["keys"] = KeysSettings(file=home / KEY_FILE)
+    token = _read_token(home / TOKEN_FILE)
+    if token and DEV_CALLER not in settings.callers:
+        update["callers"] = {
+            **settings.callers,
+            DEV_CALLER: CallerSettings(token_sha256=hash_token(token)),
+        }
+    return settings.model_copy(update=update) if update else settings
+
+
+def operator_settings(config_path: str | Path | None) -> Settings:
+    """Settings for an operator command: the configuration, or beside a dev broker its own."""
+    settings = load_settings(config_path=config_path)
+    return attach(settings, configured=bool(config_path or os.environ.get("BROKER_CONFIG")))
+
+
+def banner(listen: str, port: int, token: str | None, home: Path = HOME) -> str:
     host = listen.rpartition(":")[0]
     target = f"{host}:{port}"
-    auth = f"authorization: Bearer {token}" if token else "authorization: Bearer $TOKEN"
-    # One line of JSON: a backslash-newline inside quotes would reach grpcurl literally.
+    token_file = shlex.quote(str((home / TOKEN_FILE).resolve()))
+    if token is None:
+        where = "caller 'dev' comes from your configuration: use its token"
+        setup = "TOKEN=<the token of your caller 'dev'>"
+    else:
+        where = f"caller token: {home / TOKEN_FILE}"
+        setup = f"TOKEN=$(cat {token_file})"
+    # Double quotes, so the shell expands $TOKEN. One line of JSON: a backslash-newline inside
+    # quotes would reach grpcurl literally.
+    auth = '"authorization: Bearer $TOKEN"'
     store = (
         '{"user_id": "u1", "provider": "twitter", "access_token": "at-example", '
         '"expires_in_seconds": 3600}'
     )
     return f"""
 Credential Broker (dev mode) listening on {target}
-  database: SQLite under ./.broker/   key: ./.broker/keys   caller token: ./.broker/dev-caller-token
+  database: SQLite under {home}/   key: {home / KEY_FILE}   {where}
 
-Try it:
-  grpcurl -plaintext -H '{auth}' {target} list
-  grpcurl -plaintext -H '{auth}' \\
+Try it (in another terminal):
+  {setup}
+  grpcurl -plaintext -H {auth} {target} list
+  grpcurl -plaintext -H {auth} \\
       -d '{store}' \\
       {target} credentialbroker.v1.CredentialBroker/StoreIntegration
-  grpcurl -plaintext -H '{auth}' -d '{{"user_id": "u1", "provider": "twitter"}}' \\
+  grpcurl -plaintext -H {auth} -d '{{"user_id": "u1", "provider": "twitter"}}' \\
       {target} credentialbroker.v1.CredentialBroker/GetAccessToken
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -26,7 +27,8 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.errors import ConfigError
 from broker.server.app import start
-from tests.conftest import ADMIN, expect_error, make_settings, store_request
+from broker.server.callers import hash_token
+from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,7 +59,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) ->
 class DevBroker:
     """One `python -m broker serve --dev` process; stdout is collected as it arrives."""
 
-    def __init__(self, cwd: Path, port: int) -> None:
+    def __init__(self, cwd: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.cwd = cwd
         self.port = port
         self.address = f"127.0.0.1:{port}"
@@ -66,7 +68,7 @@ class DevBroker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--dev"],
             cwd=cwd,
-            env=clean_env(BROKER_LISTEN=f"127.0.0.1:{port}"),
+            env=clean_env(BROKER_LISTEN=f"127.0.0.1:{port}", **(env or {})),
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -101,7 +103,7 @@ class DevBroker:
     def wait_ready(self) -> None:
         def ready() -> bool:
             assert self.process.poll() is None, f"broker exited early:\n{self.stderr}"
-            return self.health() == SERVING and "Try it:" in self.stdout
+            return self.health() == SERVING and "grpcurl" in self.stdout
 
         wait_for(ready, "the dev broker to serve and print its banner")
 
@@ -131,11 +133,11 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def launch(project: Path) -> Iterator[Callable[[], DevBroker]]:
+def launch(project: Path) -> Iterator[Callable[..., DevBroker]]:
     started: list[DevBroker] = []
 
-    def start() -> DevBroker:
-        broker = DevBroker(project, free_port())
+    def start(**env: str) -> DevBroker:
+        broker = DevBroker(project, free_port(), env)
         started.append(broker)
         broker.wait_ready()
         return broker
@@ -191,7 +193,8 @@ def test_dev_mode_starts_in_an_empty_directory_and_keeps_its_data(
 
     banner = first.stdout
     assert f"listening on {first.address}" in banner
-    assert f"grpcurl -plaintext -H 'authorization: Bearer {token}' {first.address} list" in banner
+    assert f"TOKEN=$(cat {home.resolve() / 'dev-caller-token'})" in banner
+    assert f'grpcurl -plaintext -H "authorization: Bearer $TOKEN" {first.address} list' in banner
     assert first.stop() == 0
     assert "Traceback" not in first.stderr
     assert "devmode-canary" not in first.stderr + first.stdout
@@ -209,32 +212,104 @@ def test_dev_mode_starts_in_an_empty_directory_and_keeps_its_data(
     assert second.stop(signal.SIGINT) == 0
 
 
-def banner_commands(banner: str) -> list[str]:
-    """The shell commands under "Try it:", joined across backslash-continued lines."""
-    text = banner.split("Try it:", 1)[1].replace("\\\n", " ")
-    return [line.strip() for line in text.splitlines() if line.strip().startswith("grpcurl ")]
+def banner_script(banner: str) -> str:
+    """The shell lines under "Try it", as a newcomer pastes them into another terminal."""
+    return banner.split("Try it", 1)[1].split("\n", 1)[1]
 
 
-def test_banner_grpcurl_examples_work_as_pasted(launch: Callable[[], DevBroker]) -> None:
+def test_banner_examples_work_as_pasted(launch: Callable[[], DevBroker], tmp_path: Path) -> None:
     broker = launch()
-    commands = banner_commands(broker.stdout)
-    assert len(commands) == 3, broker.stdout
-    outputs = []
-    for command in commands:
-        result = subprocess.run(
-            ["bash", "-c", command],
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert result.returncode == 0, f"{command}\n{result.stderr}"
-        outputs.append(result.stdout)
-    assert "credentialbroker.v1.CredentialBroker" in outputs[0]
-    assert '"created": true' in outputs[1]
-    assert '"access_token": "at-example"' in outputs[2]
+    script = banner_script(broker.stdout)
+    assert script.count("grpcurl ") == 3, broker.stdout
+    # Anywhere, not only in the broker's directory; `set -x` shows each command's output below it.
+    result = subprocess.run(
+        ["bash", "-ec", script],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"{script}\n{result.stderr}"
+    assert "credentialbroker.v1.CredentialBroker" in result.stdout
+    assert '"created": true' in result.stdout
+    assert '"access_token": "at-example"' in result.stdout
     assert broker.stop() == 0
+
+
+def run_cli(project: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *argv],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_operator_commands_find_the_dev_broker_with_nothing_configured(
+    launch: Callable[[], DevBroker], project: Path
+) -> None:
+    broker = launch()
+    token = (project / ".broker" / "dev-caller-token").read_text().strip()
+    stored = pb_grpc.CredentialBrokerStub(broker.channel).StoreIntegration(
+        store_request(user_id="dev-user", provider="github"), metadata=auth(token), timeout=10
+    )
+    check = run_cli(project, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "FAIL" not in check.stdout
+    assert re.search(r"^OK\s+callers\s+dev$", check.stdout, re.MULTILINE), check.stdout
+    keys = run_cli(project, "keys", "status")
+    assert keys.returncode == 0, keys.stderr
+    listed = run_cli(project, "integrations", "list", "--user", "dev-user")
+    assert listed.returncode == 0, listed.stderr
+    assert stored.integration.id in listed.stdout
+    audit = run_cli(project, "audit", "--user", "dev-user")
+    assert audit.returncode == 0, audit.stderr
+    assert "StoreIntegration" in audit.stdout
+    assert broker.stop() == 0
+
+
+def test_beside_a_dev_broker_a_configuration_still_wins(project: Path) -> None:
+    (project / ".broker").mkdir()
+    (project / ".broker" / "keys").write_text("junk\n")  # would fail if it were read
+    (project / "broker.toml").write_text('[database]\nurl = "sqlite+aiosqlite:///./other.db"\n')
+    result = run_cli(project, "--config", "broker.toml", "check")
+    assert "junk" not in result.stdout
+    assert re.search(r"^FAIL\s+keys\s+", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_dev_mode_keeps_its_token_when_a_config_adds_callers(
+    launch: Callable[..., DevBroker], project: Path
+) -> None:
+    (project / "broker.toml").write_text(
+        f'[callers.admin]\ntoken_sha256 = "{hash_token(ADMIN_TOKEN)}"\n'
+    )
+    broker = launch(BROKER_CONFIG="broker.toml")
+    token = (project / ".broker" / "dev-caller-token").read_text().strip()
+    stub = pb_grpc.CredentialBrokerStub(broker.channel)
+    for credential in (token, ADMIN_TOKEN):
+        stub.ListIntegrations(
+            pb.ListIntegrationsRequest(user_id="u"), metadata=auth(credential), timeout=10
+        )
+    assert "TOKEN=$(cat" in broker.stdout
+    assert broker.stop() == 0
+
+
+def test_a_configured_dev_caller_wins_and_the_banner_says_so(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    mine = next(iter(settings.callers.values()))
+    settings = settings.model_copy(update={"callers": {"dev": mine}})
+    prepared, token = devmode.prepare(settings, home=tmp_path / "home")
+    assert token is None
+    assert prepared.callers == {"dev": mine}
+    assert not (tmp_path / "home" / "dev-caller-token").exists()
+    assert "caller 'dev' comes from your configuration" in devmode.banner(
+        "127.0.0.1:0", 50051, token
+    )
 
 
 def test_sigterm_drains_health_then_exits_cleanly(launch: Callable[[], DevBroker]) -> None:
