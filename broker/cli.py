@@ -1,7 +1,8 @@
-"""The ``broker`` command: serve, migrate, keygen, callers, keys, integrations, check.
+"""The ``broker`` command: serve, migrate, keygen, callers, keys, integrations, check, health.
 
-Exit codes: 0 ok, 1 a check or an operation failed, 2 configuration error, 3 database
-unavailable. Nothing printed ever contains a token or a key — only ids and metadata.
+Exit codes (EXIT_CODES, also in ``broker --help`` and the README): 0 ok, 1 a check or an
+operation failed, 2 configuration error, 3 database cannot be used. Every failure is one line
+on stderr, never a traceback. Nothing printed ever contains a token or a key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from broker import __version__, devmode, logs
@@ -26,6 +28,14 @@ if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands import it wh
     from broker.runtime import Runtime
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
+EXIT_CODES = """exit codes:
+  0    success
+  1    a check, a health probe or an operation failed
+  2    configuration error: the config file, a BROKER_* variable, a setting, the keys
+       (the one-line message names the setting, and suggests the name you may have meant)
+  3    the database cannot be used: unreachable, refusing connections, no such database
+       or role (the message names host, port, database, role and the cause)
+  130  interrupted (Ctrl-C)"""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -494,6 +504,17 @@ def cmd_integrations_purge(args: argparse.Namespace) -> int:
     return _with_runtime(args, body)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from broker import healthprobe
+
+    address = args.address or healthprobe.default_address()
+    serving, line = healthprobe.check(
+        address, service=args.service, timeout=args.timeout, ca_file=args.ca_file
+    )
+    print(line, file=sys.stdout if serving else sys.stderr)
+    return EXIT_OK if serving else EXIT_FAILED
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from broker.checks import Level, run_checks
 
@@ -510,7 +531,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="broker", description="Credential Broker")
+    p = argparse.ArgumentParser(
+        prog="broker",
+        description="Credential Broker",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"broker {__version__}")
     p.add_argument("--config", help="TOML settings file (default: $BROKER_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -615,6 +641,23 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check", help="check configuration, database, environment, keys and providers"
     ).set_defaults(func=cmd_check)
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 only when a broker's health service answers SERVING (for probes)",
+        description="Ask a running broker's grpc.health.v1.Health service. Needs no settings.",
+    )
+    health.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="default: $BROKER_LISTEN (0.0.0.0 read as 127.0.0.1), else 127.0.0.1:50051",
+    )
+    health.add_argument("--service", default="", help="a service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    health.add_argument(
+        "--ca-file", type=Path, help="speak TLS, trusting this CA bundle (broker with TLS)"
+    )
+    health.set_defaults(func=cmd_health)
     return p
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,7 @@ from broker.config import DatabaseSettings
 from broker.crypto.keys import generate_key, parse_keyring
 from broker.domain.model import NewTokens, StoreCommand
 from broker.domain.service import IntegrationService, TokenCipher
+from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.tables import audit_events, integrations
@@ -335,3 +337,42 @@ def test_check_exit_code_from_the_real_command(tmp_path: Path) -> None:
     assert migrated.returncode == 0, migrated.stderr
     done = subprocess.run([*run, "check"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- broker health -----------------------------------------------------------------------------
+
+
+def health_command(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "health", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_health_exits_0_only_when_serving(broker: Broker) -> None:
+    address = f"127.0.0.1:{broker.port}"
+    serving = await asyncio.to_thread(health_command, "--address", address)
+    assert serving.returncode == 0, serving.stderr
+    assert serving.stdout.strip() == f"{address}: SERVING"
+    named = await asyncio.to_thread(
+        health_command, "--address", address, "--service", "credentialbroker.v1.CredentialBroker"
+    )
+    assert named.returncode == 0, named.stderr
+    # What SIGTERM does first: NOT_SERVING while in-flight calls finish.
+    await broker.health.enter_graceful_shutdown()
+    draining = await asyncio.to_thread(health_command, "--address", address)
+    assert draining.returncode == 1
+    assert draining.stderr.strip() == f"{address}: NOT_SERVING"
+
+
+def test_health_exits_1_when_nothing_answers() -> None:
+    with socket.socket() as sock:  # a port that is bound but never accepts gRPC
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        result = health_command("--address", f"127.0.0.1:{port}", "--timeout", "1")
+    assert result.returncode == 1
+    assert "no answer" in result.stderr
+    assert "Traceback" not in result.stderr
