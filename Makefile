@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Start a dev broker: SQLite, key and caller token under ./.broker/, on 127.0.0.1:50051.
+## Start a dev broker (SQLite, key and caller token under ./.broker/) on 127.0.0.1:50051, with
+## the demo OAuth provider on 127.0.0.1:8765.
 run: install
-	$(BIN)/broker serve --dev
+	$(BIN)/broker serve --dev --demo-provider
 
 ## Run the test suite (PostgreSQL tests need BROKER_TEST_DATABASE_URL).
 test: install

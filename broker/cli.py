@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from broker import __version__, devmode, logs
+from broker import __version__, devmode, devprovider, logs
 from broker.config import METHODS, Settings, load_settings
 from broker.crypto.keys import generate_key
 from broker.domain.model import Status
@@ -26,6 +26,7 @@ from broker.server.callers import hash_token
 
 if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands import it when they run
     from broker.runtime import Runtime
+    from broker.testing.fakeauth import FakeAuthServer
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 EXIT_CODES = """exit codes:
@@ -69,13 +70,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return workers.run(settings, args.workers, args.config)
     token = None
+    if args.demo_provider is not None and not args.dev:
+        raise ConfigError("--demo-provider: only with --dev (or run `broker dev-provider`)")
     if args.dev:
         settings, token = devmode.prepare(settings)
+        settings = _with_demo_provider(settings, args.demo_provider)
         asyncio.run(_migrate(settings))
 
     def ready(broker: Broker) -> None:
         if args.dev:
             print(devmode.banner(settings.server.listen, broker.port, token), flush=True)
+            if args.demo_provider is not None:
+                print(devprovider.helpers(_demo[0]), flush=True)
 
     try:
         import uvloop
@@ -86,10 +92,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def reload() -> Settings:
         fresh = _settings(args)
-        return devmode.prepare(fresh)[0] if args.dev else fresh
+        if not args.dev:
+            return fresh
+        return _with_demo_provider(devmode.prepare(fresh)[0], args.demo_provider)
 
     asyncio.run(run(settings, on_ready=ready, reload=reload))
     return 0
+
+
+# The demo provider of `serve --dev --demo-provider`: one per process, kept across reloads.
+_demo: list[FakeAuthServer] = []
+
+
+def _with_demo_provider(settings: Settings, port: int | None) -> Settings:
+    if port is None:
+        return settings
+    if not _demo:
+        _demo.append(devprovider.start(port))
+    if devprovider.NAME in settings.providers:
+        raise ConfigError(
+            f"providers.{devprovider.NAME}: already configured; --demo-provider adds its own"
+        )
+    demo = devprovider.provider_settings(_demo[0])
+    return settings.model_copy(update={"providers": {**settings.providers, devprovider.NAME: demo}})
+
+
+def cmd_dev_provider(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    fake = devprovider.start(args.port)
+    print(devprovider.usage(fake), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        fake.stop()
+    return EXIT_OK
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -548,6 +588,15 @@ def parser() -> argparse.ArgumentParser:
         help="zero set-up: SQLite, key and caller token under ./.broker/, migrate on start",
     )
     serve.add_argument(
+        "--demo-provider",
+        nargs="?",
+        type=int,
+        const=devprovider.DEFAULT_PORT,
+        metavar="PORT",
+        help="with --dev: also run the local test OAuth server as provider 'demo' "
+        f"(port {devprovider.DEFAULT_PORT}); see `broker dev-provider`",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -557,6 +606,15 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
+
+    dev_provider = sub.add_parser(
+        "dev-provider",
+        help="run a local test OAuth server and print its [providers.demo] settings",
+        description="A strict OAuth 2.0 server on loopback for trying refresh, revocation and "
+        "PKCE: /authorize consents at once, /grant mints a grant, /callback shows the code.",
+    )
+    dev_provider.add_argument("--port", type=int, default=devprovider.DEFAULT_PORT)
+    dev_provider.set_defaults(func=cmd_dev_provider)
 
     keygen = sub.add_parser("keygen", help="print a new KID:BASE64KEY entry for the keyring")
     keygen.add_argument("--id", help="key id (default: time-based)")

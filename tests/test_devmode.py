@@ -59,14 +59,16 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) ->
 class DevBroker:
     """One `python -m broker serve --dev` process; stdout is collected as it arrives."""
 
-    def __init__(self, cwd: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cwd: Path, port: int, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.cwd = cwd
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.stderr_path = cwd.parent / f"broker-{port}-{time.monotonic_ns()}.log"
         self._stderr = self.stderr_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--dev"],
+            [sys.executable, "-m", "broker", "serve", "--dev", *args],
             cwd=cwd,
             env=clean_env(BROKER_LISTEN=f"127.0.0.1:{port}", **(env or {})),
             stdout=subprocess.PIPE,
@@ -420,3 +422,56 @@ async def test_an_empty_dev_token_file_is_not_an_empty_credential(
             )
     finally:
         await broker.stop(0)
+
+
+# -- the README's walk-through, with the demo provider ------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def walkthrough_script() -> str:
+    text = README.read_text()
+    start = text.index("<!-- walkthrough:")
+    end = text.index("<!-- end of walkthrough -->")
+    blocks = re.findall(r"```sh\n(.*?)```", text[start:end], re.DOTALL)
+    assert len(blocks) >= 6, "the walk-through lost its steps"
+    return "set -euo pipefail\n" + "\n".join(blocks)
+
+
+def test_the_readme_walkthrough_runs_as_written(project: Path) -> None:
+    """Every step of the README's walk-through, pasted into bash beside `make run`'s broker:
+    refresh, force_refresh, background refresh, PKCE, Disconnect with revocation, the CLI.
+    Only the two ports differ (tests must not take the fixed ones)."""
+    provider_port = free_port()
+    broker = DevBroker(project, free_port(), args=("--demo-provider", str(provider_port)))
+    try:
+        broker.wait_ready()
+        assert f"http://127.0.0.1:{provider_port}" in broker.stdout
+        script = walkthrough_script()
+        script = script.replace("127.0.0.1:50051", broker.address)
+        script = script.replace("127.0.0.1:8765", f"127.0.0.1:{provider_port}")
+        result = subprocess.run(
+            ["bash", "-c", script],
+            cwd=project,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        out = result.stdout
+        assert result.returncode == 0, f"{out}\n{result.stderr}"
+        assert out.count('"refreshed": true') == 2, out  # on demand, then forced
+        assert '"refresh_calls": 2' in out
+        carol = out.split('"user_id": "carol"')[-1]
+        assert '"last_refreshed_at"' in carol, "the background pass refreshed carol's token"
+        bob = out.split('"user_id": "bob"', 1)[1]  # CompleteAuthorization's answer
+        assert "INTEGRATION_STATUS_CONNECTED" in bob.split("}", 1)[0] or '"created": true' in bob
+        assert "REVOCATION_OUTCOME_REVOKED" in out
+        assert "INTEGRATION_DISCONNECTED" in result.stderr
+        assert "refused, as expected" in out
+        assert not re.search(r'"revoked_tokens": 0\b', out.rsplit("refused, as expected", 1)[1])
+        assert "FAIL" not in out.rsplit("\n", 12)[-1]  # broker check, last
+        assert broker.stop() == 0
+    finally:
+        broker.kill()

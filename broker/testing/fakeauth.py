@@ -32,6 +32,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -52,6 +53,7 @@ Failure = Literal[
     "no_access_token",  # 200 JSON without access_token
     "slack_error",  # 200 {"ok": false, "error": error}
 ]
+Route = Callable[[dict[str, str], dict[str, Any]], tuple[int, dict[str, Any]]]
 _ERROR_STATUS = {
     "invalid_grant": 400,
     "invalid_client": 400,
@@ -115,7 +117,9 @@ class FakeAuthServer:
         omit_refresh_token: bool = False,
         slack_style: bool = False,
         latency: float = 0.0,
+        port: int = 0,
     ) -> None:
+        self.port = port  # 0: an ephemeral one (tests); `broker dev-provider` uses a fixed one
         self.client_id = client_id
         self.client_secret = client_secret
         self.auth_methods = auth_methods
@@ -144,6 +148,9 @@ class FakeAuthServer:
         self._service_accounts: dict[str, str] = {}
         self._apps: dict[str, tuple[str, set[str]]] = {}
         self._minted: dict[str, str] = {}  # minted access token -> what minted it
+        # Extra endpoints: path -> function(query, body) -> (status, JSON body). The dev provider
+        # adds its conveniences (mint a grant, consent from a terminal, show the callback) here.
+        self.routes: dict[str, Route] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -156,7 +163,7 @@ class FakeAuthServer:
             server_fake = fake
 
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         # A short poll interval keeps stop() (and so every test's teardown) quick.
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -301,6 +308,29 @@ class FakeAuthServer:
         self.revoked.update(grant.access_tokens, grant.used_refresh_tokens)
         self.revoked.add(grant.refresh_token)
 
+    def consent(self, query: dict[str, str]) -> dict[str, str]:
+        """What /authorize sends back to the redirect_uri for these authorization request
+        parameters, as if the user had consented: ``code`` and ``state`` (or ``error``)."""
+        if query.get("client_id") != self.client_id or not query.get("redirect_uri"):
+            raise ValueError("unknown client or missing redirect_uri")
+        params = {"state": query.get("state", "")}
+        if self.deny_authorization:
+            params["error"] = "access_denied"
+            return params
+        code = _token("code")
+        with self._lock:
+            self._codes[code] = _Code(
+                client_id=self.client_id,
+                redirect_uri=query["redirect_uri"],
+                scopes=tuple(query.get("scope", "").replace(",", " ").split()),
+                challenge=query.get("code_challenge"),
+                method=query.get("code_challenge_method", "plain")
+                if "code_challenge" in query
+                else None,
+            )
+        params["code"] = code
+        return params
+
     def _take_script(self, path: str) -> _Script | None:
         for script in self._scripts:
             if script.path == path:
@@ -387,6 +417,10 @@ class _Handler(BaseHTTPRequestHandler):
             fake._sleep(script.delay)
         if (method, parts.path) == ("GET", "/authorize"):
             self._authorize(query)
+            return
+        route = fake.routes.get(parts.path)
+        if route is not None:
+            self._send(*route(query, body))
             return
         if self._github(method, parts.path):
             return
@@ -493,27 +527,12 @@ class _Handler(BaseHTTPRequestHandler):
     # -- endpoints (token and revoke run with the fake's lock held) ---------------------------
 
     def _authorize(self, query: dict[str, str]) -> None:
-        fake = self.server_fake
-        redirect_uri = query.get("redirect_uri")
-        if query.get("client_id") != fake.client_id or not redirect_uri:
-            self._send(400, raw=b"<html>unknown client or missing redirect_uri</html>")
+        try:
+            params = self.server_fake.consent(query)
+        except ValueError as exc:
+            self._send(400, raw=f"<html>{exc}</html>".encode())
             return
-        params = {"state": query.get("state", "")}
-        if fake.deny_authorization:
-            params["error"] = "access_denied"
-        else:
-            code = _token("code")
-            with fake._lock:
-                fake._codes[code] = _Code(
-                    client_id=fake.client_id,
-                    redirect_uri=redirect_uri,
-                    scopes=tuple(query.get("scope", "").replace(",", " ").split()),
-                    challenge=query.get("code_challenge"),
-                    method=query.get("code_challenge_method", "plain")
-                    if "code_challenge" in query
-                    else None,
-                )
-            params["code"] = code
+        redirect_uri = query["redirect_uri"]
         separator = "&" if "?" in redirect_uri else "?"
         location = redirect_uri + separator + urlencode(params)
         self.send_response(302)

@@ -1,0 +1,132 @@
+"""``broker dev-provider`` (and ``broker serve --dev --demo-provider``): the test authorization
+server (broker/testing/fakeauth.py) on a fixed loopback port, as a provider named ``demo``, so
+refresh, background refresh, revocation and the PKCE flow can be tried with copy-paste only.
+
+It is a strict provider: refresh tokens rotate on every use and a reused one revokes the grant.
+Besides the OAuth endpoints (/authorize consents at once and redirects with a code, /token,
+/revoke) it answers:
+
+- ``GET /grant?user_id=U&expires_in=S`` — a new grant, as the JSON body of a StoreIntegration
+  request (pipe it to ``grpcurl -d @``); the first access token lasts S seconds, refreshed ones
+  an hour;
+- ``POST /consent`` with a BeginAuthorization response as JSON body — the user's consent from a
+  terminal: answers ``{"state", "code"}``, the body of a CompleteAuthorization request;
+- ``GET /callback`` — the redirect_uri, where a browser lands after /authorize: shows the same
+  ``{"state", "code"}`` (or the error);
+- ``GET /stats`` — how many refreshes it answered and how many tokens it revoked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from broker.config import ProviderSettings
+from broker.testing.fakeauth import FakeAuthServer
+
+NAME = "demo"
+DEFAULT_PORT = 8765
+CLIENT_ID = "demo-client"
+CLIENT_SECRET = "demo-secret"
+SCOPES = ("read", "write")
+# A margin shorter than the hour a refreshed token lasts, longer than the background pass
+# (30 s): a token stored with expires_in=60 is refreshed by a call at once, or in the background.
+REFRESH_MARGIN_SECONDS = 90
+
+
+def start(port: int = DEFAULT_PORT) -> FakeAuthServer:
+    fake = FakeAuthServer(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, expires_in=3600, rotate=True, port=port
+    )
+    fake.routes["/grant"] = lambda query, _body: _grant(fake, query)
+    fake.routes["/consent"] = lambda _query, body: _consent(fake, body)
+    fake.routes["/callback"] = lambda query, _body: _callback(query)
+    fake.routes["/stats"] = lambda _query, _body: (
+        200,
+        {"refresh_calls": fake.refresh_calls, "revoked_tokens": len(fake.revoked)},
+    )
+    try:
+        return fake.start()
+    except OSError as exc:
+        from broker.errors import ConfigError
+
+        raise ConfigError(
+            f"dev provider: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
+            "pick another port with --port"
+        ) from None
+
+
+def _grant(fake: FakeAuthServer, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    scopes = tuple(query.get("scope", " ".join(SCOPES)).split())
+    try:
+        expires_in = int(query.get("expires_in", "3600"))
+    except ValueError:
+        return 400, {"error": "expires_in must be a number of seconds"}
+    access, refresh = fake.issue_grant(scopes)
+    return 200, {
+        "user_id": query.get("user_id", "alice"),
+        "provider": query.get("provider", NAME),
+        "access_token": access,
+        "refresh_token": refresh,
+        "expires_in_seconds": expires_in,
+        "scopes": list(scopes),
+    }
+
+
+def _consent(fake: FakeAuthServer, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    url = body.get("authorization_url") or body.get("authorizationUrl")
+    if not isinstance(url, str):
+        return 400, {"error": "send the BeginAuthorization response (its authorization_url)"}
+    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    try:
+        return 200, _callback(fake.consent(query))[1]
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+
+
+def _callback(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    keep = ("state", "code", "error", "error_description")
+    return 200, {name: query[name] for name in keep if name in query}
+
+
+def provider_settings(fake: FakeAuthServer) -> ProviderSettings:
+    return ProviderSettings.model_validate(_fields(fake))
+
+
+def _fields(fake: FakeAuthServer) -> dict[str, Any]:
+    return {
+        "authorization_url": fake.authorization_url,
+        "token_url": fake.token_url,
+        "revocation_url": fake.revocation_url,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "redirect_uris": [fake.url + "/callback"],
+        "scopes": list(SCOPES),
+        "rotates_refresh_tokens": True,
+        "refresh_margin_seconds": REFRESH_MARGIN_SECONDS,
+        "pkce": True,
+    }
+
+
+def provider_toml(fake: FakeAuthServer, name: str = NAME) -> str:
+    import json
+
+    lines = [f"[providers.{name}]"]
+    for key, value in _fields(fake).items():
+        lines.append(f"{key} = {json.dumps(value).lower() if value is True else json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def helpers(fake: FakeAuthServer) -> str:
+    return f"""Provider {NAME!r}: a strict OAuth server (rotating refresh tokens) on {fake.url}
+  mint a grant (a StoreIntegration request body):  curl -s '{fake.url}/grant?user_id=alice'
+  consent (BeginAuthorization's answer on stdin):  curl -s --json @- {fake.url}/consent
+  refreshes answered, tokens revoked:              curl -s {fake.url}/stats
+"""
+
+
+def usage(fake: FakeAuthServer) -> str:
+    return f"""Paste into your broker's TOML file (or run `broker serve --dev --demo-provider`):
+
+{provider_toml(fake)}
+{helpers(fake)}"""
