@@ -121,7 +121,7 @@ def cmd_dev_provider(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    fake = devprovider.start(args.port)
+    fake = devprovider.start(args.port, args.host)
     print(devprovider.usage(fake), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -614,6 +614,11 @@ def parser() -> argparse.ArgumentParser:
         "PKCE: /authorize consents at once, /grant mints a grant, /callback shows the code.",
     )
     dev_provider.add_argument("--port", type=int, default=devprovider.DEFAULT_PORT)
+    dev_provider.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 in a container; the broker reaches it on loopback)",
+    )
     dev_provider.set_defaults(func=cmd_dev_provider)
 
     keygen = sub.add_parser("keygen", help="print a new KID:BASE64KEY entry for the keyring")

@@ -34,9 +34,14 @@ SCOPES = ("read", "write")
 REFRESH_MARGIN_SECONDS = 90
 
 
-def start(port: int = DEFAULT_PORT) -> FakeAuthServer:
+def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> FakeAuthServer:
     fake = FakeAuthServer(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, expires_in=3600, rotate=True, port=port
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        expires_in=3600,
+        rotate=True,
+        port=port,
+        host=host,
     )
     fake.routes["/grant"] = lambda query, _body: _grant(fake, query)
     fake.routes["/consent"] = lambda _query, body: _consent(fake, body)
@@ -51,7 +56,7 @@ def start(port: int = DEFAULT_PORT) -> FakeAuthServer:
         from broker.errors import ConfigError
 
         raise ConfigError(
-            f"dev provider: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
+            f"dev provider: cannot listen on {host}:{port} ({exc.strerror}); "
             "pick another port with --port"
         ) from None
 

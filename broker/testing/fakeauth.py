@@ -118,8 +118,10 @@ class FakeAuthServer:
         slack_style: bool = False,
         latency: float = 0.0,
         port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.port = port  # 0: an ephemeral one (tests); `broker dev-provider` uses a fixed one
+        self.host = host
         self.client_id = client_id
         self.client_secret = client_secret
         self.auth_methods = auth_methods
@@ -163,7 +165,7 @@ class FakeAuthServer:
             server_fake = fake
 
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", self.port), Handler)
+        self._server = _Server((self.host, self.port), Handler)
         # A short poll interval keeps stop() (and so every test's teardown) quick.
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -188,6 +190,8 @@ class FakeAuthServer:
     def url(self) -> str:
         assert self._server is not None, "FakeAuthServer is not started"
         host, port = self._server.server_address[:2]
+        if host == "0.0.0.0":  # noqa: S104 - listening everywhere; loopback reaches it here
+            host = "127.0.0.1"
         return f"http://{host!s}:{port}"
 
     @property
