@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -376,3 +377,26 @@ def test_health_exits_1_when_nothing_answers() -> None:
     assert result.returncode == 1
     assert "no answer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- product text names no issue numbers and no document that is not in the repository ----------
+
+ROOT = Path(__file__).resolve().parent.parent
+_UNSHIPPED = re.compile(r"\bissue\s*#?\d|DESIGN|§|context/")
+
+
+def test_bench_help_and_report_name_only_shipped_documents(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from broker.bench.report import targets_text
+
+    texts = []
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        texts.append(capsys.readouterr().out)
+    texts.append(targets_text([{"target": "x", "value": 1.0, "limit": 2.0, "met": True}]))
+    for text in texts:
+        assert not _UNSHIPPED.search(text), text
+        for document in re.findall(r"[\w/.-]+\.md\b", text):
+            assert (ROOT / document).is_file(), document

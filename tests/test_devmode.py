@@ -475,3 +475,74 @@ def test_the_readme_walkthrough_runs_as_written(project: Path) -> None:
         assert broker.stop() == 0
     finally:
         broker.kill()
+
+
+def test_dev_provider_command_prints_its_settings_and_serves(tmp_path: Path) -> None:
+    import tomllib
+
+    import httpx
+
+    from broker.config import ProviderSettings
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "dev-provider", "--port", str(port)],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        while not any(line.startswith("  refreshes answered") for line in lines):
+            line = process.stdout.readline()
+            assert line, (
+                f"dev-provider exited early: {process.stderr.read() if process.stderr else ''}"
+            )
+            lines.append(line)
+        printed = "".join(lines)
+        section = printed[printed.index("[providers.demo]") :].split("\n\n", 1)[0]
+        demo = tomllib.loads(section)["providers"]["demo"]
+        settings = ProviderSettings.model_validate(demo)
+        assert settings.token_url == f"http://127.0.0.1:{port}/token"
+        base = f"http://127.0.0.1:{port}"
+        grant = httpx.get(f"{base}/grant?user_id=zoe&expires_in=30", timeout=10).json()
+        assert grant["user_id"] == "zoe"
+        assert grant["provider"] == "demo"
+        assert grant["expires_in_seconds"] == 30
+        assert grant["refresh_token"].startswith("rt-")
+        # Consent from a terminal: a BeginAuthorization answer in, the callback's fields out.
+        url = (
+            f"{base}/authorize?client_id=demo-client&state=s1&redirect_uri="
+            f"{base}/callback&code_challenge=abc&code_challenge_method=S256"
+        )
+        consent = httpx.post(f"{base}/consent", json={"authorization_url": url}, timeout=10).json()
+        assert consent["state"] == "s1"
+        assert consent["code"].startswith("code-")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_dev_provider_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "dev-provider", "--port", str(port)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"broker: dev provider: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "pick another port with --port"
+    ]

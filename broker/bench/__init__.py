@@ -1,3 +1,3 @@
 """``broker bench``: GetAccessToken measured against the gRPC echo floor and an in-process
-"no broker" loop (DESIGN §9, issue 7). Entry points: ``broker.bench.cli.register`` (adds the
+"no broker" loop. Entry points: ``broker.bench.cli.register`` (adds the
 subcommand to ``broker``) and ``python -m broker.bench``; method in docs/benchmarks.md."""

@@ -1,4 +1,4 @@
-"""``broker bench``: the performance run of DESIGN §9 / issue 7 (``make bench``).
+"""``broker bench``: the performance run (``make bench``; method in docs/benchmarks.md).
 
     broker bench --standard --json bench.json       # every scenario, standard settings
     broker bench --scenario echo --scenario pg-hot  # a subset (groups: sqlite, pg, scale, …)
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench`` to the ``broker`` command's subparsers."""
     bench = subparsers.add_parser(
-        "bench", help="benchmark GetAccessToken against the gRPC echo floor (DESIGN §9)"
+        "bench", help="benchmark GetAccessToken against the gRPC echo floor (docs/benchmarks.md)"
     )
     add_arguments(bench)
     bench.set_defaults(func=run)
@@ -148,7 +148,7 @@ def _terminate_as_interrupt() -> signal._HANDLER:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m broker.bench",
-        description="Benchmark GetAccessToken against the gRPC echo floor (DESIGN §9).",
+        description="Benchmark GetAccessToken against the gRPC echo floor; the method is in docs/benchmarks.md, the results in the README (Benchmarks).",
     )
     add_arguments(p)
     return p

@@ -1,4 +1,4 @@
-"""Results: the machine, one record per scenario, ratios to the floor, the issue's targets;
+"""Results: the machine, one record per scenario, ratios to the floor, the performance targets;
 printed as an aligned plain-text table and written as JSON."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def add_ratios(results: Sequence[ScenarioResult]) -> None:
 
 
 def targets(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
-    """The issue's targets that this run can judge: (target, value, limit, met)."""
+    """The performance targets that this run can judge: (target, value, limit, met)."""
     by_name = {r.name: r for r in results if r.failed is None}
     out: list[dict[str, Any]] = []
 
@@ -273,7 +273,7 @@ def targets_text(checks: Iterable[dict[str, Any]]) -> str:
     for c in checks:
         mark = "met    " if c["met"] else "NOT MET"
         lines.append(f"  [{mark}] {c['target']}: {c['value']:,.2f} (limit {c['limit']:g})")
-    return "targets (issue 7):\n" + "\n".join(lines) if lines else ""
+    return "targets:\n" + "\n".join(lines) if lines else ""
 
 
 def write_json(
