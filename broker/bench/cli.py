@@ -148,7 +148,8 @@ def _terminate_as_interrupt() -> signal._HANDLER:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m broker.bench",
-        description="Benchmark GetAccessToken against the gRPC echo floor; the method is in docs/benchmarks.md, the results in the README (Benchmarks).",
+        description="Benchmark GetAccessToken against the gRPC echo floor; the method is in "
+        "docs/benchmarks.md, the results in the README (Benchmarks).",
     )
     add_arguments(p)
     return p
