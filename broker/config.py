@@ -42,6 +42,13 @@ METHODS = (
 )
 
 
+def _host_port(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, e.g. {example}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,10 +70,7 @@ class ServerSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051")
-        return value
+        return _host_port(value, "127.0.0.1:50051")
 
     @field_validator("environment")
     @classmethod
@@ -218,6 +222,11 @@ class AuditSettings(_Section):
 class MetricsSettings(_Section):
     # HOST:PORT for the Prometheus endpoint; off when unset.
     listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value, "127.0.0.1:9464")
 
 
 class LoggingSettings(_Section):

@@ -98,6 +98,7 @@ def test_defaults_without_file_or_environment() -> None:
         ({"BROKER_SERVER__SHUTDOWN_GRACE_SECONDS": "soon"}, "", "server.shutdown_grace_seconds"),
         ({"BROKER_REFRESH__MAX_ATTEMPTS": "0"}, "", "refresh.max_attempts"),
         ({"BROKER_LOG_LEVEL": "LOUD"}, "", "logging.level"),
+        ({"BROKER_METRICS_LISTEN": "bad"}, "", "metrics.listen"),
         ({"BROKER_SERVER__NO_SUCH_KEY": "1"}, "", "server.no_such_key"),
         ({}, '[callers.x]\ntoken_sha256 = "abc"\n', "callers.x.token_sha256"),
         ({}, '[callers.x]\nmethods = ["DropTables"]\n', "callers.x.methods"),
