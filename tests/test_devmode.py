@@ -214,6 +214,19 @@ def test_dev_mode_starts_in_an_empty_directory_and_keeps_its_data(
     assert second.stop(signal.SIGINT) == 0
 
 
+def bash(script: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``script`` pasted into a shell, stopping at the first failing command."""
+    return subprocess.run(
+        ["bash", "-ec", script],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def banner_script(banner: str) -> str:
     """The shell lines under "Try it", as a newcomer pastes them into another terminal."""
     return banner.split("Try it", 1)[1].split("\n", 1)[1]
@@ -223,16 +236,7 @@ def test_banner_examples_work_as_pasted(launch: Callable[[], DevBroker], tmp_pat
     broker = launch()
     script = banner_script(broker.stdout)
     assert script.count("grpcurl ") == 3, broker.stdout
-    # Anywhere, not only in the broker's directory; `set -x` shows each command's output below it.
-    result = subprocess.run(
-        ["bash", "-ec", script],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = bash(script, cwd=tmp_path)  # anywhere, not only in the broker's directory
     assert result.returncode == 0, f"{script}\n{result.stderr}"
     assert "credentialbroker.v1.CredentialBroker" in result.stdout
     assert '"created": true' in result.stdout
@@ -450,15 +454,7 @@ def test_the_readme_walkthrough_runs_as_written(project: Path) -> None:
         script = walkthrough_script()
         script = script.replace("127.0.0.1:50051", broker.address)
         script = script.replace("127.0.0.1:8765", f"127.0.0.1:{provider_port}")
-        result = subprocess.run(
-            ["bash", "-c", script],
-            cwd=project,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        result = bash(script, cwd=project, timeout=180)
         out = result.stdout
         assert result.returncode == 0, f"{out}\n{result.stderr}"
         assert out.count('"refreshed": true') == 2, out  # on demand, then forced
