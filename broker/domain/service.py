@@ -186,12 +186,34 @@ def _encode_page_token(last: Integration) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[datetime, str]:
+    problem = "is not a token this broker issued"
+    if len(token) > _MAX_PAGE_TOKEN:
+        raise InvalidArgument("page_token", problem)
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, last_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(last_id)
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidArgument("page_token", "is not a token this broker issued") from None
+        created_text, last_id = json.loads(raw)
+        if not isinstance(created_text, str) or not isinstance(last_id, str):
+            raise ValueError("wrong types")
+        parsed = datetime.fromisoformat(created_text)
+        if parsed.tzinfo is None:
+            raise ValueError("naive date")
+        created = parsed.astimezone(UTC)
+    # RecursionError: a forged token of deeply nested JSON; OverflowError: a date whose
+    # conversion to UTC leaves datetime's range.
+    except (binascii.Error, ValueError, TypeError, RecursionError, OverflowError):
+        raise InvalidArgument("page_token", problem) from None
+    # Tokens hold created_at of a stored row; a date at the ends of datetime's range cannot
+    # be one, and PostgreSQL could not take it as a parameter anyway.
+    if not _OLDEST <= created <= _NEWEST:
+        raise InvalidArgument("page_token", problem)
+    validation.text("page_token", last_id, validation.MAX_ID, required=False)
+    return created, last_id
+
+
+# A token is base64 of a short JSON list; anything much longer was not issued here.
+_MAX_PAGE_TOKEN = 1024
+_OLDEST = datetime(1970, 1, 1, tzinfo=UTC)
+_NEWEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class IntegrationService:

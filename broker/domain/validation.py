@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker.domain.model import Selector
@@ -96,10 +96,19 @@ def expiry(
     if expires_in_seconds is not None:
         if expires_in_seconds < 0:
             raise InvalidArgument("expires_in_seconds", "must not be negative")
-        if expires_in_seconds > 10 * 365 * 86400:
+        if expires_in_seconds > MAX_EXPIRY.total_seconds():
             raise InvalidArgument("expires_in_seconds", "must be at most ten years")
         return now + timedelta(seconds=expires_in_seconds)
+    if expires_at is not None and not EARLIEST_EXPIRY <= expires_at < LATEST_EXPIRY:
+        # The far ends of the Timestamp range would overflow the refresh arithmetic (expiry
+        # minus margin) and mean nothing for an access token.
+        raise InvalidArgument("expires_at", "must be between the years 1970 and 9000")
     return expires_at
+
+
+EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC)
+MAX_EXPIRY = timedelta(days=10 * 365)
 
 
 def duration(field: str, value: timedelta) -> timedelta:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.domain.model import Credential, Integration, Kind, Revocation, Selector, Status
@@ -46,6 +46,15 @@ def from_timestamp(field: str, ts: timestamp_pb2.Timestamp) -> datetime:
         return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument(field, "is not a valid timestamp") from None
+
+
+def from_duration(field: str, value: duration_pb2.Duration) -> timedelta:
+    """A Duration as a timedelta; seconds beyond what timedelta holds (about 2.7 million
+    years) are bad input, not a bug."""
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid duration") from None
 
 
 def struct_to_dict(field: str, value: struct_pb2.Struct) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from broker import metrics
 from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller, current_call
 from broker.errors import BrokerError
+from broker.server import decoding
 from broker.server.callers import CallerRegistry
 from broker.server.status import to_status
 
@@ -69,14 +70,15 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         method: str = handler_call_details.method
-        if method.startswith(_OPEN):
-            return await continuation(handler_call_details)
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
-            wrapped = self._guard(handler, method)
+            if method.startswith(_OPEN):
+                wrapped = decoding.guard(handler)
+            else:
+                wrapped = self._guard(handler, method)
             self._wrapped[method] = wrapped
         return wrapped
 
@@ -119,6 +121,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         }
         if not method.startswith(SERVICE_PREFIX):
             return self._guard_other(handler, kwargs)
+        kwargs["request_deserializer"] = decoding.tolerant(handler.request_deserializer)
         name = method[len(SERVICE_PREFIX) :]
         behaviour = handler.unary_unary
         if self.auditor is not None:
@@ -144,6 +147,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             call = Call(caller, name, self._request_id(context))
             current_call.set(call)
             try:
+                if isinstance(request, decoding.Undecodable):
+                    await decoding.reject(request, name, context)
                 response = await behaviour(request, context)
             except BaseException:
                 # The status has already gone to the client (abort sends it): log first, then

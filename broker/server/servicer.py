@@ -96,7 +96,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.GetAccessTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetAccessTokenResponse:
         min_valid = (
-            request.min_valid_for.ToTimedelta()
+            convert.from_duration("min_valid_for", request.min_valid_for)
             if request.HasField("min_valid_for")
             else timedelta(0)
         )

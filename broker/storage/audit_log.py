@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broker.storage.engine import raw_driver
 from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
@@ -81,9 +82,7 @@ class EngineSink:
         self.engine = engine
 
     async def write(self, rows: list[tuple[Any, ...]]) -> None:
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
+        async with self.engine.connect() as conn, raw_driver(conn) as driver:
             if conn.dialect.name == "postgresql":
                 await driver.copy_records_to_table("audit_events", records=rows, columns=COLUMNS)
                 return

@@ -37,7 +37,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.pool_size,
@@ -51,6 +51,8 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
             "server_settings": {"application_name": "credential-broker"},
         },
     )
+    event.listen(engine.sync_engine, "handle_error", _drop_broken_connection)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -62,6 +64,48 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def connection_broken(exc: BaseException) -> bool:
+    """True when asyncpg raised something after which its connection cannot be trusted: the
+    server ended the session (``pg_terminate_backend``, shutdown), the socket died, or the
+    protocol was left mid-operation ("cannot switch to state ..."). Bad values
+    (``asyncpg.DataError``) and ordinary statement errors leave the connection usable."""
+    if isinstance(exc, asyncpg.DataError | asyncpg.ClientConfigurationError):
+        return False
+    return isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        # AdminShutdownError (pg_terminate_backend), CrashShutdownError, CannotConnectNow.
+        | asyncpg.exceptions.OperatorInterventionError
+        | OSError
+        | ConnectionError
+        | asyncio.TimeoutError,
+    )
+
+
+def _driver_error(exc: BaseException) -> BaseException | None:
+    """The asyncpg exception behind SQLAlchemy's wrapper (``orig`` chains to it)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None or isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
+            return seen
+        if isinstance(seen, asyncpg.InternalClientError):
+            return seen
+        orig: BaseException | None = getattr(seen, "orig", None)
+        seen = orig or seen.__cause__
+    return None
+
+
+def _drop_broken_connection(context: Any) -> None:
+    """SQLAlchemy asks asyncpg only whether the socket is closed; a connection whose protocol
+    was left mid-operation is still "open" but fails every later statement. Count it as a
+    disconnect so SQLAlchemy drops it and the next call gets a fresh one."""
+    driver = _driver_error(context.original_exception)
+    if driver is not None and connection_broken(driver):
+        context.is_disconnect = True
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when an exception means "the database cannot be reached", not "bad data"."""
     if isinstance(exc, IntegrityError):
@@ -69,11 +113,30 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
     if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated)
-    # Raised by asyncpg itself on the raw hot-read path, where SQLAlchemy does not wrap them.
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
-        return True
-    return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
+        if exc.connection_invalidated:
+            return True
+        driver = _driver_error(exc)
+        return driver is not None and connection_broken(driver)
+    # Raised by asyncpg itself on the raw paths (hot read, audit COPY), unwrapped.
+    return connection_broken(exc)
+
+
+@asynccontextmanager
+async def raw_driver(conn: AsyncConnection) -> AsyncIterator[Any]:
+    """The driver connection under ``conn``, for the raw hot paths (asyncpg, aiosqlite).
+
+    SQLAlchemy does not see what fails in here, so a failure that leaves the connection
+    unusable drops it from the pool here; otherwise the next call would inherit it. A
+    cancelled call (the caller's deadline) can leave asyncpg's protocol mid-operation too:
+    the next user would get "cannot switch to state ...; another operation is in progress".
+    """
+    raw = await conn.get_raw_connection()
+    try:
+        yield raw.driver_connection
+    except BaseException as exc:
+        if is_unavailable(exc) or not isinstance(exc, Exception):
+            await asyncio.shield(conn.invalidate())
+        raise
 
 
 Invalidate = Callable[[str, str, str], None]

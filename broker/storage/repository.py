@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.domain.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import is_unavailable, touch
+from broker.storage.engine import raw_driver, touch
 from broker.storage.tables import integrations as t
 
 _COLUMNS = (
@@ -104,14 +104,8 @@ async def read(conn: AsyncConnection, integration_id: str) -> StoredIntegration 
     """``get`` for the hot read path, outside any transaction."""
     if conn.dialect.name != "postgresql":
         return await get(conn, integration_id)
-    raw = await conn.get_raw_connection()
-    try:
-        record = await raw.driver_connection.fetchrow(_PG_GET, integration_id)  # type: ignore[union-attr]
-    except Exception as exc:
-        if is_unavailable(exc):
-            # SQLAlchemy did not see this failure: drop the connection from the pool ourselves.
-            await conn.invalidate()
-        raise
+    async with raw_driver(conn) as driver:
+        record = await driver.fetchrow(_PG_GET, integration_id)
     if record is None:
         return None
     values = dict(record)

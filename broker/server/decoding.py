@@ -1,0 +1,116 @@
+"""Request bodies that do not decode: INVALID_ARGUMENT, one rate-limited log line, no traceback.
+
+grpc.aio calls a method's ``request_deserializer`` before any interceptor code runs; if it
+raises (garbage bytes, invalid UTF-8 in a string field, a truncated message, nesting past
+protobuf's recursion limit), gRPC answers UNKNOWN with the exception text and logs a traceback
+for every such request — before authentication, so anyone could fill the log. ``tolerant``
+wraps the deserializer so a failure becomes an ``Undecodable`` value instead; the interceptor
+authenticates the call as usual and then ``reject``s it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import grpc
+
+from broker.server.status import plain_status
+
+log = logging.getLogger("broker.server")
+
+# At most one log line per interval, however many undecodable requests arrive.
+LOG_INTERVAL_SECONDS = 60.0
+
+
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, RecursionError, UnicodeDecodeError, ...
+            # The exception text can quote the input; only its class is kept.
+            return Undecodable(type(exc).__name__)
+
+    return decode
+
+
+class _RateLimitedLog:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def note(self, method: str, problem: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        log.warning(
+            "undecodable request body for %s (%s); answered INVALID_ARGUMENT "
+            "(%d more since the last such line)",
+            method,
+            problem,
+            self.suppressed,
+        )
+        self.suppressed = 0
+        self.next_at = now + self.interval
+
+
+_log = _RateLimitedLog(LOG_INTERVAL_SECONDS)
+
+
+async def reject(
+    request: Undecodable, method: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    """Abort the call with INVALID_ARGUMENT (reason INVALID_ARGUMENT)."""
+    _log.note(method, request.problem)
+    await cast(Any, context).abort_with_status(
+        plain_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body is not a valid {method} request message",
+            reason="INVALID_ARGUMENT",
+        )
+    )
+
+
+def guard(handler: Any) -> Any:
+    """The same unary-request handler, rejecting undecodable bodies before it runs (for the
+    open services, health, which have no authentication step to wait for)."""
+    if handler is None or handler.request_streaming:
+        return handler
+    kwargs = {
+        "request_deserializer": tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.response_streaming:
+        streaming = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Undecodable):
+                await reject(request, "health", context)
+            async for response in streaming(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    behaviour = handler.unary_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await reject(request, "health", context)
+        return await behaviour(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
