@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
 from broker.domain.context import Call
@@ -128,6 +128,16 @@ class Auditor:
                     await self._arrived.wait()
             except TimeoutError:
                 return
+
+    async def stage(self, call: Call, conn: AsyncConnection) -> None:
+        """Write the success event of a mutation inside its own transaction (see
+        ``context.audit_in``); AuditUnavailable, and so a rollback, if it cannot be."""
+        try:
+            await audit_log.insert_event(conn, self.event(call, "OK"))
+        except Exception as exc:
+            log.error("audit event could not be written (%s)", type(exc).__name__)
+            raise AuditUnavailable(_UNAVAILABLE) from None
+        metrics.AUDIT_BATCH.observe(1)
 
     async def _drain(self) -> None:
         try:

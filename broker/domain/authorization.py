@@ -186,6 +186,7 @@ class AuthorizationService:
             values["key_id"] = self.cipher.keyring.primary_id
         async with storage_errors(), self.engine.begin() as conn:
             await flows.insert_flow(conn, values)
+            await context.audit_in(conn)
         log.debug("authorization flow started for provider %s", profile.name)
         return BeginResult(authorization_url=url, state=state, expires_at=expires_at)
 

@@ -9,7 +9,9 @@ applies and nothing is noted.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.domain.model import Integration
 from broker.errors import PermissionDenied
@@ -40,6 +42,10 @@ class Call:
     extra: dict[str, str] = field(default_factory=dict)
     # The kind of credential the call reached (api_key, authorization_code, ...).
     credential_type: str | None = None
+    # Writes this call's success event on a given connection (set by the interceptor when
+    # auditing is on); ``audited`` once a mutation has done so inside its transaction.
+    journal: Callable[[Any], Awaitable[None]] | None = None
+    audited: bool = False
 
     def note(self, integration: Integration) -> None:
         self.integration_id = integration.id
@@ -63,6 +69,17 @@ def note_request(integration_id: str, user_id: str, provider: str) -> None:
     if call is not None:
         call.integration_id = integration_id or call.integration_id
         call.note_owner(user_id, provider or None)
+
+
+async def audit_in(conn: Any) -> None:
+    """Write the current call's audit event in the transaction of ``conn``, the one that
+    makes the call's change: the change and its event commit together or not at all, so a
+    call that fails (audit store down included) has written nothing. Called by every
+    mutation as the last statement of its transaction; a retried transaction writes again."""
+    call = current_call.get()
+    if call is not None and call.journal is not None:
+        await call.journal(conn)
+        call.audited = True
 
 
 def note(integration: Integration) -> None:

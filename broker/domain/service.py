@@ -485,6 +485,7 @@ class IntegrationService:
         stored = await repository.get(conn, iid)
         assert stored is not None
         context.note(stored.integration)
+        await context.audit_in(conn)
         return stored.integration, created
 
     def _secret_values(self, iid: str, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
@@ -584,6 +585,7 @@ class IntegrationService:
             if current is None:
                 raise IntegrationNotFound(f"no integration with id {iid!r}")
             await repository.update_row(conn, iid, current.integration.version, values)
+            await context.audit_in(conn)
         if not revoke:
             outcome = Revocation.SKIPPED if skip_revocation else Revocation.NOT_SUPPORTED
             if outcome is Revocation.NOT_SUPPORTED:

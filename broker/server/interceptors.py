@@ -8,6 +8,7 @@ mapped to a configured caller) or from ``authorization: Bearer <token>``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -145,6 +146,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                     f"caller {caller.name!r} may not call {name}",
                 )
             call = Call(caller, name, self._request_id(context))
+            if self.auditor is not None:
+                call.journal = functools.partial(self.auditor.stage, call)
             current_call.set(call)
             try:
                 if isinstance(request, decoding.Undecodable):
@@ -157,7 +160,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 self._access(caller, name, code, started, call)
                 await self._audit_failure(call, code)
                 raise
-            if self.auditor is not None:
+            # A mutation's event was committed with its change (context.audit_in).
+            if self.auditor is not None and not call.audited:
                 try:
                     await self.auditor.record(call, "OK")
                 except Exception as exc:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,6 +65,11 @@ _SQLITE_INSERT = (
 )
 # SQLAlchemy's storage format for DateTime on SQLite (naive UTC), so its reads parse our rows.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+async def insert_event(conn: AsyncConnection, row: tuple[Any, ...]) -> None:
+    """One event (in ``COLUMNS`` order) inside the caller's transaction."""
+    await conn.execute(insert(t).values(dict(zip(COLUMNS, row, strict=True))))
 
 
 class EventSink(Protocol):

@@ -7,7 +7,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from sqlalchemy import event, text
@@ -88,10 +88,12 @@ def _driver_error(exc: BaseException) -> BaseException | None:
     """The asyncpg exception behind SQLAlchemy's wrapper (``orig`` chains to it)."""
     seen: BaseException | None = exc
     for _ in range(4):
-        if seen is None or isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
-            return seen
-        if isinstance(seen, asyncpg.InternalClientError):
-            return seen
+        if seen is None:
+            return None
+        if isinstance(
+            seen, asyncpg.PostgresError | asyncpg.InterfaceError | asyncpg.InternalClientError
+        ):
+            return cast(BaseException, seen)
         orig: BaseException | None = getattr(seen, "orig", None)
         seen = orig or seen.__cause__
     return None
