@@ -21,7 +21,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker
-from broker.storage.tables import audit_events
+from broker.storage.tables import audit_events, integrations
 from tests.conftest import (
     ADMIN,
     ADMIN_TOKEN,
@@ -347,3 +347,59 @@ async def test_failure_events_are_best_effort(
         )
     finally:
         await audit_table.restore()
+
+
+async def integration_rows(broker: Broker) -> list[Any]:
+    async with broker.engine.connect() as conn:
+        return list((await conn.execute(select(integrations))).all())
+
+
+async def test_mutation_whose_event_cannot_be_written_writes_nothing(
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, audit_table: AuditTable
+) -> None:
+    """The event of a mutation goes in the mutation's transaction: UNAVAILABLE means neither
+    the change nor the event was committed."""
+    kept = await stub.StoreIntegration(store_request(user_id="kept"), metadata=ADMIN)
+    before = await integration_rows(broker)
+    await audit_table.hide()
+    try:
+        await expect_error(
+            stub.StoreIntegration(store_request(user_id="new-user"), metadata=ADMIN),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        # An update of an existing integration is rolled back too.
+        await expect_error(
+            stub.StoreIntegration(
+                store_request(user_id="kept", scopes=["changed"]), metadata=ADMIN
+            ),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        await expect_error(
+            stub.Disconnect(
+                pb.DisconnectRequest(
+                    integration_id=kept.integration.id, skip_provider_revocation=True
+                ),
+                metadata=ADMIN,
+            ),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        assert await integration_rows(broker) == before
+    finally:
+        await audit_table.restore()
+    # Once the audit store is back, the same calls succeed and each leaves one event.
+    stored = await stub.StoreIntegration(
+        store_request(user_id="new-user"), metadata=with_id(ADMIN, "req-store")
+    )
+    done = await stub.Disconnect(
+        pb.DisconnectRequest(integration_id=kept.integration.id, skip_provider_revocation=True),
+        metadata=with_id(ADMIN, "req-disconnect"),
+    )
+    assert done.integration.status == pb.INTEGRATION_STATUS_DISCONNECTED
+    rows = await by_request_id(broker)
+    assert rows["req-store"].integration_id == stored.integration.id
+    assert rows["req-store"].outcome == "OK"
+    assert rows["req-disconnect"].integration_id == kept.integration.id
+    assert rows["req-disconnect"].method == "Disconnect"

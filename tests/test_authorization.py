@@ -24,9 +24,10 @@ from broker.domain.authorization import VERIFIER_COLUMN
 from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows
-from broker.storage.tables import oauth_flows
+from broker.storage.tables import integrations, oauth_flows
 from tests.conftest import ADMIN, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
+from tests.test_audit import AuditTable
 
 Code = grpc.StatusCode
 CALLBACK = "https://app.example.test/callback"
@@ -539,3 +540,34 @@ async def test_consume_waits_for_and_loses_to_an_uncommitted_consume(
         assert not second.done()
         await first.commit()
     assert await second is False
+
+
+async def test_begin_and_complete_write_nothing_when_their_event_cannot_be(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    broker: Broker,
+    database_url: str,
+    fake: FakeAuthServer,
+) -> None:
+    """The audit store failing: BeginAuthorization stores no flow, CompleteAuthorization no
+    integration; both answer UNAVAILABLE."""
+    audit = AuditTable(database_url)
+    started = await begin(stub)
+    callback = await consent(started.authorization_url)
+    flows_before = await flow_rows(broker)
+    await audit.hide()
+    try:
+        await expect_error(begin(stub, user_id="user-2"), Code.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+        assert len(await flow_rows(broker)) == len(flows_before)
+        await expect_error(
+            complete(stub, state=callback["state"], code=callback["code"]),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        async with broker.engine.connect() as conn:
+            assert (await conn.execute(select(integrations))).all() == []
+    finally:
+        await audit.restore()
+    again = await begin(stub)
+    callback = await consent(again.authorization_url)
+    done = await complete(stub, state=callback["state"], code=callback["code"])
+    assert done.created
