@@ -136,6 +136,7 @@ def _scalar(field: FD) -> st.SearchStrategy[Any]:
         return st.binary(max_size=64)
     if kind == FD.TYPE_ENUM:
         # proto3 enums are open: any int32 travels.
+        assert field.enum_type is not None
         numbers = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(numbers), st.integers(-(2**31), 2**31 - 1))
     raise AssertionError(f"no strategy for {field.full_name}")
@@ -202,15 +203,16 @@ def _field(field: FD, depth: int) -> st.SearchStrategy[Any] | None:
     if field.type == FD.TYPE_MESSAGE:
         if depth >= 3:
             return None
-        if field.message_type.GetOptions().map_entry:
-            value = field.message_type.fields_by_name["value"]
+        sub = _submessage(field)
+        if sub.GetOptions().map_entry:
+            value = sub.fields_by_name["value"]
             inner = _field(value, depth + 1)
             if inner is None:
                 return None
             return st.dictionaries(
                 st.one_of(st.text(max_size=8), st.just("\x00")), inner, max_size=3
             )
-        single = _special(field.message_type) or messages(field.message_type, depth + 1)
+        single = _special(sub) or messages(sub, depth + 1)
     else:
         single = _scalar(field)
     if field.is_repeated:
@@ -232,6 +234,11 @@ def _special(descriptor: pb_descriptor.Descriptor) -> st.SearchStrategy[Any] | N
     return st.builds(lambda s, n: cls(seconds=s, nanos=n), seconds, nanos)
 
 
+def _submessage(field: FD) -> pb_descriptor.Descriptor:
+    assert field.message_type is not None
+    return field.message_type
+
+
 def _message_class(descriptor: pb_descriptor.Descriptor) -> Any:
     from google.protobuf import message_factory
 
@@ -240,7 +247,7 @@ def _message_class(descriptor: pb_descriptor.Descriptor) -> Any:
 
 def _assign(message: Any, field: FD, value: Any) -> None:
     target = getattr(message, field.name)
-    if field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+    if field.type == FD.TYPE_MESSAGE and _submessage(field).GetOptions().map_entry:
         for key, item in value.items():
             if isinstance(item, pb_message.Message):
                 target[key].CopyFrom(item)
@@ -433,7 +440,7 @@ def fuzz_values(
 
 def fuzz_raw(channel: grpc.Channel, method: pb_descriptor.MethodDescriptor, tally: Tally) -> None:
     # No serializer: the bytes go to the server as they are.
-    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}")
+    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}", None, None)
 
     @settings(FUZZ, max_examples=RAW_EXAMPLES)
     @given(body=bodies(), credentials=st.sampled_from(CREDENTIALS))
@@ -449,7 +456,7 @@ def test_strategies_reach_the_extremes() -> None:
     """The value strategy can produce what the bugs were made of (a guard against a strategy
     that silently stops generating them)."""
     field = pb.GetAccessTokenRequest.DESCRIPTOR.fields_by_name["min_valid_for"]
-    special = _special(field.message_type)
+    special = _special(_submessage(field))
     assert special is not None
     seen: list[int] = []
 
