@@ -12,7 +12,13 @@ from typing import Any, cast
 import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -114,6 +120,9 @@ def is_unavailable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
+    if isinstance(exc, PendingRollbackError):
+        # Using a connection whose transaction died with it: unavailable if that is why.
+        return exc.__context__ is not None and is_unavailable(exc.__context__)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
@@ -154,11 +163,14 @@ async def write_transaction(
     notifications only at commit, so nobody hears of a write that rolled back)."""
     touched: list[tuple[str, str, str]] = []
     async with storage_errors(), engine.begin() as conn:
-        conn.info["touched"] = touched
+        # Kept by reference: once the connection is lost mid-transaction, ``conn.info`` would
+        # try to reconnect and raise PendingRollbackError instead of the real failure.
+        info = conn.info
+        info["touched"] = touched
         try:
             yield conn
         finally:
-            conn.info.pop("touched", None)
+            info.pop("touched", None)
     if invalidate is not None:
         for integration_id, user_id, provider in touched:
             invalidate(integration_id, user_id, provider)

@@ -1,0 +1,1 @@
+"""The chaos suite: real broker processes, faults injected from outside."""
