@@ -40,7 +40,9 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 async def count_integrations(broker: Broker) -> int:
     async with broker.engine.connect() as conn:
-        return int((await conn.execute(select(func.count()).select_from(integrations))).scalar())
+        return int(
+            (await conn.execute(select(func.count()).select_from(integrations))).scalar() or 0
+        )
 
 
 @pytest.mark.parametrize(
@@ -172,7 +174,7 @@ async def test_undecodable_body_is_invalid_argument_after_authentication(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    call = channel.unary_unary(METHOD + method)
+    call = channel.unary_unary(METHOD + method, None, None)
     # Without credentials the body is not even looked at.
     await expect_error(call(body), Code.UNAUTHENTICATED)
     for _ in range(3):
@@ -192,6 +194,6 @@ async def test_undecodable_health_check_is_invalid_argument(
     channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    call = channel.unary_unary("/grpc.health.v1.Health/Check")
+    call = channel.unary_unary("/grpc.health.v1.Health/Check", None, None)
     await expect_error(call(b"\x0a\x02\xc3\x28"), Code.INVALID_ARGUMENT)
     assert not tracebacks(caplog.records)
