@@ -22,27 +22,28 @@ import base64
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import hypothesis
 import pytest
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message as pb_message
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.config import Settings
-from broker.server.app import Broker, start
+from broker.server.app import Broker
 from tests.conftest import ADMIN, RUNNER, make_settings, store_request
 from tests.fakeauth import FakeAuthServer
+from tests.test_authorization import CALLBACK, acme
 
 FD = pb_descriptor.FieldDescriptor
 SERVICE = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
 METHODS = [m.name for m in SERVICE.methods]
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-CALLBACK = "https://app.example.test/callback"
 
 # Examples per RPC: field values and raw bytes. Seven RPCs stay well under a minute a backend.
 VALUE_EXAMPLES = 100
@@ -324,28 +325,9 @@ def fake() -> Iterator[FakeAuthServer]:
 
 
 @pytest.fixture
-def fuzz_settings(database_url: str, fake: FakeAuthServer) -> Settings:
-    return make_settings(
-        database_url,
-        providers={
-            "acme": {
-                "token_url": fake.token_url,
-                "authorization_url": fake.authorization_url,
-                "revocation_url": fake.revocation_url,
-                "client_id": fake.client_id,
-                "client_secret": fake.client_secret,
-                "redirect_uris": [CALLBACK],
-                "scopes": ["read"],
-            }
-        },
-    )
-
-
-@pytest.fixture
-async def fuzz_broker(fuzz_settings: Settings) -> AsyncIterator[Broker]:
-    running = await start(fuzz_settings)
-    yield running
-    await running.stop(0)
+def settings(database_url: str, fake: FakeAuthServer) -> Settings:
+    """A provider the authorization flow can really start with (the fake server)."""
+    return make_settings(database_url, providers={"acme": acme(fake)})
 
 
 class Tally:
@@ -375,10 +357,10 @@ def tracebacks(records: list[logging.LogRecord]) -> list[str]:
 
 
 async def test_fuzz_every_rpc(
-    fuzz_broker: Broker, caplog: pytest.LogCaptureFixture, backend: str
+    broker: Broker, caplog: pytest.LogCaptureFixture, backend: str
 ) -> None:
     caplog.set_level(logging.INFO)
-    target = f"127.0.0.1:{fuzz_broker.port}"
+    target = f"127.0.0.1:{broker.port}"
     tally = Tally()
 
     def run() -> None:
@@ -408,7 +390,7 @@ async def test_fuzz_every_rpc(
     assert sum(tally.codes.values()) >= len(METHODS) * (VALUE_EXAMPLES + RAW_EXAMPLES)
 
 
-FUZZ = settings(
+FUZZ = hypothesis.settings(
     derandomize=True,
     database=None,
     deadline=None,
@@ -426,7 +408,7 @@ def fuzz_values(
         response_deserializer=_message_class(method.output_type).FromString,
     )
 
-    @settings(FUZZ, max_examples=VALUE_EXAMPLES)
+    @hypothesis.settings(FUZZ, max_examples=VALUE_EXAMPLES)
     @given(request=requests(method), credentials=st.sampled_from(CREDENTIALS))
     def one(request: Any, credentials: Any) -> None:
         tally.check(
@@ -442,7 +424,7 @@ def fuzz_raw(channel: grpc.Channel, method: pb_descriptor.MethodDescriptor, tall
     # No serializer: the bytes go to the server as they are.
     call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}", None, None)
 
-    @settings(FUZZ, max_examples=RAW_EXAMPLES)
+    @hypothesis.settings(FUZZ, max_examples=RAW_EXAMPLES)
     @given(body=bodies(), credentials=st.sampled_from(CREDENTIALS))
     def one(body: bytes, credentials: Any) -> None:
         tally.check(
@@ -460,7 +442,7 @@ def test_strategies_reach_the_extremes() -> None:
     assert special is not None
     seen: list[int] = []
 
-    @settings(derandomize=True, database=None, max_examples=200)
+    @hypothesis.settings(derandomize=True, database=None, max_examples=200)
     @given(special)
     def collect(value: Any) -> None:
         seen.append(value.seconds)
