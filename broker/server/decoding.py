@@ -10,6 +10,7 @@ authenticates the call as usual and then ``reject``s it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -98,14 +99,23 @@ def guard(handler: Any) -> Any:
     }
     if handler.response_streaming:
         streaming = handler.unary_stream
+        if inspect.isasyncgenfunction(streaming):
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def generate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if isinstance(request, Undecodable):
+                    await reject(request, "health", context)
+                async for response in streaming(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(generate, **kwargs)
+
+        # A coroutine that answers through context.write (grpc's health Watch).
+        async def write(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, Undecodable):
                 await reject(request, "health", context)
-            async for response in streaming(request, context):
-                yield response
+            return await streaming(request, context)
 
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(write, **kwargs)
     behaviour = handler.unary_unary
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
