@@ -125,9 +125,10 @@ async def test_postgres_sink_reconnects_after_losing_its_connection(
     admin = await asyncpg.connect(_dsn(url))
     try:
         await audit.record(Call(CALLER, "GetAccessToken", "before"), "OK")
+        # Only this test's database: other tests (and other brokers) share the server.
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'credential-broker-audit'"
+            "WHERE application_name = 'credential-broker-audit' AND datname = current_database()"
         )
         # The first batch after the loss may fail (fail closed); the next one reconnects.
         with contextlib.suppress(AuditUnavailable):
