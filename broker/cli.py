@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from broker import __version__, devmode, devprovider, logs
 from broker.config import METHODS, Settings, load_settings
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands import it wh
     from broker.runtime import Runtime
     from broker.testing.fakeauth import FakeAuthServer
 
+T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 EXIT_CODES = """exit codes:
   0    success
@@ -412,8 +413,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from broker.storage import audit_log
     from broker.storage.engine import storage_errors
 
-    if not (args.user or args.integration or args.caller or args.all):
-        print("broker: give --user, --integration or --caller (or --all)", file=sys.stderr)
+    if not (args.user or args.integration or args.caller or args.run or args.all):
+        print("broker: give --user, --integration, --caller or --run (or --all)", file=sys.stderr)
         return EXIT_CONFIG
     since = datetime.fromisoformat(args.since) if args.since else None
 
@@ -424,6 +425,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 user_id=args.user,
                 integration_id=args.integration,
                 caller=args.caller,
+                run_id=args.run,
                 since=since,
                 limit=args.limit,
             )
@@ -440,6 +442,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 "USER",
                 "PROVIDER",
                 "KIND",
+                "GRANT",
+                "RUN",
                 "REQUEST",
             ]
         ]
@@ -454,6 +458,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     e["user_id"] or "-",
                     e["provider"] or "-",
                     e["credential_type"] or "-",
+                    e["grant_id"] or "-",
+                    e["run_id"] or "-",
                     e["request_id"],
                 ]
             )
@@ -481,12 +487,38 @@ def cmd_integrations_show(args: argparse.Namespace) -> int:
     return _with_runtime(args, body)
 
 
+async def _audited(runtime: Runtime, method: str, step: Awaitable[T]) -> T:
+    """Run an operator command as an audited call by caller ``cli:<os user>``, like the RPC
+    of the same name (the event is written whether it succeeds or fails)."""
+    import getpass
+    import uuid
+
+    from broker.domain.context import Call, Caller, current_call
+
+    caller = Caller(f"cli:{getpass.getuser()}", frozenset(METHODS), None)
+    call = Call(caller, method, uuid.uuid4().hex)
+    current_call.set(call)
+    try:
+        result = await step
+    except BrokerError as error:
+        await runtime.auditor.record(call, error.code.name)
+        raise
+    finally:
+        current_call.set(None)
+    await runtime.auditor.record(call, "OK")
+    return result
+
+
 def cmd_integrations_disconnect(args: argparse.Namespace) -> int:
     from broker.domain.model import Selector
 
     async def body(runtime: Runtime) -> int:
-        integration, revocation = await runtime.service.disconnect(
-            Selector(integration_id=args.id), args.reason or "", args.skip_revocation
+        integration, revocation = await _audited(
+            runtime,
+            "Disconnect",
+            runtime.service.disconnect(
+                Selector(integration_id=args.id), args.reason or "", args.skip_revocation
+            ),
         )
         print(
             f"integration {integration.id} ({integration.provider}, user "
@@ -553,6 +585,98 @@ def cmd_health(args: argparse.Namespace) -> int:
     )
     print(line, file=sys.stdout if serving else sys.stderr)
     return EXIT_OK if serving else EXIT_FAILED
+
+
+def _grant_dict(grant: Any, now: datetime) -> dict[str, Any]:
+    if grant.revoked_at is not None:
+        state = "REVOKED"
+    elif grant.expired(now):
+        state = "EXPIRED"
+    else:
+        state = "ACTIVE"
+    return {
+        "id": grant.id,
+        "user_id": grant.user_id,
+        "providers": sorted(grant.providers),
+        "integration_ids": sorted(grant.integration_ids),
+        "audience": sorted(grant.audience),
+        "methods": sorted(grant.methods),
+        "run_id": grant.run_id,
+        "issuer": grant.issuer,
+        "state": state,
+        "created_at": _when(grant.created_at),
+        "expires_at": _when(grant.expires_at),
+        "revoked_at": _when(grant.revoked_at),
+    }
+
+
+def _print_grants(grants: list[Any], now: datetime, as_json: bool) -> None:
+    shown = [_grant_dict(g, now) for g in grants]
+    if as_json:
+        print(json.dumps(shown, indent=2))
+        return
+    rows = [["ID", "USER", "RUN", "STATE", "EXPIRES", "PROVIDERS", "INTEGRATIONS"]]
+    for g in shown:
+        rows.append(
+            [
+                g["id"],
+                g["user_id"],
+                g["run_id"] or "-",
+                g["state"],
+                g["expires_at"],
+                ",".join(g["providers"]) or "-",
+                ",".join(g["integration_ids"]) or "-",
+            ]
+        )
+    _table(rows, sys.stdout)
+
+
+def cmd_grants_list(args: argparse.Namespace) -> int:
+    async def body(runtime: Runtime) -> int:
+        found: list[Any] = []
+        token = ""
+        while True:
+            page = await runtime.grants.list(args.user or "", args.run or "", args.all, 500, token)
+            found += page.grants
+            token = page.next_page_token
+            if not token:
+                break
+        if not found and not args.json:
+            print("no matching grant", file=sys.stderr)
+            return EXIT_OK
+        _print_grants(found, runtime.clock(), args.json)
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def cmd_grants_show(args: argparse.Namespace) -> int:
+    async def body(runtime: Runtime) -> int:
+        data = _grant_dict(await runtime.grants.get(args.id), runtime.clock())
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for name, value in data.items():
+                shown = ", ".join(value) if isinstance(value, list) else value
+                print(f"{name + ':':<17} {shown or '-'}")
+        return EXIT_OK
+
+    return _with_runtime(args, body)
+
+
+def cmd_grants_revoke(args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.run):
+        print("broker: give a grant id or --run RUN_ID", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def body(runtime: Runtime) -> int:
+        revoked = await _audited(
+            runtime, "RevokeGrant", runtime.grants.revoke(args.id or "", args.run or "")
+        )
+        print(f"{len(revoked)} grant(s) revoked")
+        return EXIT_OK
+
+    return _with_runtime(args, body)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -666,6 +790,7 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--user", help="events of this user_id")
     audit.add_argument("--integration", help="events of this integration id")
     audit.add_argument("--caller", help="events of this caller name")
+    audit.add_argument("--run", help="events of calls made under (or about) this run's grants")
     audit.add_argument("--all", action="store_true", help="no filter")
     audit.add_argument("--since", help="ISO time, e.g. 2026-11-26T00:00:00+00:00")
     audit.add_argument("--limit", type=int, default=100)
@@ -700,6 +825,24 @@ def parser() -> argparse.ArgumentParser:
     purge.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(func=cmd_integrations_purge)
+
+    grants = sub.add_parser(
+        "grants", help="run-scoped grants of workflow runners (metadata only)"
+    ).add_subparsers(dest="sub", required=True)
+    glist = grants.add_parser("list", help="grants of a user or a run (active ones by default)")
+    glist.add_argument("--user")
+    glist.add_argument("--run")
+    glist.add_argument("--all", action="store_true", help="also expired and revoked ones")
+    glist.add_argument("--json", action="store_true")
+    glist.set_defaults(func=cmd_grants_list)
+    gshow = grants.add_parser("show", help="one grant")
+    gshow.add_argument("id")
+    gshow.add_argument("--json", action="store_true")
+    gshow.set_defaults(func=cmd_grants_show)
+    grevoke = grants.add_parser("revoke", help="revoke one grant, or every grant of a run")
+    grevoke.add_argument("id", nargs="?")
+    grevoke.add_argument("--run")
+    grevoke.set_defaults(func=cmd_grants_revoke)
 
     sub.add_parser(
         "check", help="check configuration, database, environment, keys and providers"

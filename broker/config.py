@@ -14,6 +14,7 @@ import re
 import tomllib
 import types
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -39,6 +40,10 @@ METHODS = (
     "ListIntegrations",
     "BeginAuthorization",
     "CompleteAuthorization",
+    "CreateGrant",
+    "RevokeGrant",
+    "GetGrant",
+    "ListGrants",
 )
 
 
@@ -152,12 +157,26 @@ class CallerSettings(_Section):
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     # None means every provider.
     providers: list[str] | None = None
+    # Exact user ids this caller may touch; None means every user.
+    users: list[str] | None = None
+    # Workflow runners: no call without a grant (metadata x-broker-grant), and under a grant
+    # only the grant's user and integrations (DESIGN §10).
+    requires_grant: bool = False
+    # Longest ttl this caller may give a grant it creates (seconds, or e.g. "PT1H").
+    max_grant_ttl: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
 
     @field_validator("token_sha256")
     @classmethod
     def _sha(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("must be 64 lowercase hex characters (broker callers hash TOKEN)")
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not user or len(user) > 255 for user in value):
+            raise ValueError("user ids must be 1-255 characters")
         return value
 
     @field_validator("methods")

@@ -12,11 +12,19 @@
     ├── InsufficientScope            FAILED_PRECONDITION  INSUFFICIENT_SCOPE
     ├── ProviderMisconfigured        FAILED_PRECONDITION  PROVIDER_MISCONFIGURED
     ├── AuthorizationFlowInvalid     FAILED_PRECONDITION  AUTHORIZATION_FLOW_INVALID
+    ├── GrantNotFound                NOT_FOUND            GRANT_NOT_FOUND
     ├── ProviderUnavailable          UNAVAILABLE          PROVIDER_UNAVAILABLE (+ RetryInfo)
     ├── StorageUnavailable           UNAVAILABLE          STORAGE_UNAVAILABLE
     ├── CiphertextInvalid            DATA_LOSS            CIPHERTEXT_INVALID
-    ├── Unauthenticated              UNAUTHENTICATED
-    └── PermissionDenied             PERMISSION_DENIED
+    ├── Unauthenticated              UNAUTHENTICATED      UNAUTHENTICATED
+    │   ├── GrantInvalid             UNAUTHENTICATED      GRANT_INVALID (not a grant we know)
+    │   ├── GrantExpired             UNAUTHENTICATED      GRANT_EXPIRED
+    │   └── GrantRevoked             UNAUTHENTICATED      GRANT_REVOKED
+    └── PermissionDenied             PERMISSION_DENIED    PERMISSION_DENIED
+        ├── GrantRequired            PERMISSION_DENIED    GRANT_REQUIRED
+        ├── GrantScope               PERMISSION_DENIED    GRANT_SCOPE
+        ├── GrantAudience            PERMISSION_DENIED    GRANT_AUDIENCE
+        └── AuthorizationUserMismatch PERMISSION_DENIED   AUTHORIZATION_USER_MISMATCH
 
     ConfigError                      start-up only: a setting is missing or wrong
 
@@ -124,6 +132,39 @@ class Unauthenticated(BrokerError):
 class PermissionDenied(BrokerError):
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+class GrantNotFound(BrokerError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "GRANT_NOT_FOUND"
+
+
+class GrantInvalid(Unauthenticated):
+    reason = "GRANT_INVALID"
+
+
+class GrantExpired(Unauthenticated):
+    reason = "GRANT_EXPIRED"
+
+
+class GrantRevoked(Unauthenticated):
+    reason = "GRANT_REVOKED"
+
+
+class GrantRequired(PermissionDenied):
+    reason = "GRANT_REQUIRED"
+
+
+class GrantScope(PermissionDenied):
+    reason = "GRANT_SCOPE"
+
+
+class GrantAudience(PermissionDenied):
+    reason = "GRANT_AUDIENCE"
+
+
+class AuthorizationUserMismatch(PermissionDenied):
+    reason = "AUTHORIZATION_USER_MISMATCH"
 
 
 class ConfigError(Exception):

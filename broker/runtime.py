@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.config import Settings
@@ -17,13 +18,15 @@ from broker.crypto import Keyring, load_keyring
 from broker.domain.audit import Auditor
 from broker.domain.authorization import AuthorizationService
 from broker.domain.cache import IntegrationCache
+from broker.domain.grants import GrantCache, GrantService
 from broker.domain.refresh import RefreshEngine
 from broker.domain.revocation import ProviderRevoker
 from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
 from broker.storage import audit_log
-from broker.storage.engine import create_engine, probe
+from broker.storage.changes import ChangeWatcher
+from broker.storage.engine import CHANNEL, GRANT_CHANNEL, create_engine, probe
 from broker.storage.schema import verify
 
 
@@ -48,6 +51,8 @@ class Runtime:
     auditor: Auditor
     cache: IntegrationCache
     clock: Clock
+    grants: GrantService
+    watcher: ChangeWatcher | None = None
 
     def gauges(self) -> list[tuple[str, str, float]]:
         """Point-in-time values for the metrics endpoint (no labels, nothing secret)."""
@@ -73,6 +78,8 @@ class Runtime:
         return values
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
         await self.http.aclose()
         await self.auditor.close()
         await self.engine.dispose()
@@ -125,6 +132,13 @@ async def open_runtime(
     service.cache = cache
     for component in (service, refresher, revoker):
         component.invalidate = cache.invalidate
+    grant_cache = GrantCache(
+        settings.cache.max_entries,
+        enabled=settings.cache.enabled,
+        available=settings.database.is_sqlite,
+    )
+    grants = GrantService(engine, service, grant_cache, clock)
+    watcher = _change_watcher(settings, cache, grant_cache)
     authorization = AuthorizationService(
         engine,
         cipher,
@@ -156,4 +170,26 @@ async def open_runtime(
         ),
         cache=cache,
         clock=clock,
+        grants=grants,
+        watcher=watcher,
     )
+
+
+def _change_watcher(
+    settings: Settings, cache: IntegrationCache, grant_cache: GrantCache
+) -> ChangeWatcher | None:
+    """SQLite: hear the writes of other processes on the same file (the CLI) before each
+    cache lookup; PostgreSQL has its NOTIFY listener instead."""
+    database = make_url(settings.database.url.get_secret_value()).database
+    if not settings.database.is_sqlite or not database or database == ":memory:":
+        return None
+
+    def flush() -> None:
+        cache.flush()
+        grant_cache.flush()
+
+    watcher = ChangeWatcher(
+        database, {CHANNEL: cache.invalidate, GRANT_CHANNEL: grant_cache.invalidate}, flush
+    )
+    cache.before_read = grant_cache.before_read = watcher.poll
+    return watcher

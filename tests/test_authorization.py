@@ -24,7 +24,7 @@ from broker.domain.authorization import VERIFIER_COLUMN
 from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows
-from broker.storage.tables import integrations, oauth_flows
+from broker.storage.tables import audit_events, integrations, oauth_flows
 from tests.conftest import ADMIN, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
 from tests.test_audit import AuditTable
@@ -115,8 +115,10 @@ async def consent(url: str) -> dict[str, str]:
 
 
 async def complete(stub: pb_grpc.CredentialBrokerAsyncStub, **fields: str) -> Any:
+    """The web backend's callback route; its session's user is user-1 unless told."""
+    values = {"user_id": "user-1", **fields}
     return await stub.CompleteAuthorization(
-        pb.CompleteAuthorizationRequest(**fields), metadata=ADMIN
+        pb.CompleteAuthorizationRequest(**values), metadata=ADMIN
     )
 
 
@@ -571,3 +573,60 @@ async def test_begin_and_complete_write_nothing_when_their_event_cannot_be(
     callback = await consent(again.authorization_url)
     done = await complete(stub, state=callback["state"], code=callback["code"])
     assert done.created
+
+
+async def test_callback_of_another_user_is_refused_before_the_code_exchange(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    """The attacker begins a flow for themselves and sends the link to the victim; the
+    victim's session (user-victim) receives the callback. Nothing is exchanged or stored."""
+    started = await begin(stub, user_id="attacker")
+    callback = await consent(started.authorization_url)
+    await expect_error(
+        complete(stub, state=callback["state"], code=callback["code"], user_id="victim"),
+        Code.PERMISSION_DENIED,
+        "AUTHORIZATION_USER_MISMATCH",
+    )
+    assert code_exchanges(fake) == 0
+    # The flow is consumed: not even the user who began it can finish it now.
+    await expect_error(
+        complete(stub, state=callback["state"], code=callback["code"], user_id="attacker"),
+        Code.FAILED_PRECONDITION,
+        "AUTHORIZATION_FLOW_INVALID",
+        contains="already used",
+    )
+    assert code_exchanges(fake) == 0
+    for user in ("attacker", "victim"):
+        listed = await stub.ListIntegrations(
+            pb.ListIntegrationsRequest(user_id=user), metadata=ADMIN
+        )
+        assert list(listed.integrations) == []
+    async with broker.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(audit_events).where(audit_events.c.method == "CompleteAuthorization")
+            )
+        ).all()
+    refused = [r for r in rows if r.outcome == "PERMISSION_DENIED"]
+    assert len(refused) == 1
+    assert refused[0].user_id == "attacker"
+    assert refused[0].detail and "not the user who began" in refused[0].detail
+
+
+async def test_complete_without_user_id_is_invalid_and_keeps_the_flow(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
+) -> None:
+    started = await begin(stub)
+    callback = await consent(started.authorization_url)
+    await expect_error(
+        stub.CompleteAuthorization(
+            pb.CompleteAuthorizationRequest(state=callback["state"], code=callback["code"]),
+            metadata=ADMIN,
+        ),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        contains="user_id",
+    )
+    assert code_exchanges(fake) == 0
+    done = await complete(stub, state=callback["state"], code=callback["code"])
+    assert done.integration.user_id == "user-1"

@@ -333,13 +333,17 @@ async def run_flows(
     callback = await consent(begun.authorization_url)
     canaries.extra.add(callback["code"])
     done = await stub.CompleteAuthorization(
-        pb.CompleteAuthorizationRequest(state=callback["state"], code=callback["code"]),
+        pb.CompleteAuthorizationRequest(
+            state=callback["state"], code=callback["code"], user_id="user-3"
+        ),
         metadata=md,
     )
     assert done.integration.user_id == "user-3"
     await recorder.fails(
         stub.CompleteAuthorization(
-            pb.CompleteAuthorizationRequest(state=callback["state"], code=callback["code"]),
+            pb.CompleteAuthorizationRequest(
+                state=callback["state"], code=callback["code"], user_id="user-3"
+            ),
             metadata=md,
         ),
         Code.FAILED_PRECONDITION,

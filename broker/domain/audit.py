@@ -96,6 +96,8 @@ class Auditor:
             call.request_id,
             call.detail,
             call.credential_type,
+            call.grant_id,
+            call.run_id,
         )
 
     async def record(self, call: Call, outcome: str) -> None:

@@ -30,6 +30,7 @@ from broker.domain.model import Integration, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, TokenCipher
 from broker.errors import (
     AuthorizationFlowInvalid,
+    AuthorizationUserMismatch,
     GrantRejected,
     InvalidArgument,
     StorageUnavailable,
@@ -135,7 +136,7 @@ class AuthorizationService:
         validation.metadata(metadata)
         profile = self.registry.get(provider)  # UnknownProvider if not configured here
         context.note_owner(user_id, profile.name)
-        context.check_provider(profile.name)
+        context.check_owner(user_id, profile.name)
         if redirect_uri not in profile.redirect_uris:
             # Exact match only (RFC 9700 §4.1.3): a prefix or pattern match is how codes leak
             # to an attacker's page, and it is how a production broker refuses a localhost
@@ -193,9 +194,11 @@ class AuthorizationService:
     # -- complete --------------------------------------------------------------------------
 
     async def complete(
-        self, state: str, code: str, error: str, error_description: str
+        self, state: str, code: str, error: str, error_description: str, user_id: str
     ) -> tuple[Integration, bool]:
+        """``user_id``: the user of the session that received the callback (required)."""
         validation.text("state", state, MAX_STATE)
+        validation.text("user_id", user_id, validation.MAX_ID)
         validation.text("code", code, MAX_CODE, required=False)
         if not code and not error:
             raise InvalidArgument(
@@ -205,6 +208,20 @@ class AuthorizationService:
             raise InvalidArgument("code", "give either code or error (from the callback), not both")
 
         flow = await self._consume(state_hash(state))
+        context.note_owner(flow.user_id, flow.provider)
+        if flow.user_id != user_id:
+            # Someone began a flow for themselves and got another user's browser to land on
+            # the callback: refuse before the code is exchanged (the flow stays consumed, so
+            # the link cannot be replayed). The interceptor audits the refusal.
+            call = context.current_call.get()
+            if call is not None:
+                call.detail = "callback user is not the user who began the flow"
+            log.warning("authorization for provider %s refused: user mismatch", flow.provider)
+            raise AuthorizationUserMismatch(
+                "this authorization flow was begun by another user than the one whose session "
+                "received the callback; nothing was stored, start a new flow",
+                provider=flow.provider,
+            )
         if error:
             # The user (or the provider) refused; the flow is closed either way, so a retry
             # has to start over with BeginAuthorization.

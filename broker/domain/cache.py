@@ -6,6 +6,8 @@ It holds ciphertexts, never plaintext (a decrypt costs microseconds). Correctnes
   as PostgreSQL notifications (``broker.storage.notify``) and invalidate it too;
 - while the notification channel is down the cache is flushed and bypassed: a replica that
   cannot hear about writes must not answer from memory;
+- on SQLite, other processes' writes (the CLI) are read from the change log before each
+  lookup (``before_read``);
 - a read that raced a write must not put its stale row back: ``put`` takes the invalidation
   sequence number seen *before* the database read and refuses to store if the entry was
   invalidated after it.
@@ -14,6 +16,7 @@ It holds ciphertexts, never plaintext (a decrypt costs microseconds). Correctnes
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from broker.domain.model import Selector, StoredIntegration
 
@@ -36,6 +39,9 @@ class IntegrationCache:
         self._floor = 0
         self.hits = 0
         self.misses = 0
+        # Set on SQLite: hears other processes' commits before each lookup
+        # (``broker.storage.changes``).
+        self.before_read: Callable[[], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -53,6 +59,8 @@ class IntegrationCache:
     def get(self, sel: Selector, provider: str) -> StoredIntegration | None:
         if not self.active:
             return None
+        if self.before_read is not None:
+            self.before_read()
         iid: str | None
         if sel.integration_id:
             iid = sel.integration_id

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from broker.domain.grant import Grant
 from broker.domain.model import Integration
-from broker.errors import PermissionDenied
+from broker.errors import GrantScope, PermissionDenied
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +24,18 @@ class Caller:
     name: str
     methods: frozenset[str]
     providers: frozenset[str] | None  # None: every provider
+    users: frozenset[str] | None = None  # None: every user
+    requires_grant: bool = False
+    max_grant_ttl: timedelta = timedelta(hours=1)
 
     def may_call(self, method: str) -> bool:
         return method in self.methods
 
     def may_use(self, provider: str) -> bool:
         return self.providers is None or provider in self.providers
+
+    def may_touch(self, user_id: str) -> bool:
+        return self.users is None or user_id in self.users
 
 
 @dataclass(slots=True)
@@ -46,6 +54,11 @@ class Call:
     # auditing is on); ``audited`` once a mutation has done so inside its transaction.
     journal: Callable[[Any], Awaitable[None]] | None = None
     audited: bool = False
+    # The grant presented with this call (x-broker-grant), which narrows what it may read.
+    grant: Grant | None = None
+    # Audited: the grant the call was made under, or the one it created or revoked.
+    grant_id: str | None = None
+    run_id: str | None = None
 
     def note(self, integration: Integration) -> None:
         self.integration_id = integration.id
@@ -94,6 +107,13 @@ def note_owner(user_id: str, provider: str | None = None) -> None:
         call.note_owner(user_id, provider)
 
 
+def note_grant(grant_id: str, run_id: str) -> None:
+    call = current_call.get()
+    if call is not None:
+        call.grant_id = grant_id
+        call.run_id = run_id or None
+
+
 def check_provider(provider: str) -> None:
     """PERMISSION_DENIED when the calling service may not use this provider."""
     call = current_call.get()
@@ -104,7 +124,53 @@ def check_provider(provider: str) -> None:
         )
 
 
+def check_owner(user_id: str, provider: str | None = None) -> None:
+    """Before a lookup by owner: the caller's providers and users, and the grant's user (and
+    providers, when the grant names no integration ids that could still match)."""
+    call = current_call.get()
+    if call is None:
+        return
+    if provider:
+        check_provider(provider)
+    if user_id and not call.caller.may_touch(user_id):
+        raise PermissionDenied(f"caller {call.caller.name!r} may not touch user {user_id!r}")
+    grant = call.grant
+    if grant is None:
+        return
+    if user_id and user_id != grant.user_id:
+        raise GrantScope(f"grant {grant.id} does not cover user {user_id!r}", grant_id=grant.id)
+    if provider and not grant.integration_ids and provider not in grant.providers:
+        raise GrantScope(
+            f"grant {grant.id} does not cover provider {provider!r}", grant_id=grant.id
+        )
+
+
+def check_integration(integration: Integration) -> None:
+    """After a lookup: the row itself against the caller's policy and the grant."""
+    call = current_call.get()
+    if call is None:
+        return
+    check_provider(integration.provider)
+    if not call.caller.may_touch(integration.user_id):
+        raise PermissionDenied(
+            f"caller {call.caller.name!r} may not touch user {integration.user_id!r}"
+        )
+    grant = call.grant
+    if grant is not None and not grant.covers(
+        integration.id, integration.user_id, integration.provider
+    ):
+        raise GrantScope(
+            f"grant {grant.id} does not cover integration {integration.id}",
+            grant_id=grant.id,
+        )
+
+
 def allowed_providers() -> frozenset[str] | None:
     """The providers the current caller may see; None: all."""
     call = current_call.get()
     return None if call is None else call.caller.providers
+
+
+def current_grant() -> Grant | None:
+    call = current_call.get()
+    return None if call is None else call.grant

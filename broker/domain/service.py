@@ -180,12 +180,22 @@ def remaining(expires_at: datetime | None, now: datetime) -> timedelta | None:
     return None if expires_at is None else expires_at - now
 
 
-def _encode_page_token(last: Integration) -> str:
+class Paged(Protocol):
+    """What a keyset page token remembers of the last row: integrations and grants."""
+
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> str: ...
+
+
+def encode_page_token(last: Paged) -> str:
     raw = json.dumps([last.created_at.isoformat(), last.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_page_token(token: str) -> tuple[datetime, str]:
+def decode_page_token(token: str) -> tuple[datetime, str]:
     problem = "is not a token this broker issued"
     if len(token) > _MAX_PAGE_TOKEN:
         raise InvalidArgument("page_token", problem)
@@ -276,8 +286,7 @@ class IntegrationService:
         validation.selector(sel)
         provider = self.canonical(sel.provider) if sel.provider else ""
         context.note_request(sel.integration_id, sel.user_id, provider)
-        if provider:
-            context.check_provider(provider)
+        context.check_owner(sel.user_id, provider)
         cache = self.cache
         stored = cache.get(sel, provider) if cache is not None else None
         if stored is None:
@@ -287,7 +296,7 @@ class IntegrationService:
             if cache is not None:
                 cache.put(sel, stored, seen)
         context.note(stored.integration)
-        context.check_provider(stored.integration.provider)
+        context.check_integration(stored.integration)
         return stored
 
     async def get(self, sel: Selector) -> Integration:
@@ -304,18 +313,25 @@ class IntegrationService:
         validation.text("user_id", user_id, validation.MAX_ID)
         validation.text("provider", provider, validation.MAX_PROVIDER, required=False)
         size = validation.page_size(page_size)
-        after = _decode_page_token(page_token) if page_token else None
+        after = decode_page_token(page_token) if page_token else None
         provider = self.canonical(provider) if provider else ""
         context.note_owner(user_id, provider or None)
-        if provider:
-            context.check_provider(provider)
+        context.check_owner(user_id, provider)
+        grant = context.current_grant()
         async with storage_errors(), self.engine.connect() as conn:
             rows = await repository.list_page(
-                conn, user_id, provider, status, after, size + 1, context.allowed_providers()
+                conn,
+                user_id,
+                provider,
+                status,
+                after,
+                size + 1,
+                context.allowed_providers(),
+                (grant.providers, grant.integration_ids) if grant is not None else None,
             )
         items = [r.integration for r in rows[:size]]
         more = len(rows) > size
-        return Page(items, _encode_page_token(items[-1]) if more and items else "")
+        return Page(items, encode_page_token(items[-1]) if more and items else "")
 
     # -- store -----------------------------------------------------------------------------
 
@@ -371,7 +387,7 @@ class IntegrationService:
             raise UnknownProvider(cmd.provider)
         cmd = replace(cmd, provider=self.canonical(cmd.provider))
         context.note_owner(cmd.user_id, cmd.provider)
-        context.check_provider(cmd.provider)
+        context.check_owner(cmd.user_id, cmd.provider)
         profiles = self.profiles
         if profiles is None:
             return cmd

@@ -138,7 +138,10 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         callers,
         runtime.auditor,
         logging.INFO if settings.logging.access_log_level == "INFO" else logging.DEBUG,
+        grants=runtime.grants,
     )
+    # Audience names are checked against the callers in force (SIGHUP replaces them).
+    runtime.grants.callers = lambda: interceptor.registry.names
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -156,7 +159,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         ],
     )
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-        CredentialBrokerServicer(runtime.service, runtime.authorization), server
+        CredentialBrokerServicer(runtime.service, runtime.authorization, runtime.grants), server
     )
     health_servicer = HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -178,7 +181,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
     if settings.cache.enabled and not settings.database.is_sqlite:
         broker.listener = InvalidationListener(
-            settings.database.url.get_secret_value(), runtime.cache
+            settings.database.url.get_secret_value(), runtime.cache, grants=runtime.grants.cache
         )
         broker.tasks.append(asyncio.create_task(broker.listener.run(), name="cache-listener"))
     if settings.refresh.background:
@@ -192,6 +195,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             )
         )
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
+    broker.tasks.append(asyncio.create_task(runtime.grants.run_purger(), name="grant-purger"))
     if settings.metrics.listen:
         try:
             broker.stop_metrics = metrics.serve(

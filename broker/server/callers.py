@@ -28,6 +28,7 @@ class CallerRegistry:
         otherwise deny silently)."""
         self._by_hash: list[tuple[bytes, Caller]] = []
         self._by_identity: dict[str, Caller] = {}
+        self.names: set[str] = set()
         aliases = aliases or {}
         for name, settings in callers.items():
             providers = None
@@ -38,7 +39,15 @@ class CallerRegistry:
                             f"callers.{name}.providers: unknown provider {provider!r}"
                         )
                 providers = frozenset(aliases.get(p, p) for p in settings.providers)
-            caller = Caller(name=name, methods=frozenset(settings.methods), providers=providers)
+            caller = Caller(
+                name=name,
+                methods=frozenset(settings.methods),
+                providers=providers,
+                users=None if settings.users is None else frozenset(settings.users),
+                requires_grant=settings.requires_grant,
+                max_grant_ttl=settings.max_grant_ttl,
+            )
+            self.names.add(name)
             if settings.token_sha256:
                 self._by_hash.append((bytes.fromhex(settings.token_sha256), caller))
             if settings.tls_identity:

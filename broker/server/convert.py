@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.domain.grant import Grant
 from broker.domain.model import Credential, Integration, Kind, Revocation, Selector, Status
 from broker.errors import InvalidArgument
 
@@ -128,3 +129,35 @@ def credential(request: pb.StoreIntegrationRequest) -> Credential | None:
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     return Credential(Kind(which), fields)
+
+
+def grant(value: Grant, now: datetime) -> pb.Grant:
+    if value.revoked_at is not None:
+        state = pb.GRANT_STATE_REVOKED
+    elif value.expired(now):
+        state = pb.GRANT_STATE_EXPIRED
+    else:
+        state = pb.GRANT_STATE_ACTIVE
+    message = pb.Grant(
+        id=value.id,
+        user_id=value.user_id,
+        providers=sorted(value.providers),
+        integration_ids=sorted(value.integration_ids),
+        audience=sorted(value.audience),
+        run_id=value.run_id,
+        issuer=value.issuer,
+        created_at=timestamp(value.created_at),
+        expires_at=timestamp(value.expires_at),
+        methods=sorted(value.methods),
+        state=state,
+    )
+    if value.revoked_at is not None:
+        message.revoked_at.CopyFrom(timestamp(value.revoked_at))
+    return message
+
+
+def duration(field: str, value: duration_pb2.Duration) -> timedelta:
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid duration") from None

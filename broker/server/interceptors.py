@@ -22,6 +22,8 @@ from grpc.aio import ServerInterceptor
 from broker import metrics
 from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller, current_call
+from broker.domain.grant import METADATA_KEY
+from broker.domain.grants import GrantService
 from broker.errors import BrokerError
 from broker.server import decoding
 from broker.server.callers import CallerRegistry
@@ -56,11 +58,13 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         registry: CallerRegistry,
         auditor: Auditor | None = None,
         access_level: int = logging.DEBUG,
+        grants: GrantService | None = None,
     ) -> None:
         # Replaced as a whole on SIGHUP; a call in flight keeps the registry it started with.
         self.registry = registry
         self.auditor = auditor
         self.access_level = access_level
+        self.grants = grants
         self._wrapped: dict[str, Any] = {}
         # Metric children per (method, code): labels() takes a lock, so look each up once.
         self._series: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
@@ -148,6 +152,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             call = Call(caller, name, self._request_id(context))
             if self.auditor is not None:
                 call.journal = functools.partial(self.auditor.stage, call)
+            if self.grants is not None:
+                await self._admit_grant(call, context, started)
             current_call.set(call)
             try:
                 if isinstance(request, decoding.Undecodable):
@@ -216,6 +222,26 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         return handler
+
+    async def _admit_grant(
+        self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
+    ) -> None:
+        """A grant presented (or required): it narrows the call, or the call is refused."""
+        assert self.grants is not None
+        token = _metadata_value(context.invocation_metadata(), METADATA_KEY)
+        if token is None and not call.caller.requires_grant:
+            return
+        try:
+            grant = await self.grants.admit(call.caller, call.method, token)
+        except BrokerError as error:
+            call.detail = f"grant refused: {error.reason}"
+            call.grant_id = error.metadata.get("grant_id")
+            self._access(call.caller, call.method, error.code, started, call)
+            await self._audit_failure(call, error.code)
+            await cast(Any, context).abort_with_status(to_status(error, call.request_id))
+        call.grant = grant
+        call.grant_id = grant.id
+        call.run_id = grant.run_id or None
 
     # -- bookkeeping -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.domain.authorization import AuthorizationService
 from broker.domain.context import current_call
+from broker.domain.grants import GrantService
 from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.service import IntegrationService
 from broker.errors import BrokerError
@@ -55,9 +56,15 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
-    def __init__(self, service: IntegrationService, authorization: AuthorizationService) -> None:
+    def __init__(
+        self,
+        service: IntegrationService,
+        authorization: AuthorizationService,
+        grants: GrantService,
+    ) -> None:
         self.service = service
         self.authorization = authorization
+        self.grants = grants
 
     @_rpc
     async def StoreIntegration(
@@ -187,7 +194,60 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             code=request.code,
             error=request.error,
             error_description=request.error_description,
+            user_id=request.user_id,
         )
         return pb.CompleteAuthorizationResponse(
             integration=convert.integration(integration), created=created
+        )
+
+    @_rpc
+    async def CreateGrant(
+        self, request: pb.CreateGrantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateGrantResponse:
+        created = await self.grants.create(
+            user_id=request.user_id,
+            providers=tuple(request.providers),
+            integration_ids=tuple(request.integration_ids),
+            ttl=convert.duration("ttl", request.ttl) if request.HasField("ttl") else None,
+            run_id=request.run_id,
+            audience=tuple(request.audience),
+        )
+        grant = created.grant
+        return pb.CreateGrantResponse(
+            grant_token=created.token,
+            grant_id=grant.id,
+            expires_at=convert.timestamp(grant.expires_at),
+            grant=convert.grant(grant, self.grants.clock()),
+        )
+
+    @_rpc
+    async def RevokeGrant(
+        self, request: pb.RevokeGrantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RevokeGrantResponse:
+        revoked = await self.grants.revoke(request.grant_id, request.run_id)
+        now = self.grants.clock()
+        return pb.RevokeGrantResponse(grants=[convert.grant(g, now) for g in revoked])
+
+    @_rpc
+    async def GetGrant(
+        self, request: pb.GetGrantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetGrantResponse:
+        grant = await self.grants.get(request.grant_id)
+        return pb.GetGrantResponse(grant=convert.grant(grant, self.grants.clock()))
+
+    @_rpc
+    async def ListGrants(
+        self, request: pb.ListGrantsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListGrantsResponse:
+        page = await self.grants.list(
+            request.user_id,
+            request.run_id,
+            request.include_inactive,
+            request.page_size,
+            request.page_token,
+        )
+        now = self.grants.clock()
+        return pb.ListGrantsResponse(
+            grants=[convert.grant(g, now) for g in page.grants],
+            next_page_token=page.next_page_token,
         )

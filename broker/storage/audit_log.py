@@ -24,6 +24,7 @@ async def list_events(
     user_id: str | None = None,
     integration_id: str | None = None,
     caller: str | None = None,
+    run_id: str | None = None,
     since: datetime | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
@@ -34,6 +35,8 @@ async def list_events(
         query = query.where(t.c.integration_id == integration_id)
     if caller:
         query = query.where(t.c.caller == caller)
+    if run_id:
+        query = query.where(t.c.run_id == run_id)
     if since is not None:
         query = query.where(t.c.occurred_at >= since)
     rows = (await conn.execute(query.order_by(t.c.occurred_at.desc()).limit(limit))).all()
@@ -57,11 +60,13 @@ COLUMNS = (
     "request_id",
     "detail",
     "credential_type",
+    "grant_id",
+    "run_id",
 )
 _SQLITE_INSERT = (
     "INSERT INTO audit_events (id, occurred_at, caller, method, integration_id, user_id, "
-    "provider, outcome, request_id, detail, credential_type) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "provider, outcome, request_id, detail, credential_type, grant_id, run_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # SQLAlchemy's storage format for DateTime on SQLite (naive UTC), so its reads parse our rows.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"

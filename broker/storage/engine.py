@@ -6,11 +6,12 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import event, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from broker.config import DatabaseSettings
 from broker.errors import ConfigError, StorageUnavailable
+from broker.storage.tables import change_log
 
 
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
@@ -152,6 +154,8 @@ async def raw_driver(conn: AsyncConnection) -> AsyncIterator[Any]:
 
 Invalidate = Callable[[str, str, str], None]
 CHANNEL = "broker_invalidate"
+# Revoked grants (payload: the grant id), heard by every replica's grant cache.
+GRANT_CHANNEL = "broker_grants"
 
 
 @asynccontextmanager
@@ -183,10 +187,29 @@ async def touch(
     touched = conn.info.get("touched")
     if touched is not None:
         touched.append((integration_id, user_id, provider))
+    await announce(conn, CHANNEL, integration_id, user_id, provider)
+
+
+async def announce(
+    conn: AsyncConnection, channel: str, key: str, user_id: str = "", provider: str = ""
+) -> None:
+    """Tell other processes, once this transaction commits, that ``key`` changed: NOTIFY on
+    PostgreSQL (replicas), a ``change_log`` row on SQLite (another process on the same file,
+    e.g. the CLI; see ``broker.storage.changes``)."""
     if conn.dialect.name == "postgresql":
-        payload = "\x1f".join((integration_id, user_id, provider))
+        payload = "\x1f".join((key, user_id, provider))
         await conn.execute(
-            text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
+        )
+    elif conn.dialect.name == "sqlite":
+        await conn.execute(
+            insert(change_log).values(
+                kind=channel,
+                key=key,
+                user_id=user_id,
+                provider=provider,
+                occurred_at=datetime.now(UTC),
+            )
         )
 
 

@@ -17,7 +17,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from broker.domain.cache import IntegrationCache
-from broker.storage.engine import CHANNEL
+from broker.domain.grants import GrantCache
+from broker.storage.engine import CHANNEL, GRANT_CHANNEL
 
 log = logging.getLogger("broker.cache")
 
@@ -27,9 +28,18 @@ def asyncpg_dsn(url: str) -> str:
 
 
 class InvalidationListener:
-    def __init__(self, url: str, cache: IntegrationCache, *, retry_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache: IntegrationCache,
+        *,
+        retry_seconds: float = 0.5,
+        grants: GrantCache | None = None,
+    ) -> None:
         self._dsn = asyncpg_dsn(url)
         self.cache = cache
+        # Revoked grants arrive on their own channel and must be heard the same way.
+        self.grants = grants
         self.retry_seconds = retry_seconds
         self.connected = asyncio.Event()
         self.notifications = 0
@@ -41,6 +51,11 @@ class InvalidationListener:
         user_id, _, provider = rest.partition("\x1f")
         self.cache.invalidate(integration_id, user_id, provider)
 
+    def _on_grant(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        if self.grants is not None:
+            self.grants.invalidate(payload.partition("\x1f")[0])
+
     def _on_lost(self, _conn: Any) -> None:
         self._lost()
 
@@ -50,6 +65,9 @@ class InvalidationListener:
             log.warning("cache invalidation channel lost: cache flushed and bypassed")
         self.cache.available = False
         self.cache.flush()
+        if self.grants is not None:
+            self.grants.available = False
+            self.grants.flush()
         self.connected.clear()
 
     async def run(self) -> None:
@@ -66,9 +84,13 @@ class InvalidationListener:
             try:
                 conn.add_termination_listener(self._on_lost)
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(GRANT_CHANNEL, self._on_grant)
                 # Writes made while nobody listened are unknown: start from nothing.
                 self.cache.flush()
                 self.cache.available = True
+                if self.grants is not None:
+                    self.grants.flush()
+                    self.grants.available = True
                 self.connected.set()
                 log.info("cache invalidation channel listening")
                 while not conn.is_closed():

@@ -165,10 +165,17 @@ async def list_page(
     after: tuple[datetime, str] | None,
     limit: int,
     providers: frozenset[str] | None = None,
+    granted: tuple[frozenset[str], frozenset[str]] | None = None,
 ) -> list[StoredIntegration]:
+    """``granted``: (providers, integration ids) of a grant; a row is listed if either
+    covers it."""
     query = _SELECT.where(t.c.user_id == user_id)
     if providers is not None:
         query = query.where(t.c.provider.in_(sorted(providers)))
+    if granted is not None:
+        query = query.where(
+            or_(t.c.provider.in_(sorted(granted[0])), t.c.id.in_(sorted(granted[1])))
+        )
     if provider:
         query = query.where(t.c.provider == provider)
     if status is not None:

@@ -88,9 +88,13 @@ audit_events = Table(
     Column("request_id", String(64), nullable=False),
     Column("detail", String(255), nullable=True),
     Column("credential_type", String(32), nullable=True),
+    # The grant a call was made under (or created, or revoked) and its run.
+    Column("grant_id", String(36), nullable=True),
+    Column("run_id", String(255), nullable=True),
     Index("ix_audit_user", "user_id", "occurred_at"),
     Index("ix_audit_integration", "integration_id", "occurred_at"),
     Index("ix_audit_caller", "caller", "occurred_at"),
+    Index("ix_audit_run", "run_id", "occurred_at"),
 )
 
 # PKCE authorization flows in progress (BeginAuthorization → CompleteAuthorization).
@@ -121,4 +125,40 @@ key_usage = Table(
     Column("key_id", String(64), primary_key=True),
     Column("encryptions", BigInteger, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=True),
+)
+
+# Run-scoped grants (DESIGN §10). The token itself is never stored, only its SHA-256.
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("user_id", String(255), nullable=False),
+    Column("providers", JSON, nullable=False),
+    Column("integration_ids", JSON, nullable=False),
+    Column("audience", JSON, nullable=False),
+    Column("methods", JSON, nullable=False),
+    Column("run_id", String(255), nullable=False, server_default=""),
+    Column("issuer", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_by", String(128), nullable=True),
+    Index("ix_grants_run", "run_id"),
+    Index("ix_grants_user", "user_id", "created_at"),
+    Index("ix_grants_expires_at", "expires_at"),
+)
+
+# SQLite only: what each committed write changed (integration or grant ids), so a broker
+# process can hear about writes made by another process (the CLI) on the same file — the
+# job PostgreSQL's NOTIFY does for replicas. Purged after a few minutes.
+change_log = Table(
+    "change_log",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("user_id", String(255), nullable=False, server_default=""),
+    Column("provider", String(64), nullable=False, server_default=""),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
 )

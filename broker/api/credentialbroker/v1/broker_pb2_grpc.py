@@ -69,6 +69,26 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.FromString,
                 _registered_method=True)
+        self.CreateGrant = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/CreateGrant',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.CreateGrantRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CreateGrantResponse.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/RevokeGrant',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantResponse.FromString,
+                _registered_method=True)
+        self.GetGrant = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/GetGrant',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.GetGrantRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.GetGrantResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/ListGrants',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -123,6 +143,36 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGrant(self, request, context):
+        """Create a run-scoped grant for one user's integrations. A caller configured
+        requires_grant (a workflow runner) presents the returned grant_token in metadata
+        x-broker-grant, next to its own credentials. The token is returned once, never again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """Revoke one grant (grant_id) or every grant of a run (run_id). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGrant(self, request, context):
+        """Metadata of one grant (never its token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Metadata of grants, newest first, by user or run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +210,26 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.CompleteAuthorization,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.SerializeToString,
+            ),
+            'CreateGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGrant,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.CreateGrantRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.CreateGrantResponse.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantResponse.SerializeToString,
+            ),
+            'GetGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGrant,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.GetGrantRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.GetGrantResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +421,114 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/CompleteAuthorization',
             credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.CompleteAuthorizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/CreateGrant',
+            credentialbroker_dot_v1_dot_broker__pb2.CreateGrantRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.CreateGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/RevokeGrant',
+            credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.RevokeGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/GetGrant',
+            credentialbroker_dot_v1_dot_broker__pb2.GetGrantRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.GetGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/ListGrants',
+            credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,17 @@ class CredentialBrokerStub:
     """Start an authorization-code + PKCE flow: the URL to send the user to."""
     CompleteAuthorization: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CompleteAuthorizationRequest, _broker_pb2.CompleteAuthorizationResponse]
     """Finish the flow with the callback's state and code (or error); stores the integration."""
+    CreateGrant: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateGrantRequest, _broker_pb2.CreateGrantResponse]
+    """Create a run-scoped grant for one user's integrations. A caller configured
+    requires_grant (a workflow runner) presents the returned grant_token in metadata
+    x-broker-grant, next to its own credentials. The token is returned once, never again.
+    """
+    RevokeGrant: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RevokeGrantRequest, _broker_pb2.RevokeGrantResponse]
+    """Revoke one grant (grant_id) or every grant of a run (run_id). Idempotent."""
+    GetGrant: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetGrantRequest, _broker_pb2.GetGrantResponse]
+    """Metadata of one grant (never its token)."""
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListGrantsRequest, _broker_pb2.ListGrantsResponse]
+    """Metadata of grants, newest first, by user or run."""
 
 @_typing.type_check_only
 class CredentialBrokerAsyncStub(CredentialBrokerStub):
@@ -65,6 +76,17 @@ class CredentialBrokerAsyncStub(CredentialBrokerStub):
     """Start an authorization-code + PKCE flow: the URL to send the user to."""
     CompleteAuthorization: _aio.UnaryUnaryMultiCallable[_broker_pb2.CompleteAuthorizationRequest, _broker_pb2.CompleteAuthorizationResponse]  # type: ignore[assignment]
     """Finish the flow with the callback's state and code (or error); stores the integration."""
+    CreateGrant: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateGrantRequest, _broker_pb2.CreateGrantResponse]  # type: ignore[assignment]
+    """Create a run-scoped grant for one user's integrations. A caller configured
+    requires_grant (a workflow runner) presents the returned grant_token in metadata
+    x-broker-grant, next to its own credentials. The token is returned once, never again.
+    """
+    RevokeGrant: _aio.UnaryUnaryMultiCallable[_broker_pb2.RevokeGrantRequest, _broker_pb2.RevokeGrantResponse]  # type: ignore[assignment]
+    """Revoke one grant (grant_id) or every grant of a run (run_id). Idempotent."""
+    GetGrant: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetGrantRequest, _broker_pb2.GetGrantResponse]  # type: ignore[assignment]
+    """Metadata of one grant (never its token)."""
+    ListGrants: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListGrantsRequest, _broker_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """Metadata of grants, newest first, by user or run."""
 
 class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +144,40 @@ class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.CompleteAuthorizationResponse, _abc.Awaitable[_broker_pb2.CompleteAuthorizationResponse]]:
         """Finish the flow with the callback's state and code (or error); stores the integration."""
+
+    @_abc_1.abstractmethod
+    def CreateGrant(
+        self,
+        request: _broker_pb2.CreateGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CreateGrantResponse, _abc.Awaitable[_broker_pb2.CreateGrantResponse]]:
+        """Create a run-scoped grant for one user's integrations. A caller configured
+        requires_grant (a workflow runner) presents the returned grant_token in metadata
+        x-broker-grant, next to its own credentials. The token is returned once, never again.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeGrant(
+        self,
+        request: _broker_pb2.RevokeGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.RevokeGrantResponse, _abc.Awaitable[_broker_pb2.RevokeGrantResponse]]:
+        """Revoke one grant (grant_id) or every grant of a run (run_id). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def GetGrant(
+        self,
+        request: _broker_pb2.GetGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetGrantResponse, _abc.Awaitable[_broker_pb2.GetGrantResponse]]:
+        """Metadata of one grant (never its token)."""
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _broker_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListGrantsResponse, _abc.Awaitable[_broker_pb2.ListGrantsResponse]]:
+        """Metadata of grants, newest first, by user or run."""
 
 def add_CredentialBrokerServicer_to_server(servicer: CredentialBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
