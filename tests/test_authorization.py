@@ -610,7 +610,7 @@ async def test_callback_of_another_user_is_refused_before_the_code_exchange(
     refused = [r for r in rows if r.outcome == "PERMISSION_DENIED"]
     assert len(refused) == 1
     assert refused[0].user_id == "attacker"
-    assert refused[0].detail and "not the user who began" in refused[0].detail
+    assert "not the user who began" in (refused[0].detail or "")
 
 
 async def test_complete_without_user_id_is_invalid_and_keeps_the_flow(

@@ -14,15 +14,16 @@ def test_quick_bench_writes_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "broker.bench", "--quick",
-         "--scenario", "echo", "--scenario", "sqlite-hot", "--json", str(out)],
+         "--scenario", "echo", "--scenario", "sqlite-hot", "--scenario", "sqlite-hot-grant",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["machine"]["nproc"] >= 1
     scenarios = result["scenarios"]
-    assert set(scenarios) == {"echo", "sqlite-hot"}
-    for name in ("echo", "sqlite-hot"):
+    assert set(scenarios) == {"echo", "sqlite-hot", "sqlite-hot-grant"}
+    for name in ("echo", "sqlite-hot", "sqlite-hot-grant"):
         figures = scenarios[name]
         assert figures["failed"] is None
         assert figures["throughput"] > 0
@@ -32,3 +33,6 @@ def test_quick_bench_writes_figures(tmp_path: Path) -> None:
     assert scenarios["sqlite-hot"]["response_bytes"] == scenarios["echo"]["response_bytes"]
     assert scenarios["sqlite-hot"]["ratios"]["throughput_vs_echo"] > 0
     assert "sqlite-hot" in done.stdout
+    # Every call of the grant scenario went through a grant (a refused one is an error).
+    assert scenarios["sqlite-hot-grant"]["details"]["grants"] == 200
+    assert "grant cost <= 5 %" in done.stdout

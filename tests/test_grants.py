@@ -456,7 +456,8 @@ async def test_grant_tokens_are_nowhere(
                 )
             ).all()
             for (name,) in names:
-                rows = (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()
+                # The names come from the catalogue, not from input.
+                rows = (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()  # noqa: S608
                 dumped.append(repr(rows))
     everything = "\n".join(dumped)
     assert "canary-1" in everything, "the dump did read the audit trail"
@@ -472,4 +473,5 @@ async def test_grant_tokens_are_nowhere(
         assert token not in everything
         assert token.encode() not in raw
         assert token not in logged
-        assert token[4:] not in everything and token[4:] not in logged
+        assert token[4:] not in everything
+        assert token[4:] not in logged

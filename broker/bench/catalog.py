@@ -26,6 +26,8 @@ SCENARIOS = (
     Scenario("echo-open", "echo floor at a fixed 500 calls/s (open loop)", None),
     Scenario("sqlite-open", "sqlite-hot at a fixed 500 calls/s (open loop)", "sqlite"),
     Scenario("pg-open", "pg-hot at a fixed 500 calls/s (open loop)", "pg"),
+    Scenario("sqlite-hot-grant", "sqlite-hot, runner presenting a grant per user", "sqlite"),
+    Scenario("pg-hot-grant", "pg-hot, runner presenting a grant per user", "pg"),
     Scenario("refresh-storm", "all expired at once, provider answers in 50 ms", "storm"),
     Scenario("scale-10k-hot", "PostgreSQL hot, 10,000 stored", "scale-10k"),
     Scenario("scale-10k-cold", "PostgreSQL cold, 10,000 stored", "scale-10k"),
@@ -40,6 +42,8 @@ GROUPS = {
     "postgres": ("pg-hot", "pg-cold"),
     "storm": ("refresh-storm",),
     "open": ("echo-open", "sqlite-open", "pg-open"),
+    # Under a grant against without one: the cost of grants on the hot path.
+    "grant": ("sqlite-hot", "sqlite-hot-grant", "pg-hot", "pg-hot-grant"),
     "scale": ("scale-10k-hot", "scale-10k-cold", "scale-1m-hot", "scale-1m-cold"),
     "scale-10k": ("scale-10k-hot", "scale-10k-cold"),
     "scale-1m": ("scale-1m-hot", "scale-1m-cold"),

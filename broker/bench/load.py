@@ -52,6 +52,8 @@ class Target:
     address: str
     bearer: str | None = None
     salt: str = "echo"
+    # Grant tokens by integration index (x-broker-grant), for a runner that requires one.
+    grants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ async def _call(
     index: int,
 ) -> tuple[float, str | None, int]:
     request = pb.GetAccessTokenRequest(integration_id=data.integration_id(target.salt, index))
+    if target.grants:
+        metadata = (*metadata, ("x-broker-grant", target.grants[index % len(target.grants)]))
     began = time.perf_counter()
     try:
         response = await stub.GetAccessToken(request, metadata=metadata, timeout=_CALL_TIMEOUT)

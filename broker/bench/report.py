@@ -172,6 +172,12 @@ def targets(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
         if small is not None and big is not None and small.throughput and big.throughput:
             ratio = big.throughput / small.throughput
             check(f"scale {temp}: 1M / 10k throughput within 10 %", ratio, 0.9, ratio >= 0.9)
+    for base in ("sqlite-hot", "pg-hot"):
+        plain, granted = by_name.get(base), by_name.get(f"{base}-grant")
+        if plain is not None and granted is not None and plain.throughput and granted.throughput:
+            ratio = granted.throughput / plain.throughput
+            check(f"{base}-grant: throughput / {base} >= 0.95 (grant cost <= 5 %)", ratio,
+                  0.95, ratio >= 0.95)  # fmt: skip
     big_hot = by_name.get("scale-1m-hot")
     if big_hot is not None and big_hot.rss_mib is not None:
         check("scale-1m-hot: broker RSS < 200 MiB (cache full)", big_hot.rss_mib, 200.0,

@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import grpc
 from sqlalchemy.engine import make_url
 
 from broker.bench import data, echo, load, procs, seed
@@ -116,6 +117,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
         self.keyring = generate_key("bench")
         self.bearer = "cb_bench_" + secrets.token_urlsafe(24)
+        self.issuer = "cb_bench_issuer_" + secrets.token_urlsafe(24)
         self.servers: list[procs.BrokerServer] = []
         self.databases: list[str] = []
         self.datasets: dict[str, Dataset] = {}
@@ -184,10 +186,11 @@ class Bench:
             return self.no_broker(scenario)
         if name == "refresh-storm":
             return self.storm(scenario)
-        hot = name.endswith(("-hot", "-open"))
+        hot = name.endswith(("-hot", "-open", "-hot-grant"))
         if name.startswith(("sqlite", "pg")):
             ds = self.dataset(name.partition("-")[0], o.rows)
-            return self.broker_run(scenario, ds, hot=hot, count=ds.rows)
+            grant = name.endswith("-grant")
+            return self.broker_run(scenario, ds, hot=hot, count=ds.rows, grant=grant)
         rows = o.scale_small if name.startswith("scale-10k") else o.scale_large
         ds = self.dataset(scenario.dataset or "", rows)
         working = min(o.working_set, rows)
@@ -262,6 +265,7 @@ class Bench:
         hot: bool,
         count: int,
         fill: int = 0,
+        grant: bool = False,
     ) -> ScenarioResult:
         """One broker, one timed run over integrations 0..count-1.
 
@@ -276,9 +280,17 @@ class Bench:
             "working_set": count,
             "cache": "on" if hot else "off",
         }
-        server = self.start_broker(ds, {} if hot else {"BROKER_CACHE__ENABLED": "false"})
+        server = self.start_broker(
+            ds, {} if hot else {"BROKER_CACHE__ENABLED": "false"}, grant=grant
+        )
         try:
             target = load.Target(server.address, bearer=self.bearer, salt=ds.salt)
+            if grant:
+                # The runner requires a grant: one per user (the issuer creates them over
+                # gRPC, as an orchestrator would), each presented with that user's calls.
+                tokens = asyncio.run(_create_grants(server.address, self.issuer, count))
+                target = load.Target(server.address, self.bearer, ds.salt, tokens)
+                details["grants"] = len(tokens)
             if fill:
                 # Fill the cache to its bound with distinct integrations so the RSS figure is
                 # the one of a full cache over a large table (capped in time; reported).
@@ -359,11 +371,13 @@ class Bench:
 
     # -- brokers --------------------------------------------------------------------------------
 
-    def start_broker(self, ds: Dataset, extra_env: dict[str, str]) -> procs.BrokerServer:
+    def start_broker(
+        self, ds: Dataset, extra_env: dict[str, str], *, grant: bool = False
+    ) -> procs.BrokerServer:
         env = procs.broker_env({"BROKER_KEYS": self.keyring, **extra_env})
         env.setdefault(_SECRET_ENV, "unused")
         args = ("--workers", str(self.options.workers)) if self.options.workers else ()
-        server = procs.BrokerServer(self._config(ds), env, args)
+        server = procs.BrokerServer(self._config(ds, grant=grant), env, args)
         self.servers.append(server)
         server.start()
         self.log(f"broker pid {server.pid} serving on {server.address} ({ds.key})")
@@ -383,7 +397,7 @@ class Bench:
             probe.bind(("127.0.0.1", 0))
             return int(probe.getsockname()[1])
 
-    def _config(self, ds: Dataset) -> Path:
+    def _config(self, ds: Dataset, *, grant: bool = False) -> Path:
         path = ds.config_dir / "broker.toml"
         self._metrics_port = _free_port()
         path.write_text(
@@ -398,6 +412,9 @@ class Bench:
                     f'listen = "127.0.0.1:{self._metrics_port}"',
                     "[callers.bench]",
                     f'token_sha256 = "{hash_token(self.bearer)}"',
+                    f"requires_grant = {'true' if grant else 'false'}",
+                    "[callers.bench-issuer]",
+                    f'token_sha256 = "{hash_token(self.issuer)}"',
                     f"[providers.{data.PROVIDER}]",
                     f"token_url = {_toml_string(ds.token_url)}",
                     'client_id = "fake-client"',
@@ -569,6 +586,34 @@ async def _no_broker_loop(
         await pool.close()
     latencies.sort()
     return load.LoadResult(len(latencies), duration, latencies, errors, 0, 1, in_flight)
+
+
+async def _create_grants(address: str, issuer: str, count: int) -> tuple[str, ...]:
+    """One grant per seeded user (integration index), created as an orchestrator would."""
+    from broker.api.credentialbroker.v1 import broker_pb2 as pb
+    from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    metadata = (("authorization", f"Bearer {issuer}"),)
+    tokens: list[str] = [""] * count
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        pending = iter(range(count))
+
+        async def worker() -> None:
+            for index in pending:
+                created = await stub.CreateGrant(
+                    pb.CreateGrantRequest(
+                        user_id=data.user_id(index),
+                        providers=[data.PROVIDER],
+                        run_id=f"bench-{index}",
+                    ),
+                    metadata=metadata,
+                    timeout=30,
+                )
+                tokens[index] = created.grant_token
+
+        await asyncio.gather(*(worker() for _ in range(16)))
+    return tuple(tokens)
 
 
 def _run_loop(coro: Any) -> load.LoadResult:

@@ -158,20 +158,21 @@ class GrantService:
                     "or purged after it expired)"
                 )
             self.cache.put(digest, grant, seen)
+        # Which grant and run a refusal was about, for the audit event (not secret).
+        about = {"grant_id": grant.id, "run_id": grant.run_id}
         if grant.revoked_at is not None:
-            raise GrantRevoked(f"grant {grant.id} was revoked", grant_id=grant.id)
+            raise GrantRevoked(f"grant {grant.id} was revoked", **about)
         if grant.expired(self.clock()):
             raise GrantExpired(
                 f"grant {grant.id} expired at {grant.expires_at.isoformat(timespec='seconds')}",
-                grant_id=grant.id,
+                **about,
             )
         if not grant.admits(caller.name, caller.requires_grant):
             raise GrantAudience(
-                f"caller {caller.name!r} is not in the audience of grant {grant.id}",
-                grant_id=grant.id,
+                f"caller {caller.name!r} is not in the audience of grant {grant.id}", **about
             )
         if method not in grant.methods:
-            raise GrantScope(f"grant {grant.id} does not authorise {method}", grant_id=grant.id)
+            raise GrantScope(f"grant {grant.id} does not authorise {method}", **about)
         return grant
 
     # -- create ----------------------------------------------------------------------------

@@ -236,6 +236,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         except BrokerError as error:
             call.detail = f"grant refused: {error.reason}"
             call.grant_id = error.metadata.get("grant_id")
+            call.run_id = error.metadata.get("run_id") or None
             self._access(call.caller, call.method, error.code, started, call)
             await self._audit_failure(call, error.code)
             await cast(Any, context).abort_with_status(to_status(error, call.request_id))
