@@ -27,6 +27,8 @@ RUNNER_TOKEN = "grant-runner-token"
 OTHER_TOKEN = "other-runner-token"
 LIMITED_TOKEN = "limited-issuer-token"
 PLAIN_TOKEN = "plain-reader-token"
+TENANT_TOKEN = "tenant-a-token"
+TENANT = (("authorization", f"Bearer {TENANT_TOKEN}"),)
 RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
 OTHER = (("authorization", f"Bearer {OTHER_TOKEN}"),)
 LIMITED = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
@@ -58,6 +60,8 @@ def grant_callers() -> dict[str, Any]:
             "max_grant_ttl": 600,
         },
         "plain": {"token_sha256": hash_token(PLAIN_TOKEN), "methods": ["GetAccessToken"]},
+        # Tied to one user, like a session's row-level security.
+        "tenant": {"token_sha256": hash_token(TENANT_TOKEN), "users": ["user-a"]},
     }
 
 
@@ -475,3 +479,40 @@ async def test_grant_tokens_are_nowhere(
         assert token not in logged
         assert token[4:] not in everything
         assert token[4:] not in logged
+
+
+async def test_caller_limited_to_users(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
+    ids = await seed(stub)
+    got = await stub.GetAccessToken(
+        pb.GetAccessTokenRequest(user_id="user-a", provider="twitter"), metadata=TENANT
+    )
+    assert got.access_token == "at-a-twitter"
+    for call in (
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(user_id="user-b", provider="twitter"), metadata=TENANT
+        ),
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(integration_id=ids["b-twitter"]), metadata=TENANT
+        ),
+        stub.GetIntegration(
+            pb.GetIntegrationRequest(integration_id=ids["b-twitter"]), metadata=TENANT
+        ),
+        stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-b"), metadata=TENANT),
+        stub.StoreIntegration(store_request(user_id="user-b"), metadata=TENANT),
+        create_grant(stub, TENANT, user_id="user-b"),
+    ):
+        await expect_error(call, Code.PERMISSION_DENIED, "PERMISSION_DENIED", contains="user")
+    listed = await stub.ListIntegrations(
+        pb.ListIntegrationsRequest(user_id="user-a"), metadata=TENANT
+    )
+    assert len(listed.integrations) == 2
+    # Its own grants only: another user's grant is as good as absent.
+    theirs = await create_grant(stub, user_id="user-b")
+    await expect_error(
+        stub.GetGrant(pb.GetGrantRequest(grant_id=theirs.grant_id), metadata=TENANT),
+        Code.NOT_FOUND,
+    )
+    await expect_error(
+        stub.RevokeGrant(pb.RevokeGrantRequest(grant_id=theirs.grant_id), metadata=TENANT),
+        Code.NOT_FOUND,
+    )
