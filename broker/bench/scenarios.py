@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import grpc
+import httpx
 from sqlalchemy.engine import make_url
 
 from broker.bench import data, echo, load, procs, seed
