@@ -108,3 +108,30 @@ class BrokerProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+async def run_cli(
+    database_url: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """``python -m broker ARGS`` against that database (test keys and environment):
+    exit code, stdout, stderr."""
+    from tests.conftest import ENVIRONMENT, KEYS
+
+    full = {
+        **os.environ,
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEYS": KEYS,
+        "BROKER_ENVIRONMENT": ENVIRONMENT,
+        **(env or {}),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        *args,
+        env=full,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, RUNNER, store_request
+from tests.conftest import ADMIN, RUNNER, store_request
+from tests.processes import run_cli
 
 
 async def audit_cli(database_url: str, *args: str) -> tuple[int, str, str]:
-    env = {
-        **os.environ,
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_KEYS": KEYS,
-        "BROKER_ENVIRONMENT": ENVIRONMENT,
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker",
-        "audit",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_cli(database_url, "audit", *args)
 
 
 async def test_audit_cli_filters(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, metadata
 from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
+from tests.test_authorization import FakeClock
 
 Code = grpc.StatusCode
 RUNNER_TOKEN = "grant-runner-token"
@@ -33,14 +34,6 @@ RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
 OTHER = (("authorization", f"Bearer {OTHER_TOKEN}"),)
 LIMITED = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
 PLAIN = (("authorization", f"Bearer {PLAIN_TOKEN}"),)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def grant_callers() -> dict[str, Any]:

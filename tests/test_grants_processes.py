@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,30 +30,10 @@ from tests.conftest import (
     make_settings,
     store_request,
 )
-from tests.processes import BrokerProcess, write_toml
+from tests.processes import BrokerProcess, run_cli, write_toml
 from tests.test_grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
 
 Code = grpc.StatusCode
-
-
-async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
-    env = {
-        **os.environ,
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_KEYS": KEYS,
-        "BROKER_ENVIRONMENT": ENVIRONMENT,
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 @pytest.fixture
@@ -83,7 +61,7 @@ async def test_sqlite_cli_disconnect_reaches_the_running_broker(
         await stub.GetAccessToken(request, metadata=ADMIN)
         assert broker.runtime.cache.hits >= 1
 
-        code, out, err = await cli(
+        code, out, err = await run_cli(
             url, "integrations", "disconnect", iid, "--skip-revocation", "--reason", "cli test"
         )
         assert code == 0, err
@@ -100,7 +78,7 @@ async def test_sqlite_cli_disconnect_reaches_the_running_broker(
         assert got.integration.status == pb.INTEGRATION_STATUS_DISCONNECTED
 
     # The CLI disconnect is audited like the RPC.
-    code, out, _ = await cli(url, "audit", "--integration", iid, "--json")
+    code, out, _ = await run_cli(url, "audit", "--integration", iid, "--json")
     events = json.loads(out)
     disconnects = [e for e in events if e["method"] == "Disconnect"]
     assert len(disconnects) == 1
@@ -124,22 +102,22 @@ async def test_sqlite_cli_grant_revocation_reaches_the_running_broker(
         await stub.GetAccessToken(request, metadata=md)
         await stub.GetAccessToken(request, metadata=md)
 
-        code, out, err = await cli(url, "grants", "list", "--run", "run-cli")
+        code, out, err = await run_cli(url, "grants", "list", "--run", "run-cli")
         assert code == 0, err
         assert created.grant_id in out
         assert created.grant_token not in out
-        code, out, err = await cli(url, "grants", "revoke", "--run", "run-cli")
+        code, out, err = await run_cli(url, "grants", "revoke", "--run", "run-cli")
         assert code == 0, err
         assert "1 grant(s) revoked" in out
 
         await expect_error(
             stub.GetAccessToken(request, metadata=md), Code.UNAUTHENTICATED, "GRANT_REVOKED"
         )
-        code, out, err = await cli(url, "grants", "show", created.grant_id, "--json")
+        code, out, err = await run_cli(url, "grants", "show", created.grant_id, "--json")
         assert json.loads(out)["state"] == "REVOKED"
 
     # Everything the run did, and its revocation, by run id.
-    code, out, _ = await cli(url, "audit", "--run", "run-cli", "--json")
+    code, out, _ = await run_cli(url, "audit", "--run", "run-cli", "--json")
     events = json.loads(out)
     methods = sorted(e["method"] for e in events)
     assert methods == [
