@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from broker.config import DatabaseSettings
 from broker.errors import ConfigError, StorageUnavailable
+from broker.storage.changes import bump
 from broker.storage.tables import change_log
 
 
@@ -44,6 +45,8 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
             url, connect_args={"timeout": settings.timeout_seconds}, pool_pre_ping=False
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if url.database and url.database != ":memory:":
+            event.listen(engine.sync_engine, "checkin", _stamp_after_commit(url.database))
         return engine
     engine = create_async_engine(
         url,
@@ -116,6 +119,18 @@ def _drop_broken_connection(context: Any) -> None:
         context.is_disconnect = True
 
 
+def _stamp_after_commit(database: str) -> Callable[[Any, Any], None]:
+    """A connection that announced changes is checked in after its transaction ended: move
+    the stamp other processes watch (``broker.storage.changes``). After a rollback the stamp
+    moves for nothing, which only costs the watchers one read of the change log."""
+
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_ANNOUNCED, False):
+            bump(database)
+
+    return on_checkin
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when an exception means "the database cannot be reached", not "bad data"."""
     if isinstance(exc, IntegrityError):
@@ -156,6 +171,7 @@ Invalidate = Callable[[str, str, str], None]
 CHANNEL = "broker_invalidate"
 # Revoked grants (payload: the grant id), heard by every replica's grant cache.
 GRANT_CHANNEL = "broker_grants"
+_ANNOUNCED = "announced_changes"
 
 
 @asynccontextmanager
@@ -194,14 +210,16 @@ async def announce(
     conn: AsyncConnection, channel: str, key: str, user_id: str = "", provider: str = ""
 ) -> None:
     """Tell other processes, once this transaction commits, that ``key`` changed: NOTIFY on
-    PostgreSQL (replicas), a ``change_log`` row on SQLite (another process on the same file,
-    e.g. the CLI; see ``broker.storage.changes``)."""
+    PostgreSQL (replicas), a ``change_log`` row on SQLite and, once the connection is back in
+    the pool, a moved stamp file (another process on the same file, e.g. the CLI; see
+    ``broker.storage.changes``)."""
     if conn.dialect.name == "postgresql":
         payload = "\x1f".join((key, user_id, provider))
         await conn.execute(
             text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
         )
     elif conn.dialect.name == "sqlite":
+        conn.info[_ANNOUNCED] = True
         await conn.execute(
             insert(change_log).values(
                 kind=channel,
