@@ -9,8 +9,9 @@ Besides the OAuth endpoints (/authorize consents at once and redirects with a co
 - ``GET /grant?user_id=U&expires_in=S`` — a new grant, as the JSON body of a StoreIntegration
   request (pipe it to ``grpcurl -d @``); the first access token lasts S seconds, refreshed ones
   an hour;
-- ``POST /consent`` with a BeginAuthorization response as JSON body — the user's consent from a
-  terminal: answers ``{"state", "code"}``, the body of a CompleteAuthorization request;
+- ``POST /consent?user_id=U`` with a BeginAuthorization response as JSON body — the user's
+  consent from a terminal: answers ``{"state", "code", "user_id"}``, the body of a
+  CompleteAuthorization request (U: the user whose session receives the callback);
 - ``GET /callback`` — the redirect_uri, where a browser lands after /authorize: shows the same
   ``{"state", "code"}`` (or the error);
 - ``GET /stats`` — how many refreshes it answered and how many tokens it revoked.
@@ -44,7 +45,7 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> FakeAuthServer:
         host=host,
     )
     fake.routes["/grant"] = lambda query, _body: _grant(fake, query)
-    fake.routes["/consent"] = lambda _query, body: _consent(fake, body)
+    fake.routes["/consent"] = lambda query, body: _consent(fake, body, query.get("user_id", ""))
     fake.routes["/callback"] = lambda query, _body: _callback(query)
     fake.routes["/stats"] = lambda _query, _body: (
         200,
@@ -78,13 +79,18 @@ def _grant(fake: FakeAuthServer, query: dict[str, str]) -> tuple[int, dict[str, 
     }
 
 
-def _consent(fake: FakeAuthServer, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _consent(
+    fake: FakeAuthServer, body: dict[str, Any], user_id: str = ""
+) -> tuple[int, dict[str, Any]]:
+    """``user_id`` plays the signed-in user of the session that receives the callback, which
+    CompleteAuthorization needs (the flow is bound to the user who began it)."""
     url = body.get("authorization_url") or body.get("authorizationUrl")
     if not isinstance(url, str):
         return 400, {"error": "send the BeginAuthorization response (its authorization_url)"}
     query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
     try:
-        return 200, _callback(fake.consent(query))[1]
+        answer = _callback(fake.consent(query))[1]
+        return 200, {**answer, "user_id": user_id} if user_id else answer
     except ValueError as exc:
         return 400, {"error": str(exc)}
 
