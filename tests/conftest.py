@@ -82,9 +82,17 @@ class PostgresFactory:
         self.created.append(name)
         return make_url(self.url).set(database=name).render_as_string(hide_password=False)
 
-    async def teardown(self) -> None:
-        for name in [*self.created, self.template]:
+    async def drop_created(self) -> None:
+        names, self.created = self.created, []
+        for name in names:
             await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    async def teardown(self) -> None:
+        await self.drop_created()
+        await self._admin(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+
+
+_FACTORIES: list[PostgresFactory] = []  # the session's, for the per-test clean-up
 
 
 def run_sync(coro: Any) -> Any:
@@ -102,8 +110,20 @@ def postgres() -> Iterator[PostgresFactory]:
         run_sync(factory.setup())
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(f"BROKER_TEST_DATABASE_URL is set but PostgreSQL is unusable: {exc}")
+    _FACTORIES.append(factory)
     yield factory
+    _FACTORIES.remove(factory)
     run_sync(factory.teardown())
+
+
+@pytest.fixture(autouse=True)
+def _drop_databases_after_each_test() -> Iterator[None]:
+    """A test's databases go when it ends (autouse: torn down after its brokers), so the
+    session's teardown does not drop hundreds at once under the last test's timeout."""
+    yield
+    for factory in _FACTORIES:
+        if factory.created:
+            run_sync(factory.drop_created())
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
