@@ -21,7 +21,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker
-from broker.storage.tables import audit_events, integrations
+from broker.storage.tables import audit_events, grants, integrations
 from tests.conftest import (
     ADMIN,
     ADMIN_TOKEN,
@@ -403,3 +403,41 @@ async def test_mutation_whose_event_cannot_be_written_writes_nothing(
     assert rows["req-store"].outcome == "OK"
     assert rows["req-disconnect"].integration_id == kept.integration.id
     assert rows["req-disconnect"].method == "Disconnect"
+
+
+async def test_grant_writes_whose_event_cannot_be_written_write_nothing(
+    stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, audit_table: AuditTable
+) -> None:
+    """CreateGrant and RevokeGrant commit their grant rows with their events, or neither."""
+    kept = await stub.CreateGrant(
+        pb.CreateGrantRequest(user_id="user-1", providers=["twitter"], run_id="run-kept"),
+        metadata=ADMIN,
+    )
+
+    async def grant_rows() -> list[Any]:
+        async with broker.engine.connect() as conn:
+            return list((await conn.execute(select(grants).order_by(grants.c.id))).all())
+
+    before = await grant_rows()
+    await audit_table.hide()
+    try:
+        await expect_error(
+            stub.CreateGrant(
+                pb.CreateGrantRequest(user_id="user-1", providers=["twitter"]), metadata=ADMIN
+            ),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        await expect_error(
+            stub.RevokeGrant(pb.RevokeGrantRequest(run_id="run-kept"), metadata=ADMIN),
+            Code.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        assert await grant_rows() == before
+    finally:
+        await audit_table.restore()
+    revoked = await stub.RevokeGrant(
+        pb.RevokeGrantRequest(grant_id=kept.grant_id), metadata=with_id(ADMIN, "req-revoke")
+    )
+    assert [g.id for g in revoked.grants] == [kept.grant_id]
+    assert (await by_request_id(broker))["req-revoke"].method == "RevokeGrant"

@@ -242,9 +242,10 @@ class GrantService:
             expires_at=now + lifetime,
         )
         token = new_token()
+        context.note_grant(grant.id, run_id)
         async with storage_errors(), self.engine.begin() as conn:
             await store.insert_grant(conn, grant, token_hash(token))
-        context.note_grant(grant.id, run_id)
+            await context.audit_in(conn)  # no grant without its event, nor the reverse
         return CreatedGrant(grant, token)
 
     async def _check_integrations(self, user_id: str, integration_ids: tuple[str, ...]) -> None:
@@ -279,6 +280,7 @@ class GrantService:
         async with storage_errors(), self.engine.begin() as conn:
             await store.revoke(conn, ids, now, by)
             revoked = [await store.by_id(conn, gid) for gid in ids]
+            await context.audit_in(conn)
         for gid in ids:
             self.cache.invalidate(gid)
         if ids:
