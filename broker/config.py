@@ -117,6 +117,8 @@ class KeysSettings(_Section):
     # Warn when a key has done this fraction of the 2^32 random-nonce encryptions that
     # NIST SP 800-38D allows per AES-GCM key; the default (1/4 = 2^30) leaves time to rotate.
     nonce_warn_fraction: float = Field(default=0.25, gt=0, le=1)
+    # How often a serving broker adds its encryption counts to key_usage (and at shutdown).
+    usage_flush_interval_seconds: float = Field(default=60.0, gt=0)
 
 
 class ProviderSettings(_Section):
@@ -191,8 +193,15 @@ class CallerSettings(_Section):
 class RefreshSettings(_Section):
     # Refresh when a token has less than this left (or less than the caller's min_valid_for).
     margin_seconds: float = Field(default=300.0, ge=0)
-    # HTTP timeout for one provider call; shorter than any lock we hold while waiting on it.
+    # How long a provider request that was sent waits for its answer (the read timeout). It
+    # runs on even after the caller's deadline: the answer may carry a rotated refresh token.
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Getting a connection (DNS, TCP, TLS), before anything is sent; only this phase is
+    # retried at once, since a request that never left cannot have rotated anything.
+    provider_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # After a sent refresh got no usable answer (read timeout, connection dropped, 5xx other
+    # than 503), the next refresh of that integration waits this long (see README).
+    outcome_unknown_retry_seconds: float = Field(default=30.0, ge=0, le=3600)
     max_attempts: int = Field(default=3, ge=1, le=10)
     background: bool = True
     background_interval_seconds: float = Field(default=30.0, gt=0)

@@ -13,7 +13,9 @@
     ├── ProviderMisconfigured        FAILED_PRECONDITION  PROVIDER_MISCONFIGURED
     ├── AuthorizationFlowInvalid     FAILED_PRECONDITION  AUTHORIZATION_FLOW_INVALID
     ├── GrantNotFound                NOT_FOUND            GRANT_NOT_FOUND
+    ├── MinValidityUnattainable      FAILED_PRECONDITION  MIN_VALIDITY_UNATTAINABLE
     ├── ProviderUnavailable          UNAVAILABLE          PROVIDER_UNAVAILABLE (+ RetryInfo)
+    │   └── ProviderOutcomeUnknown   (sent, no usable answer: the provider may have rotated)
     ├── StorageUnavailable           UNAVAILABLE          STORAGE_UNAVAILABLE
     ├── CiphertextInvalid            DATA_LOSS            CIPHERTEXT_INVALID
     ├── Unauthenticated              UNAUTHENTICATED      UNAUTHENTICATED
@@ -112,6 +114,18 @@ class ProviderUnavailable(BrokerError):
     def __init__(self, message: str, retry_after: float = 1.0, **metadata: str) -> None:
         super().__init__(message, **metadata)
         self.retry_after = retry_after
+
+
+class ProviderOutcomeUnknown(ProviderUnavailable):
+    """The request reached (or may have reached) the provider and no usable answer came back.
+    Never re-sent at once: a rotating provider may have used up the refresh token."""
+
+
+class MinValidityUnattainable(BrokerError):
+    """Even a just-issued token lives shorter than the caller's min_valid_for."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MIN_VALIDITY_UNATTAINABLE"
 
 
 class StorageUnavailable(BrokerError):

@@ -107,7 +107,12 @@ async def open_runtime(
         follow_redirects=False,
     )
     cipher = TokenCipher(keyring, settings.server.environment)
-    client = OAuthClient(http, settings.refresh.provider_timeout_seconds, clock=clock)
+    client = OAuthClient(
+        http,
+        settings.refresh.provider_timeout_seconds,
+        connect_timeout=settings.refresh.provider_connect_timeout_seconds,
+        clock=clock,
+    )
     refresher = RefreshEngine(engine, cipher, registry, client, settings.refresh, clock)
     service = IntegrationService(
         engine=engine,

@@ -7,7 +7,9 @@ Order of events for a token that is due (DESIGN §5):
 3. a *lease* on the row — one short UPDATE that succeeds only when nobody holds a live lease and
    the row is still the version we read. It works the same on SQLite and PostgreSQL, holds no
    database connection while the provider is called, and outlives the provider timeout times
-   the attempts, so a holder always hears back from the provider before its lease can lapse;
+   the attempts, so a holder always hears back from the provider before its lease can lapse.
+   On PostgreSQL the lease also names the holder's session (broker.storage.liveness): a dead
+   holder's lease is free at once, a live holder's is never taken away;
 4. re-read: only if the token is still stale do we call the provider;
 5. write new tokens with ``version + 1`` (compare-and-swap) and release the lease in the same
    statement.
@@ -16,6 +18,16 @@ After ``invalid_grant`` the row is re-read: if its version moved, another broker
 (we lost a race, not the grant) and its token is served. Tokens that the provider issued but the
 database would not take are kept in memory and retried until stored — never dropped: for a
 provider that rotates refresh tokens the old one is already dead.
+
+A request that was sent is never sent again because of a timeout: only failures that provably
+never reached the provider are retried at once (broker.providers.client). The provider call
+runs in its own task, shielded from callers: a caller whose deadline passes gets UNAVAILABLE
+with RetryInfo while the call goes on and its tokens are stored. When a sent request gets no
+usable answer the integration records ``last_refresh_error = 'outcome_unknown'`` and is not
+refreshed again before ``refresh.outcome_unknown_retry_seconds`` (README, "Refresh safety").
+
+On shutdown (``stop_claiming``) no new background work is claimed or started, retries stop,
+and the calls already sent run to their end and are stored.
 """
 
 from __future__ import annotations
@@ -50,7 +62,9 @@ from broker.errors import (
     BrokerError,
     GrantRejected,
     IntegrationNotFound,
+    MinValidityUnattainable,
     ProviderMisconfigured,
+    ProviderOutcomeUnknown,
     ProviderUnavailable,
     ReauthorizationRequired,
     StorageUnavailable,
@@ -68,6 +82,11 @@ log = logging.getLogger("broker.refresh")
 # How long a caller without a gRPC deadline may wait for a refresh, provider retries included.
 DEFAULT_BUDGET = 20.0
 _PERSIST_ATTEMPTS = 5
+OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+def _no_session() -> int | None:
+    return None
 
 
 @dataclass(slots=True)
@@ -113,6 +132,11 @@ class RefreshEngine:
         self.minter = Minter(client)
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
+        # Set by the server on PostgreSQL: the key of this process's session lock, recorded
+        # on every lease it takes (None: the lease is bounded by its time alone).
+        self.session: Callable[[], int | None] = _no_session
+        # Shutdown: no new background work, no retries; calls already sent run to their end.
+        self.draining = False
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -137,16 +161,54 @@ class RefreshEngine:
 
     async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken:
         """Refresh (sharing one flight per integration) and return a token for the caller."""
+        lifetime = stored.issued_lifetime_seconds
+        if lifetime is not None and not request.force_refresh:
+            # Remembered from the last refresh: asking the provider again would only bring
+            # another token of the same lifetime.
+            self._check_attainable(stored, request, lifetime)
         try:
-            fresh, refreshed = await self._flight(stored, request, wait=True)
+            async with asyncio.timeout(_caller_wait(request)):
+                fresh, refreshed = await self._flight(stored, request, wait=True)
+        except TimeoutError:
+            # The caller's deadline is about to pass; the refresh goes on in its own task and
+            # its tokens are stored. Answer while the caller can still hear it.
+            if self._still_satisfies(stored, request):
+                return self.cipher.access_token(stored)
+            raise ProviderUnavailable(
+                f"the refresh of integration {stored.integration.id} is still waiting for the "
+                "provider; it goes on and will be stored, retry shortly",
+                retry_after=1.0,
+                integration_id=stored.integration.id,
+            ) from None
         except ProviderUnavailable:
             # The provider is down; the token we have may still do for this caller.
-            left = remaining(stored.integration.expires_at, self.clock())
-            if left is not None and left >= request.min_valid_for and left > timedelta(0):
+            if self._still_satisfies(stored, request):
                 return self.cipher.access_token(stored)
             raise
         check_servable(fresh, request.required_scopes)
+        if refreshed and fresh.issued_lifetime_seconds is not None:
+            self._check_attainable(fresh, request, fresh.issued_lifetime_seconds)
         return self.cipher.access_token(fresh, refreshed=refreshed)
+
+    def _still_satisfies(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+        left = remaining(stored.integration.expires_at, self.clock())
+        return left is not None and left >= request.min_valid_for and left > timedelta(0)
+
+    def _check_attainable(
+        self, stored: StoredIntegration, request: TokenRequest, lifetime: int
+    ) -> None:
+        if request.min_valid_for <= timedelta(seconds=lifetime):
+            return
+        asked = request.min_valid_for.total_seconds()
+        raise MinValidityUnattainable(
+            f"min_valid_for {asked:g}s cannot be met: provider "
+            f"{stored.integration.provider!r} issues tokens valid for {lifetime}s; ask for at "
+            "most that",
+            integration_id=stored.integration.id,
+            provider=stored.integration.provider,
+            token_lifetime_seconds=str(lifetime),
+            min_valid_for_seconds=f"{asked:g}",
+        )
 
     async def _flight(
         self, stored: StoredIntegration, request: TokenRequest, *, wait: bool
@@ -194,6 +256,7 @@ class RefreshEngine:
                     return row, True
                 if not moved and not request.force_refresh and not self.due(row, request):
                     return row, False
+                self._check_cool_down(row, now)
                 if not row.renewable:
                     raise ReauthorizationRequired(
                         f"integration {iid} has no refresh token and its access token is "
@@ -201,7 +264,13 @@ class RefreshEngine:
                         integration_id=iid,
                     )
                 leased = await repository.take_lease(
-                    conn, iid, row.integration.version, self.owner, now, now + self.lease
+                    conn,
+                    iid,
+                    row.integration.version,
+                    self.owner,
+                    now,
+                    now + self.lease,
+                    self.session(),
                 )
             if leased:
                 return await self._refresh_leased(row, end), True
@@ -217,11 +286,30 @@ class RefreshEngine:
             if moved:
                 seen = row.integration.version
 
+    def _check_cool_down(self, row: StoredIntegration, now: Any) -> None:
+        """After a sent refresh whose fate is unknown, wait before presenting that refresh
+        token again (README, "Refresh safety")."""
+        until = row.next_refresh_at
+        if row.last_refresh_error != OUTCOME_UNKNOWN or until is None or until <= now:
+            return
+        raise ProviderUnavailable(
+            f"the last refresh of integration {row.integration.id} was sent but got no usable "
+            "answer; the broker waits before trying again",
+            retry_after=max(1.0, (until - now).total_seconds()),
+            integration_id=row.integration.id,
+        )
+
     # -- calling the provider ------------------------------------------------------------------
 
-    async def _refresh_leased(self, row: StoredIntegration, end: float) -> StoredIntegration:
+    async def _refresh_leased(
+        self, row: StoredIntegration, end: float, *, background: bool = False
+    ) -> StoredIntegration:
         iid = row.integration.id
         provider = row.integration.provider
+        if background and self.draining:
+            # Claimed but not started when shutdown began: give it back untouched.
+            await self._release(iid, {})
+            raise ProviderUnavailable("the broker is shutting down", integration_id=iid)
         try:
             profile = self.registry.get(provider)
         except UnknownProvider:
@@ -250,12 +338,21 @@ class RefreshEngine:
                 await self._release(iid, {"last_refresh_error": "client_rejected"})
                 log.error("provider %s rejected this broker's client: %s", provider, exc.message)
                 raise
+            except ProviderOutcomeUnknown as exc:
+                metrics.REFRESHES.labels(provider, "unknown").inc()
+                await self._outcome_unknown(row, exc)
             except ProviderUnavailable as exc:
                 metrics.REFRESHES.labels(provider, "unavailable").inc()
                 backoff = min(8.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 wait = max(backoff, min(exc.retry_after, 30.0) if attempt > 0 else 0.0)
-                timeout = self.settings.provider_timeout_seconds
-                if attempt >= self.settings.max_attempts or loop.time() + wait + timeout > end:
+                # Nothing was sent, so a retry is safe; it needs time to connect, not to be
+                # answered (the answer may outlive the caller: see refresh()).
+                connect = self.settings.provider_connect_timeout_seconds
+                if (
+                    attempt >= self.settings.max_attempts
+                    or self.draining
+                    or loop.time() + wait + connect > end
+                ):
                     failures = row.refresh_failures + 1
                     await self._release(
                         iid,
@@ -301,6 +398,34 @@ class RefreshEngine:
         refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
         return (lambda: self.client.refresh(profile, refresh_token)), refresh_token, {}
 
+    async def _outcome_unknown(self, row: StoredIntegration, exc: ProviderOutcomeUnknown) -> None:
+        iid = row.integration.id
+        cool_down = self.settings.outcome_unknown_retry_seconds
+        await self._release(
+            iid,
+            {
+                "refresh_failures": row.refresh_failures + 1,
+                "last_refresh_error": OUTCOME_UNKNOWN,
+                "next_refresh_at": self.clock() + timedelta(seconds=cool_down),
+            },
+        )
+        log.warning(
+            "refresh of integration %s (%s) was sent but its outcome is unknown (%s); not "
+            "sending that refresh token again for %gs. If the provider did rotate it, the next "
+            "attempt will be refused and the integration will need reauthorization",
+            iid,
+            row.integration.provider,
+            exc.message,
+            cool_down,
+        )
+        raise ProviderUnavailable(
+            f"provider {row.integration.provider!r} did not give a usable answer to the refresh "
+            f"of integration {iid}: {exc.message}",
+            retry_after=max(1.0, cool_down),
+            integration_id=iid,
+            provider=row.integration.provider,
+        ) from None
+
     def _values(
         self,
         row: StoredIntegration,
@@ -313,6 +438,7 @@ class RefreshEngine:
             if profile_default is not None
             else self.settings.default_expires_in_seconds
         )
+        lifetime = response.expires_in if response.expires_in is not None else default
         tokens = NewTokens(
             access_token=response.access_token,
             # Google (and others) omit refresh_token on refresh: keep the one we have.
@@ -329,6 +455,7 @@ class RefreshEngine:
             "refresh_failures": 0,
             "last_refresh_error": None,
             "next_refresh_at": None,
+            "issued_lifetime_seconds": lifetime or None,
         }
 
     async def _rejected(self, row: StoredIntegration, exc: GrantRejected) -> StoredIntegration:
@@ -446,10 +573,18 @@ class RefreshEngine:
             + [self.margin(p.name) for p in self.registry]
         )
         for _ in range(max_batches):
+            if self.draining:
+                break
             now = self.clock()
             async with write_transaction(self.engine, self.invalidate) as conn:
                 ids = await repository.claim_due(
-                    conn, now + widest + interval, now, now + self.lease, self.owner, batch
+                    conn,
+                    now + widest + interval,
+                    now,
+                    now + self.lease,
+                    self.owner,
+                    batch,
+                    self.session(),
                 )
             if not ids:
                 break
@@ -461,7 +596,15 @@ class RefreshEngine:
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
         async with storage_errors(), self.engine.connect() as conn:
             row = await repository.get(conn, iid)
-        if row is None or row.integration.id in self._flights or not self.due(row, ahead):
+        running = self._flights.get(iid)
+        if running is not None:
+            # A caller's flight of ours is on it (and takes our own lease as its own): let it
+            # finish, then make sure the lease claimed here does not linger.
+            with contextlib.suppress(BrokerError):
+                await asyncio.shield(running)
+            if iid in self._flights:
+                return
+        if row is None or running is not None or not self.due(row, ahead):
             await self._release(iid, {})
             return
         task = asyncio.create_task(self._leased_flight(row, ahead), name=f"refresh-{iid}")
@@ -476,12 +619,35 @@ class RefreshEngine:
     async def _leased_flight(
         self, row: StoredIntegration, request: TokenRequest
     ) -> tuple[StoredIntegration, bool]:
-        return await self._refresh_leased(row, self._budget_end(request)), True
+        return await self._refresh_leased(row, self._budget_end(request), background=True), True
 
-    async def run_background(self) -> None:
+    async def run_background(self, stop: asyncio.Event | None = None) -> None:
         await periodic.every(
             self.settings.background_interval_seconds,
             self.background_pass,
             "background refresh",
             "%d provider call(s)",
+            stop=stop,
         )
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def stop_claiming(self) -> None:
+        self.draining = True
+
+    async def drain(self, seconds: float) -> tuple[int, int]:
+        """Wait (at most ``seconds``) for every refresh in flight — caller or background — to
+        end and be stored; returns (how many were in flight, how many are still running)."""
+        self.draining = True
+        flights = list(self._flights.values())
+        if flights:
+            await asyncio.wait(flights, timeout=seconds)
+        return len(flights), sum(1 for f in flights if not f.done())
+
+
+def _caller_wait(request: TokenRequest) -> float | None:
+    """How long a caller waits on a flight: its deadline, less enough to deliver the answer."""
+    if request.deadline_seconds is None:
+        return None
+    left = request.deadline_seconds
+    return max(0.0, left - max(0.05, left * 0.1))

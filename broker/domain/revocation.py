@@ -8,6 +8,7 @@ attempts (FAILED). The ciphertexts are wiped as soon as the outcome is final.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -53,6 +54,8 @@ class ProviderRevoker:
         self.minter = Minter(client)
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
+        # Shutdown: the revocation under way finishes; the rest of the batch is given back.
+        self.draining = False
 
     async def revoke(self, stored: StoredIntegration) -> Revocation:
         integration = stored.integration
@@ -112,6 +115,7 @@ class ProviderRevoker:
             "revocation_attempts": attempts,
             "refresh_lease_owner": None,
             "refresh_lease_until": None,
+            "refresh_lease_session": None,
         }
         if outcome is Revocation.PENDING and attempts >= MAX_ATTEMPTS:
             values["revocation"] = Revocation.FAILED.value
@@ -140,7 +144,10 @@ class ProviderRevoker:
             ids = await repository.claim_pending_revocations(
                 conn, now, now + self.lease, self.owner, limit
             )
-        for iid in ids:
+        for n, iid in enumerate(ids):
+            if self.draining:
+                await self._release(ids[n:])
+                break
             async with storage_errors(), self.engine.connect() as conn:
                 stored = await repository.get(conn, iid)
             if stored is None:
@@ -149,5 +156,13 @@ class ProviderRevoker:
             await self.settle(iid, outcome, stored.revocation_attempts + 1)
         return len(ids)
 
-    async def run_background(self, interval: float) -> None:
-        await periodic.every(interval, self.retry_pending, "revocation retries", "%d tried")
+    async def _release(self, ids: list[str]) -> None:
+        async with write_transaction(self.engine, self.invalidate) as conn:
+            for iid in ids:
+                await repository.release_lease(conn, iid, self.owner, {})
+        log.info("shutdown: gave back %d pending revocation(s) not started", len(ids))
+
+    async def run_background(self, interval: float, stop: asyncio.Event | None = None) -> None:
+        await periodic.every(
+            interval, self.retry_pending, "revocation retries", "%d tried", stop=stop
+        )

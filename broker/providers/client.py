@@ -8,7 +8,18 @@ Every provider answer becomes a TokenResponse or one of the errors the refresh e
     ProviderMisconfigured    invalid_client, unauthorized_client, any other 4xx: our client
                              or request is wrong, and asking again will not change the answer
     ProviderUnavailable      429, 5xx, timeout, connection error, malformed 200: try later
+    └── ProviderOutcomeUnknown  the request was (or may have been) sent and no usable answer
+                             came back: a read timeout, a connection dropped after sending,
+                             500/502/504, a malformed 200. The provider may have rotated the
+                             refresh token, so sending the same one again may look like reuse.
     RevocationNotSupported   revoke() on a provider without a revocation endpoint
+
+Only what provably never reached the provider's token logic is a plain ProviderUnavailable,
+safe to send again at once: connection refused, DNS failure, connect timeout, no free pooled
+connection, and the answers that by definition mean "not processed" — 429 Too Many Requests,
+503 Service Unavailable, 408 Request Timeout and the OAuth ``temporarily_unavailable`` error.
+The connect phase has its own short timeout; once the request is on the wire the answer gets
+the (generous) read timeout.
 
 The client never retries; the refresh engine owns retries and backoff. Messages name the
 provider and the OAuth error code, and carry at most 200 characters of the provider's
@@ -33,6 +44,7 @@ from broker.errors import (
     BrokerError,
     GrantRejected,
     ProviderMisconfigured,
+    ProviderOutcomeUnknown,
     ProviderUnavailable,
 )
 from broker.providers.profile import ProviderProfile, Quirk
@@ -137,7 +149,9 @@ class OAuthClient:
     """Talks to providers' token and revocation endpoints.
 
     ``http`` is the process-wide client created at start-up (its connection pool is shared by
-    every provider); ``timeout`` applies to each request as a whole.
+    every provider). ``timeout`` is how long a request that was sent waits for its answer;
+    ``connect_timeout`` (default: the same) bounds getting a connection, before anything is
+    sent.
     """
 
     def __init__(
@@ -145,10 +159,13 @@ class OAuthClient:
         http: httpx.AsyncClient,
         timeout: float,
         *,
+        connect_timeout: float | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._http = http
+        connect = timeout if connect_timeout is None else min(connect_timeout, timeout)
         self._timeout = timeout
+        self._timeouts = httpx.Timeout(timeout, connect=connect, pool=connect)
         self._clock = clock
 
     async def refresh(
@@ -216,7 +233,8 @@ class OAuthClient:
         if not response.is_success:
             raise _classify(profile, response.status_code, body, "token request")
         if body is None:
-            raise ProviderUnavailable(
+            # A 200 that may carry tokens we cannot read: the provider may have rotated.
+            raise ProviderOutcomeUnknown(
                 f"{profile.name} answered the token request with a malformed response "
                 "(not a JSON object)",
                 provider=profile.name,
@@ -236,7 +254,7 @@ class OAuthClient:
             if "error" in body:
                 # GitHub reports errors with HTTP 200 and an "error" member.
                 raise _classify(profile, 400, body, "token request")
-            raise ProviderUnavailable(
+            raise ProviderOutcomeUnknown(
                 f"{profile.name} answered the token request with a malformed response "
                 "(no access_token)",
                 provider=profile.name,
@@ -268,9 +286,9 @@ class OAuthClient:
         else:
             body["client_id"] = client_id
         if profile.body_encoding == "json":
-            request = self._http.post(url, json=body, headers=headers, timeout=self._timeout)
+            request = self._http.post(url, json=body, headers=headers, timeout=self._timeouts)
         else:
-            request = self._http.post(url, data=body, headers=headers, timeout=self._timeout)
+            request = self._http.post(url, data=body, headers=headers, timeout=self._timeouts)
         return await self._await(profile, request, what)
 
     async def _revoke_github(self, profile: ProviderProfile, url: str, token: str) -> None:
@@ -282,7 +300,7 @@ class OAuthClient:
                 "Accept": "application/vnd.github+json",
                 "Authorization": _basic(profile.client_id or "", profile.client_secret or ""),
             },
-            timeout=self._timeout,
+            timeout=self._timeouts,
         )
         response, _ = await self._await(profile, request, "revocation")
         _raise_for_transient(profile, response)
@@ -296,16 +314,22 @@ class OAuthClient:
     ) -> tuple[httpx.Response, datetime]:
         try:
             response = await request
-        except httpx.TimeoutException as exc:
+        except _NEVER_SENT as exc:
+            # The class name says enough (ConnectError, ConnectTimeout...); the exception
+            # text can include the URL, which is fine, but keep the message uniform.
             raise ProviderUnavailable(
+                f"could not reach {profile.name} for the {what} ({type(exc).__name__})",
+                provider=profile.name,
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise ProviderOutcomeUnknown(
                 f"{profile.name} did not answer the {what} within {self._timeout:g}s",
                 provider=profile.name,
             ) from exc
         except httpx.TransportError as exc:
-            # The class name says enough (ConnectError, RemoteProtocolError...); the exception
-            # text can include the URL, which is fine, but keep the message uniform.
-            raise ProviderUnavailable(
-                f"could not reach {profile.name} for the {what} ({type(exc).__name__})",
+            raise ProviderOutcomeUnknown(
+                f"the connection to {profile.name} failed after the {what} was sent "
+                f"({type(exc).__name__})",
                 provider=profile.name,
             ) from exc
         return response, self._clock()
@@ -340,10 +364,24 @@ def _read_body(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+# Failures before a single byte of the request reached the provider.
+_NEVER_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+# Answers that say the request was not processed (RFC 9110 §15.5.9, §15.6.4; RFC 6585 §4).
+_NOT_PROCESSED = frozenset({408, 429, 503})
+
+
 def _raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> None:
     status = response.status_code
-    if status == 429 or status >= 500 or status == 408:
-        raise ProviderUnavailable(
+    if status in _NOT_PROCESSED or status >= 500:
+        # A 500, 502 or 504 may come after the provider rotated the token (a gateway timing
+        # out on a slow backend, a crash after the commit): the outcome is unknown.
+        kind = ProviderUnavailable if status in _NOT_PROCESSED else ProviderOutcomeUnknown
+        raise kind(
             f"{profile.name} answered HTTP {status}",
             retry_after=parse_retry_after(response.headers.get("retry-after")),
             provider=profile.name,

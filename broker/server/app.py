@@ -1,10 +1,12 @@
 """Start-up and shutdown: everything (engine, HTTP client, server) is created here, never at
-import. Graceful shutdown: health goes NOT_SERVING, in-flight calls get the grace period, then
-connections and engines close."""
+import. Graceful shutdown: health goes NOT_SERVING, no new background work is claimed, in-flight
+calls get the grace period while every provider call already sent runs to its end and is stored
+(bounded by the provider timeout), then connections and engines close."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
+from broker.domain.key_usage import flush_periodically
 from broker.domain.refresh import RefreshEngine
 from broker.domain.service import Clock, IntegrationService, utcnow
 from broker.errors import ConfigError
@@ -29,6 +32,8 @@ from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
 from broker.storage import repository
+from broker.storage.engine import write_transaction
+from broker.storage.liveness import SessionLock
 from broker.storage.notify import InvalidationListener
 
 log = logging.getLogger("broker.server")
@@ -48,6 +53,12 @@ class Broker:
     listener: InvalidationListener | None = None
     stop_metrics: Callable[[], None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Passes that call providers: told to stop and awaited, never cancelled mid-call.
+    provider_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stop_passes: asyncio.Event = field(default_factory=asyncio.Event)
+    # Cancelled last: it proves to other replicas that our leases are alive.
+    session_lock: SessionLock | None = None
+    session_task: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -68,7 +79,10 @@ class Broker:
             # Its shutdown blocks until the HTTP thread notices: keep the event loop free.
             await _bounded("metrics endpoint", asyncio.to_thread(self.stop_metrics), 5)
             self.stop_metrics = None
-        await self.server.stop(grace)
+        self.stop_passes.set()
+        self.refresher.stop_claiming()
+        self.runtime.revoker.draining = True
+        await asyncio.gather(self.server.stop(grace), self._drain())
         for task in self.tasks:
             task.cancel()
         if self.tasks:
@@ -82,7 +96,34 @@ class Broker:
         )
         if unsaved:
             log.error("shutting down with refreshed tokens that could not be stored")
+        if self.session_task is not None:
+            self.session_task.cancel()
+            await asyncio.wait([self.session_task], timeout=5)
         await _bounded("closing the database engine and HTTP client", self.runtime.close(), 10)
+
+    async def _drain(self) -> None:
+        """Let provider calls already sent finish and be stored: the background passes end
+        their current step (claimed work not started is given back), then every flight left
+        (callers' included) gets the provider timeout plus the store retries."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        settings = self.settings.refresh
+        bound = settings.provider_timeout_seconds + 15
+        in_flight = len(self.refresher._flights)
+        if self.provider_tasks:
+            _, pending = await asyncio.wait(self.provider_tasks, timeout=bound)
+            for task in pending:
+                log.error("shutdown: %s still running after %.0f s", task.get_name(), bound)
+                task.cancel()
+        waited, left = await self.refresher.drain(max(1.0, bound - (loop.time() - began)))
+        drained = max(in_flight, waited)
+        if drained or left:
+            log.info(
+                "shutdown: drained %d refresh(es) in flight in %.1f s; %d still running",
+                drained - left,
+                loop.time() - began,
+                left,
+            )
 
     def reload_callers(self, settings: Settings) -> None:
         """SIGHUP: new caller policies take effect for new calls; on error the old stay."""
@@ -178,6 +219,19 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
     await server.start()
     broker = Broker(settings, server, health_servicer, runtime, port, interceptor)
+    if settings.database.is_sqlite:
+        # One process owns the file: leases left in it belong to a broker that died.
+        async with write_transaction(runtime.engine) as conn:
+            stale = await repository.release_all_leases(conn)
+        if stale:
+            log.warning("took over %d refresh lease(s) left by a previous broker", stale)
+    else:
+        lock = SessionLock(settings.database.url.get_secret_value())
+        broker.session_lock = lock
+        broker.session_task = asyncio.create_task(lock.run(), name="lease-session")
+        runtime.refresher.session = lock.session
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lock.held.wait(), settings.database.timeout_seconds)
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
     if settings.cache.enabled and not settings.database.is_sqlite:
         broker.listener = InvalidationListener(
@@ -185,15 +239,30 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         )
         broker.tasks.append(asyncio.create_task(broker.listener.run(), name="cache-listener"))
     if settings.refresh.background:
-        broker.tasks.append(
-            asyncio.create_task(runtime.refresher.run_background(), name="background-refresh")
-        )
-        broker.tasks.append(
+        broker.provider_tasks.append(
             asyncio.create_task(
-                runtime.revoker.run_background(settings.refresh.background_interval_seconds),
+                runtime.refresher.run_background(broker.stop_passes), name="background-refresh"
+            )
+        )
+        broker.provider_tasks.append(
+            asyncio.create_task(
+                runtime.revoker.run_background(
+                    settings.refresh.background_interval_seconds, broker.stop_passes
+                ),
                 name="revocation-retries",
             )
         )
+    broker.tasks.append(
+        asyncio.create_task(
+            flush_periodically(
+                runtime.engine,
+                runtime.keyring,
+                settings.keys.usage_flush_interval_seconds,
+                settings.keys.nonce_warn_fraction,
+            ),
+            name="key-usage-flush",
+        )
+    )
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
     broker.tasks.append(asyncio.create_task(runtime.grants.run_purger(), name="grant-purger"))
     if settings.metrics.listen:

@@ -11,7 +11,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -43,6 +54,9 @@ _COLUMNS = (
     t.c.revocation_attempts,
     t.c.credential_type,
     t.c.credential_ct,
+    t.c.last_refresh_error,
+    t.c.next_refresh_at,
+    t.c.issued_lifetime_seconds,
 )
 _SELECT = select(*_COLUMNS)
 
@@ -91,6 +105,9 @@ def _stored(m: Mapping[Any, Any]) -> StoredIntegration:
         revocation=m["revocation"],
         revocation_attempts=int(m["revocation_attempts"]),
         credential_ct=m["credential_ct"],
+        last_refresh_error=m["last_refresh_error"],
+        next_refresh_at=utc(m["next_refresh_at"]),
+        issued_lifetime_seconds=m["issued_lifetime_seconds"],
     )
 
 
@@ -196,6 +213,30 @@ async def ping(conn: AsyncConnection) -> None:
 # -- refresh bookkeeping ---------------------------------------------------------------------
 
 
+# A lease holder's session lock (broker.storage.liveness) as pg_locks shows it.
+_HOLDER_GONE = text(
+    "NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+    " AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = integrations.refresh_lease_session)"
+)
+
+
+def _lease_free(conn: AsyncConnection, now: datetime) -> ColumnElement[bool]:
+    """Nobody may be refreshing this row. On PostgreSQL a lease whose holder's session is gone
+    is free at once, and one whose holder is alive is never free (it may have sent the
+    refresh token; see broker.storage.liveness); a lease without a session lapses by time."""
+    unleased = t.c.refresh_lease_until.is_(None)
+    lapsed = t.c.refresh_lease_until < now
+    if conn.dialect.name != "postgresql":
+        return or_(unleased, lapsed)
+    return or_(
+        unleased,
+        and_(t.c.refresh_lease_session.is_(None), lapsed),
+        and_(t.c.refresh_lease_session.is_not(None), _HOLDER_GONE),
+    )
+
+
 async def take_lease(
     conn: AsyncConnection,
     integration_id: str,
@@ -203,19 +244,32 @@ async def take_lease(
     owner: str,
     now: datetime,
     until: datetime,
+    session: int | None = None,
 ) -> bool:
-    """Claim the right to refresh this row: only if nobody holds a live lease and the row is
-    still the version we decided on. One short statement, no lock held during the HTTP call."""
+    """Claim the right to refresh this row: only if nobody else holds the lease and the row is
+    still the version we decided on. One short statement, no lock held during the HTTP call.
+    A lease this broker holds itself is free to it: the in-process single flight guarantees
+    nothing of ours is using it (a leftover of a flight whose release did not get through)."""
     result = await conn.execute(
         update(t)
         .where(
             t.c.id == integration_id,
             t.c.version == version,
-            or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
+            or_(_lease_free(conn, now), t.c.refresh_lease_owner == owner),
         )
-        .values(refresh_lease_owner=owner, refresh_lease_until=until)
+        .values(refresh_lease_owner=owner, refresh_lease_until=until, refresh_lease_session=session)
     )
     return result.rowcount == 1
+
+
+async def release_all_leases(conn: AsyncConnection) -> int:
+    """SQLite start-up: one process owns the file, so every lease left is a dead one's."""
+    result = await conn.execute(
+        update(t)
+        .where(t.c.refresh_lease_owner.is_not(None))
+        .values(refresh_lease_owner=None, refresh_lease_until=None, refresh_lease_session=None)
+    )
+    return int(result.rowcount or 0)
 
 
 async def release_lease(
@@ -225,7 +279,12 @@ async def release_lease(
     result = await conn.execute(
         update(t)
         .where(t.c.id == integration_id, t.c.refresh_lease_owner == owner)
-        .values(refresh_lease_owner=None, refresh_lease_until=None, **values)
+        .values(
+            refresh_lease_owner=None,
+            refresh_lease_until=None,
+            refresh_lease_session=None,
+            **values,
+        )
     )
     return result.rowcount == 1
 
@@ -238,7 +297,12 @@ async def write_refreshed(
         conn,
         integration_id,
         version,
-        {**values, "refresh_lease_owner": None, "refresh_lease_until": None},
+        {
+            **values,
+            "refresh_lease_owner": None,
+            "refresh_lease_until": None,
+            "refresh_lease_session": None,
+        },
     )
 
 
@@ -249,6 +313,7 @@ async def claim_due(
     until: datetime,
     owner: str,
     limit: int,
+    session: int | None = None,
 ) -> list[str]:
     """Lease up to ``limit`` connected integrations that expire before ``horizon`` and that
     nobody is refreshing. On PostgreSQL, replicas claiming at once skip each other's rows
@@ -269,16 +334,19 @@ async def claim_due(
             t.c.expires_at.is_not(None),
             t.c.expires_at < horizon,
             or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),
-            or_(t.c.refresh_lease_until.is_(None), t.c.refresh_lease_until < now),
+            _lease_free(conn, now),
         )
         .order_by(t.c.expires_at)
         .limit(limit),
         owner,
         until,
+        session,
     )
 
 
-async def _claim(conn: AsyncConnection, query: Any, owner: str, until: datetime) -> list[str]:
+async def _claim(
+    conn: AsyncConnection, query: Any, owner: str, until: datetime, session: int | None = None
+) -> list[str]:
     """Lease the rows ``query`` selects, in the same transaction as the selection."""
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -287,7 +355,9 @@ async def _claim(conn: AsyncConnection, query: Any, owner: str, until: datetime)
         await conn.execute(
             update(t)
             .where(t.c.id.in_(ids))
-            .values(refresh_lease_owner=owner, refresh_lease_until=until)
+            .values(
+                refresh_lease_owner=owner, refresh_lease_until=until, refresh_lease_session=session
+            )
         )
     return ids
 

@@ -68,6 +68,12 @@ integrations = Table(
     # long-lived secret in credential_ct (JSON, encrypted like the tokens).
     Column("credential_type", String(32), nullable=False, server_default="authorization_code"),
     Column("credential_ct", LargeBinary, nullable=True),
+    # PostgreSQL: the key of the session-level advisory lock the lease holder's process keeps
+    # for its whole life. Lock gone = holder gone, and the lease is free at once.
+    Column("refresh_lease_session", BigInteger, nullable=True),
+    # Lifetime (expires_in) of the last access token the provider issued: a min_valid_for
+    # longer than this cannot be met by refreshing again.
+    Column("issued_lifetime_seconds", Integer, nullable=True),
     UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),
