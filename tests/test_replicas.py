@@ -15,7 +15,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.server.callers import hash_token
-from broker.storage.engine import create_engine
+from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations
 from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
 from tests.fakeauth import FakeAuthServer
@@ -60,11 +60,28 @@ async def replicas(
     assert codes == [0, 0, 0], "graceful shutdown exits 0"
 
 
-async def expire_all(url: str) -> None:
+async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerStub], iid: str) -> None:
+    """Expire the tokens as a write would: announced to every replica's cache (NOTIFY), and
+    seen by each of them before the test goes on. (Changing the row behind the brokers' backs
+    left a replica answering from its cache — with the old expiry — when it had cached the row
+    after the last invalidation: no refresh in that rotation, the old flake "assert 2 == 3".)"""
     engine = create_engine(DatabaseSettings(url=url))
+    now = datetime.now(UTC)
     async with engine.begin() as conn:
-        await conn.execute(update(integrations).values(expires_at=datetime.now(UTC)))
+        await conn.execute(update(integrations).values(expires_at=now))
+        await touch(conn, iid)
     await engine.dispose()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    for stub in stubs:
+        while True:
+            got = await stub.GetIntegration(
+                pb.GetIntegrationRequest(integration_id=iid), metadata=ADMIN
+            )
+            if got.integration.expires_at.ToDatetime(UTC) <= now:
+                break
+            assert loop.time() < deadline, "a replica never heard of the write"
+            await asyncio.sleep(0.05)
 
 
 async def test_one_refresh_per_rotation_across_three_processes(
@@ -95,7 +112,7 @@ async def test_one_refresh_per_rotation_across_three_processes(
             assert fake.refresh_calls == rotation, "exactly one provider call per rotation"
             assert fake.is_access_token_active(tokens.pop())
             assert fake.is_grant_active(refresh), "the grant survived"
-            await expire_all(url)
+            await expire_all(url, stubs, iid)
     finally:
         for channel in channels:
             await channel.close(None)
