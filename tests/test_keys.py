@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shlex
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings, KeysSettings, load_settings
 from broker.crypto.aead import NONCE_LIMIT
 from broker.crypto.keys import generate_key, load_keyring, parse_keyring
 from broker.domain.key_usage import flush_key_usage, read_key_usage
 from broker.errors import ConfigError, StorageUnavailable
+from broker.server.app import start
 from broker.storage.engine import create_engine
+from tests.conftest import ADMIN, KEYS, make_settings, store_request
 
 
 def python_command(code: str) -> str:
@@ -135,3 +140,31 @@ async def test_key_usage_is_kept_when_the_database_is_down() -> None:
     finally:
         await down.dispose()
     assert ring.usage() == {"k1": 1}
+
+
+async def test_a_serving_broker_counts_its_encryptions(database_url: str) -> None:
+    """The periodic flush runs while serving, and once more at shutdown."""
+    broker = await start(
+        make_settings(database_url, keys={"keys": KEYS, "usage_flush_interval_seconds": 0.2})
+    )
+    kid = broker.runtime.keyring.primary_id
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            for n in range(5):
+                await stub.StoreIntegration(store_request(user_id=f"u{n}"), metadata=ADMIN)
+            # Each store encrypts two tokens; the flush adds them up while the broker serves.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while (await read_key_usage(broker.engine)).get(kid, 0) < 10:
+                assert loop.time() < deadline, "key usage never reached the table"
+                await asyncio.sleep(0.1)
+            await stub.StoreIntegration(store_request(user_id="last"), metadata=ADMIN)
+    finally:
+        engine = create_engine(DatabaseSettings(url=database_url))
+        await broker.stop(0)
+    try:
+        # The last store's two encryptions were flushed at shutdown at the latest.
+        assert (await read_key_usage(engine)).get(kid, 0) >= 12
+    finally:
+        await engine.dispose()

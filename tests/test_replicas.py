@@ -60,7 +60,7 @@ async def replicas(
     assert codes == [0, 0, 0], "graceful shutdown exits 0"
 
 
-async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerStub], iid: str) -> None:
+async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerAsyncStub], iid: str) -> None:
     """Expire the tokens as a write would: announced to every replica's cache (NOTIFY), and
     seen by each of them before the test goes on. (Changing the row behind the brokers' backs
     left a replica answering from its cache — with the old expiry — when it had cached the row

@@ -12,7 +12,12 @@ from urllib.parse import parse_qsl, unquote_plus
 import httpx
 import pytest
 
-from broker.errors import GrantRejected, ProviderMisconfigured, ProviderUnavailable
+from broker.errors import (
+    GrantRejected,
+    ProviderMisconfigured,
+    ProviderOutcomeUnknown,
+    ProviderUnavailable,
+)
 from broker.providers import (
     OAuthClient,
     ProviderProfile,
@@ -366,17 +371,22 @@ def test_retry_after_http_date() -> None:
 
 
 @pytest.mark.parametrize(
-    "exception",
+    ("exception", "sent"),
     [
-        httpx.ConnectTimeout("connect timed out"),
-        httpx.ReadTimeout("read timed out"),
-        httpx.ConnectError("connection refused"),
-        httpx.RemoteProtocolError("peer closed connection"),
+        (httpx.ConnectTimeout("connect timed out"), False),
+        (httpx.ConnectError("connection refused"), False),
+        (httpx.PoolTimeout("no free connection"), False),
+        (httpx.ReadTimeout("read timed out"), True),
+        (httpx.RemoteProtocolError("peer closed connection"), True),
+        (httpx.ReadError("connection reset"), True),
+        (httpx.WriteError("broken pipe"), True),
     ],
 )
 async def test_transport_failures_are_unavailable(
-    client: OAuthClient, recorder: Recorder, exception: Exception
+    client: OAuthClient, recorder: Recorder, exception: Exception, sent: bool
 ) -> None:
+    """Only what never left is safe to send again; the rest may have rotated the token."""
+
     def fail(request: httpx.Request) -> httpx.Response:
         raise exception
 
@@ -385,6 +395,31 @@ async def test_transport_failures_are_unavailable(
         await client.refresh(profile(), REFRESH)
     assert caught.value.retry_after == 1.0
     assert caught.value.__cause__ is exception
+    assert isinstance(caught.value, ProviderOutcomeUnknown) is sent
+
+
+@pytest.mark.parametrize(
+    ("status", "sent"), [(429, False), (503, False), (408, False), (500, True), (502, True)]
+)
+async def test_which_error_answers_may_have_rotated(
+    client: OAuthClient, recorder: Recorder, status: int, sent: bool
+) -> None:
+    recorder.answer(status, {"error": "whatever"})
+    with pytest.raises(ProviderUnavailable) as caught:
+        await client.refresh(profile(), REFRESH)
+    assert isinstance(caught.value, ProviderOutcomeUnknown) is sent
+
+
+async def test_connect_and_read_timeouts_are_separate(recorder: Recorder) -> None:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(recorder)) as http:
+        client = OAuthClient(http, timeout=30, connect_timeout=2)
+        await client.refresh(profile(), REFRESH)
+    assert recorder.last.extensions["timeout"] == {
+        "connect": 2,
+        "read": 30,
+        "write": 30,
+        "pool": 2,
+    }
 
 
 async def test_error_description_is_cleaned_and_truncated(
