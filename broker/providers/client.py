@@ -28,6 +28,8 @@ error_description; never a token, a secret, or a response body.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
 from base64 import b64encode
@@ -98,6 +100,7 @@ _ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _DESCRIPTION_LIMIT = 200
 _DEFAULT_RETRY_AFTER = 1.0
+_STALL_GRACE = 0.5
 
 
 class RevocationNotSupported(Exception):
@@ -165,7 +168,8 @@ class OAuthClient:
         self._http = http
         connect = timeout if connect_timeout is None else min(connect_timeout, timeout)
         self._timeout = timeout
-        self._timeouts = httpx.Timeout(timeout, connect=connect, pool=connect)
+        # The answer's timeout is ours (see _await), not httpx's read timeout.
+        self._timeouts = httpx.Timeout(timeout, connect=connect, pool=connect, read=None)
         self._clock = clock
 
     async def refresh(
@@ -312,8 +316,17 @@ class OAuthClient:
     async def _await(
         self, profile: ProviderProfile, request: Awaitable[httpx.Response], what: str
     ) -> tuple[httpx.Response, datetime]:
+        sending = asyncio.ensure_future(request)
         try:
-            response = await request
+            done, _ = await asyncio.wait({sending}, timeout=self._timeout)
+            if not done:
+                # A process that was stalled (SIGSTOP, a long pause) past the timeout may have
+                # the answer in its socket already: a timer that fired while we were frozen
+                # must not throw it away. One short look more.
+                done, _ = await asyncio.wait({sending}, timeout=_STALL_GRACE)
+            if not done:
+                raise httpx.ReadTimeout("no answer")
+            response = sending.result()
         except _NEVER_SENT as exc:
             # The class name says enough (ConnectError, ConnectTimeout...); the exception
             # text can include the URL, which is fine, but keep the message uniform.
@@ -332,6 +345,11 @@ class OAuthClient:
                 f"({type(exc).__name__})",
                 provider=profile.name,
             ) from exc
+        finally:
+            if not sending.done():
+                sending.cancel()
+                with contextlib.suppress(BaseException):
+                    await sending
         return response, self._clock()
 
 

@@ -68,9 +68,17 @@ class SessionLock:
                 return
             self.held.set()
             log.info("refresh lease session holding its lock")
-            while not conn.is_closed():
+            strikes = 0
+            while not conn.is_closed() and strikes < 2:
                 await asyncio.sleep(self.retry_seconds)
-                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=2)
+                try:
+                    await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+                    strikes = 0
+                except TimeoutError:
+                    # One timeout may only mean this process was frozen (SIGSTOP) while the
+                    # timer ran: dropping the session then would free our leases to others
+                    # while we still hold answers in our sockets. A second one is real.
+                    strikes += 1
         except Exception as exc:
             if self.held.is_set():
                 log.warning("refresh lease session lost (%s); reconnecting", type(exc).__name__)
