@@ -650,4 +650,4 @@ def _caller_wait(request: TokenRequest) -> float | None:
     if request.deadline_seconds is None:
         return None
     left = request.deadline_seconds
-    return max(0.0, left - max(0.05, left * 0.1))
+    return max(0.0, left - max(0.2, left * 0.1))

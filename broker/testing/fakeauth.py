@@ -153,6 +153,8 @@ class FakeAuthServer:
         # Extra endpoints: path -> function(query, body) -> (status, JSON body). The dev provider
         # adds its conveniences (mint a grant, consent from a terminal, show the callback) here.
         self.routes: dict[str, Route] = {}
+        self._rotations = 0
+        self._reuse_revocations = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -267,6 +269,27 @@ class FakeAuthServer:
     def is_minted_token_active(self, token: str) -> bool:
         with self._lock:
             return token in self._minted and token not in self.revoked
+
+    @property
+    def rotations(self) -> int:
+        """Refresh tokens issued by rotation (each one the broker must store)."""
+        with self._lock:
+            return self._rotations
+
+    @property
+    def reuse_revocations(self) -> int:
+        """Grants revoked because an already rotated refresh token came back."""
+        with self._lock:
+            return self._reuse_revocations
+
+    def revoked_grants(self, refresh_tokens: list[str]) -> int:
+        """How many of the grants these (original) refresh tokens belong to are revoked."""
+        with self._lock:
+            return sum(
+                1
+                for token in refresh_tokens
+                if (grant := self._grants.get(token)) is None or not grant.active
+            )
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -566,6 +589,7 @@ class _Handler(BaseHTTPRequestHandler):
             # A rotated token came back: someone holds a stale copy (or stole it), so the whole
             # grant goes, as RFC 9700 §4.14.2 recommends.
             fake._revoke_grant(grant)
+            fake._reuse_revocations += 1
             self._oauth_error("invalid_grant", description="refresh token reuse detected")
             return
         scopes = grant.scopes
@@ -579,6 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
             grant.used_refresh_tokens.add(grant.refresh_token)
             grant.refresh_token = _token("rt")
             fake._grants[grant.refresh_token] = grant
+            fake._rotations += 1
         self._issue(grant, scopes, include_refresh=not fake.omit_refresh_token)
 
     def _exchange(self, body: dict[str, Any]) -> None:
