@@ -154,6 +154,7 @@ class FakeAuthServer:
         # adds its conveniences (mint a grant, consent from a terminal, show the callback) here.
         self.routes: dict[str, Route] = {}
         self._rotations = 0
+        self._in_flight = 0
         self._reuse_revocations = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -275,6 +276,12 @@ class FakeAuthServer:
         """Refresh tokens issued by rotation (each one the broker must store)."""
         with self._lock:
             return self._rotations
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not answered yet (a dead client's included)."""
+        with self._lock:
+            return self._in_flight
 
     @property
     def reuse_revocations(self) -> int:
@@ -412,6 +419,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        fake = self.server_fake
+        with fake._lock:
+            fake._in_flight += 1
+        try:
+            self._handle(method)
+        finally:
+            with fake._lock:
+                fake._in_flight -= 1
+
+    def _handle(self, method: str) -> None:
         fake = self.server_fake
         parts = urlsplit(self.path)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))

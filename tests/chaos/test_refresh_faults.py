@@ -24,6 +24,8 @@ SIZE = 10
 async def assert_nothing_lost(cluster: Any, figures: Figures, *, window: int = 0) -> None:
     """Rotations issued = stored and no grant revoked — beyond ``window`` grants that were in
     flight when the process died (the documented kill -9 crash window)."""
+    # A dead client's requests are still processed by the provider: count them too.
+    await wait_for(lambda: cluster.fake.in_flight == 0, "the provider to finish", within=30)
     figures.rotations_issued = cluster.fake.rotations
     figures.rotations_stored = await cluster.rotations_stored()
     figures.grants_lost = cluster.lost()
