@@ -166,10 +166,13 @@ class RefreshEngine:
             # Remembered from the last refresh: asking the provider again would only bring
             # another token of the same lifetime.
             self._check_attainable(stored, request, lifetime)
+        patience = asyncio.timeout(_caller_wait(request))
         try:
-            async with asyncio.timeout(_caller_wait(request)):
+            async with patience:
                 fresh, refreshed = await self._flight(stored, request, wait=True)
         except TimeoutError:
+            if not patience.expired():
+                raise
             # The caller's deadline is about to pass; the refresh goes on in its own task and
             # its tokens are stored. Answer while the caller can still hear it.
             if self._still_satisfies(stored, request):
@@ -186,8 +189,12 @@ class RefreshEngine:
                 return self.cipher.access_token(stored)
             raise
         check_servable(fresh, request.required_scopes)
-        if refreshed and fresh.issued_lifetime_seconds is not None:
-            self._check_attainable(fresh, request, fresh.issued_lifetime_seconds)
+        left = remaining(fresh.integration.expires_at, self.clock())
+        if refreshed and left is not None and left < request.min_valid_for:
+            lifetime = fresh.issued_lifetime_seconds
+            raise _unattainable(
+                fresh, request, int(left.total_seconds()) if lifetime is None else lifetime
+            )
         return self.cipher.access_token(fresh, refreshed=refreshed)
 
     def _still_satisfies(self, stored: StoredIntegration, request: TokenRequest) -> bool:
@@ -197,18 +204,9 @@ class RefreshEngine:
     def _check_attainable(
         self, stored: StoredIntegration, request: TokenRequest, lifetime: int
     ) -> None:
-        if request.min_valid_for <= timedelta(seconds=lifetime):
-            return
-        asked = request.min_valid_for.total_seconds()
-        raise MinValidityUnattainable(
-            f"min_valid_for {asked:g}s cannot be met: provider "
-            f"{stored.integration.provider!r} issues tokens valid for {lifetime}s; ask for at "
-            "most that",
-            integration_id=stored.integration.id,
-            provider=stored.integration.provider,
-            token_lifetime_seconds=str(lifetime),
-            min_valid_for_seconds=f"{asked:g}",
-        )
+        # Equal cannot be met either: the token starts losing time the moment it is issued.
+        if request.min_valid_for >= timedelta(seconds=lifetime):
+            raise _unattainable(stored, request, lifetime)
 
     async def _flight(
         self, stored: StoredIntegration, request: TokenRequest, *, wait: bool
@@ -643,6 +641,20 @@ class RefreshEngine:
         if flights:
             await asyncio.wait(flights, timeout=seconds)
         return len(flights), sum(1 for f in flights if not f.done())
+
+
+def _unattainable(
+    stored: StoredIntegration, request: TokenRequest, lifetime: int
+) -> MinValidityUnattainable:
+    asked = request.min_valid_for.total_seconds()
+    return MinValidityUnattainable(
+        f"min_valid_for {asked:g}s cannot be met: provider {stored.integration.provider!r} "
+        f"issues tokens valid for {lifetime}s; ask for less than that",
+        integration_id=stored.integration.id,
+        provider=stored.integration.provider,
+        token_lifetime_seconds=str(lifetime),
+        min_valid_for_seconds=f"{asked:g}",
+    )
 
 
 def _caller_wait(request: TokenRequest) -> float | None:
