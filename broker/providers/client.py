@@ -100,7 +100,7 @@ _ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _DESCRIPTION_LIMIT = 200
 _DEFAULT_RETRY_AFTER = 1.0
-_STALL_GRACE = 0.5
+_STALL_GRACE = 0.2
 
 
 class RevocationNotSupported(Exception):
@@ -320,9 +320,10 @@ class OAuthClient:
         try:
             done, _ = await asyncio.wait({sending}, timeout=self._timeout)
             if not done:
-                # A process that was stalled (SIGSTOP, a long pause) past the timeout may have
-                # the answer in its socket already: a timer that fired while we were frozen
-                # must not throw it away. One short look more.
+                # The timer may have run out while this process was frozen (SIGSTOP, a long
+                # pause) with the answer already in its socket; on waking, the timer and the
+                # read are due together and the timer can win. One short look more lets an
+                # answer that is already here be read instead of thrown away.
                 done, _ = await asyncio.wait({sending}, timeout=_STALL_GRACE)
             if not done:
                 raise httpx.ReadTimeout("no answer")
