@@ -133,6 +133,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return await new_database(backend, tmp_path, request)
+
+
+async def new_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated database: a SQLite file in ``tmp_path`` or a PostgreSQL copy."""
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
         from broker.config import DatabaseSettings

@@ -666,5 +666,6 @@ def _caller_wait(request: TokenRequest) -> float | None:
 
 
 def _answer_time(budget: float) -> float:
-    # Time kept back from a caller's deadline to deliver the answer on a busy host.
-    return max(0.2, budget * 0.1)
+    # Time kept back from a caller's deadline to deliver the answer (the audit write included)
+    # on a busy host: a fifth, at least half a second, at most half the deadline.
+    return min(max(0.5, budget * 0.2), budget / 2)

@@ -34,10 +34,9 @@ from broker.crypto.keys import parse_keyring
 from broker.domain.service import REFRESH, TokenCipher
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
-from broker.storage.schema import migrate
 from broker.storage.tables import integrations as t
 from broker.testing.fakeauth import FakeAuthServer
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory, retry_info
+from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, new_database, retry_info
 from tests.processes import BrokerProcess, write_toml
 
 Code = grpc.StatusCode
@@ -54,17 +53,6 @@ def fake() -> Iterator[FakeAuthServer]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def chaos_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-async def new_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    if backend == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
-        engine = create_engine(DatabaseSettings(url=url))
-        await migrate(engine, ENVIRONMENT)
-        await engine.dispose()
-        return url
-    factory: PostgresFactory = request.getfixturevalue("postgres")
-    return await factory.new()
 
 
 @dataclass

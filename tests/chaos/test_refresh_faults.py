@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import update
 from broker.storage.tables import integrations as t
 from tests.chaos.conftest import Code, Figures, call_token, until_served, wait_for
 from tests.fakeauth import FakeAuthServer
+from tests.processes import BrokerProcess
 
 pytestmark = pytest.mark.chaos
 
@@ -35,6 +37,27 @@ async def assert_nothing_lost(cluster: Any, figures: Figures, *, window: int = 0
     if not window:
         assert figures.rotations_issued == figures.rotations_stored
         assert sorted(await cluster.in_sync()) == sorted(cluster.grants)
+
+
+async def kill_9(
+    victim: BrokerProcess,
+    calls: Sequence[asyncio.Future[Code]],
+    fake: FakeAuthServer,
+    figures: Figures,
+) -> tuple[int, float]:
+    """kill -9 with refreshes in flight; returns (requests in flight, when it died). The calls
+    to the victim are dropped from the figures: nobody can answer them."""
+    window = fake.refresh_calls - fake.rotations
+    assert victim.proc is not None
+    victim.proc.kill()
+    killed = time.monotonic()
+    await victim.proc.wait()
+    for call in calls:
+        call.cancel()
+    fake.latency = 0.0
+    figures.calls = 0
+    figures.errors.clear()
+    return window, killed
 
 
 async def test_sigterm_during_background_refreshes(
@@ -96,16 +119,7 @@ async def test_kill_9_during_refreshes_another_replica_takes_over(
     fake.latency = 2.0  # the answers are still on their way when the process dies
     calls = [asyncio.ensure_future(call_token(stub, iid, figures, 30)) for iid in crashing]
     await wait_for(lambda: fake.refresh_calls >= len(crashing), "refreshes sent")
-    window = fake.refresh_calls - fake.rotations
-    assert victim.proc is not None
-    victim.proc.kill()
-    killed = time.monotonic()
-    await victim.proc.wait()
-    for call in calls:
-        call.cancel()
-    fake.latency = 0.0
-    figures.calls = 0
-    figures.errors.clear()
+    window, killed = await kill_9(victim, calls, fake, figures)
     # The survivor must not wait out the dead holder's lease: its session is gone.
     done = await until_served(
         survivor, ids, figures, give_up_on=frozenset({Code.FAILED_PRECONDITION})
@@ -190,19 +204,10 @@ async def test_kill_9_on_sqlite_the_restarted_broker_takes_its_leases_back(
     fake.latency = 2.0
     calls = [asyncio.ensure_future(call_token(stub, iid, figures, 30)) for iid in ids[:2]]
     await wait_for(lambda: fake.refresh_calls >= 2, "refreshes sent")
-    window = fake.refresh_calls - fake.rotations
-    assert victim.proc is not None
-    victim.proc.kill()
-    killed = time.monotonic()
-    await victim.proc.wait()
-    for call in calls:
-        call.cancel()
-    fake.latency = 0.0
+    window, killed = await kill_9(victim, calls, fake, figures)
     assert await cluster.leases() == 2, "the dead broker left its leases"
     restarted, stub = await cluster.start()
     assert any("took over 2 refresh lease(s)" in line for line in restarted.log)
-    figures.calls = 0
-    figures.errors.clear()
     done = await until_served(stub, ids, figures, give_up_on=frozenset({Code.FAILED_PRECONDITION}))
     figures.recovery_seconds = max(done.values()) - killed
     figures.notes["crash_window_requests"] = window
