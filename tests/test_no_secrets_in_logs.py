@@ -169,7 +169,13 @@ def settings(
             }
         },
         callers={"canary": {"token_sha256": hash_token(canaries.bearer)}},
-        refresh={"provider_timeout_seconds": 2, "max_attempts": 1, "background": False},
+        # No pause after the unknown outcome ("garbage"): the flow goes on to invalid_grant.
+        refresh={
+            "provider_timeout_seconds": 2,
+            "max_attempts": 1,
+            "background": False,
+            "outcome_unknown_retry_seconds": 0,
+        },
         logging={"level": "DEBUG", "access_log_level": "DEBUG"},
     )
 

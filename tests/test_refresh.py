@@ -289,11 +289,15 @@ async def test_invalid_grant_after_a_lost_race_serves_the_new_token(
 ) -> None:
     iid, _, _ = await store_grant(stub, fake)
     fake.fail_next("invalid_grant", 1)
-    fake.latency = 0.5
+    fake.latency = 1.0
     call = asyncio.ensure_future(token(stub, iid))
-    await asyncio.sleep(0.2)
-    # Meanwhile another writer puts newer tokens into the row.
-    fake.latency = 0.0
+    # Once the refresh is at the provider (not after a fixed sleep: a busy host may not have
+    # sent it yet), another writer puts newer tokens into the row.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while fake.refresh_calls < 1:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
     newer_access, newer_refresh = fake.issue_grant()
     await stub.StoreIntegration(
         pb.StoreIntegrationRequest(
@@ -306,6 +310,7 @@ async def test_invalid_grant_after_a_lost_race_serves_the_new_token(
         metadata=ADMIN,
     )
     got = await call
+    fake.latency = 0.0
     assert got.access_token == newer_access
     after = await stub.GetIntegration(pb.GetIntegrationRequest(integration_id=iid), metadata=ADMIN)
     assert after.integration.status == pb.INTEGRATION_STATUS_CONNECTED

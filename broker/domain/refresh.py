@@ -633,6 +633,10 @@ class RefreshEngine:
     def stop_claiming(self) -> None:
         self.draining = True
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
     async def drain(self, seconds: float) -> tuple[int, int]:
         """Wait (at most ``seconds``) for every refresh in flight — caller or background — to
         end and be stored; returns (how many were in flight, how many are still running)."""

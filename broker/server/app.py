@@ -109,7 +109,7 @@ class Broker:
         began = loop.time()
         settings = self.settings.refresh
         bound = settings.provider_timeout_seconds + 15
-        in_flight = len(self.refresher._flights)
+        in_flight = self.refresher.in_flight
         if self.provider_tasks:
             _, pending = await asyncio.wait(self.provider_tasks, timeout=bound)
             for task in pending:
