@@ -137,6 +137,9 @@ class RefreshEngine:
         self.session: Callable[[], int | None] = _no_session
         # Shutdown: no new background work, no retries; calls already sent run to their end.
         self.draining = False
+        # Callers waiting on a flight, and the loop time by which shutdown needs them answered.
+        self._waiting: set[asyncio.Timeout] = set()
+        self._answer_by: float | None = None
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -166,9 +169,11 @@ class RefreshEngine:
             # Remembered from the last refresh: asking the provider again would only bring
             # another token of the same lifetime.
             self._check_attainable(stored, request, lifetime)
-        patience = asyncio.timeout(_caller_wait(request))
+        patience = asyncio.timeout(None)
+        self._waiting.add(patience)
         try:
             async with patience:
+                self._bound(patience, _caller_wait(request))
                 fresh, refreshed = await self._flight(stored, request, wait=True)
         except TimeoutError:
             if not patience.expired():
@@ -188,6 +193,8 @@ class RefreshEngine:
             if self._still_satisfies(stored, request):
                 return self.cipher.access_token(stored)
             raise
+        finally:
+            self._waiting.discard(patience)
         check_servable(fresh, request.required_scopes)
         left = remaining(fresh.integration.expires_at, self.clock())
         if refreshed and left is not None and left < request.min_valid_for:
@@ -196,6 +203,26 @@ class RefreshEngine:
                 fresh, request, int(left.total_seconds()) if lifetime is None else lifetime
             )
         return self.cipher.access_token(fresh, refreshed=refreshed)
+
+    def _bound(self, patience: asyncio.Timeout, seconds: float | None) -> None:
+        """How long a caller waits on a flight: its deadline, and during shutdown no longer
+        than the server's grace period (the flight itself goes on and is stored)."""
+        loop = asyncio.get_running_loop()
+        ends = [] if seconds is None else [loop.time() + seconds]
+        if self._answer_by is not None:
+            ends.append(self._answer_by)
+        current = patience.when()
+        if current is not None:
+            ends.append(current)
+        if ends:
+            patience.reschedule(min(ends))
+
+    def answer_callers_by(self, when: float) -> None:
+        """Shutdown: callers still waiting on a provider get UNAVAILABLE (with RetryInfo) by
+        loop time ``when`` instead of being cancelled with the server."""
+        self._answer_by = when
+        for patience in list(self._waiting):
+            self._bound(patience, None)
 
     def _still_satisfies(self, stored: StoredIntegration, request: TokenRequest) -> bool:
         left = remaining(stored.integration.expires_at, self.clock())

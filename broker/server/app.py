@@ -81,6 +81,10 @@ class Broker:
             self.stop_metrics = None
         self.stop_passes.set()
         self.refresher.stop_claiming()
+        # Callers still waiting on a provider when the grace ends would be CANCELLED with the
+        # server: answer them UNAVAILABLE a little before, while their refreshes go on.
+        loop = asyncio.get_running_loop()
+        self.refresher.answer_callers_by(loop.time() + max(0.0, grace - min(1.0, grace / 5)))
         self.runtime.revoker.draining = True
         await asyncio.gather(self.server.stop(grace), self._drain())
         for task in self.tasks:

