@@ -96,7 +96,7 @@ async def test_one_mint_for_200_callers_across_three_processes(
             assert fake.mint_calls == round_, "exactly one mint across the three processes"
             assert fake.is_minted_token_active(tokens.pop())
             # Expired again: the next round needs exactly one more mint.
-            await expire_all(url)
+            await expire_all(url, stubs, stored.integration.id)
     finally:
         for channel in channels:
             await channel.close(None)

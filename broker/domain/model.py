@@ -97,6 +97,7 @@ class StoredIntegration:
         if self.integration.credential_type is Kind.AUTHORIZATION_CODE:
             return self.access_token_ct is None
         return self.credential_ct is None
+
     # Refresh bookkeeping the engine acts on (never shown to callers).
     last_refresh_error: str | None = None
     next_refresh_at: datetime | None = None

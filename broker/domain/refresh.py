@@ -418,7 +418,17 @@ class RefreshEngine:
             credential = self.cipher.credential(row)
             # Re-encrypted under the primary key in the same write, so the row's key_id holds.
             carried = self.cipher.credential_values(iid, credential)
-            return (lambda: self.minter.mint(profile, kind.value, credential.fields)), None, carried
+
+            async def mint() -> TokenResponse:
+                try:
+                    return await self.minter.mint(profile, kind.value, credential.fields)
+                except ProviderOutcomeUnknown as exc:
+                    # Minting again uses nothing up: a lost answer is only a retryable failure.
+                    raise ProviderUnavailable(
+                        exc.message, retry_after=exc.retry_after, **exc.metadata
+                    ) from exc
+
+            return mint, None, carried
         assert row.refresh_token_ct is not None
         refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
         return (lambda: self.client.refresh(profile, refresh_token)), refresh_token, {}
