@@ -1,7 +1,7 @@
 """Refresh safety: the lease holder's session key, and the lifetime the provider last issued.
 
 Revision ID: 0004
-Revises: 0007
+Revises: 0005
 Create Date: 2026-11-27
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0007"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
