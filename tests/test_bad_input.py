@@ -208,3 +208,21 @@ async def test_undecodable_health_request_is_invalid_argument(
         assert response is not None
         break
     assert not tracebacks(caplog.records)
+
+
+async def test_undecodable_reflection_request_ends_the_stream_cleanly(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", None, None
+    )
+
+    async def garbage() -> Any:
+        yield b"\x0a\x02\xc3\x28"
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in reflect(garbage(), metadata=ADMIN):
+            pass
+    assert caught.value.code() == Code.INVALID_ARGUMENT
+    assert not tracebacks(caplog.records)

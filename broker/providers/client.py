@@ -508,8 +508,12 @@ def _expires_in(value: object) -> int | None:
         except ValueError:
             return None
         if math.isfinite(seconds):
-            return max(0, int(seconds))
+            # A lifetime past any real token's (and past what datetime can add) is "a century".
+            return min(max(0, int(seconds)), _LONGEST_EXPIRES_IN)
     return None
+
+
+_LONGEST_EXPIRES_IN = 100 * 365 * 24 * 3600
 
 
 def _scopes(value: object) -> tuple[str, ...] | None:

@@ -124,3 +124,27 @@ def guard(handler: Any) -> Any:
         return await behaviour(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+
+class UndecodableInStream(Exception):
+    """A request of a client stream did not decode (see ``screened``)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+async def screened(requests: Any) -> Any:
+    """A client stream's requests, stopping at the first one that did not decode: the
+    servicer reading it never sees an ``Undecodable``, and the caller ends the call cleanly."""
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise UndecodableInStream(request.problem)
+        yield request
+
+
+def end_stream(problem: str, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """End a bidirectional stream with INVALID_ARGUMENT (set, not abort: see the interceptor)."""
+    _log.note(method, problem)
+    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+    context.set_details("the request body could not be decoded as the method's request message")

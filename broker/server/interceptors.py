@@ -196,6 +196,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
         if handler.request_streaming and handler.response_streaming:
             inner = handler.stream_stream
+            kwargs["request_deserializer"] = decoding.tolerant(handler.request_deserializer)
 
             async def stream(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -209,8 +210,11 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                     context.set_code(denied.code)
                     context.set_details(denied.message)
                     return
-                async for response in inner(requests, context):
-                    yield response
+                try:
+                    async for response in inner(decoding.screened(requests), context):
+                        yield response
+                except decoding.UndecodableInStream as bad:
+                    decoding.end_stream(bad.problem, "reflection", context)
 
             return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
         if handler.unary_unary is not None:
