@@ -213,7 +213,8 @@ def _field(field: FD, depth: int) -> st.SearchStrategy[Any] | None:
             return st.dictionaries(
                 st.one_of(st.text(max_size=8), st.just("\x00")), inner, max_size=3
             )
-        single = _special(sub) or messages(sub, depth + 1)
+        special = _special(sub)
+        single = special if special is not None else messages(sub, depth + 1)
     else:
         single = _scalar(field)
     if field.is_repeated:
