@@ -159,7 +159,13 @@ def _templates() -> dict[str, Any]:
         "BeginAuthorization": pb.BeginAuthorizationRequest(
             user_id="fuzz-user", provider="acme", redirect_uri=CALLBACK
         ),
-        "CompleteAuthorization": pb.CompleteAuthorizationRequest(state="s" * 43, code="c"),
+        "CompleteAuthorization": pb.CompleteAuthorizationRequest(
+            state="s" * 43, code="c", user_id="fuzz-user"
+        ),
+        "CreateGrant": pb.CreateGrantRequest(user_id="fuzz-user", providers=["google"]),
+        "RevokeGrant": pb.RevokeGrantRequest(run_id="fuzz-run"),
+        "GetGrant": pb.GetGrantRequest(grant_id="00000000-0000-0000-0000-000000000000"),
+        "ListGrants": pb.ListGrantsRequest(user_id="fuzz-user", page_size=1),
     }
 
 
