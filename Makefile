@@ -4,14 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_VERSION := 26.3
+GENERATED := broker/api clients/python/src/credentialbroker_client/_proto
 
 .PHONY: install run test lint proto proto-check bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The client distribution holds the generated code the server imports: install both at once.
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+		-e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,16 +31,17 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy broker tests scripts
+	$(BIN)/mypy broker tests scripts clients/python/src
 
-## Regenerate broker/api from protos/.
+## Regenerate the client's generated code (clients/python/src/credentialbroker_client/_proto)
+## and broker/api's re-export modules from protos/.
 proto: install
 	$(BIN)/python scripts/genproto.py
 
 ## Fail if the generated code in git differs from what `make proto` produces.
 proto-check: proto
-	git diff --exit-code -- broker/api
-	test -z "$$(git status --porcelain -- broker/api)"
+	git diff --exit-code -- $(GENERATED)
+	test -z "$$(git status --porcelain -- $(GENERATED))"
 
 bench: install
 	$(BIN)/broker bench --standard

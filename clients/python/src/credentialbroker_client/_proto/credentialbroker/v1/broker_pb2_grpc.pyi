@@ -6,7 +6,7 @@ add fields freely, rename none. No message here ever carries a refresh token.
 """
 
 from collections import abc as _abc
-from broker.api.credentialbroker.v1 import broker_pb2 as _broker_pb2
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as _broker_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

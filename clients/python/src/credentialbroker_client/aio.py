@@ -1,0 +1,201 @@
+"""The asyncio client (``grpc.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar, Unpack, cast
+
+import grpc
+from google.protobuf.message import Message
+
+from credentialbroker_client._base import ClientBase
+from credentialbroker_client._config import DEFAULT_TIMEOUT, Identity, Retry, Tls
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2_grpc
+from credentialbroker_client._requests import (
+    BeginAuthorizationArgs,
+    CallOptions,
+    CompleteAuthorizationArgs,
+    DisconnectArgs,
+    GetAccessTokenArgs,
+    GetIntegrationArgs,
+    ListIntegrationsArgs,
+    StoreIntegrationArgs,
+    split,
+)
+from credentialbroker_client.errors import from_call
+
+R = TypeVar("R", bound=Message)
+
+
+class AsyncBrokerClient(ClientBase):
+    """Calls the broker from asyncio code; one client (one channel) per process is plenty.
+
+    ``token`` is a bearer token; ``tls`` with a client certificate is mTLS. ``grant`` is sent as
+    ``x-broker-grant`` on every call (see ``with_grant`` for one per workflow run). ``timeout`` is
+    each call's default deadline in seconds, retries included; ``retry`` retries UNAVAILABLE.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+        allow_insecure: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        channel_options = self._channel_options(target, tls, allow_insecure, options)
+        if tls is not None:
+            channel = grpc.aio.secure_channel(target, tls.credentials(), channel_options)
+        else:
+            channel = grpc.aio.insecure_channel(target, channel_options)
+        self._channel = channel
+        super().__init__(
+            Identity(token, grant),
+            timeout,
+            retry or Retry(),
+            broker_pb2_grpc.CredentialBrokerStub(channel),
+            owns_channel=True,
+        )
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.aio.Channel,
+        *,
+        token: str | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+    ) -> Self:
+        """A client on a channel you made (and close) yourself."""
+        client = cls.__new__(cls)
+        client._channel = channel
+        ClientBase.__init__(
+            client,
+            Identity(token, grant),
+            timeout,
+            retry or Retry(),
+            broker_pb2_grpc.CredentialBrokerStub(channel),
+            owns_channel=False,
+        )
+        return client
+
+    def with_grant(self, grant: str | None) -> Self:
+        """The same client (same channel) presenting ``grant``; closing it closes nothing."""
+        client = self.from_channel(
+            self._channel,
+            token=self._identity.token,
+            grant=grant,
+            timeout=self._timeout,
+            retry=self._retry,
+        )
+        return client
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- any RPC -----------------------------------------------------------------------------
+
+    async def call(
+        self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
+    ) -> Any:
+        """Call unary RPC ``name`` (e.g. "GetAccessToken") with a request message or a mapping
+        of its fields, with this client's credentials, deadline, retries and errors."""
+        rpc, message, metadata, attempts = self._prepare(name, request, options, stream=False)
+        while True:
+            try:
+                return await rpc(message, timeout=attempts.remaining(), metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                error, wait = attempts.failed(exc)
+            if wait is None:
+                raise error from None
+            await asyncio.sleep(wait)
+
+    async def stream(
+        self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
+    ) -> AsyncIterator[Any]:
+        """The messages of server-streaming RPC ``name``. Not retried (resume from your last
+        cursor instead); no deadline unless ``timeout`` is given."""
+        rpc, message, metadata, attempts = self._prepare(name, request, options, stream=True)
+        call = rpc(message, timeout=attempts.remaining(), metadata=metadata)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            error = from_call(exc)
+            error.request_id = error.request_id or attempts.request_id
+            raise error from None
+        finally:
+            call.cancel()
+
+    async def _typed(self, name: str, kwargs: Mapping[str, Any], _: type[R]) -> R:
+        fields, options = split(kwargs)
+        return cast(R, await self.call(name, fields, **options))
+
+    # -- the broker's RPCs -------------------------------------------------------------------
+
+    async def get_access_token(
+        self, **kwargs: Unpack[GetAccessTokenArgs]
+    ) -> pb.GetAccessTokenResponse:
+        """An access token valid for at least ``min_valid_for``, refreshed by the broker if
+        needed. Select by ``integration_id`` or ``user_id`` + ``provider`` (+ ``account_id``)."""
+        return await self._typed("GetAccessToken", kwargs, pb.GetAccessTokenResponse)
+
+    async def store_integration(
+        self, **kwargs: Unpack[StoreIntegrationArgs]
+    ) -> pb.StoreIntegrationResponse:
+        return await self._typed("StoreIntegration", kwargs, pb.StoreIntegrationResponse)
+
+    async def get_integration(
+        self, **kwargs: Unpack[GetIntegrationArgs]
+    ) -> pb.GetIntegrationResponse:
+        return await self._typed("GetIntegration", kwargs, pb.GetIntegrationResponse)
+
+    async def list_integrations(
+        self, **kwargs: Unpack[ListIntegrationsArgs]
+    ) -> pb.ListIntegrationsResponse:
+        """One page; ``iter_integrations`` walks them all."""
+        return await self._typed("ListIntegrations", kwargs, pb.ListIntegrationsResponse)
+
+    async def iter_integrations(
+        self, **kwargs: Unpack[ListIntegrationsArgs]
+    ) -> AsyncIterator[pb.Integration]:
+        while True:
+            page = await self.list_integrations(**kwargs)
+            for integration in page.integrations:
+                yield integration
+            if not page.next_page_token:
+                return
+            kwargs["page_token"] = page.next_page_token
+
+    async def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
+        return await self._typed("Disconnect", kwargs, pb.DisconnectResponse)
+
+    async def begin_authorization(
+        self, **kwargs: Unpack[BeginAuthorizationArgs]
+    ) -> pb.BeginAuthorizationResponse:
+        return await self._typed("BeginAuthorization", kwargs, pb.BeginAuthorizationResponse)
+
+    async def complete_authorization(
+        self, **kwargs: Unpack[CompleteAuthorizationArgs]
+    ) -> pb.CompleteAuthorizationResponse:
+        return await self._typed("CompleteAuthorization", kwargs, pb.CompleteAuthorizationResponse)

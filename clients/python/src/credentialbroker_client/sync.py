@@ -1,0 +1,190 @@
+"""The blocking client (plain ``grpc``): for scripts, WSGI apps and worker threads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar, Unpack, cast
+
+import grpc
+from google.protobuf.message import Message
+
+from credentialbroker_client._base import ClientBase
+from credentialbroker_client._config import DEFAULT_TIMEOUT, Identity, Retry, Tls
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2_grpc
+from credentialbroker_client._requests import (
+    BeginAuthorizationArgs,
+    CallOptions,
+    CompleteAuthorizationArgs,
+    DisconnectArgs,
+    GetAccessTokenArgs,
+    GetIntegrationArgs,
+    ListIntegrationsArgs,
+    StoreIntegrationArgs,
+    split,
+)
+from credentialbroker_client.errors import from_call
+
+R = TypeVar("R", bound=Message)
+
+
+class BrokerClient(ClientBase):
+    """Calls the broker and blocks; thread-safe, one per process is plenty.
+
+    Same arguments and methods as ``AsyncBrokerClient``, without ``await``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+        allow_insecure: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        channel_options = self._channel_options(target, tls, allow_insecure, options)
+        if tls is not None:
+            channel = grpc.secure_channel(target, tls.credentials(), channel_options)
+        else:
+            channel = grpc.insecure_channel(target, channel_options)
+        self._channel = channel
+        super().__init__(
+            Identity(token, grant),
+            timeout,
+            retry or Retry(),
+            broker_pb2_grpc.CredentialBrokerStub(channel),
+            owns_channel=True,
+        )
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.Channel,
+        *,
+        token: str | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+    ) -> Self:
+        """A client on a channel you made (and close) yourself."""
+        client = cls.__new__(cls)
+        client._channel = channel
+        ClientBase.__init__(
+            client,
+            Identity(token, grant),
+            timeout,
+            retry or Retry(),
+            broker_pb2_grpc.CredentialBrokerStub(channel),
+            owns_channel=False,
+        )
+        return client
+
+    def with_grant(self, grant: str | None) -> Self:
+        """The same client (same channel) presenting ``grant``; closing it closes nothing."""
+        return self.from_channel(
+            self._channel,
+            token=self._identity.token,
+            grant=grant,
+            timeout=self._timeout,
+            retry=self._retry,
+        )
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- any RPC -----------------------------------------------------------------------------
+
+    def call(
+        self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
+    ) -> Any:
+        """Call unary RPC ``name`` (e.g. "GetAccessToken") with a request message or a mapping
+        of its fields, with this client's credentials, deadline, retries and errors."""
+        rpc, message, metadata, attempts = self._prepare(name, request, options, stream=False)
+        while True:
+            try:
+                return rpc(message, timeout=attempts.remaining(), metadata=metadata)
+            except grpc.RpcError as exc:
+                error, wait = attempts.failed(exc)
+            if wait is None:
+                raise error from None
+            time.sleep(wait)
+
+    def stream(
+        self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
+    ) -> Iterator[Any]:
+        """The messages of server-streaming RPC ``name``. Not retried (resume from your last
+        cursor instead); no deadline unless ``timeout`` is given."""
+        rpc, message, metadata, attempts = self._prepare(name, request, options, stream=True)
+        call = rpc(message, timeout=attempts.remaining(), metadata=metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            error = from_call(cast(Any, exc))
+            error.request_id = error.request_id or attempts.request_id
+            raise error from None
+        finally:
+            call.cancel()
+
+    def _typed(self, name: str, kwargs: Mapping[str, Any], _: type[R]) -> R:
+        fields, options = split(kwargs)
+        return cast(R, self.call(name, fields, **options))
+
+    # -- the broker's RPCs -------------------------------------------------------------------
+
+    def get_access_token(self, **kwargs: Unpack[GetAccessTokenArgs]) -> pb.GetAccessTokenResponse:
+        """An access token valid for at least ``min_valid_for``, refreshed by the broker if
+        needed. Select by ``integration_id`` or ``user_id`` + ``provider`` (+ ``account_id``)."""
+        return self._typed("GetAccessToken", kwargs, pb.GetAccessTokenResponse)
+
+    def store_integration(
+        self, **kwargs: Unpack[StoreIntegrationArgs]
+    ) -> pb.StoreIntegrationResponse:
+        return self._typed("StoreIntegration", kwargs, pb.StoreIntegrationResponse)
+
+    def get_integration(self, **kwargs: Unpack[GetIntegrationArgs]) -> pb.GetIntegrationResponse:
+        return self._typed("GetIntegration", kwargs, pb.GetIntegrationResponse)
+
+    def list_integrations(
+        self, **kwargs: Unpack[ListIntegrationsArgs]
+    ) -> pb.ListIntegrationsResponse:
+        """One page; ``iter_integrations`` walks them all."""
+        return self._typed("ListIntegrations", kwargs, pb.ListIntegrationsResponse)
+
+    def iter_integrations(self, **kwargs: Unpack[ListIntegrationsArgs]) -> Iterator[pb.Integration]:
+        while True:
+            page = self.list_integrations(**kwargs)
+            yield from page.integrations
+            if not page.next_page_token:
+                return
+            kwargs["page_token"] = page.next_page_token
+
+    def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
+        return self._typed("Disconnect", kwargs, pb.DisconnectResponse)
+
+    def begin_authorization(
+        self, **kwargs: Unpack[BeginAuthorizationArgs]
+    ) -> pb.BeginAuthorizationResponse:
+        return self._typed("BeginAuthorization", kwargs, pb.BeginAuthorizationResponse)
+
+    def complete_authorization(
+        self, **kwargs: Unpack[CompleteAuthorizationArgs]
+    ) -> pb.CompleteAuthorizationResponse:
+        return self._typed("CompleteAuthorization", kwargs, pb.CompleteAuthorizationResponse)
