@@ -78,7 +78,7 @@ async def test_every_rpc_round_trips(
     gone = await client.disconnect(integration_id=iid, reason="user left")
     assert gone.integration.status == broker_pb2.INTEGRATION_STATUS_DISCONNECTED
     assert gone.revocation == broker_pb2.REVOCATION_OUTCOME_REVOKED
-    assert [r.body.get("token") for r in fake.requests if r.path == "/revoke"][0] == "rt-first"
+    assert next(r.body.get("token") for r in fake.requests if r.path == "/revoke") == "rt-first"
 
     begun = await client.begin_authorization(user_id="u3", provider="acme", redirect_uri=CALLBACK)
     async with httpx.AsyncClient() as http:
