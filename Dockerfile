@@ -18,8 +18,10 @@ RUN python -m venv /opt/broker \
 WORKDIR /src
 # README.md is the package's long description (pyproject.toml), so the build needs it.
 COPY pyproject.toml constraints.txt README.md ./
+# The client distribution holds the generated protobuf/gRPC code the server imports.
+COPY clients/python ./clients/python
 COPY broker ./broker
-RUN /opt/broker/bin/pip install -c constraints.txt .
+RUN /opt/broker/bin/pip install -c constraints.txt ./clients/python .
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 broker \
