@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -16,8 +15,8 @@ from broker.storage.tables import audit_events
 from broker.testing.fakeauth import FakeAuthServer
 from credentialbroker_client import AsyncBrokerClient, Retry
 from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.test_authorization import acme
 
-CALLBACK = "https://app.example.test/callback"
 # Quick retries, so tests that exercise them stay short on a loaded machine.
 FAST = Retry(attempts=5, initial_backoff=0.05, max_backoff=0.2)
 
@@ -26,18 +25,6 @@ FAST = Retry(attempts=5, initial_backoff=0.05, max_backoff=0.2)
 def fake() -> Iterator[FakeAuthServer]:
     with FakeAuthServer(expires_in=3600) as server:
         yield server
-
-
-def acme(fake: FakeAuthServer) -> dict[str, Any]:
-    return {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
-        "redirect_uris": [CALLBACK],
-        "scopes": ["read"],
-    }
 
 
 @pytest.fixture

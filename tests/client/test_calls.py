@@ -27,8 +27,9 @@ from credentialbroker_client import (
     UnknownProvider,
     broker_pb2,
 )
-from tests.client.conftest import CALLBACK, audited, store_grant
+from tests.client.conftest import audited, store_grant
 from tests.conftest import RUNNER_TOKEN
+from tests.test_authorization import CALLBACK
 
 
 async def test_every_rpc_round_trips(

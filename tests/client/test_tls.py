@@ -8,32 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Settings
 from broker.server.app import Broker
 from credentialbroker_client import AsyncBrokerClient, PermissionDenied, Tls, Unavailable
 from tests import test_tls
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN
 
-pki = test_tls.pki  # the module-scoped throwaway CA and certificates
+# The throwaway CA and certificates, and a broker that wants a client certificate from it.
+pki = test_tls.pki
+settings = test_tls.settings
 
 
 @pytest.fixture
 def backend() -> str:
     """TLS is decided before storage is touched."""
     return "sqlite"
-
-
-@pytest.fixture
-def settings(database_url: str, pki: test_tls.Pki) -> Settings:
-    return make_settings(
-        database_url,
-        tls={
-            "cert_file": str(pki.files["cert"]),
-            "key_file": str(pki.files["key"]),
-            "client_ca_file": str(pki.files["ca"]),
-        },
-        callers=test_tls.tls_callers(),
-    )
 
 
 @pytest.fixture

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 from google.protobuf.message import Message
 
 from credentialbroker_client._config import (
+    DEFAULT_TIMEOUT,
     NO_RETRY,
     Attempts,
     Identity,
@@ -17,23 +18,61 @@ from credentialbroker_client._config import (
     check_target,
     method,
 )
+from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2_grpc
 from credentialbroker_client._requests import CallOptions, request_for
 
+C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
 
-class ClientBase:
-    def __init__(
+
+class ClientBase(Generic[C]):
+    _channel: C
+    _identity: Identity
+    _timeout: float | None
+    _retry: Retry
+    _stub: Any
+    _owns_channel: bool
+
+    def _attach(
         self,
+        channel: C,
         identity: Identity,
         timeout: float | None,
-        retry: Retry,
-        stub: Any,
+        retry: Retry | None,
         owns_channel: bool,
     ) -> None:
+        self._channel = channel
         self._identity = identity
         self._timeout = timeout
-        self._retry = retry
-        self._stub = stub
+        self._retry = retry or Retry()
+        # The generated stub serves grpc and grpc.aio channels alike.
+        self._stub = broker_pb2_grpc.CredentialBrokerStub(channel)  # type: ignore[call-overload]
         self._owns_channel = owns_channel
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: C,
+        *,
+        token: str | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+    ) -> Self:
+        """A client on a channel you made (and close) yourself."""
+        client = cls.__new__(cls)
+        client._attach(channel, Identity(token, grant), timeout, retry, owns_channel=False)
+        return client
+
+    def with_grant(self, grant: str | None) -> Self:
+        """The same client (same channel) presenting ``grant`` as ``x-broker-grant``, e.g. one
+        per workflow run; closing it closes nothing."""
+        return self.from_channel(
+            self._channel,
+            token=self._identity.token,
+            grant=grant,
+            timeout=self._timeout,
+            retry=self._retry,
+        )
 
     @staticmethod
     def _channel_options(
@@ -50,10 +89,8 @@ class ClientBase:
         if rpc.client_streaming:
             raise TypeError(f"{name} is client-streaming, which this client does not offer")
         if rpc.server_streaming != stream:
-            use = "stream()" if rpc.server_streaming else "call()"
-            raise TypeError(
-                f"{name} {'streams' if rpc.server_streaming else 'is unary'}: use {use}"
-            )
+            kind = "streams: use stream()" if rpc.server_streaming else "is unary: use call()"
+            raise TypeError(f"{name} {kind}")
         message = request_for(name, request)
         metadata, request_id = self._identity.metadata(
             options.get("request_id"), options.get("grant"), options.get("headers", ())

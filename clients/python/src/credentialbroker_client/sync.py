@@ -13,7 +13,6 @@ from google.protobuf.message import Message
 from credentialbroker_client._base import ClientBase
 from credentialbroker_client._config import DEFAULT_TIMEOUT, Identity, Retry, Tls
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as pb
-from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2_grpc
 from credentialbroker_client._requests import (
     BeginAuthorizationArgs,
     CallOptions,
@@ -30,7 +29,7 @@ from credentialbroker_client.errors import from_call
 R = TypeVar("R", bound=Message)
 
 
-class BrokerClient(ClientBase):
+class BrokerClient(ClientBase[grpc.Channel]):
     """Calls the broker and blocks; thread-safe, one per process is plenty.
 
     Same arguments and methods as ``AsyncBrokerClient``, without ``await``.
@@ -53,47 +52,7 @@ class BrokerClient(ClientBase):
             channel = grpc.secure_channel(target, tls.credentials(), channel_options)
         else:
             channel = grpc.insecure_channel(target, channel_options)
-        self._channel = channel
-        super().__init__(
-            Identity(token, grant),
-            timeout,
-            retry or Retry(),
-            broker_pb2_grpc.CredentialBrokerStub(channel),
-            owns_channel=True,
-        )
-
-    @classmethod
-    def from_channel(
-        cls,
-        channel: grpc.Channel,
-        *,
-        token: str | None = None,
-        grant: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: Retry | None = None,
-    ) -> Self:
-        """A client on a channel you made (and close) yourself."""
-        client = cls.__new__(cls)
-        client._channel = channel
-        ClientBase.__init__(
-            client,
-            Identity(token, grant),
-            timeout,
-            retry or Retry(),
-            broker_pb2_grpc.CredentialBrokerStub(channel),
-            owns_channel=False,
-        )
-        return client
-
-    def with_grant(self, grant: str | None) -> Self:
-        """The same client (same channel) presenting ``grant``; closing it closes nothing."""
-        return self.from_channel(
-            self._channel,
-            token=self._identity.token,
-            grant=grant,
-            timeout=self._timeout,
-            retry=self._retry,
-        )
+        self._attach(channel, Identity(token, grant), timeout, retry, owns_channel=True)
 
     def close(self) -> None:
         if self._owns_channel:
