@@ -32,6 +32,31 @@ class ClientBase(Generic[C]):
     _stub: Any
     _owns_channel: bool
 
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+        grant: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+        allow_insecure: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """``token`` is a bearer token; ``tls`` with a client certificate is mTLS. ``grant`` is
+        sent as ``x-broker-grant`` on every call. ``timeout`` is each call's default deadline in
+        seconds, retries included; ``retry`` says how UNAVAILABLE is retried. Plaintext goes to
+        loopback only unless ``allow_insecure``. ``options`` are gRPC channel options."""
+        check_target(target, tls, allow_insecure)
+        channel_options = [*(tls.options() if tls is not None else []), *options]
+        channel = self._open(target, tls, channel_options)
+        self._attach(channel, Identity(token, grant), timeout, retry, owns_channel=True)
+
+    @staticmethod
+    def _open(target: str, tls: Tls | None, options: list[tuple[str, Any]]) -> C:
+        raise NotImplementedError
+
     def _attach(
         self,
         channel: C,
@@ -73,13 +98,6 @@ class ClientBase(Generic[C]):
             timeout=self._timeout,
             retry=self._retry,
         )
-
-    @staticmethod
-    def _channel_options(
-        target: str, tls: Tls | None, allow_insecure: bool, options: Sequence[tuple[str, Any]]
-    ) -> list[tuple[str, Any]]:
-        check_target(target, tls, allow_insecure)
-        return [*(tls.options() if tls is not None else []), *options]
 
     def _prepare(
         self, name: str, request: Message | Mapping[str, Any], options: CallOptions, stream: bool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack, cast
 
@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import Message
 
 from credentialbroker_client._base import ClientBase
-from credentialbroker_client._config import DEFAULT_TIMEOUT, Identity, Retry, Tls
+from credentialbroker_client._config import Tls
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as pb
 from credentialbroker_client._requests import (
     BeginAuthorizationArgs,
@@ -35,24 +35,11 @@ class BrokerClient(ClientBase[grpc.Channel]):
     Same arguments and methods as ``AsyncBrokerClient``, without ``await``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: Tls | None = None,
-        grant: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: Retry | None = None,
-        allow_insecure: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        channel_options = self._channel_options(target, tls, allow_insecure, options)
+    @staticmethod
+    def _open(target: str, tls: Tls | None, options: list[tuple[str, Any]]) -> grpc.Channel:
         if tls is not None:
-            channel = grpc.secure_channel(target, tls.credentials(), channel_options)
-        else:
-            channel = grpc.insecure_channel(target, channel_options)
-        self._attach(channel, Identity(token, grant), timeout, retry, owns_channel=True)
+            return grpc.secure_channel(target, tls.credentials(), options)
+        return grpc.insecure_channel(target, options)
 
     def close(self) -> None:
         if self._owns_channel:
