@@ -88,6 +88,17 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
         finally:
             call.cancel()
 
+    async def _pages(self, name: str, items: str, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
+        """Every item of a paginated List RPC, page after page."""
+        fields, options = split(kwargs)
+        while True:
+            page = await self.call(name, fields, **options)
+            for item in getattr(page, items):
+                yield item
+            if not page.next_page_token:
+                return
+            fields["page_token"] = page.next_page_token
+
     async def _typed(self, name: str, kwargs: Mapping[str, Any], _: type[R]) -> R:
         fields, options = split(kwargs)
         return cast(R, await self.call(name, fields, **options))
@@ -117,16 +128,10 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
         """One page; ``iter_integrations`` walks them all."""
         return await self._typed("ListIntegrations", kwargs, pb.ListIntegrationsResponse)
 
-    async def iter_integrations(
+    def iter_integrations(
         self, **kwargs: Unpack[ListIntegrationsArgs]
     ) -> AsyncIterator[pb.Integration]:
-        while True:
-            page = await self.list_integrations(**kwargs)
-            for integration in page.integrations:
-                yield integration
-            if not page.next_page_token:
-                return
-            kwargs["page_token"] = page.next_page_token
+        return self._pages("ListIntegrations", "integrations", kwargs)
 
     async def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
         return await self._typed("Disconnect", kwargs, pb.DisconnectResponse)

@@ -9,7 +9,8 @@ never breaks an older client's ``except`` clauses.
     ├── InvalidArgument                 INVALID_ARGUMENT       (metadata["field"] names it)
     │   └── UnknownProvider             UNKNOWN_PROVIDER
     ├── NotFound                        NOT_FOUND
-    │   └── IntegrationNotFound         INTEGRATION_NOT_FOUND
+    │   ├── IntegrationNotFound         INTEGRATION_NOT_FOUND
+    │   └── GrantNotFound               GRANT_NOT_FOUND
     ├── FailedPrecondition              FAILED_PRECONDITION
     │   ├── AmbiguousIntegration        AMBIGUOUS_INTEGRATION
     │   ├── ReauthorizationRequired     REAUTHORIZATION_REQUIRED (alias NeedsReauthorization)
@@ -25,6 +26,7 @@ never breaks an older client's ``except`` clauses.
     ├── DataLoss                        DATA_LOSS
     │   └── CiphertextInvalid           CIPHERTEXT_INVALID
     ├── Unauthenticated                 UNAUTHENTICATED
+    │   ├── GrantInvalid                GRANT_INVALID (not a grant token of this broker)
     │   ├── GrantExpired                GRANT_EXPIRED
     │   └── GrantRevoked                GRANT_REVOKED
     ├── PermissionDenied                PERMISSION_DENIED
@@ -107,6 +109,10 @@ class IntegrationNotFound(NotFound):
     REASON = "INTEGRATION_NOT_FOUND"
 
 
+class GrantNotFound(NotFound):
+    REASON = "GRANT_NOT_FOUND"
+
+
 class FailedPrecondition(BrokerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -173,6 +179,10 @@ class CiphertextInvalid(DataLoss):
 class Unauthenticated(BrokerError):
     code = grpc.StatusCode.UNAUTHENTICATED
     REASON = "UNAUTHENTICATED"
+
+
+class GrantInvalid(Unauthenticated):
+    REASON = "GRANT_INVALID"
 
 
 class GrantExpired(Unauthenticated):

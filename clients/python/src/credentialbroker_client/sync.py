@@ -89,6 +89,16 @@ class BrokerClient(ClientBase[grpc.Channel]):
         finally:
             call.cancel()
 
+    def _pages(self, name: str, items: str, kwargs: Mapping[str, Any]) -> Iterator[Any]:
+        """Every item of a paginated List RPC, page after page."""
+        fields, options = split(kwargs)
+        while True:
+            page = self.call(name, fields, **options)
+            yield from getattr(page, items)
+            if not page.next_page_token:
+                return
+            fields["page_token"] = page.next_page_token
+
     def _typed(self, name: str, kwargs: Mapping[str, Any], _: type[R]) -> R:
         fields, options = split(kwargs)
         return cast(R, self.call(name, fields, **options))
@@ -115,12 +125,7 @@ class BrokerClient(ClientBase[grpc.Channel]):
         return self._typed("ListIntegrations", kwargs, pb.ListIntegrationsResponse)
 
     def iter_integrations(self, **kwargs: Unpack[ListIntegrationsArgs]) -> Iterator[pb.Integration]:
-        while True:
-            page = self.list_integrations(**kwargs)
-            yield from page.integrations
-            if not page.next_page_token:
-                return
-            kwargs["page_token"] = page.next_page_token
+        return self._pages("ListIntegrations", "integrations", kwargs)
 
     def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
         return self._typed("Disconnect", kwargs, pb.DisconnectResponse)
