@@ -13,7 +13,7 @@ from credentialbroker_client import errors
 from credentialbroker_client._config import DEFAULT_TIMEOUT, GRANT_HEADER, Retry, Tls
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from credentialbroker_client._requests import CallOptions
-from credentialbroker_client.aio import AsyncBrokerClient
+from credentialbroker_client.aio import AsyncBrokerClient, AsyncStream
 from credentialbroker_client.errors import (
     AmbiguousIntegration,
     AuditUnavailable,
@@ -50,7 +50,7 @@ from credentialbroker_client.errors import (
     Unavailable,
     UnknownProvider,
 )
-from credentialbroker_client.sync import BrokerClient
+from credentialbroker_client.sync import BrokerClient, Stream
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "GRANT_HEADER",
     "AmbiguousIntegration",
     "AsyncBrokerClient",
+    "AsyncStream",
     "AuditUnavailable",
     "AuthorizationFlowInvalid",
     "AuthorizationUserMismatch",
@@ -92,6 +93,7 @@ __all__ = [
     "ResourceExhausted",
     "Retry",
     "StorageUnavailable",
+    "Stream",
     "Tls",
     "Unauthenticated",
     "Unavailable",

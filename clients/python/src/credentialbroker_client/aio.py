@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack, cast
+from typing import Any, Generic, Self, TypeVar, Unpack, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -27,6 +27,36 @@ from credentialbroker_client._requests import (
 from credentialbroker_client.errors import from_call
 
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
+
+
+class AsyncStream(Generic[T]):
+    """A server-streaming call: iterate it; failures raise the client's exceptions."""
+
+    def __init__(self, call: Any, request_id: str) -> None:
+        self._call = call
+        self._messages: AsyncIterator[T] = call.__aiter__()
+        self.request_id = request_id
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self._messages.__anext__()
+        except grpc.aio.AioRpcError as exc:
+            error = from_call(exc)
+            error.request_id = error.request_id or self.request_id
+            raise error from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
 
 
 class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
@@ -71,22 +101,15 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
                 raise error from None
             await asyncio.sleep(wait)
 
-    async def stream(
+    def stream(
         self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncStream[Any]:
         """The messages of server-streaming RPC ``name``. Not retried (resume from your last
-        cursor instead); no deadline unless ``timeout`` is given."""
+        cursor instead); no deadline unless ``timeout`` is given. Use it in ``async with`` (or
+        call ``cancel()``) to end the call when you stop reading early."""
         rpc, message, metadata, attempts = self._prepare(name, request, options, stream=True)
         call = rpc(message, timeout=attempts.remaining(), metadata=metadata)
-        try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            error = from_call(exc)
-            error.request_id = error.request_id or attempts.request_id
-            raise error from None
-        finally:
-            call.cancel()
+        return AsyncStream(call, attempts.request_id)
 
     async def _pages(self, name: str, items: str, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Every item of a paginated List RPC, page after page."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack, cast
+from typing import Any, Generic, Self, TypeVar, Unpack, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -27,6 +27,35 @@ from credentialbroker_client._requests import (
 from credentialbroker_client.errors import from_call
 
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
+
+
+class Stream(Generic[T]):
+    """A server-streaming call: iterate it; failures raise the client's exceptions."""
+
+    def __init__(self, call: Any, request_id: str) -> None:
+        self._call = call
+        self.request_id = request_id
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> T:
+        try:
+            return cast(T, next(self._call))
+        except grpc.RpcError as exc:
+            error = from_call(cast(Any, exc))
+            error.request_id = error.request_id or self.request_id
+            raise error from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
 
 
 class BrokerClient(ClientBase[grpc.Channel]):
@@ -75,19 +104,13 @@ class BrokerClient(ClientBase[grpc.Channel]):
 
     def stream(
         self, name: str, request: Message | Mapping[str, Any], **options: Unpack[CallOptions]
-    ) -> Iterator[Any]:
+    ) -> Stream[Any]:
         """The messages of server-streaming RPC ``name``. Not retried (resume from your last
-        cursor instead); no deadline unless ``timeout`` is given."""
+        cursor instead); no deadline unless ``timeout`` is given. Use it in ``with`` (or call
+        ``cancel()``) to end the call when you stop reading early."""
         rpc, message, metadata, attempts = self._prepare(name, request, options, stream=True)
         call = rpc(message, timeout=attempts.remaining(), metadata=metadata)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            error = from_call(cast(Any, exc))
-            error.request_id = error.request_id or attempts.request_id
-            raise error from None
-        finally:
-            call.cancel()
+        return Stream(call, attempts.request_id)
 
     def _pages(self, name: str, items: str, kwargs: Mapping[str, Any]) -> Iterator[Any]:
         """Every item of a paginated List RPC, page after page."""
