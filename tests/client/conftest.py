@@ -32,7 +32,7 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
     # One provider call per broker call: the client's retries are what the tests count.
     return make_settings(
         database_url,
-        providers={"acme": acme(fake)},
+        providers={"acme": acme(fake), "keyed": {"kinds": ["api_key"]}},
         refresh={"background": False, "max_attempts": 1, "provider_timeout_seconds": 5},
     )
 

@@ -216,3 +216,24 @@ async def test_sync_client(broker: Broker, fake: FakeAuthServer) -> None:
 
     await asyncio.to_thread(use)
     assert await audited(broker, "sync-1") == 1
+
+
+async def test_credential_kinds_store_and_answer_headers(
+    broker: Broker, client: AsyncBrokerClient
+) -> None:
+    """A nested message field takes a mapping; GetAccessToken answers ready-to-apply headers."""
+    stored = await client.store_integration(
+        user_id="k1",
+        provider="keyed",
+        credential={
+            "api_key": {"key": "sk-example", "header": "Authorization", "prefix": "Bearer "}
+        },
+    )
+    assert stored.integration.credential_type == broker_pb2.CREDENTIAL_TYPE_API_KEY
+    got = await client.get_access_token(user_id="k1", provider="keyed", min_valid_for=3600)
+    assert got.credential_type == broker_pb2.CREDENTIAL_TYPE_API_KEY
+    assert dict(got.headers) == {"Authorization": "Bearer sk-example"}
+    with pytest.raises(InvalidArgument):
+        await client.store_integration(
+            user_id="k1", provider="keyed", credential=broker_pb2.Credential()
+        )

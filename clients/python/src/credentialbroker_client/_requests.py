@@ -57,9 +57,12 @@ class DisconnectArgs(_Selector, total=False):
 
 
 class StoreIntegrationArgs(CallOptions, total=False):
+    """OAuth tokens (access_token, refresh_token, ...) or one ``credential`` of another kind,
+    e.g. ``credential={"api_key": {"key": ..., "header": "X-Api-Key"}}``."""
+
     user_id: Required[str]
     provider: Required[str]
-    access_token: Required[str]
+    access_token: str
     account_id: str
     refresh_token: str
     token_type: str
@@ -67,6 +70,7 @@ class StoreIntegrationArgs(CallOptions, total=False):
     expires_in_seconds: int
     scopes: Sequence[str]
     metadata: Mapping[str, Any]
+    credential: broker_pb2.Credential | Mapping[str, Any]
 
 
 class ListIntegrationsArgs(CallOptions, total=False):
