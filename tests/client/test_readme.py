@@ -1,5 +1,6 @@
-"""clients/python/README.md's examples run as written against a real `broker serve --dev`
-process (what `make run` starts), and the client imports nothing of the server."""
+"""clients/python/README.md's examples run as written against a real `broker serve --dev
+--demo-provider` process (what `make run` starts), and the client imports nothing of the
+server."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", (CLIENT / "README.md").read_text()
 @pytest.fixture(scope="module")
 def dev_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevBroker]:
     home = tmp_path_factory.mktemp("checkout")
-    broker = DevBroker(home, free_port())
+    broker = DevBroker(home, free_port(), args=("--demo-provider", str(free_port())))
     try:
         broker.wait_ready()
         yield broker
