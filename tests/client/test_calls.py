@@ -85,11 +85,15 @@ async def test_every_rpc_round_trips(
     async with httpx.AsyncClient() as http:
         consent = await http.get(begun.authorization_url)
     callback = {k: v[0] for k, v in parse_qs(urlsplit(consent.headers["location"]).query).items()}
-    done = await client.complete_authorization(state=callback["state"], code=callback["code"])
+    done = await client.complete_authorization(
+        state=callback["state"], code=callback["code"], user_id="u3"
+    )
     assert done.created
     assert done.integration.user_id == "u3"
     with pytest.raises(AuthorizationFlowInvalid):
-        await client.complete_authorization(state=callback["state"], code=callback["code"])
+        await client.complete_authorization(
+            state=callback["state"], code=callback["code"], user_id="u3"
+        )
 
 
 async def test_generic_call_takes_a_message_or_a_mapping(

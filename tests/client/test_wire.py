@@ -11,7 +11,13 @@ from typing import Any
 import grpc
 import pytest
 
-from credentialbroker_client import AsyncBrokerClient, BrokerClient, Tls, broker_pb2
+from credentialbroker_client import (
+    AsyncBrokerClient,
+    BrokerClient,
+    DeadlineExceeded,
+    Tls,
+    broker_pb2,
+)
 
 
 class Recorder:
@@ -19,6 +25,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[dict[str, str], float | None]] = []
+        self.delay = 0.0  # seconds before answering
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -37,6 +44,7 @@ class Recorder:
     ) -> broker_pb2.GetAccessTokenResponse:
         headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.calls.append((headers, context.time_remaining()))
+        await asyncio.sleep(self.delay)
         return broker_pb2.GetAccessTokenResponse(access_token="at", integration_id="i")
 
 
@@ -110,3 +118,13 @@ def test_tls_needs_both_halves_of_a_client_certificate() -> None:
     with pytest.raises(ValueError, match="together"):
         Tls(certificate_chain=b"cert")
     assert "KEY" not in repr(Tls(certificate_chain=b"cert", private_key=b"KEY"))
+
+
+async def test_deadline_exceeded_is_not_retried(recorder: tuple[Recorder, int]) -> None:
+    servicer, port = recorder
+    servicer.delay = 5
+    async with AsyncBrokerClient(f"127.0.0.1:{port}", token="tok") as client:
+        with pytest.raises(DeadlineExceeded) as caught:
+            await client.get_access_token(integration_id="i", timeout=0.5, request_id="slow-1")
+    assert caught.value.request_id == "slow-1"
+    assert len(servicer.calls) == 1

@@ -95,6 +95,35 @@ class CompleteAuthorizationArgs(CallOptions, total=False):
     code: str
     error: str
     error_description: str
+    user_id: str  # the user of the session that received the callback
+
+
+class CreateGrantArgs(CallOptions, total=False):
+    user_id: Required[str]
+    providers: Sequence[str]
+    integration_ids: Sequence[str]
+    ttl: timedelta | float
+    run_id: str
+    audience: Sequence[str]
+
+
+class RevokeGrantArgs(CallOptions, total=False):
+    """grant_id, or run_id for every grant of a run."""
+
+    grant_id: str
+    run_id: str
+
+
+class GetGrantArgs(CallOptions, total=False):
+    grant_id: Required[str]
+
+
+class ListGrantsArgs(CallOptions, total=False):
+    user_id: str
+    run_id: str
+    include_inactive: bool
+    page_size: int
+    page_token: str
 
 
 def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], CallOptions]:

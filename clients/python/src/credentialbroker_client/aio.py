@@ -17,10 +17,14 @@ from credentialbroker_client._requests import (
     BeginAuthorizationArgs,
     CallOptions,
     CompleteAuthorizationArgs,
+    CreateGrantArgs,
     DisconnectArgs,
     GetAccessTokenArgs,
+    GetGrantArgs,
     GetIntegrationArgs,
+    ListGrantsArgs,
     ListIntegrationsArgs,
+    RevokeGrantArgs,
     StoreIntegrationArgs,
     split,
 )
@@ -155,6 +159,24 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
         self, **kwargs: Unpack[ListIntegrationsArgs]
     ) -> AsyncIterator[pb.Integration]:
         return self._pages("ListIntegrations", "integrations", kwargs)
+
+    async def create_grant(self, **kwargs: Unpack[CreateGrantArgs]) -> pb.CreateGrantResponse:
+        """A run-scoped grant for one user's integrations; its ``grant_token`` is shown once.
+        Hand it to the workflow runner, which calls ``with_grant(grant_token)``."""
+        return await self._typed("CreateGrant", kwargs, pb.CreateGrantResponse)
+
+    async def revoke_grant(self, **kwargs: Unpack[RevokeGrantArgs]) -> pb.RevokeGrantResponse:
+        return await self._typed("RevokeGrant", kwargs, pb.RevokeGrantResponse)
+
+    async def get_grant(self, **kwargs: Unpack[GetGrantArgs]) -> pb.GetGrantResponse:
+        return await self._typed("GetGrant", kwargs, pb.GetGrantResponse)
+
+    async def list_grants(self, **kwargs: Unpack[ListGrantsArgs]) -> pb.ListGrantsResponse:
+        """One page; ``iter_grants`` walks them all."""
+        return await self._typed("ListGrants", kwargs, pb.ListGrantsResponse)
+
+    def iter_grants(self, **kwargs: Unpack[ListGrantsArgs]) -> AsyncIterator[pb.Grant]:
+        return self._pages("ListGrants", "grants", kwargs)
 
     async def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
         return await self._typed("Disconnect", kwargs, pb.DisconnectResponse)

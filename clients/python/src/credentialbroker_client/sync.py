@@ -17,10 +17,14 @@ from credentialbroker_client._requests import (
     BeginAuthorizationArgs,
     CallOptions,
     CompleteAuthorizationArgs,
+    CreateGrantArgs,
     DisconnectArgs,
     GetAccessTokenArgs,
+    GetGrantArgs,
     GetIntegrationArgs,
+    ListGrantsArgs,
     ListIntegrationsArgs,
+    RevokeGrantArgs,
     StoreIntegrationArgs,
     split,
 )
@@ -149,6 +153,24 @@ class BrokerClient(ClientBase[grpc.Channel]):
 
     def iter_integrations(self, **kwargs: Unpack[ListIntegrationsArgs]) -> Iterator[pb.Integration]:
         return self._pages("ListIntegrations", "integrations", kwargs)
+
+    def create_grant(self, **kwargs: Unpack[CreateGrantArgs]) -> pb.CreateGrantResponse:
+        """A run-scoped grant for one user's integrations; its ``grant_token`` is shown once.
+        Hand it to the workflow runner, which calls ``with_grant(grant_token)``."""
+        return self._typed("CreateGrant", kwargs, pb.CreateGrantResponse)
+
+    def revoke_grant(self, **kwargs: Unpack[RevokeGrantArgs]) -> pb.RevokeGrantResponse:
+        return self._typed("RevokeGrant", kwargs, pb.RevokeGrantResponse)
+
+    def get_grant(self, **kwargs: Unpack[GetGrantArgs]) -> pb.GetGrantResponse:
+        return self._typed("GetGrant", kwargs, pb.GetGrantResponse)
+
+    def list_grants(self, **kwargs: Unpack[ListGrantsArgs]) -> pb.ListGrantsResponse:
+        """One page; ``iter_grants`` walks them all."""
+        return self._typed("ListGrants", kwargs, pb.ListGrantsResponse)
+
+    def iter_grants(self, **kwargs: Unpack[ListGrantsArgs]) -> Iterator[pb.Grant]:
+        return self._pages("ListGrants", "grants", kwargs)
 
     def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
         return self._typed("Disconnect", kwargs, pb.DisconnectResponse)
