@@ -241,10 +241,11 @@ class AuditSettings(_Section):
     # still waits until its own event is durable before its response leaves.
     group_commit: bool = True
     max_batch: int = Field(default=512, ge=1, le=10_000)
-    # Adaptive window: with at least `siblings` calls in flight, a batch waits up to
-    # `max_delay_ms` for them to reach the audit (0 turns the window off).
+    # Adaptive window: a batch waits up to `max_delay_ms` for more events only while the broker
+    # is busy: `siblings` calls in flight, or events arriving fast enough that `siblings` more
+    # are due within the window (0 turns the window off).
     max_delay_ms: float = Field(default=3.0, ge=0, le=50)
-    siblings: int = Field(default=4, ge=1, le=10_000)
+    siblings: int = Field(default=2, ge=1, le=10_000)
 
 
 class MetricsSettings(_Section):

@@ -75,12 +75,40 @@ async def test_busy_broker_writes_few_large_batches() -> None:
 
 
 async def test_quiet_broker_commits_at_once() -> None:
-    """Fewer calls in flight than ``siblings``: no window, even a very long one."""
+    """Fewer calls in flight than ``siblings`` and events far apart: no window at all."""
     sink = RecordingSink()
-    audit = auditor(sink, max_delay=30.0, siblings=4)
+    audit = auditor(sink, max_delay=0.05, siblings=4)
     for i in range(5):
         await asyncio.wait_for(serve(audit, 1, 1, random.Random(i)), timeout=10)
+        await asyncio.sleep(0.1)
     assert sink.batches == [1, 1, 1, 1, 1]
+    assert audit.holds == 0
+
+
+async def test_fast_arrivals_hold_the_batch_open() -> None:
+    """Events arriving every 0.3 ms while the servicer never yields (a cache hit): the rate
+    alone says the broker is busy, and the window gathers them."""
+
+    async def arrivals(audit: Auditor) -> None:
+        pending = []
+        for i in range(200):
+            pending.append(
+                asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK"))
+            )
+            await asyncio.sleep(0.0003)
+        await asyncio.gather(*pending)
+
+    class FastSink(RecordingSink):
+        async def write(self, rows: list[tuple[Any, ...]]) -> None:
+            self.batches.append(len(rows))
+
+    eager, gathered = FastSink(), FastSink()
+    await arrivals(auditor(eager, max_delay=0, siblings=2))
+    held = auditor(gathered, max_delay=0.02, siblings=2)
+    await arrivals(held)
+    assert sum(eager.batches) == sum(gathered.batches) == 200
+    assert held.holds > 0
+    assert len(gathered.batches) * 3 <= len(eager.batches), (gathered.batches, eager.batches)
 
 
 async def test_window_never_outlasts_max_delay_when_a_call_hangs() -> None:
