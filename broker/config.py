@@ -44,6 +44,8 @@ METHODS = (
     "RevokeGrant",
     "GetGrant",
     "ListGrants",
+    "WatchIntegrationEvents",
+    "ListIntegrationEvents",
 )
 
 
@@ -248,6 +250,50 @@ class AuditSettings(_Section):
     siblings: int = Field(default=2, ge=1, le=10_000)
 
 
+class EventsSettings(_Section):
+    """Integration events (the outbox), their readers and their retention."""
+
+    retention_days: float = Field(default=30.0, gt=0)
+    purge_interval_seconds: float = Field(default=3600.0, gt=0)
+    # How often watches and webhook dispatchers look for new events when nothing woke them
+    # (SQLite has no NOTIFY: this is its short poll; on PostgreSQL a safety net).
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # Consecutive transient refresh failures that make one REFRESH_FAILED event.
+    refresh_failure_threshold: int = Field(default=3, ge=1, le=1000)
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class WebhookSettings(_Section):
+    """One webhook endpoint: matching events POSTed as JSON, signed per Standard Webhooks."""
+
+    url: str
+    # Environment variable with the signing secret ("whsec_" + base64, Standard Webhooks).
+    secret_env: str
+    # Event types and providers delivered; None: all.
+    types: list[str] | None = None
+    providers: list[str] | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Exponential backoff with jitter from the first delay up to the longest, for retry_for
+    # seconds after the event was queued (default a day); then the delivery is FAILED.
+    retry_first_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    retry_for_seconds: float = Field(default=86400.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme, _, rest = value.partition("://")
+        host = rest.split("/", 1)[0].rsplit(":", 1)[0] if rest else ""
+        if scheme == "https" and host:
+            return value
+        if scheme == "http" and host in _LOOPBACK_HOSTS:
+            return value
+        raise ValueError("must be an https:// URL (http:// only on loopback)")
+
+
 class MetricsSettings(_Section):
     # HOST:PORT for the Prometheus endpoint; off when unset.
     listen: str | None = None
@@ -276,6 +322,8 @@ class Settings(_Section):
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
+    events: EventsSettings = EventsSettings()
+    webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)
 
@@ -332,7 +380,7 @@ def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str
             section, key = _SHORTCUTS[name]
         elif name.startswith("BROKER_") and "__" in name:
             section, _, key = name[len("BROKER_") :].lower().partition("__")
-            if section in {"providers", "callers"} or "__" in key:
+            if section in {"providers", "callers", "webhooks"} or "__" in key:
                 continue
         elif name.startswith("BROKER_") and name not in _OTHER_VARIABLES:
             hint = _suggest(name, _known_variables(), "BROKER_")

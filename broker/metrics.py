@@ -65,3 +65,19 @@ def serve(listen: str, source: Source) -> Callable[[], None]:
             _GAUGES.sources.remove(source)
 
     return stop
+
+
+EVENTS_WRITTEN = Counter(
+    "broker_events_written_total", "Integration events committed, by type", ["type"]
+)
+WEBHOOK_DELIVERIES = Counter(
+    "broker_webhook_deliveries_total",
+    "Webhook delivery attempts, by endpoint and outcome (delivered, retry, failed)",
+    ["endpoint", "outcome"],
+)
+WEBHOOK_LAG = Histogram(
+    "broker_webhook_delivery_lag_seconds",
+    "From an event's commit to its successful webhook delivery",
+    ["endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+)

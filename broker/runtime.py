@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Container
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from broker.crypto import Keyring, load_keyring
 from broker.domain.audit import Auditor
 from broker.domain.authorization import AuthorizationService
 from broker.domain.cache import IntegrationCache
+from broker.domain.events import EventLog
 from broker.domain.grants import GrantCache, GrantService
 from broker.domain.refresh import RefreshEngine
 from broker.domain.revocation import ProviderRevoker
@@ -52,6 +54,7 @@ class Runtime:
     cache: IntegrationCache
     clock: Clock
     grants: GrantService
+    events: EventLog
     watcher: ChangeWatcher | None = None
 
     def gauges(self) -> list[tuple[str, str, float]]:
@@ -114,6 +117,7 @@ async def open_runtime(
         clock=clock,
     )
     refresher = RefreshEngine(engine, cipher, registry, client, settings.refresh, clock)
+    refresher.failure_threshold = settings.events.refresh_failure_threshold
     service = IntegrationService(
         engine=engine,
         cipher=cipher,
@@ -177,6 +181,13 @@ async def open_runtime(
         clock=clock,
         grants=grants,
         watcher=watcher,
+        events=EventLog(
+            engine,
+            clock,
+            retention=timedelta(days=settings.events.retention_days),
+            poll_seconds=settings.events.poll_seconds,
+            heartbeat_seconds=settings.events.heartbeat_seconds,
+        ),
     )
 
 

@@ -42,13 +42,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
 from broker.config import RefreshSettings
-from broker.domain import periodic
+from broker.domain import events, periodic
 from broker.domain.model import (
     AccessToken,
     NewTokens,
@@ -89,6 +90,9 @@ def _no_session() -> int | None:
     return None
 
 
+_EventWrite = Callable[[AsyncConnection], Awaitable[object]]
+
+
 @dataclass(slots=True)
 class _Unsaved:
     """New tokens the provider issued that are not in the database yet."""
@@ -96,6 +100,7 @@ class _Unsaved:
     base_version: int
     values: dict[str, Any]
     stored: StoredIntegration
+    before: StoredIntegration | None = None  # the row refreshed, for its RECOVERED event
 
 
 def _secret_name(row: StoredIntegration) -> str:
@@ -140,6 +145,8 @@ class RefreshEngine:
         # Callers waiting on a flight, and the loop time by which shutdown needs them answered.
         self._waiting: set[asyncio.Timeout] = set()
         self._answer_by: float | None = None
+        # Consecutive transient failures after which a REFRESH_FAILED event is written.
+        self.failure_threshold = 3
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -338,7 +345,16 @@ class RefreshEngine:
         try:
             profile = self.registry.get(provider)
         except UnknownProvider:
-            await self._release(iid, {"last_refresh_error": "no_client"})
+            await self._release(
+                iid,
+                {"last_refresh_error": "no_client"},
+                partial(
+                    events.provider_misconfigured,
+                    integration=row.integration,
+                    at=self.clock(),
+                    error="no_client",
+                ),
+            )
             raise ProviderMisconfigured(
                 f"provider {provider!r} has no OAuth client configured on this broker "
                 f"(set providers.{provider}.client_id and client_secret_env)",
@@ -360,7 +376,16 @@ class RefreshEngine:
             except ProviderMisconfigured as exc:
                 metrics.REFRESHES.labels(provider, "misconfigured").inc()
                 self.registry.mark_misconfigured(provider, exc.message)
-                await self._release(iid, {"last_refresh_error": "client_rejected"})
+                await self._release(
+                    iid,
+                    {"last_refresh_error": "client_rejected"},
+                    partial(
+                        events.provider_misconfigured,
+                        integration=row.integration,
+                        at=self.clock(),
+                        error=exc.metadata.get("provider_error", ""),
+                    ),
+                )
                 log.error("provider %s rejected this broker's client: %s", provider, exc.message)
                 raise
             except ProviderOutcomeUnknown as exc:
@@ -387,6 +412,13 @@ class RefreshEngine:
                             "next_refresh_at": self.clock()
                             + timedelta(seconds=min(300.0, 5.0 * 2 ** min(failures, 6))),
                         },
+                        partial(
+                            events.refresh_failed,
+                            integration=row.integration,
+                            at=self.clock(),
+                            failures=failures,
+                            threshold=self.failure_threshold,
+                        ),
                     )
                     log.warning(
                         "refresh of integration %s (%s) failed after %d attempt(s): %s",
@@ -443,6 +475,15 @@ class RefreshEngine:
                 "last_refresh_error": OUTCOME_UNKNOWN,
                 "next_refresh_at": self.clock() + timedelta(seconds=cool_down),
             },
+            # An unknown outcome counts in the run of failures, so it can be the one that
+            # reaches the threshold (the event is written once per run, at the threshold).
+            partial(
+                events.refresh_failed,
+                integration=row.integration,
+                at=self.clock(),
+                failures=row.refresh_failures + 1,
+                threshold=self.failure_threshold,
+            ),
         )
         log.warning(
             "refresh of integration %s (%s) was sent but its outcome is unknown (%s); not "
@@ -515,6 +556,9 @@ class RefreshEngine:
                     "updated_at": self.clock(),
                 },
             )
+            await events.needs_reauthorization(
+                conn, row.integration, self.clock(), exc.error, _secret_name(row)
+            )
         log.info("integration %s: provider answered %s; needs reauthorization", iid, exc.error)
         raise ReauthorizationRequired(
             f"the provider rejected the {_secret_name(row)} of integration {iid} ({exc.error}); "
@@ -522,10 +566,14 @@ class RefreshEngine:
             integration_id=iid,
         )
 
-    async def _release(self, iid: str, values: dict[str, Any]) -> None:
+    async def _release(
+        self, iid: str, values: dict[str, Any], event: _EventWrite | None = None
+    ) -> None:
         try:
             async with write_transaction(self.engine, self.invalidate) as conn:
-                await repository.release_lease(conn, iid, self.owner, values)
+                released = await repository.release_lease(conn, iid, self.owner, values)
+                if released and event is not None:
+                    await event(conn)
         except StorageUnavailable:
             # The lease lapses by itself; nothing was rotated, so nothing is lost.
             log.warning("could not release the refresh lease of integration %s", iid)
@@ -536,7 +584,7 @@ class RefreshEngine:
         iid = row.integration.id
         for attempt in range(_PERSIST_ATTEMPTS):
             try:
-                return await self._write(iid, row.integration.version, values)
+                return await self._write(iid, row.integration.version, values, row)
             except StorageUnavailable:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         # The provider has issued new tokens (and may have revoked the old refresh token):
@@ -547,14 +595,22 @@ class RefreshEngine:
             iid,
             _PERSIST_ATTEMPTS,
         )
-        pending = _Unsaved(row.integration.version, values, self._in_memory(row, values))
+        pending = _Unsaved(row.integration.version, values, self._in_memory(row, values), row)
         self._unsaved[iid] = pending
         return pending.stored
 
-    async def _write(self, iid: str, version: int, values: dict[str, Any]) -> StoredIntegration:
+    async def _write(
+        self,
+        iid: str,
+        version: int,
+        values: dict[str, Any],
+        before: StoredIntegration | None = None,
+    ) -> StoredIntegration:
         async with write_transaction(self.engine, self.invalidate) as conn:
             written = await repository.write_refreshed(conn, iid, version, values)
             current = await repository.get(conn, iid)
+            if written and before is not None:
+                await events.refreshed(conn, before, values["updated_at"])
         if current is None:
             raise IntegrationNotFound(f"no integration with id {iid!r}")
         if not written:
@@ -584,7 +640,7 @@ class RefreshEngine:
     async def _retry_unsaved(self, iid: str) -> StoredIntegration:
         pending = self._unsaved[iid]
         try:
-            return await self._write(iid, pending.base_version, pending.values)
+            return await self._write(iid, pending.base_version, pending.values, pending.before)
         except StorageUnavailable:
             return pending.stored
 

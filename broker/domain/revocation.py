@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.domain import periodic
+from broker.domain import events, periodic
 from broker.domain.model import Kind, Revocation, StoredIntegration
 from broker.domain.service import ACCESS, REFRESH, Clock, TokenCipher
 from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
@@ -136,6 +136,10 @@ class ProviderRevoker:
                 await repository.update_row(
                     conn, integration_id, current.integration.version, values
                 )
+                if values["revocation"] != Revocation.PENDING.value:
+                    await events.revocation_settled(
+                        conn, current.integration, self.clock(), Revocation(values["revocation"])
+                    )
 
     async def retry_pending(self, limit: int = 50) -> int:
         """One pass over PENDING revocations that are due; returns how many were tried."""

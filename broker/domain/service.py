@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring, associated_data
-from broker.domain import context, credentials, validation
+from broker.domain import context, credentials, events, validation
 from broker.domain.cache import IntegrationCache
 from broker.domain.model import (
     AccessToken,
@@ -502,6 +502,7 @@ class IntegrationService:
         assert stored is not None
         context.note(stored.integration)
         await context.audit_in(conn)
+        await events.connected(conn, stored.integration, now, created)
         return stored.integration, created
 
     def _secret_values(self, iid: str, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
@@ -559,13 +560,22 @@ class IntegrationService:
         left = remaining(stored.integration.expires_at, self.clock())
         if stored.integration.status is not Status.CONNECTED or left is None or left > timedelta(0):
             return
+        now = self.clock()
         async with write_transaction(self.engine, self.invalidate) as conn:
-            await repository.update_row(
+            if await repository.update_row(
                 conn,
                 stored.integration.id,
                 stored.integration.version,
-                {"status": Status.EXPIRED.value, "updated_at": self.clock()},
-            )
+                {"status": Status.EXPIRED.value, "updated_at": now},
+            ):
+                await events.record(
+                    conn,
+                    events.EventType.EXPIRED,
+                    stored.integration,
+                    now,
+                    reason="TOKEN_EXPIRED",
+                    message="the access token expired and there is no refresh token",
+                )
 
     # -- disconnect ------------------------------------------------------------------------
 
@@ -602,6 +612,15 @@ class IntegrationService:
                 raise IntegrationNotFound(f"no integration with id {iid!r}")
             await repository.update_row(conn, iid, current.integration.version, values)
             await context.audit_in(conn)
+            await events.record(
+                conn,
+                events.EventType.DISCONNECTED,
+                current.integration,
+                now,
+                reason="DISCONNECTED",
+                message=reason,
+                revocation=Revocation.SKIPPED.value if skip_revocation else None,
+            )
         if not revoke:
             outcome = Revocation.SKIPPED if skip_revocation else Revocation.NOT_SUPPORTED
             if outcome is Revocation.NOT_SUPPORTED:
@@ -622,6 +641,7 @@ class IntegrationService:
                 await repository.update_row(
                     conn, iid, current.integration.version, {"revocation": outcome.value}
                 )
+                await events.revocation_settled(conn, current.integration, self.clock(), outcome)
 
 
 # Ciphertexts are wiped once nothing more will be done with them.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
 from broker.domain.key_usage import flush_periodically
+from broker.domain.events import WAKEUP
 from broker.domain.refresh import RefreshEngine
 from broker.domain.service import Clock, IntegrationService, utcnow
+from broker.domain.webhooks import WebhookDispatcher, build_endpoints
 from broker.errors import ConfigError
 from broker.providers.catalog import ALIASES
 from broker.runtime import Runtime, open_runtime
@@ -51,6 +54,7 @@ class Broker:
     port: int
     interceptor: AuthInterceptor
     listener: InvalidationListener | None = None
+    webhooks: WebhookDispatcher | None = None
     stop_metrics: Callable[[], None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Passes that call providers: told to stop and awaited, never cancelled mid-call.
@@ -86,6 +90,8 @@ class Broker:
         loop = asyncio.get_running_loop()
         self.refresher.answer_callers_by(loop.time() + max(0.0, grace - min(1.0, grace / 5)))
         self.runtime.revoker.draining = True
+        # Open event streams end now, with status OK, rather than at the end of the grace.
+        self.runtime.events.closing.set()
         await asyncio.gather(self.server.stop(grace), self._drain())
         for task in self.tasks:
             task.cancel()
@@ -94,6 +100,10 @@ class Broker:
             for task in pending:
                 # Shutdown must finish; say which background task would not.
                 log.error("shutdown: background task %s did not stop", task.get_name())
+        if self.webhooks is not None:
+            with contextlib.suppress(Exception):
+                await _bounded("releasing webhook leases", self.webhooks.release(), 5)
+            await self.webhooks.close()
         # Tokens a provider issued that the database has not taken yet: one last try.
         unsaved = await _bounded(
             "last store of refreshed tokens", self.refresher.flush_unsaved(), 10
@@ -204,7 +214,10 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         ],
     )
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-        CredentialBrokerServicer(runtime.service, runtime.authorization, runtime.grants), server
+        CredentialBrokerServicer(
+            runtime.service, runtime.authorization, runtime.grants, runtime.events
+        ),
+        server,
     )
     health_servicer = HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -221,6 +234,11 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"server.listen: cannot listen on {settings.server.listen}") from None
+    try:
+        webhooks = await _webhooks(settings, runtime)
+    except BaseException:
+        await runtime.close()
+        raise
     await server.start()
     broker = Broker(settings, server, health_servicer, runtime, port, interceptor)
     if settings.database.is_sqlite:
@@ -236,10 +254,23 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         runtime.refresher.session = lock.session
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lock.held.wait(), settings.database.timeout_seconds)
+    broker.webhooks = webhooks
+    if webhooks is not None:
+        broker.tasks.append(asyncio.create_task(webhooks.run(), name="webhooks"))
+    broker.tasks.append(
+        asyncio.create_task(
+            runtime.events.run_purger(settings.events.purge_interval_seconds),
+            name="event-retention",
+        )
+    )
     broker.tasks.append(asyncio.create_task(broker._watch_database(), name="health-watch"))
-    if settings.cache.enabled and not settings.database.is_sqlite:
+    if not settings.database.is_sqlite:
+        # Also needed with the cache off: it carries the wake-ups of event readers.
         broker.listener = InvalidationListener(
-            settings.database.url.get_secret_value(), runtime.cache, grants=runtime.grants.cache
+            settings.database.url.get_secret_value(),
+            runtime.cache,
+            grants=runtime.grants.cache,
+            on_event=WAKEUP.notify,
         )
         broker.tasks.append(asyncio.create_task(broker.listener.run(), name="cache-listener"))
     if settings.refresh.background:
@@ -290,6 +321,24 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         runtime.keyring.primary_id,
     )
     return broker
+
+
+async def _webhooks(settings: Settings, runtime: Runtime) -> WebhookDispatcher | None:
+    if not settings.webhooks:
+        return None
+    dispatcher = WebhookDispatcher(
+        runtime.engine,
+        build_endpoints(settings.webhooks, os.environ, ALIASES),
+        runtime.clock,
+        owner=runtime.refresher.owner,
+        poll_seconds=settings.events.poll_seconds,
+    )
+    try:
+        await dispatcher.prepare()
+    except BaseException:
+        await dispatcher.close()
+        raise
+    return dispatcher
 
 
 async def _bounded(what: str, step: Awaitable[T], seconds: float) -> T | None:

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.domain.events import Event, EventFilter, EventType, Heartbeat
 from broker.domain.grant import Grant
 from broker.domain.model import Credential, Integration, Kind, Revocation, Selector, Status
 from broker.errors import InvalidArgument
@@ -161,3 +162,47 @@ def duration(field: str, value: duration_pb2.Duration) -> timedelta:
         return value.ToTimedelta()
     except (ValueError, OverflowError):
         raise InvalidArgument(field, "is not a valid duration") from None
+
+
+EVENT_TYPE_TO_PB = {
+    t: pb.IntegrationEventType.Value(f"INTEGRATION_EVENT_TYPE_{t.value}") for t in EventType
+}
+EVENT_TYPE_FROM_PB = {v: k for k, v in EVENT_TYPE_TO_PB.items()}
+
+
+def event_filter(request: Any) -> EventFilter:
+    types = []
+    for value in request.types:
+        found = EVENT_TYPE_FROM_PB.get(value)
+        if found is None:
+            raise InvalidArgument("types", f"unknown event type {value}")
+        types.append(found)
+    return EventFilter(user_id=request.user_id, provider=request.provider, types=tuple(types))
+
+
+def event(value: Event) -> pb.IntegrationEvent:
+    message = pb.IntegrationEvent(
+        id=value.id,
+        occurred_at=timestamp(value.occurred_at),
+        integration_id=value.integration_id,
+        user_id=value.user_id,
+        provider=value.provider,
+        account_id=value.account_id,
+        type=EVENT_TYPE_TO_PB[value.type],
+        reason=value.reason,
+        message=value.message,
+        failure_count=value.failure_count or 0,
+    )
+    if value.revocation:
+        message.revocation = REVOCATION_TO_PB[Revocation(value.revocation)]
+    return message
+
+
+def watch_item(item: Event | Heartbeat, now: datetime) -> pb.WatchIntegrationEventsResponse:
+    if isinstance(item, Event):
+        return pb.WatchIntegrationEventsResponse(event=event(item))
+    return pb.WatchIntegrationEventsResponse(
+        heartbeat=pb.WatchIntegrationEventsResponse.Heartbeat(
+            last_event_id=item.last_event_id, sent_at=timestamp(now)
+        )
+    )

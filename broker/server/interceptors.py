@@ -128,6 +128,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             return self._guard_other(handler, kwargs)
         kwargs["request_deserializer"] = decoding.tolerant(handler.request_deserializer)
         name = method[len(SERVICE_PREFIX) :]
+        if handler.unary_stream is not None:
+            return self._guard_stream(handler, name, kwargs)
         behaviour = handler.unary_unary
         if self.auditor is not None:
             behaviour = self.auditor.tracking(behaviour)
@@ -184,6 +186,50 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             return response
 
         return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+    def _guard_stream(self, handler: Any, name: str, kwargs: dict[str, Any]) -> Any:
+        """Server-streaming methods (WatchIntegrationEvents): the same identity, permission
+        and audit as unary calls. A refusal ends the stream with its status; the audit event
+        is written when the stream opens (fail closed), the access line when it ends."""
+        inner = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            try:
+                caller = self.identify(context)
+            except _Denied as denied:
+                self._access(None, name, denied.code, started, None)
+                context.set_code(denied.code)
+                context.set_details(denied.message)
+                return
+            if not caller.may_call(name):
+                refused = Call(caller, name, self._request_id(context), detail="method refused")
+                self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, refused)
+                await self._audit_failure(refused, grpc.StatusCode.PERMISSION_DENIED)
+                context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+                context.set_details(f"caller {caller.name!r} may not call {name}")
+                return
+            call = Call(caller, name, self._request_id(context))
+            current_call.set(call)
+            if self.auditor is not None:
+                try:
+                    await self.auditor.record(call, "OK")
+                except Exception:
+                    error = AuditUnavailable(
+                        "the audit trail cannot be written, so the broker refuses to answer"
+                    )
+                    self._access(caller, name, error.code, started, call)
+                    status = to_status(error, call.request_id)
+                    context.set_code(status.code)
+                    context.set_details(status.details)
+                    return
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                self._access(caller, name, context.code() or grpc.StatusCode.OK, started, call)
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
 
     def _guard_other(self, handler: Any, kwargs: dict[str, Any]) -> Any:
         """Reflection (and anything else not ours): any authenticated caller."""

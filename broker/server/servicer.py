@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -15,6 +15,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.domain.authorization import AuthorizationService
 from broker.domain.context import current_call
+from broker.domain.events import EventLog
 from broker.domain.grants import GrantService
 from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.service import IntegrationService
@@ -61,10 +62,46 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         service: IntegrationService,
         authorization: AuthorizationService,
         grants: GrantService,
+        events: EventLog,
     ) -> None:
         self.service = service
         self.authorization = authorization
         self.grants = grants
+        self.events = events
+
+    async def WatchIntegrationEvents(
+        self,
+        request: pb.WatchIntegrationEventsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.WatchIntegrationEventsResponse]:
+        try:
+            async for item in self.events.watch(
+                request.after_event_id, convert.event_filter(request)
+            ):
+                yield convert.watch_item(item, datetime.now(UTC))
+        except BrokerError as error:
+            # A stream ends with its status (abort from a generator races in gRPC core).
+            call = current_call.get()
+            status = to_status(error, call.request_id if call else None)
+            context.set_code(status.code)
+            context.set_details(status.details)
+            context.set_trailing_metadata(status.trailing_metadata)
+
+    @_rpc
+    async def ListIntegrationEvents(
+        self,
+        request: pb.ListIntegrationEventsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.ListIntegrationEventsResponse:
+        page = await self.events.list(
+            request.after_event_id,
+            convert.event_filter(request),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListIntegrationEventsResponse(
+            events=[convert.event(e) for e in page.events], next_page_token=page.next_page_token
+        )
 
     @_rpc
     async def StoreIntegration(

@@ -182,18 +182,31 @@ async def write_transaction(
     process through ``invalidate`` (its cache), to other replicas by NOTIFY (PostgreSQL sends
     notifications only at commit, so nobody hears of a write that rolled back)."""
     touched: list[tuple[str, str, str]] = []
+    committed: list[Callable[[], None]] = []
     async with storage_errors(), engine.begin() as conn:
         # Kept by reference: once the connection is lost mid-transaction, ``conn.info`` would
         # try to reconnect and raise PendingRollbackError instead of the real failure.
         info = conn.info
         info["touched"] = touched
+        info["after_commit"] = committed
         try:
             yield conn
         finally:
             info.pop("touched", None)
+            info.pop("after_commit", None)
     if invalidate is not None:
         for integration_id, user_id, provider in touched:
             invalidate(integration_id, user_id, provider)
+    for hook in committed:
+        hook()
+
+
+def after_commit(conn: AsyncConnection, hook: Callable[[], None]) -> None:
+    """Run ``hook`` once the ``write_transaction`` of ``conn`` has committed (never on a
+    rollback); outside one, nothing runs (readers fall back to polling)."""
+    hooks = conn.info.get("after_commit")
+    if hooks is not None:
+        hooks.append(hook)
 
 
 async def touch(

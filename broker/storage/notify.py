@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 from broker.domain.cache import IntegrationCache
 from broker.domain.grants import GrantCache
 from broker.storage.engine import CHANNEL, GRANT_CHANNEL
+from broker.storage.events import EVENTS_CHANNEL
 
 log = logging.getLogger("broker.cache")
 
@@ -35,11 +37,14 @@ class InvalidationListener:
         *,
         retry_seconds: float = 0.5,
         grants: GrantCache | None = None,
+        on_event: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = asyncpg_dsn(url)
         self.cache = cache
         # Revoked grants arrive on their own channel and must be heard the same way.
         self.grants = grants
+        # Integration events committed on any replica wake this process's event readers.
+        self.on_event = on_event
         self.retry_seconds = retry_seconds
         self.connected = asyncio.Event()
         self.notifications = 0
@@ -55,6 +60,10 @@ class InvalidationListener:
         self.notifications += 1
         if self.grants is not None:
             self.grants.invalidate(payload.partition("\x1f")[0])
+
+    def _on_event(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        if self.on_event is not None:
+            self.on_event()
 
     def _on_lost(self, _conn: Any) -> None:
         self._lost()
@@ -85,6 +94,7 @@ class InvalidationListener:
                 conn.add_termination_listener(self._on_lost)
                 await conn.add_listener(CHANNEL, self._on_notify)
                 await conn.add_listener(GRANT_CHANNEL, self._on_grant)
+                await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 # Writes made while nobody listened are unknown: start from nothing.
                 self.cache.flush()
                 self.cache.available = True

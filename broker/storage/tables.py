@@ -168,3 +168,54 @@ change_log = Table(
     Column("provider", String(64), nullable=False, server_default=""),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
 )
+
+_EVENT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+# The transactional outbox: one row per integration state change, written in the transaction
+# that makes the change. Ids are handed out in commit order (see broker.storage.events).
+integration_events = Table(
+    "integration_events",
+    metadata,
+    Column("id", _EVENT_ID, primary_key=True, autoincrement=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("integration_id", String(36), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("account_id", String(255), nullable=False, server_default=""),
+    Column("type", String(32), nullable=False),
+    Column("reason", String(64), nullable=False, server_default=""),
+    Column("message", String(255), nullable=False, server_default=""),
+    Column("failure_count", Integer, nullable=True),
+    Column("revocation", String(16), nullable=True),
+    Index("ix_integration_events_occurred", "occurred_at"),
+    Index("ix_integration_events_user", "user_id", "id"),
+    Index("ix_integration_events_integration", "integration_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+# One row per configured webhook: how far its queue has been filled, and which broker (of any
+# replica) delivers to it right now. One deliverer per endpoint keeps its events in order.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("cursor", BigInteger, nullable=False, server_default="0"),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("event_id", BigInteger, primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", String(255), nullable=True),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Index("ix_webhook_deliveries_state", "endpoint", "state", "event_id"),
+)

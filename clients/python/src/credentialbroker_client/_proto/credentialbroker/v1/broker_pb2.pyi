@@ -68,6 +68,45 @@ REVOCATION_OUTCOME_PENDING: RevocationOutcome.ValueType  # 4
 REVOCATION_OUTCOME_SKIPPED: RevocationOutcome.ValueType  # 5
 Global___RevocationOutcome: _TypeAlias = RevocationOutcome  # noqa: Y015
 
+class _IntegrationEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IntegrationEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntegrationEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTEGRATION_EVENT_TYPE_UNSPECIFIED: _IntegrationEventType.ValueType  # 0
+    INTEGRATION_EVENT_TYPE_CONNECTED: _IntegrationEventType.ValueType  # 1
+    """Created, reconnected (tokens replaced), or an authorization flow completed."""
+    INTEGRATION_EVENT_TYPE_REFRESH_FAILED: _IntegrationEventType.ValueType  # 2
+    """A run of transient refresh failures reached the threshold (once per run, with the count)."""
+    INTEGRATION_EVENT_TYPE_RECOVERED: _IntegrationEventType.ValueType  # 3
+    """A refresh succeeded after failures, or an expired integration is CONNECTED again."""
+    INTEGRATION_EVENT_TYPE_NEEDS_REAUTHORIZATION: _IntegrationEventType.ValueType  # 4
+    INTEGRATION_EVENT_TYPE_EXPIRED: _IntegrationEventType.ValueType  # 5
+    INTEGRATION_EVENT_TYPE_PROVIDER_MISCONFIGURED: _IntegrationEventType.ValueType  # 6
+    """The provider rejected the broker's OAuth client (invalid_client, unauthorized_client)."""
+    INTEGRATION_EVENT_TYPE_DISCONNECTED: _IntegrationEventType.ValueType  # 7
+    INTEGRATION_EVENT_TYPE_REVOCATION_SETTLED: _IntegrationEventType.ValueType  # 8
+    """Provider-side revocation after Disconnect reached its final outcome."""
+
+class IntegrationEventType(_IntegrationEventType, metaclass=_IntegrationEventTypeEnumTypeWrapper): ...
+
+INTEGRATION_EVENT_TYPE_UNSPECIFIED: IntegrationEventType.ValueType  # 0
+INTEGRATION_EVENT_TYPE_CONNECTED: IntegrationEventType.ValueType  # 1
+"""Created, reconnected (tokens replaced), or an authorization flow completed."""
+INTEGRATION_EVENT_TYPE_REFRESH_FAILED: IntegrationEventType.ValueType  # 2
+"""A run of transient refresh failures reached the threshold (once per run, with the count)."""
+INTEGRATION_EVENT_TYPE_RECOVERED: IntegrationEventType.ValueType  # 3
+"""A refresh succeeded after failures, or an expired integration is CONNECTED again."""
+INTEGRATION_EVENT_TYPE_NEEDS_REAUTHORIZATION: IntegrationEventType.ValueType  # 4
+INTEGRATION_EVENT_TYPE_EXPIRED: IntegrationEventType.ValueType  # 5
+INTEGRATION_EVENT_TYPE_PROVIDER_MISCONFIGURED: IntegrationEventType.ValueType  # 6
+"""The provider rejected the broker's OAuth client (invalid_client, unauthorized_client)."""
+INTEGRATION_EVENT_TYPE_DISCONNECTED: IntegrationEventType.ValueType  # 7
+INTEGRATION_EVENT_TYPE_REVOCATION_SETTLED: IntegrationEventType.ValueType  # 8
+"""Provider-side revocation after Disconnect reached its final outcome."""
+Global___IntegrationEventType: _TypeAlias = IntegrationEventType  # noqa: Y015
+
 class _CredentialType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -114,6 +153,62 @@ GRANT_STATE_ACTIVE: GrantState.ValueType  # 1
 GRANT_STATE_EXPIRED: GrantState.ValueType  # 2
 GRANT_STATE_REVOKED: GrantState.ValueType  # 3
 Global___GrantState: _TypeAlias = GrantState  # noqa: Y015
+
+@_typing.final
+class IntegrationEvent(_message.Message):
+    """A state change of an integration. Never carries a token or secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    INTEGRATION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FAILURE_COUNT_FIELD_NUMBER: _builtins.int
+    REVOCATION_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Increasing in commit order: the cursor for WatchIntegrationEvents and ListIntegrationEvents."""
+    integration_id: _builtins.str
+    user_id: _builtins.str
+    provider: _builtins.str
+    account_id: _builtins.str
+    type: Global___IntegrationEventType.ValueType
+    reason: _builtins.str
+    """ErrorInfo-style code (e.g. REAUTHORIZATION_REQUIRED) and a short message for people."""
+    message: _builtins.str
+    failure_count: _builtins.int
+    """REFRESH_FAILED: failures in a row."""
+    revocation: Global___RevocationOutcome.ValueType
+    """REVOCATION_SETTLED (and DISCONNECTED with skip_provider_revocation): the outcome."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        integration_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        type: Global___IntegrationEventType.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        failure_count: _builtins.int = ...,
+        revocation: Global___RevocationOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "failure_count", b"failure_count", "id", b"id", "integration_id", b"integration_id", "message", b"message", "occurred_at", b"occurred_at", "provider", b"provider", "reason", b"reason", "revocation", b"revocation", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntegrationEvent: _TypeAlias = IntegrationEvent  # noqa: Y015
 
 @_typing.final
 class Integration(_message.Message):
@@ -1233,3 +1328,143 @@ class ListGrantsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015
+
+@_typing.final
+class WatchIntegrationEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    after_event_id: _builtins.int
+    """Events with a larger id than this; 0: from the oldest retained event."""
+    user_id: _builtins.str
+    """Filters (all optional): one user, one provider, some types."""
+    provider: _builtins.str
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___IntegrationEventType.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        after_event_id: _builtins.int = ...,
+        user_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        types: _abc.Iterable[Global___IntegrationEventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "provider", b"provider", "types", b"types", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchIntegrationEventsRequest: _TypeAlias = WatchIntegrationEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchIntegrationEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Heartbeat(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
+        SENT_AT_FIELD_NUMBER: _builtins.int
+        last_event_id: _builtins.int
+        """The cursor so far (the last event this stream delivered, or the one it started after)."""
+        @_builtins.property
+        def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+        def __init__(
+            self,
+            *,
+            last_event_id: _builtins.int = ...,
+            sent_at: _timestamp_pb2.Timestamp | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["last_event_id", b"last_event_id", "sent_at", b"sent_at"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___IntegrationEvent: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___WatchIntegrationEventsResponse.Heartbeat:
+        """Sent while no event arrives, so idle streams stay open through proxies."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___IntegrationEvent | None = ...,
+        heartbeat: Global___WatchIntegrationEventsResponse.Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___WatchIntegrationEventsResponse: _TypeAlias = WatchIntegrationEventsResponse  # noqa: Y015
+
+@_typing.final
+class ListIntegrationEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    after_event_id: _builtins.int
+    user_id: _builtins.str
+    provider: _builtins.str
+    page_size: _builtins.int
+    """At most 500; 0 means the default of 50."""
+    page_token: _builtins.str
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___IntegrationEventType.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        after_event_id: _builtins.int = ...,
+        user_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        types: _abc.Iterable[Global___IntegrationEventType.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider", "types", b"types", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIntegrationEventsRequest: _TypeAlias = ListIntegrationEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListIntegrationEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___IntegrationEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___IntegrationEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIntegrationEventsResponse: _TypeAlias = ListIntegrationEventsResponse  # noqa: Y015

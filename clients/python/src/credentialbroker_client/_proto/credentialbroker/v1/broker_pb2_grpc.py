@@ -89,6 +89,16 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
                 _registered_method=True)
+        self.WatchIntegrationEvents = channel.unary_stream(
+                '/credentialbroker.v1.CredentialBroker/WatchIntegrationEvents',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsResponse.FromString,
+                _registered_method=True)
+        self.ListIntegrationEvents = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/ListIntegrationEvents',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -173,6 +183,21 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchIntegrationEvents(self, request, context):
+        """Integration events after a cursor, then live as they commit; heartbeats while idle.
+        Resume with the last event id seen: every later event arrives once, in id order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIntegrationEvents(self, request, context):
+        """Stored integration events after a cursor, oldest first, paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +255,16 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.ListGrants,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'WatchIntegrationEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchIntegrationEvents,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsResponse.SerializeToString,
+            ),
+            'ListIntegrationEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIntegrationEvents,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +564,60 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/ListGrants',
             credentialbroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchIntegrationEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/WatchIntegrationEvents',
+            credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.WatchIntegrationEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIntegrationEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/ListIntegrationEvents',
+            credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,12 @@ class CredentialBrokerStub:
     """Metadata of one grant (never its token)."""
     ListGrants: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListGrantsRequest, _broker_pb2.ListGrantsResponse]
     """Metadata of grants, newest first, by user or run."""
+    WatchIntegrationEvents: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchIntegrationEventsRequest, _broker_pb2.WatchIntegrationEventsResponse]
+    """Integration events after a cursor, then live as they commit; heartbeats while idle.
+    Resume with the last event id seen: every later event arrives once, in id order.
+    """
+    ListIntegrationEvents: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationEventsRequest, _broker_pb2.ListIntegrationEventsResponse]
+    """Stored integration events after a cursor, oldest first, paginated."""
 
 @_typing.type_check_only
 class CredentialBrokerAsyncStub(CredentialBrokerStub):
@@ -87,6 +93,12 @@ class CredentialBrokerAsyncStub(CredentialBrokerStub):
     """Metadata of one grant (never its token)."""
     ListGrants: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListGrantsRequest, _broker_pb2.ListGrantsResponse]  # type: ignore[assignment]
     """Metadata of grants, newest first, by user or run."""
+    WatchIntegrationEvents: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchIntegrationEventsRequest, _broker_pb2.WatchIntegrationEventsResponse]  # type: ignore[assignment]
+    """Integration events after a cursor, then live as they commit; heartbeats while idle.
+    Resume with the last event id seen: every later event arrives once, in id order.
+    """
+    ListIntegrationEvents: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationEventsRequest, _broker_pb2.ListIntegrationEventsResponse]  # type: ignore[assignment]
+    """Stored integration events after a cursor, oldest first, paginated."""
 
 class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -179,5 +191,23 @@ class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListGrantsResponse, _abc.Awaitable[_broker_pb2.ListGrantsResponse]]:
         """Metadata of grants, newest first, by user or run."""
+
+    @_abc_1.abstractmethod
+    def WatchIntegrationEvents(
+        self,
+        request: _broker_pb2.WatchIntegrationEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.WatchIntegrationEventsResponse], _abc.AsyncIterator[_broker_pb2.WatchIntegrationEventsResponse]]:
+        """Integration events after a cursor, then live as they commit; heartbeats while idle.
+        Resume with the last event id seen: every later event arrives once, in id order.
+        """
+
+    @_abc_1.abstractmethod
+    def ListIntegrationEvents(
+        self,
+        request: _broker_pb2.ListIntegrationEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListIntegrationEventsResponse, _abc.Awaitable[_broker_pb2.ListIntegrationEventsResponse]]:
+        """Stored integration events after a cursor, oldest first, paginated."""
 
 def add_CredentialBrokerServicer_to_server(servicer: CredentialBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

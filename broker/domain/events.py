@@ -1,0 +1,400 @@
+"""Integration events: the transactional outbox and the readers that follow it.
+
+``record`` is called inside the write transaction of every state change, so a change and its
+event commit or roll back together. ``EventLog`` serves them: a page of history, or a watch
+that replays from a cursor and then follows new events live — woken by PostgreSQL NOTIFY (heard
+by ``broker.storage.notify``) or by a commit in this process, with a short poll as the floor.
+Ids are handed out in commit order (``broker.storage.events``), so ``id > cursor`` never skips
+an event whose transaction committed late. Events never carry a token or secret: messages are
+written by the broker from fixed text and OAuth error codes, never a provider's free text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broker import metrics
+from broker.domain import context, periodic, validation
+from broker.domain.model import Integration, Revocation
+from broker.errors import InvalidArgument
+from broker.storage import events as store
+from broker.storage.engine import after_commit, storage_errors
+from broker.storage.repository import utc
+
+log = logging.getLogger("broker.events")
+
+
+class EventType(enum.StrEnum):
+    CONNECTED = "CONNECTED"
+    REFRESH_FAILED = "REFRESH_FAILED"
+    RECOVERED = "RECOVERED"
+    NEEDS_REAUTHORIZATION = "NEEDS_REAUTHORIZATION"
+    EXPIRED = "EXPIRED"
+    PROVIDER_MISCONFIGURED = "PROVIDER_MISCONFIGURED"
+    DISCONNECTED = "DISCONNECTED"
+    REVOCATION_SETTLED = "REVOCATION_SETTLED"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    occurred_at: datetime
+    integration_id: str
+    user_id: str
+    provider: str
+    account_id: str
+    type: EventType
+    reason: str
+    message: str
+    failure_count: int | None
+    revocation: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The webhook body's ``data`` (and what `broker webhooks` prints)."""
+        return {
+            "id": self.id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "integration_id": self.integration_id,
+            "user_id": self.user_id,
+            "provider": self.provider,
+            "account_id": self.account_id,
+            "type": self.type.value,
+            "reason": self.reason,
+            "message": self.message,
+            "failure_count": self.failure_count,
+            "revocation": self.revocation,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    last_event_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    user_id: str = ""
+    provider: str = ""
+    types: tuple[EventType, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    next_page_token: str
+
+
+def from_row(row: Any) -> Event:
+    m = row._mapping
+    occurred = utc(m["occurred_at"])
+    assert occurred is not None
+    return Event(
+        id=int(m["id"]),
+        occurred_at=occurred,
+        integration_id=m["integration_id"],
+        user_id=m["user_id"],
+        provider=m["provider"],
+        account_id=m["account_id"],
+        type=EventType(m["type"]),
+        reason=m["reason"],
+        message=m["message"],
+        failure_count=m["failure_count"],
+        revocation=m["revocation"],
+    )
+
+
+class Wakeup:
+    """Wakes every waiting reader in this process (streams, webhook dispatchers). One per
+    process: the writers (`record`) are plain functions inside transactions and cannot know
+    which readers exist; a spurious wake-up only costs a query."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def notify(self) -> None:
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                with contextlib.suppress(RuntimeError):  # its loop has closed
+                    waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+    async def wait(self, seconds: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+WAKEUP = Wakeup()
+
+
+async def record(
+    conn: AsyncConnection,
+    type: EventType,
+    integration: Integration,
+    at: datetime,
+    *,
+    reason: str = "",
+    message: str = "",
+    failure_count: int | None = None,
+    revocation: str | None = None,
+) -> int:
+    """Write one event in the caller's transaction (call it last: see broker.storage.events)."""
+    event_id = await store.insert_event(
+        conn,
+        {
+            "occurred_at": at,
+            "integration_id": integration.id,
+            "user_id": integration.user_id,
+            "provider": integration.provider,
+            "account_id": integration.account_id,
+            "type": type.value,
+            "reason": reason[:64],
+            "message": message[:255],
+            "failure_count": failure_count,
+            "revocation": revocation,
+        },
+    )
+    after_commit(conn, lambda: _written(type))
+    return event_id
+
+
+def _written(type: EventType) -> None:
+    metrics.EVENTS_WRITTEN.labels(type.value).inc()
+    WAKEUP.notify()
+
+
+def encode_cursor(event_id: int) -> str:
+    return base64.urlsafe_b64encode(f"e{event_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        if not raw.startswith("e"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this broker issued") from None
+
+
+class EventLog:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Any,
+        *,
+        retention: timedelta,
+        poll_seconds: float,
+        heartbeat_seconds: float,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.retention = retention
+        self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        # Set at shutdown: open watches end cleanly (status OK) instead of being cancelled.
+        self.closing = asyncio.Event()
+
+    def _scope(self, filters: EventFilter) -> tuple[str, Collection[str] | None]:
+        """The provider set this caller may read, narrowed by the request's filter."""
+        validation.text("user_id", filters.user_id, validation.MAX_ID, required=False)
+        validation.text("provider", filters.provider, validation.MAX_PROVIDER, required=False)
+        allowed = context.allowed_providers()
+        if filters.provider:
+            context.check_provider(filters.provider)
+            return filters.user_id, {filters.provider}
+        return filters.user_id, allowed
+
+    async def _read(
+        self, after_id: int, limit: int, filters: EventFilter, providers: Collection[str] | None
+    ) -> list[Event]:
+        async with storage_errors(), self.engine.connect() as conn:
+            rows = await store.page(
+                conn,
+                after_id,
+                limit,
+                user_id=filters.user_id,
+                providers=providers,
+                types=[t.value for t in filters.types],
+            )
+        return [from_row(r) for r in rows]
+
+    async def list(
+        self, after_id: int, filters: EventFilter, page_size: int, page_token: str
+    ) -> EventPage:
+        if after_id < 0:
+            raise InvalidArgument("after_event_id", "must be 0 or a positive event id")
+        size = validation.page_size(page_size)
+        _, providers = self._scope(filters)
+        cursor = decode_cursor(page_token) if page_token else after_id
+        found = await self._read(cursor, size + 1, filters, providers)
+        items = found[:size]
+        more = len(found) > size
+        return EventPage(items, encode_cursor(items[-1].id) if more and items else "")
+
+    async def watch(self, after_id: int, filters: EventFilter) -> AsyncIterator[Event | Heartbeat]:
+        """Stored events after the cursor, then new ones as they commit, with heartbeats."""
+        if after_id < 0:
+            raise InvalidArgument("after_event_id", "must be 0 or a positive event id")
+        _, providers = self._scope(filters)
+        cursor = after_id
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while not self.closing.is_set():
+            batch = await self._read(cursor, 500, filters, providers)
+            for event in batch:
+                cursor = event.id
+                yield event
+            if batch:
+                quiet_since = loop.time()
+                if len(batch) == 500:
+                    continue
+            if loop.time() - quiet_since >= self.heartbeat_seconds:
+                quiet_since = loop.time()
+                yield Heartbeat(cursor)
+            await _first(WAKEUP.wait(self.poll_seconds), self.closing.wait())
+
+    async def purge_pass(self) -> int:
+        """Delete events older than the retention period; returns how many."""
+        before = self.clock() - self.retention
+        total = 0
+        while True:
+            async with storage_errors(), self.engine.begin() as conn:
+                deleted = await store.purge(conn, before, 1000)
+            total += deleted
+            if deleted < 1000:
+                return total
+
+    async def run_purger(self, interval_seconds: float) -> None:
+        await periodic.every(interval_seconds, self.purge_pass, "event retention", "%d purged")
+
+
+async def _first(*waits: Any) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# -- the events of each state change (called inside its write transaction) ---------------------
+
+
+async def connected(
+    conn: AsyncConnection, integration: Integration, at: datetime, created: bool
+) -> None:
+    call = context.current_call.get()
+    await record(
+        conn,
+        EventType.CONNECTED,
+        integration,
+        at,
+        reason="CREATED" if created else "RECONNECTED",
+        message=f"tokens stored by {call.method if call else 'the broker CLI'}",
+    )
+
+
+async def revocation_settled(
+    conn: AsyncConnection, integration: Integration, at: datetime, outcome: Revocation
+) -> None:
+    await record(
+        conn,
+        EventType.REVOCATION_SETTLED,
+        integration,
+        at,
+        reason=f"REVOCATION_{outcome.value}",
+        message=f"provider-side revocation ended {outcome.value}",
+        revocation=outcome.value,
+    )
+
+
+async def needs_reauthorization(
+    conn: AsyncConnection,
+    integration: Integration,
+    at: datetime,
+    error: str,
+    secret: str = "refresh token",
+) -> None:
+    await record(
+        conn,
+        EventType.NEEDS_REAUTHORIZATION,
+        integration,
+        at,
+        reason="REAUTHORIZATION_REQUIRED",
+        message=f"the provider rejected the {secret} ({error[:64]}); the user must "
+        "authorize again",
+    )
+
+
+async def refresh_failed(
+    conn: AsyncConnection, integration: Integration, at: datetime, failures: int, threshold: int
+) -> None:
+    """Once per run of transient failures: when the run reaches ``threshold``."""
+    if failures != threshold:
+        return
+    await record(
+        conn,
+        EventType.REFRESH_FAILED,
+        integration,
+        at,
+        reason="PROVIDER_UNAVAILABLE",
+        message=f"{failures} refreshes in a row failed; the provider is unavailable",
+        failure_count=failures,
+    )
+
+
+async def provider_misconfigured(
+    conn: AsyncConnection, integration: Integration, at: datetime, error: str
+) -> None:
+    """Once per run: not again while this integration's last event already says so."""
+    if await store.last_type(conn, integration.id) == EventType.PROVIDER_MISCONFIGURED.value:
+        return
+    await record(
+        conn,
+        EventType.PROVIDER_MISCONFIGURED,
+        integration,
+        at,
+        reason="PROVIDER_MISCONFIGURED",
+        message=f"the provider rejected this broker's OAuth client ({error[:64] or 'no client'})",
+    )
+
+
+_FAILING = (EventType.REFRESH_FAILED.value, EventType.PROVIDER_MISCONFIGURED.value)
+
+
+async def refreshed(conn: AsyncConnection, before: Any, at: datetime) -> None:
+    """RECOVERED when a refresh succeeds after a failure event, or brings an EXPIRED
+    integration back to CONNECTED; a plain refresh writes nothing (it is a metric)."""
+    integration: Integration = before.integration
+    expired = integration.status.value == "EXPIRED"
+    if not expired and await store.last_type(conn, integration.id) not in _FAILING:
+        return
+    await record(
+        conn,
+        EventType.RECOVERED,
+        integration,
+        at,
+        reason="REFRESHED",
+        message="refreshed after expiry" if expired else "a refresh succeeded after failures",
+    )

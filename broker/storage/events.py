@@ -1,0 +1,88 @@
+"""Queries on ``integration_events``. Callers own the connection/transaction.
+
+Ids are the order readers follow (``id > cursor``), so an id must never become visible after
+a larger one: a reader that had already moved past it would skip it for good. Two concurrent
+transactions taking ids from one sequence can commit in the opposite order, so on PostgreSQL
+every event insert first takes one transaction-scoped advisory lock. The lock is held from
+the moment the id is drawn until the transaction commits or rolls back, so ids become visible
+strictly in increasing order. Event inserts are the last statement of their transaction and
+state changes are rare (plain refreshes write none), so the lock is held for a commit's time.
+SQLite has a single writer: its write lock already gives the same guarantee.
+
+A rolled-back transaction leaves a hole in the ids; holes are never filled, readers skip them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, delete, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.storage.tables import integration_events as t
+
+EVENTS_CHANNEL = "broker_events"
+# pg_advisory_xact_lock key serialising event ids (any constant unique to this purpose).
+_ORDER_LOCK = 0x6272_6F6B_6576_01
+
+
+async def insert_event(conn: AsyncConnection, values: dict[str, Any]) -> int:
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ORDER_LOCK})
+    result = await conn.execute(insert(t).values(**values).returning(t.c.id))
+    event_id = int(result.scalar_one())
+    if conn.dialect.name == "postgresql":
+        # Delivered at commit, never for a rollback: wakes streams and webhooks on every replica.
+        await conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": EVENTS_CHANNEL, "payload": str(event_id)},
+        )
+    return event_id
+
+
+async def page(
+    conn: AsyncConnection,
+    after_id: int,
+    limit: int,
+    *,
+    user_id: str = "",
+    providers: Collection[str] | None = None,
+    types: Collection[str] = (),
+) -> list[Row[Any]]:
+    query = select(t).where(t.c.id > after_id).order_by(t.c.id).limit(limit)
+    if user_id:
+        query = query.where(t.c.user_id == user_id)
+    if providers is not None:
+        query = query.where(t.c.provider.in_(list(providers)))
+    if types:
+        query = query.where(t.c.type.in_(list(types)))
+    return list((await conn.execute(query)).all())
+
+
+async def get(conn: AsyncConnection, event_id: int) -> Row[Any] | None:
+    return (await conn.execute(select(t).where(t.c.id == event_id))).first()
+
+
+async def last_id(conn: AsyncConnection) -> int:
+    return int((await conn.execute(select(func.coalesce(func.max(t.c.id), 0)))).scalar_one())
+
+
+async def purge(conn: AsyncConnection, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` of the events that occurred before ``before``."""
+    oldest = select(t.c.id).where(t.c.occurred_at < before).order_by(t.c.id).limit(limit)
+    result = await conn.execute(delete(t).where(t.c.id.in_(oldest.scalar_subquery())))
+    return int(result.rowcount or 0)
+
+
+async def last_type(conn: AsyncConnection, integration_id: str) -> str | None:
+    """The type of this integration's newest event (to write "once per run" events once)."""
+    query = (
+        select(t.c.type)
+        .where(t.c.integration_id == integration_id)
+        .order_by(t.c.id.desc())
+        .limit(1)
+    )
+    found = (await conn.execute(query)).scalar_one_or_none()
+    return None if found is None else str(found)
