@@ -1,0 +1,71 @@
+"""A webhook receiver for tests: a real HTTP server on loopback that records every request and
+answers from a script (e.g. 500 five times, then 200)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.script: list[int] = []  # statuses to answer first, in order; then `otherwise`
+        self.otherwise = 200
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def __enter__(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver.lock:
+                    status = receiver.script.pop(0) if receiver.script else receiver.otherwise
+                    receiver.requests.append(
+                        Received({k.lower(): v for k, v in self.headers.items()}, body, status)
+                    )
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks"
+
+    def received(self) -> list[Received]:
+        with self.lock:
+            return list(self.requests)
+
+    def delivered_ids(self) -> list[str]:
+        """webhook-id of every request answered 2xx, in arrival order."""
+        return [r.headers["webhook-id"] for r in self.received() if 200 <= r.status < 300]
+
+
+def receiver_fixture() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
