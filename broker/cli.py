@@ -1,4 +1,5 @@
-"""The ``broker`` command: serve, migrate, keygen, callers, keys, integrations, check, health.
+"""The ``broker`` command: serve, migrate, keygen, callers, keys, integrations, webhooks,
+check, health.
 
 Exit codes (EXIT_CODES, also in ``broker --help`` and the README): 0 ok, 1 a check or an
 operation failed, 2 configuration error, 3 database cannot be used. Every failure is one line
@@ -782,9 +783,11 @@ def parser() -> argparse.ArgumentParser:
     )
     reenc.set_defaults(func=cmd_keys_reencrypt)
 
+    from broker import webhook_cli
     from broker.bench import cli as bench_cli
 
     bench_cli.register(sub)
+    webhook_cli.register(sub)
 
     audit = sub.add_parser("audit", help="read the audit trail, newest first")
     audit.add_argument("--user", help="events of this user_id")

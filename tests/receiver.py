@@ -4,7 +4,6 @@ answers from a script (e.g. 500 five times, then 200)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +21,9 @@ class Receiver:
         self.requests: list[Received] = []
         self.script: list[int] = []  # statuses to answer first, in order; then `otherwise`
         self.otherwise = 200
+        # When set, every request waits for it (a slow endpoint) before being answered.
+        self.hold: threading.Event | None = None
+        self.arrived = 0  # requests read, answered or not
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -34,6 +36,10 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver.lock:
+                    receiver.arrived += 1
+                if receiver.hold is not None:
+                    receiver.hold.wait(60)
                 with receiver.lock:
                     status = receiver.script.pop(0) if receiver.script else receiver.otherwise
                     receiver.requests.append(
@@ -65,7 +71,3 @@ class Receiver:
         """webhook-id of every request answered 2xx, in arrival order."""
         return [r.headers["webhook-id"] for r in self.received() if 200 <= r.status < 300]
 
-
-def receiver_fixture() -> Iterator[Receiver]:
-    with Receiver() as receiver:
-        yield receiver
