@@ -70,4 +70,3 @@ class Receiver:
     def delivered_ids(self) -> list[str]:
         """webhook-id of every request answered 2xx, in arrival order."""
         return [r.headers["webhook-id"] for r in self.received() if 200 <= r.status < 300]
-

@@ -5,7 +5,7 @@ concurrent writers, heartbeats, shutdown), the paged list, caller policies and r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -164,7 +164,8 @@ async def test_each_state_change_writes_exactly_one_event(
     failed = [
         e for e in await all_events(stub) if e.type == T.INTEGRATION_EVENT_TYPE_REFRESH_FAILED
     ]
-    assert len(failed) == 1 and failed[0].failure_count == 2
+    assert len(failed) == 1
+    assert failed[0].failure_count == 2
     # ... and RECOVERED when a refresh succeeds after it.
     fake.reset_failures()
     await token(stub, iid, force=True)
@@ -275,7 +276,8 @@ async def test_a_failing_event_insert_rolls_the_change_back(
     async with broker.engine.connect() as conn:
         status = (await conn.execute(select(integrations.c.status))).scalar()
         count = (await conn.execute(select(func.count()).select_from(integration_events))).scalar()
-    assert status == "CONNECTED" and count == 1
+    assert status == "CONNECTED"
+    assert count == 1
     # With the store healthy again, the same change writes its one event.
     await stub.Disconnect(
         pb.DisconnectRequest(integration_id=iid, skip_provider_revocation=True), metadata=ADMIN
