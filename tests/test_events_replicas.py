@@ -1,0 +1,121 @@
+"""Three broker processes on one PostgreSQL: a stream on one of them sees every event the
+others write — many integrations failing at once — in id order, and a stream dropped and
+resumed from its last id misses none and repeats none (ids become visible in commit order)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.server.callers import hash_token
+from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
+from tests.fakeauth import FakeAuthServer
+from tests.processes import BrokerProcess, write_toml
+
+pytestmark = pytest.mark.postgres
+T = pb.IntegrationEventType
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthServer]:
+    with FakeAuthServer(expires_in=3600) as server:
+        yield server
+
+
+@pytest.fixture
+async def stubs(
+    postgres: PostgresFactory, fake: FakeAuthServer, tmp_path: Path
+) -> AsyncIterator[list[pb_grpc.CredentialBrokerAsyncStub]]:
+    url = await postgres.new()
+    config = write_toml(
+        tmp_path / "broker.toml",
+        {
+            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
+            "database": {"url": url},
+            "refresh": {"background": False, "max_attempts": 1},
+            "events": {"poll_seconds": 2, "heartbeat_seconds": 1},
+            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
+            "providers": {
+                "acme": {
+                    "token_url": fake.token_url,
+                    "client_id": fake.client_id,
+                    "client_secret_env": "ACME_SECRET",
+                    "rotates_refresh_tokens": True,
+                }
+            },
+        },
+    )
+    env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+    processes = [BrokerProcess(config, env) for _ in range(3)]
+    await asyncio.gather(*(p.start() for p in processes))
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p.port}") for p in processes]
+    yield [pb_grpc.CredentialBrokerStub(c) for c in channels]
+    for channel in channels:
+        await channel.close(None)
+    codes = await asyncio.gather(*(p.stop() for p in processes))
+    assert codes == [0, 0, 0]
+
+
+async def test_a_stream_follows_other_processes_and_resumes_without_gap_or_duplicate(
+    stubs: list[pb_grpc.CredentialBrokerAsyncStub], fake: FakeAuthServer
+) -> None:
+    reader, *writers = stubs
+
+    async def store(i: int) -> str:
+        access, refresh = fake.issue_grant()
+        response = await writers[i % 2].StoreIntegration(
+            pb.StoreIntegrationRequest(
+                user_id=f"u{i}", provider="acme", access_token=access, refresh_token=refresh
+            ),
+            metadata=ADMIN,
+        )
+        return response.integration.id
+
+    ids = await asyncio.gather(*(store(i) for i in range(40)))
+    first = await reader.ListIntegrationEvents(
+        pb.ListIntegrationEventsRequest(page_size=500), metadata=ADMIN
+    )
+    assert len(first.events) == 40
+    cursor = first.events[9].id  # a stream opened at cursor N
+    fake.fail_always("invalid_grant")
+
+    async def fail(i: int, iid: str) -> None:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await writers[i % 2].GetAccessToken(
+                pb.GetAccessTokenRequest(integration_id=iid, force_refresh=True), metadata=ADMIN
+            )
+
+    # Every integration fails at once, through two other processes, while the stream reads.
+    writing = asyncio.gather(*(fail(i, iid) for i, iid in enumerate(ids)))
+    seen: list[Any] = []
+    expected = 30 + 40
+    while len(seen) < expected:
+        call = reader.WatchIntegrationEvents(
+            pb.WatchIntegrationEventsRequest(after_event_id=cursor), metadata=ADMIN
+        )
+        taken = 0
+        async with asyncio.timeout(60):
+            async for item in call:
+                if item.HasField("event"):
+                    seen.append(item.event)
+                    cursor = item.event.id
+                    taken += 1
+                    if taken == 9 or len(seen) == expected:
+                        break
+        call.cancel()  # dropped mid-way; resumed from the last id
+    await writing
+    stored = await reader.ListIntegrationEvents(
+        pb.ListIntegrationEventsRequest(after_event_id=first.events[9].id, page_size=500),
+        metadata=ADMIN,
+    )
+    assert [e.id for e in seen] == [e.id for e in stored.events], "no gap, no duplicate"
+    assert len(stored.events) == expected
+    reauth = [e for e in seen if e.type == T.INTEGRATION_EVENT_TYPE_NEEDS_REAUTHORIZATION]
+    assert sorted(e.integration_id for e in reauth) == sorted(ids)
