@@ -29,14 +29,16 @@ from broker.config import Settings
 from broker.logs import JsonFormatter
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from broker.storage.tables import audit_events, integrations
+from broker.storage.tables import audit_events, integration_events, integrations
 from tests.conftest import ENVIRONMENT, KEYS, make_settings
 from tests.fakeauth import FakeAuthServer, Grant
 from tests.processes import BrokerProcess, write_toml
+from tests.receiver import Receiver
 
 Code = grpc.StatusCode
 CALLBACK = "https://app.example.test/oauth/callback"
 SECRET_ENV = "CANARY_TEST_ACME_CLIENT_SECRET"
+WEBHOOK_SECRET_ENV = "CANARY_TEST_WEBHOOK_SECRET"
 
 
 class Canaries:
@@ -52,6 +54,9 @@ class Canaries:
         self.bearer = f"CANARY-BEARER-{tag}"
         self.wrong_bearer = f"CANARY-WRONG-BEARER-{tag}"
         self.oversized = f"CANARY-BIG-{tag}" + "x" * (70 * 1024)
+        # A Standard Webhooks secret whose decoded key is itself a canary.
+        self.webhook_key = f"CANARY-WH-{tag}"
+        self.webhook_secret = "whsec_" + base64.b64encode(self.webhook_key.encode()).decode()
         self.extra: set[str] = set()  # issued by the fake during the run, PKCE state and code
 
     @property
@@ -70,6 +75,8 @@ class Canaries:
             self.bearer,
             self.wrong_bearer,
             self.oversized[:200],
+            self.webhook_key,
+            self.webhook_secret,
             *self.extra,
             *issued,
         }
@@ -152,8 +159,10 @@ def settings(
     fake: FakeAuthServer,
     canaries: Canaries,
     monkeypatch: pytest.MonkeyPatch,
+    receiver: Receiver,
 ) -> Settings:
     monkeypatch.setenv(SECRET_ENV, canaries.client_secret)
+    monkeypatch.setenv(WEBHOOK_SECRET_ENV, canaries.webhook_secret)
     return make_settings(
         database_url,
         providers={
@@ -177,7 +186,17 @@ def settings(
             "outcome_unknown_retry_seconds": 0,
         },
         logging={"level": "DEBUG", "access_log_level": "DEBUG"},
+        webhooks={
+            "app": {"url": receiver.url, "secret_env": WEBHOOK_SECRET_ENV, "timeout_seconds": 2}
+        },
+        events={"poll_seconds": 0.1},
     )
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
 
 
 @pytest.fixture
@@ -362,11 +381,18 @@ async def test_no_canary_in_logs_errors_or_audit_rows(
     fake: FakeAuthServer,
     canaries: Canaries,
     caplog: pytest.LogCaptureFixture,
+    receiver: Receiver,
 ) -> None:
     recorder = Recorder()
     await run_flows(stub, broker, fake, canaries, recorder)
     # Failure audit events are written after the status has left; let them land.
     await asyncio.sleep(0.2)
+    async with broker.engine.connect() as conn:
+        event_rows = (await conn.execute(select(integration_events))).all()
+    for _ in range(200):  # every event delivered to the webhook
+        if len(receiver.delivered_ids()) >= len(event_rows):
+            break
+        await asyncio.sleep(0.05)
     needles = canaries.needles(fake)
     # Ours (8), PKCE state and code, and the fake's: 2 refreshes and the PKCE grant.
     assert len(canaries.all(fake)) >= 8 + 2 + 2 * 2 + 2
@@ -383,7 +409,15 @@ async def test_no_canary_in_logs_errors_or_audit_rows(
         rows = (await conn.execute(select(audit_events))).all()
     for row in rows:
         leaks += scan(repr(tuple(row)), needles, "audit_events")
+    for row in event_rows:
+        leaks += scan(repr(tuple(row)), needles, "integration_events")
+    hooks = receiver.received()
+    for request in hooks:
+        leaks += scan(request.body.decode() + repr(request.headers), needles, "webhook request")
     assert not leaks, "\n".join(sorted(set(leaks)))
+    # Events of the flows were written and went out by webhook.
+    assert len(event_rows) >= 5
+    assert len(receiver.delivered_ids()) == len(event_rows)
 
     # The scan looked at something: the flows were logged, errored and audited.
     messages = [r.getMessage() for r in records]
