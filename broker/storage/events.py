@@ -18,7 +18,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, select, text
+from sqlalchemy import Row, Text, cast, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.storage.tables import integration_events as t
@@ -26,20 +26,24 @@ from broker.storage.tables import integration_events as t
 EVENTS_CHANNEL = "broker_events"
 # pg_advisory_xact_lock key serialising event ids (any constant unique to this purpose).
 _ORDER_LOCK = 0x6272_6F6B_6576_01
+_SEQUENCE = "integration_events_id_seq"  # of the BIGSERIAL id (migration 0006)
 
 
 async def insert_event(conn: AsyncConnection, values: dict[str, Any]) -> int:
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ORDER_LOCK})
-    result = await conn.execute(insert(t).values(**values).returning(t.c.id))
-    event_id = int(result.scalar_one())
-    if conn.dialect.name == "postgresql":
-        # Delivered at commit, never for a rollback: wakes streams and webhooks on every replica.
-        await conn.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": EVENTS_CHANNEL, "payload": str(event_id)},
-        )
-    return event_id
+    if conn.dialect.name != "postgresql":
+        result = await conn.execute(insert(t).values(**values).returning(t.c.id))
+        return int(result.scalar_one())
+    # One round trip: take the order lock, then draw the id (the lock is evaluated in the
+    # subquery's FROM before nextval in its select list), insert, and NOTIFY (delivered at
+    # commit, never for a rollback) to wake streams and webhooks on every replica.
+    lock = select(func.pg_advisory_xact_lock(_ORDER_LOCK).label("locked")).subquery("lock")
+    next_id = select(func.nextval(_SEQUENCE)).select_from(lock).scalar_subquery()
+    query = (
+        insert(t)
+        .values(id=next_id, **values)
+        .returning(t.c.id, func.pg_notify(EVENTS_CHANNEL, cast(t.c.id, Text)))
+    )
+    return int((await conn.execute(query)).first()[0])  # type: ignore[index]
 
 
 async def page(
