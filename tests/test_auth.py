@@ -48,7 +48,14 @@ REQUESTS: dict[str, Message] = {
 
 
 def call(stub: pb_grpc.CredentialBrokerAsyncStub, method: str, metadata: Any) -> Any:
-    return getattr(stub, method)(REQUESTS[method], metadata=metadata)
+    result = getattr(stub, method)(REQUESTS[method], metadata=metadata)
+    if SERVICE.methods_by_name[method].server_streaming:
+        return _drain(result)  # a stream's error arrives when it is read
+    return result
+
+
+async def _drain(stream: Any) -> list[Any]:
+    return [item async for item in stream]
 
 
 async def row_count(broker: Broker) -> int:
