@@ -18,11 +18,14 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from broker import cli
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.config import Settings
+from broker.config import Settings, WebhookSettings
+from broker.errors import ConfigError
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
@@ -109,9 +112,17 @@ async def test_signed_per_standard_webhooks(
     assert request.headers["content-type"] == "application/json"
 
 
+def counted(outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "broker_webhook_deliveries_total", {"endpoint": "app", "outcome": outcome}
+    )
+    return value or 0.0
+
+
 async def test_retried_after_each_failure_then_stops(
     stub: pb_grpc.CredentialBrokerAsyncStub, receiver: Receiver
 ) -> None:
+    retries, delivered = counted("retry"), counted("delivered")
     receiver.script = [500] * 5
     await connect(stub, "u1")
     await settled(receiver, 1)
@@ -119,6 +130,34 @@ async def test_retried_after_each_failure_then_stops(
     requests = receiver.received()
     assert [r.status for r in requests] == [500] * 5 + [200]
     assert len({r.headers["webhook-id"] for r in requests}) == 1, "one event, the same id"
+    assert counted("retry") - retries == 5
+    assert counted("delivered") - delivered == 1
+
+
+@pytest.mark.parametrize("url", ["http://example.com/hooks", "ftp://127.0.0.1/x", "https://"])
+def test_webhook_url_must_be_https_unless_loopback(url: str) -> None:
+    with pytest.raises(ValidationError, match="https"):
+        WebhookSettings(url=url, secret_env="X")
+    assert WebhookSettings(url="http://localhost:8080/h", secret_env="X")
+
+
+async def test_a_missing_or_invalid_secret_stops_start_up(
+    database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(database_url, webhooks={"app": hook(receiver)})
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    with pytest.raises(
+        ConfigError, match=f"webhooks.app.secret_env: environment variable {SECRET_ENV}"
+    ):
+        await start(settings)
+    monkeypatch.setenv(SECRET_ENV, "whsec_not*base64")
+    with pytest.raises(ConfigError) as caught:
+        await start(settings)
+    assert "not*base64" not in str(caught.value)
+    bad_type = make_settings(database_url, webhooks={"app": hook(receiver, types=["NOPE"])})
+    monkeypatch.setenv(SECRET_ENV, new_secret())
+    with pytest.raises(ConfigError, match="unknown event type"):
+        await start(bad_type)
 
 
 async def test_order_per_endpoint_and_filters(

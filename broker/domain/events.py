@@ -29,6 +29,7 @@ from broker.domain import context, periodic, validation
 from broker.domain.model import Integration, Revocation
 from broker.errors import InvalidArgument
 from broker.storage import events as store
+from broker.storage import webhooks as webhook_store
 from broker.storage.engine import after_commit, storage_errors
 from broker.storage.repository import utc
 
@@ -275,8 +276,11 @@ class EventLog:
             await _first(WAKEUP.wait(self.poll_seconds), self.closing.wait())
 
     async def purge_pass(self) -> int:
-        """Delete events older than the retention period; returns how many."""
+        """Delete events (and finished webhook deliveries) older than the retention period;
+        returns how many events."""
         before = self.clock() - self.retention
+        async with storage_errors(), self.engine.begin() as conn:
+            await webhook_store.purge(conn, before)
         total = 0
         while True:
             async with storage_errors(), self.engine.begin() as conn:

@@ -10,7 +10,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, insert, or_, select, update
+from sqlalchemy import Row, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.storage.tables import webhook_deliveries as d
@@ -22,10 +24,12 @@ FAILED = "FAILED"
 
 
 async def ensure_endpoint(conn: AsyncConnection, name: str, cursor: int) -> None:
-    """A new endpoint starts at ``cursor`` (the newest event): it gets what happens next."""
-    found = (await conn.execute(select(e.c.name).where(e.c.name == name))).first()
-    if found is None:
-        await conn.execute(insert(e).values(name=name, cursor=cursor))
+    """A new endpoint starts at ``cursor`` (the newest event): it gets what happens next.
+    Replicas starting together may both try: the second insert is a no-op."""
+    dialect = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    await conn.execute(
+        dialect(e).values(name=name, cursor=cursor).on_conflict_do_nothing(index_elements=["name"])
+    )
 
 
 async def take_lease(
@@ -109,6 +113,12 @@ async def summary(conn: AsyncConnection) -> list[Row[Any]]:
     )
     query = select(e, counts.c.state, counts.c.n).outerjoin(counts, counts.c.endpoint == e.c.name)
     return list((await conn.execute(query.order_by(e.c.name))).all())
+
+
+async def purge(conn: AsyncConnection, before: datetime) -> int:
+    """Forget finished deliveries (DELIVERED or FAILED) queued before ``before``."""
+    result = await conn.execute(delete(d).where(d.c.state != PENDING, d.c.created_at < before))
+    return int(result.rowcount or 0)
 
 
 async def deliveries(
