@@ -408,6 +408,31 @@ async def test_a_caller_limited_to_a_provider_sees_only_its_events(
     assert caught.value.code() == Code.PERMISSION_DENIED
 
 
+async def read_resuming(
+    stub: pb_grpc.CredentialBrokerAsyncStub, cursor: int, writers: asyncio.Future[Any]
+) -> list[Any]:
+    """Read a few events at a time, dropping the stream and resuming from the last id seen,
+    until the writers are done and the stream has gone quiet (a heartbeat)."""
+    seen: list[Any] = []
+    while True:
+        call = stub.WatchIntegrationEvents(
+            pb.WatchIntegrationEventsRequest(after_event_id=cursor), metadata=ADMIN
+        )
+        taken, quiet = 0, False
+        async for item in call:
+            if not item.HasField("event"):
+                quiet = True
+                break
+            seen.append(item.event)
+            cursor = item.event.id
+            taken += 1
+            if taken == 7:
+                break
+        call.cancel()
+        if quiet and writers.done():
+            return seen
+
+
 async def test_resume_after_a_drop_has_no_gap_and_no_duplicate_under_concurrent_writers(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
@@ -415,38 +440,24 @@ async def test_resume_after_a_drop_has_no_gap_and_no_duplicate_under_concurrent_
     start_id = (await all_events(stub))[-1].id
     fake.fail_always("invalid_grant")
 
-    async def fail(iid: str) -> None:
-        with pytest.raises(grpc.aio.AioRpcError):
+    async def fail(iid: str) -> Code:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
             await token(stub, iid, force=True)
+        return caught.value.code()
 
     async def churn(i: int) -> None:
         await store(stub, fake, user=f"new{i}", expires_in=3600)
 
     writers = asyncio.gather(*(fail(i) for i in ids), *(churn(i) for i in range(20)))
-    seen: list[Any] = []
-    cursor = start_id
-    while len(seen) < 50:
-        # Read a few, drop the stream, resume from the last id seen.
-        call = stub.WatchIntegrationEvents(
-            pb.WatchIntegrationEventsRequest(after_event_id=cursor), metadata=ADMIN
-        )
-        taken = 0
-        async for item in call:
-            if item.HasField("event"):
-                seen.append(item.event)
-                cursor = item.event.id
-                taken += 1
-                if taken == 7 or len(seen) == 50:
-                    break
-        call.cancel()
-    await writers
-    await asyncio.sleep(0.3)
+    seen = await read_resuming(stub, start_id, writers)
+    codes = (await writers)[:30]
     stored = [e for e in await all_events(stub) if e.id > start_id]
     assert [e.id for e in seen] == [e.id for e in stored], "every event once, in order"
-    assert len(stored) == 50
-    assert (
-        sorted(e.type for e in stored).count(T.INTEGRATION_EVENT_TYPE_NEEDS_REAUTHORIZATION) == 30
-    )
+    reauth = [e for e in stored if e.type == T.INTEGRATION_EVENT_TYPE_NEEDS_REAUTHORIZATION]
+    # Under load a refresh may time out instead (UNAVAILABLE, no event); each rejected one
+    # wrote exactly one event.
+    assert len(reauth) == codes.count(Code.FAILED_PRECONDITION) > 0
+    assert len(stored) == 20 + len(reauth)
 
 
 async def test_shutdown_ends_open_streams_cleanly(settings: Settings) -> None:
