@@ -86,6 +86,11 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context.set_code(status.code)
             context.set_details(status.details)
             context.set_trailing_metadata(status.trailing_metadata)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error in WatchIntegrationEvents (incident %s)", incident)
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(f"internal error (incident {incident})")
 
     @_rpc
     async def ListIntegrationEvents(
