@@ -222,7 +222,9 @@ async def test_completed_authorization_is_a_connected_event(
         response = await http.get(begun.authorization_url)
     query = parse_qs(urlsplit(response.headers["location"]).query)
     done = await stub.CompleteAuthorization(
-        pb.CompleteAuthorizationRequest(state=query["state"][0], code=query["code"][0]),
+        pb.CompleteAuthorizationRequest(
+            state=query["state"][0], code=query["code"][0], user_id="user-9"
+        ),
         metadata=ADMIN,
     )
     (event,) = await all_events(stub)
