@@ -58,6 +58,11 @@ def event_settings(database_url: str, fake: FakeAuthServer, **overrides: Any) ->
                 "providers": ["acme"],
                 "methods": ["WatchIntegrationEvents", "ListIntegrationEvents"],
             },
+            "only-a": {
+                "token_sha256": hash_token("only-a-token"),
+                "users": ["a"],
+                "methods": ["WatchIntegrationEvents", "ListIntegrationEvents"],
+            },
             "runner": {
                 "token_sha256": hash_token("runner-token-for-tests"),
                 "methods": ["GetAccessToken"],
@@ -433,6 +438,20 @@ async def read_resuming(
         call.cancel()
         if quiet and writers.done():
             return seen
+
+
+async def test_a_caller_limited_to_users_sees_only_their_events(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
+) -> None:
+    only_a = (("authorization", "Bearer only-a-token"),)
+    await store(stub, fake, user="a", expires_in=3600)
+    await store(stub, fake, user="b", expires_in=3600)
+    listed = await stub.ListIntegrationEvents(pb.ListIntegrationEventsRequest(), metadata=only_a)
+    assert [e.user_id for e in listed.events] == ["a"]
+    await expect_error(
+        stub.ListIntegrationEvents(pb.ListIntegrationEventsRequest(user_id="b"), metadata=only_a),
+        Code.PERMISSION_DENIED,
+    )
 
 
 async def test_resume_after_a_drop_has_no_gap_and_no_duplicate_under_concurrent_writers(

@@ -216,25 +216,36 @@ class EventLog:
         # Set at shutdown: open watches end cleanly (status OK) instead of being cancelled.
         self.closing = asyncio.Event()
 
-    def _scope(self, filters: EventFilter) -> tuple[str, Collection[str] | None]:
-        """The provider set this caller may read, narrowed by the request's filter."""
+    def _scope(self, filters: EventFilter) -> tuple[Collection[str] | None, Collection[str] | None]:
+        """The users and providers this caller may read (None: all), narrowed by the filters;
+        a filter outside the caller's policy (or grant) is PERMISSION_DENIED."""
         validation.text("user_id", filters.user_id, validation.MAX_ID, required=False)
         validation.text("provider", filters.provider, validation.MAX_PROVIDER, required=False)
-        allowed = context.allowed_providers()
-        if filters.provider:
-            context.check_provider(filters.provider)
-            return filters.user_id, {filters.provider}
-        return filters.user_id, allowed
+        context.check_owner(filters.user_id, filters.provider or None)
+        call = context.current_call.get()
+        users: Collection[str] | None = None if call is None else call.caller.users
+        grant = context.current_grant()
+        if grant is not None:
+            users = {grant.user_id}
+        if filters.user_id:
+            users = {filters.user_id}
+        providers = {filters.provider} if filters.provider else context.allowed_providers()
+        return users, providers
 
     async def _read(
-        self, after_id: int, limit: int, filters: EventFilter, providers: Collection[str] | None
+        self,
+        after_id: int,
+        limit: int,
+        filters: EventFilter,
+        scope: tuple[Collection[str] | None, Collection[str] | None],
     ) -> list[Event]:
+        users, providers = scope
         async with storage_errors(), self.engine.connect() as conn:
             rows = await store.page(
                 conn,
                 after_id,
                 limit,
-                user_id=filters.user_id,
+                users=users,
                 providers=providers,
                 types=[t.value for t in filters.types],
             )
@@ -246,9 +257,9 @@ class EventLog:
         if after_id < 0:
             raise InvalidArgument("after_event_id", "must be 0 or a positive event id")
         size = validation.page_size(page_size)
-        _, providers = self._scope(filters)
+        scope = self._scope(filters)
         cursor = decode_cursor(page_token) if page_token else after_id
-        found = await self._read(cursor, size + 1, filters, providers)
+        found = await self._read(cursor, size + 1, filters, scope)
         items = found[:size]
         more = len(found) > size
         return EventPage(items, encode_cursor(items[-1].id) if more and items else "")
@@ -257,12 +268,12 @@ class EventLog:
         """Stored events after the cursor, then new ones as they commit, with heartbeats."""
         if after_id < 0:
             raise InvalidArgument("after_event_id", "must be 0 or a positive event id")
-        _, providers = self._scope(filters)
+        scope = self._scope(filters)
         cursor = after_id
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while not self.closing.is_set():
-            batch = await self._read(cursor, 500, filters, providers)
+            batch = await self._read(cursor, 500, filters, scope)
             for event in batch:
                 cursor = event.id
                 yield event

@@ -51,13 +51,13 @@ async def page(
     after_id: int,
     limit: int,
     *,
-    user_id: str = "",
+    users: Collection[str] | None = None,
     providers: Collection[str] | None = None,
     types: Collection[str] = (),
 ) -> list[Row[Any]]:
     query = select(t).where(t.c.id > after_id).order_by(t.c.id).limit(limit)
-    if user_id:
-        query = query.where(t.c.user_id == user_id)
+    if users is not None:
+        query = query.where(t.c.user_id.in_(list(users)))
     if providers is not None:
         query = query.where(t.c.provider.in_(list(providers)))
     if types:
