@@ -9,6 +9,10 @@ Two kinds of input, each authenticated and not:
   plus hand-made ones: truncated messages, invalid UTF-8 in a string field, Structs nested
   past protobuf's recursion limit.
 
+Server-streaming RPCs (WatchIntegrationEvents) are read for a few messages (heartbeats come
+every 50 ms here) under a short deadline of our own, then cancelled: DEADLINE_EXCEEDED and
+CANCELLED from our side are fine, the status the stream ends with otherwise is checked.
+
 Every answer must be a status other than INTERNAL/UNKNOWN, and the broker's log must hold no
 traceback. Hypothesis runs derandomized with no example database, so CI sees the same inputs
 every time; the broker runs in the test's event loop while hypothesis drives a synchronous
@@ -45,9 +49,13 @@ SERVICE = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
 METHODS = [m.name for m in SERVICE.methods]
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
-# Examples per RPC: field values and raw bytes. Seven RPCs stay well under a minute a backend.
+# Examples per RPC: field values and raw bytes.
 VALUE_EXAMPLES = 100
 RAW_EXAMPLES = 40
+
+# A server stream is read for this many messages, or until this deadline of ours.
+STREAM_MESSAGES = 3
+STREAM_SECONDS = 2.0
 
 # Mostly authenticated, so most calls get past the interceptor into the servicer and domain.
 CREDENTIALS = [
@@ -166,6 +174,10 @@ def _templates() -> dict[str, Any]:
         "RevokeGrant": pb.RevokeGrantRequest(run_id="fuzz-run"),
         "GetGrant": pb.GetGrantRequest(grant_id="00000000-0000-0000-0000-000000000000"),
         "ListGrants": pb.ListGrantsRequest(user_id="fuzz-user", page_size=1),
+        "WatchIntegrationEvents": pb.WatchIntegrationEventsRequest(
+            after_event_id=1, user_id="fuzz-user", provider="google"
+        ),
+        "ListIntegrationEvents": pb.ListIntegrationEventsRequest(user_id="fuzz-user", page_size=1),
     }
 
 
@@ -333,18 +345,26 @@ def fake() -> Iterator[FakeAuthServer]:
 
 @pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer) -> Settings:
-    """A provider the authorization flow can really start with (the fake server)."""
-    return make_settings(database_url, providers={"acme": acme(fake)})
+    """A provider the authorization flow can really start with (the fake server); event
+    streams that heartbeat quickly, so reading a few messages of one takes no time."""
+    return make_settings(
+        database_url,
+        providers={"acme": acme(fake)},
+        events={"heartbeat_seconds": 0.05, "poll_seconds": 0.05},
+    )
 
 
 class Tally:
     def __init__(self) -> None:
         self.codes: Counter[str] = Counter()
         self.bad: list[str] = []
+        self.streamed = 0  # messages read from server streams
 
     def check(self, method: str, what: str, call: Any) -> None:
         try:
-            call()
+            answer = call()
+            if isinstance(answer, int):
+                self.streamed += answer
             code = grpc.StatusCode.OK
             details = ""
         except grpc.RpcError as error:
@@ -395,6 +415,8 @@ async def test_fuzz_every_rpc(
     assert not tally.bad, "\n".join(tally.bad)
     assert not tracebacks(caplog.records), tracebacks(caplog.records)
     assert sum(tally.codes.values()) >= len(METHODS) * (VALUE_EXAMPLES + RAW_EXAMPLES)
+    # The streaming RPC was really read (its valid requests stream), not only refused.
+    assert tally.streamed > 0
 
 
 FUZZ = hypothesis.settings(
@@ -405,14 +427,43 @@ FUZZ = hypothesis.settings(
 )
 
 
+def _caller(
+    channel: grpc.Channel,
+    method: pb_descriptor.MethodDescriptor,
+    serializer: Any = None,
+    deserializer: Any = None,
+) -> Any:
+    """A callable (request, credentials) that raises grpc.RpcError with the call's status.
+    A server stream is read for a few messages, then cancelled."""
+    path = f"/{SERVICE.full_name}/{method.name}"
+    if not method.server_streaming:
+        unary = channel.unary_unary(path, serializer, deserializer)
+        return lambda request, credentials: unary(request, metadata=credentials, timeout=10)
+    stream = channel.unary_stream(path, serializer, deserializer)
+
+    def read(request: Any, credentials: Any) -> int:
+        responses: Any = stream(request, metadata=credentials, timeout=STREAM_SECONDS)
+        count = 0
+        try:
+            for _ in responses:
+                count += 1
+                if count >= STREAM_MESSAGES:
+                    break
+        finally:
+            responses.cancel()
+        return count
+
+    return read
+
+
 def fuzz_values(
     channel: grpc.Channel, method: pb_descriptor.MethodDescriptor, tally: Tally
 ) -> None:
-    request_type = _message_class(method.input_type)
-    call = channel.unary_unary(
-        f"/{SERVICE.full_name}/{method.name}",
-        request_serializer=request_type.SerializeToString,
-        response_deserializer=_message_class(method.output_type).FromString,
+    call = _caller(
+        channel,
+        method,
+        _message_class(method.input_type).SerializeToString,
+        _message_class(method.output_type).FromString,
     )
 
     @hypothesis.settings(FUZZ, max_examples=VALUE_EXAMPLES)
@@ -421,7 +472,7 @@ def fuzz_values(
         tally.check(
             method.name,
             f"{request!r:.300}",
-            lambda: call(request, metadata=credentials, timeout=10),
+            lambda: call(request, credentials),
         )
 
     one()
@@ -429,14 +480,12 @@ def fuzz_values(
 
 def fuzz_raw(channel: grpc.Channel, method: pb_descriptor.MethodDescriptor, tally: Tally) -> None:
     # No serializer: the bytes go to the server as they are.
-    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}", None, None)
+    call = _caller(channel, method)
 
     @hypothesis.settings(FUZZ, max_examples=RAW_EXAMPLES)
     @given(body=bodies(), credentials=st.sampled_from(CREDENTIALS))
     def one(body: bytes, credentials: Any) -> None:
-        tally.check(
-            method.name, f"raw {body[:60]!r}", lambda: call(body, metadata=credentials, timeout=10)
-        )
+        tally.check(method.name, f"raw {body[:60]!r}", lambda: call(body, credentials))
 
     one()
 

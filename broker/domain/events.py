@@ -349,7 +349,7 @@ async def needs_reauthorization(
     integration: Integration,
     at: datetime,
     error: str,
-    secret: str = "refresh token",
+    rejected: str = "refresh token",
 ) -> None:
     await record(
         conn,
@@ -357,7 +357,7 @@ async def needs_reauthorization(
         integration,
         at,
         reason="REAUTHORIZATION_REQUIRED",
-        message=f"the provider rejected the {secret} ({error[:64]}); the user must "
+        message=f"the provider rejected the {rejected} ({error[:64]}); the user must "
         "authorize again",
     )
 

@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
-from broker.domain.key_usage import flush_periodically
 from broker.domain.events import WAKEUP
+from broker.domain.key_usage import flush_periodically
 from broker.domain.refresh import RefreshEngine
 from broker.domain.service import Clock, IntegrationService, utcnow
 from broker.domain.webhooks import WebhookDispatcher, build_endpoints

@@ -78,13 +78,17 @@ async def reject(
     request: Undecodable, method: str, context: grpc.aio.ServicerContext[Any, Any]
 ) -> None:
     """Abort the call with INVALID_ARGUMENT (reason INVALID_ARGUMENT)."""
+    await cast(Any, context).abort_with_status(refusal(request, method))
+
+
+def refusal(request: Undecodable, method: str) -> grpc.Status:
+    """The INVALID_ARGUMENT status for an undecodable request (logged, rate-limited); for
+    server-streaming calls, which end with a status set on the context rather than an abort."""
     _log.note(method, request.problem)
-    await cast(Any, context).abort_with_status(
-        plain_status(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request body is not a valid {method} request message",
-            reason="INVALID_ARGUMENT",
-        )
+    return plain_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request body is not a valid {method} request message",
+        reason="INVALID_ARGUMENT",
     )
 
 

@@ -210,7 +210,19 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 context.set_details(f"caller {caller.name!r} may not call {name}")
                 return
             call = Call(caller, name, self._request_id(context))
+            if self.grants is not None:
+                # As for unary calls: a caller that must present a grant cannot stream
+                # without one, and a presented grant is checked (and narrows the call).
+                grant_refused = await self._grant_refusal(call, context, started)
+                if grant_refused is not None:
+                    _end(context, grant_refused)
+                    return
             current_call.set(call)
+            if isinstance(request, decoding.Undecodable):
+                self._access(caller, name, grpc.StatusCode.INVALID_ARGUMENT, started, call)
+                await self._audit_failure(call, grpc.StatusCode.INVALID_ARGUMENT)
+                _end(context, decoding.refusal(request, name))
+                return
             if self.auditor is not None:
                 try:
                     await self.auditor.record(call, "OK")
@@ -219,9 +231,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                         "the audit trail cannot be written, so the broker refuses to answer"
                     )
                     self._access(caller, name, error.code, started, call)
-                    status = to_status(error, call.request_id)
-                    context.set_code(status.code)
-                    context.set_details(status.details)
+                    _end(context, to_status(error, call.request_id))
                     return
             try:
                 async for item in inner(request, context):
@@ -277,10 +287,19 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
     ) -> None:
         """A grant presented (or required): it narrows the call, or the call is refused."""
+        refused = await self._grant_refusal(call, context, started)
+        if refused is not None:
+            await cast(Any, context).abort_with_status(refused)
+
+    async def _grant_refusal(
+        self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
+    ) -> grpc.Status | None:
+        """Admit the call's grant (``call.grant``), or log and audit the refusal and return
+        the status to end the call with."""
         assert self.grants is not None
         token = _metadata_value(context.invocation_metadata(), METADATA_KEY)
         if token is None and not call.caller.requires_grant:
-            return
+            return None
         try:
             grant = await self.grants.admit(call.caller, call.method, token)
         except BrokerError as error:
@@ -289,10 +308,11 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             call.run_id = error.metadata.get("run_id") or None
             self._access(call.caller, call.method, error.code, started, call)
             await self._audit_failure(call, error.code)
-            await cast(Any, context).abort_with_status(to_status(error, call.request_id))
+            return to_status(error, call.request_id)
         call.grant = grant
         call.grant_id = grant.id
         call.run_id = grant.run_id or None
+        return None
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -351,3 +371,10 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 "integration_id": call.integration_id if call else None,
             },
         )
+
+
+def _end(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    """End a server stream with this status (abort from a generator races in gRPC core)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
