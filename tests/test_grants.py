@@ -509,3 +509,35 @@ async def test_caller_limited_to_users(stub: pb_grpc.CredentialBrokerAsyncStub) 
         stub.RevokeGrant(pb.RevokeGrantRequest(grant_id=theirs.grant_id), metadata=TENANT),
         Code.NOT_FOUND,
     )
+
+
+async def _read_all(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_event_rpcs_are_not_open_to_a_caller_that_requires_a_grant(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+) -> None:
+    """The event stream goes through the same grant admission as unary calls: a runner that
+    requires a grant is refused without one, and a grant (reads only) never covers events."""
+    await seed(stub)
+    grant = await create_grant(stub)
+    for credentials, reason in (
+        (RUNNER, "GRANT_REQUIRED"),
+        (with_grant(RUNNER, grant.grant_token), "GRANT_SCOPE"),
+    ):
+        watch = stub.WatchIntegrationEvents(
+            pb.WatchIntegrationEventsRequest(), metadata=credentials, timeout=10
+        )
+        await expect_error(_read_all(watch), Code.PERMISSION_DENIED, reason)
+        await expect_error(
+            stub.ListIntegrationEvents(pb.ListIntegrationEventsRequest(), metadata=credentials),
+            Code.PERMISSION_DENIED,
+            reason,
+        )
+    # The caller allowed to watch still streams (the stored integrations' events).
+    watch = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
+    first = await watch.read()
+    watch.cancel()
+    assert first.event.type == pb.INTEGRATION_EVENT_TYPE_CONNECTED
