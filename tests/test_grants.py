@@ -538,6 +538,6 @@ async def test_event_rpcs_are_not_open_to_a_caller_that_requires_a_grant(
         )
     # The caller allowed to watch still streams (the stored integrations' events).
     watch = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
-    first = await watch.read()
+    first: Any = await watch.read()
     watch.cancel()
     assert first.event.type == pb.INTEGRATION_EVENT_TYPE_CONNECTED
