@@ -162,7 +162,9 @@ async def test_each_state_change_writes_exactly_one_event(
     assert len(await kinds(stub, iid)) == 2
 
     # Transient failures: one REFRESH_FAILED when the run reaches the threshold (2) ...
-    fake.fail_always("server_error")
+    # 503: nothing was processed, so each call is one more failure of the run (a 500 is an
+    # unknown outcome, after which the broker waits out a cool-down instead).
+    fake.fail_always("unavailable")
     await expire(broker, iid)
     for _ in range(3):
         await expect_error(token(stub, iid, force=True), Code.UNAVAILABLE)
