@@ -218,6 +218,24 @@ async def test_each_state_change_writes_exactly_one_event(
     ]
 
 
+async def test_an_unknown_outcome_counts_toward_refresh_failed(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    """A refresh sent without a usable answer (HTTP 500) is a failure of the run: when it is
+    the one that reaches the threshold, REFRESH_FAILED is written with it."""
+    iid = await store(stub, fake, expires_in=3600)
+    await expire(broker, iid)
+    fake.fail_always("unavailable")
+    await expect_error(token(stub, iid, force=True), Code.UNAVAILABLE)
+    fake.reset_failures()
+    fake.fail_always("server_error")
+    await expect_error(token(stub, iid, force=True), Code.UNAVAILABLE)
+    failed = [
+        e for e in await all_events(stub) if e.type == T.INTEGRATION_EVENT_TYPE_REFRESH_FAILED
+    ]
+    assert [(e.integration_id, e.failure_count) for e in failed] == [(iid, 2)]
+
+
 async def test_completed_authorization_is_a_connected_event(
     stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
