@@ -20,6 +20,7 @@ from credentialbroker_client._config import method
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2
 
 Status: TypeAlias = "broker_pb2.IntegrationStatus.ValueType | str"
+EventType: TypeAlias = "broker_pb2.IntegrationEventType.ValueType | str"
 
 
 class CallOptions(TypedDict, total=False):
@@ -164,3 +165,15 @@ def _convert(message_type: str, value: Any) -> Any:
         struct.update(value)
         return struct
     return value
+
+
+class WatchIntegrationEventsArgs(CallOptions, total=False):
+    after_event_id: int  # the cursor: the last event id seen (0: the oldest retained)
+    user_id: str
+    provider: str
+    types: Sequence[EventType]
+
+
+class ListIntegrationEventsArgs(WatchIntegrationEventsArgs, total=False):
+    page_size: int
+    page_token: str

@@ -23,9 +23,11 @@ from credentialbroker_client._requests import (
     GetGrantArgs,
     GetIntegrationArgs,
     ListGrantsArgs,
+    ListIntegrationEventsArgs,
     ListIntegrationsArgs,
     RevokeGrantArgs,
     StoreIntegrationArgs,
+    WatchIntegrationEventsArgs,
     split,
 )
 from credentialbroker_client.errors import from_call
@@ -171,6 +173,26 @@ class BrokerClient(ClientBase[grpc.Channel]):
 
     def iter_grants(self, **kwargs: Unpack[ListGrantsArgs]) -> Iterator[pb.Grant]:
         return self._pages("ListGrants", "grants", kwargs)
+
+    def watch_integration_events(
+        self, **kwargs: Unpack[WatchIntegrationEventsArgs]
+    ) -> Stream[pb.WatchIntegrationEventsResponse]:
+        """Events after ``after_event_id``, then live, with heartbeats while idle (each
+        response has ``event`` or ``heartbeat``). Not retried: to resume, watch again after the
+        last event id seen. No deadline unless ``timeout`` is given."""
+        fields, options = split(kwargs)
+        return self.stream("WatchIntegrationEvents", fields, **options)
+
+    def list_integration_events(
+        self, **kwargs: Unpack[ListIntegrationEventsArgs]
+    ) -> pb.ListIntegrationEventsResponse:
+        """One page of stored events, oldest first; ``iter_integration_events`` walks them all."""
+        return self._typed("ListIntegrationEvents", kwargs, pb.ListIntegrationEventsResponse)
+
+    def iter_integration_events(
+        self, **kwargs: Unpack[ListIntegrationEventsArgs]
+    ) -> Iterator[pb.IntegrationEvent]:
+        return self._pages("ListIntegrationEvents", "events", kwargs)
 
     def disconnect(self, **kwargs: Unpack[DisconnectArgs]) -> pb.DisconnectResponse:
         return self._typed("Disconnect", kwargs, pb.DisconnectResponse)
