@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,34 @@ async def run_cli(
     )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def replica_set(
+    directory: Path,
+    database_url: str,
+    sections: dict[str, Any],
+    env: dict[str, str],
+    count: int = 3,
+) -> AsyncIterator[list[BrokerProcess]]:
+    """``count`` broker processes on one database, the test admin as their caller; each must
+    shut down gracefully (exit 0) at the end."""
+    from broker.server.callers import hash_token
+    from tests.conftest import ADMIN_TOKEN, ENVIRONMENT
+
+    config = write_toml(
+        directory / "broker.toml",
+        {
+            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
+            "database": {"url": database_url},
+            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
+            **sections,
+        },
+    )
+    processes = [BrokerProcess(config, env) for _ in range(count)]
+    await asyncio.gather(*(p.start() for p in processes))
+    try:
+        yield processes
+    finally:
+        codes = await asyncio.gather(*(p.stop() for p in processes))
+    assert codes == [0] * count, "graceful shutdown exits 0"

@@ -13,10 +13,9 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
+from tests.conftest import ADMIN, KEYS, PostgresFactory
 from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, write_toml
+from tests.processes import replica_set
 from tests.test_events import read_resuming
 
 pytestmark = pytest.mark.postgres
@@ -34,33 +33,24 @@ async def stubs(
     postgres: PostgresFactory, fake: FakeAuthServer, tmp_path: Path
 ) -> AsyncIterator[list[pb_grpc.CredentialBrokerAsyncStub]]:
     url = await postgres.new()
-    config = write_toml(
-        tmp_path / "broker.toml",
-        {
-            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
-            "database": {"url": url},
-            "refresh": {"background": False, "max_attempts": 1},
-            "events": {"poll_seconds": 2, "heartbeat_seconds": 1},
-            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-            "providers": {
-                "acme": {
-                    "token_url": fake.token_url,
-                    "client_id": fake.client_id,
-                    "client_secret_env": "ACME_SECRET",
-                    "rotates_refresh_tokens": True,
-                }
-            },
+    sections = {
+        "refresh": {"background": False, "max_attempts": 1},
+        "events": {"poll_seconds": 2, "heartbeat_seconds": 1},
+        "providers": {
+            "acme": {
+                "token_url": fake.token_url,
+                "client_id": fake.client_id,
+                "client_secret_env": "ACME_SECRET",
+                "rotates_refresh_tokens": True,
+            }
         },
-    )
+    }
     env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
-    processes = [BrokerProcess(config, env) for _ in range(3)]
-    await asyncio.gather(*(p.start() for p in processes))
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p.port}") for p in processes]
-    yield [pb_grpc.CredentialBrokerStub(c) for c in channels]
-    for channel in channels:
-        await channel.close(None)
-    codes = await asyncio.gather(*(p.stop() for p in processes))
-    assert codes == [0, 0, 0]
+    async with replica_set(tmp_path, url, sections, env) as processes:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p.port}") for p in processes]
+        yield [pb_grpc.CredentialBrokerStub(c) for c in channels]
+        for channel in channels:
+            await channel.close(None)
 
 
 async def test_a_stream_follows_other_processes_and_resumes_without_gap_or_duplicate(

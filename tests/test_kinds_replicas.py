@@ -11,10 +11,9 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
+from tests.conftest import ADMIN, KEYS, PostgresFactory
 from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, write_toml
+from tests.processes import BrokerProcess, replica_set
 from tests.test_kinds import APP_KEY, APP_PUBLIC, SA_EMAIL, SA_PUBLIC, service_account_json
 from tests.test_replicas import expire_all
 
@@ -35,29 +34,20 @@ async def replicas(
     postgres: PostgresFactory, fake: FakeAuthServer, tmp_path: Path
 ) -> AsyncIterator[tuple[str, list[BrokerProcess]]]:
     url = await postgres.new()
-    config = write_toml(
-        tmp_path / "broker.toml",
-        {
-            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
-            "database": {"url": url},
-            "refresh": {"background": False, "margin_seconds": 30},
-            # expire_all edits rows behind the brokers' backs, which no cache would hear of.
-            "cache": {"enabled": False},
-            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-            "providers": {
-                "acme": {
-                    "token_url": fake.token_url,
-                    "api_url": fake.api_url,
-                    "kinds": ["client_credentials", "service_account", "github_app_installation"],
-                }
-            },
+    sections = {
+        "refresh": {"background": False, "margin_seconds": 30},
+        # expire_all edits rows behind the brokers' backs, which no cache would hear of.
+        "cache": {"enabled": False},
+        "providers": {
+            "acme": {
+                "token_url": fake.token_url,
+                "api_url": fake.api_url,
+                "kinds": ["client_credentials", "service_account", "github_app_installation"],
+            }
         },
-    )
-    processes = [BrokerProcess(config, {"BROKER_KEYS": KEYS}) for _ in range(3)]
-    await asyncio.gather(*(p.start() for p in processes))
-    yield url, processes
-    codes = await asyncio.gather(*(p.stop() for p in processes))
-    assert codes == [0, 0, 0], "graceful shutdown exits 0"
+    }
+    async with replica_set(tmp_path, url, sections, {"BROKER_KEYS": KEYS}) as processes:
+        yield url, processes
 
 
 @pytest.mark.parametrize("kind", ["client_credentials", "service_account", "github_app"])

@@ -14,12 +14,11 @@ from sqlalchemy import update
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
-from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
+from tests.conftest import ADMIN, KEYS, PostgresFactory
 from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, write_toml
+from tests.processes import BrokerProcess, replica_set
 
 pytestmark = pytest.mark.postgres
 
@@ -35,29 +34,20 @@ async def replicas(
     postgres: PostgresFactory, fake: FakeAuthServer, tmp_path: Path
 ) -> AsyncIterator[tuple[str, list[BrokerProcess]]]:
     url = await postgres.new()
-    config = write_toml(
-        tmp_path / "broker.toml",
-        {
-            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
-            "database": {"url": url},
-            "refresh": {"background": False, "margin_seconds": 30},
-            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-            "providers": {
-                "acme": {
-                    "token_url": fake.token_url,
-                    "client_id": fake.client_id,
-                    "client_secret_env": "ACME_SECRET",
-                    "rotates_refresh_tokens": True,
-                }
-            },
+    sections = {
+        "refresh": {"background": False, "margin_seconds": 30},
+        "providers": {
+            "acme": {
+                "token_url": fake.token_url,
+                "client_id": fake.client_id,
+                "client_secret_env": "ACME_SECRET",
+                "rotates_refresh_tokens": True,
+            }
         },
-    )
+    }
     env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
-    processes = [BrokerProcess(config, env) for _ in range(3)]
-    await asyncio.gather(*(p.start() for p in processes))
-    yield url, processes
-    codes = await asyncio.gather(*(p.stop() for p in processes))
-    assert codes == [0, 0, 0], "graceful shutdown exits 0"
+    async with replica_set(tmp_path, url, sections, env) as processes:
+        yield url, processes
 
 
 async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerAsyncStub], iid: str) -> None:
