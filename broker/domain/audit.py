@@ -74,18 +74,26 @@ class Auditor:
         self._last = 0.0
         self.holds = 0  # batches held open (for tests and curiosity)
 
+    def enter(self) -> None:
+        """A call is being served: it will bring an event once it returns."""
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """A call was served (its event, if any, is recorded next, before any await). The
+        writer is woken only when that can end its wait: nobody left on the way."""
+        self.in_flight -= 1
+        if not self.in_flight and self._writer is not None:
+            self._arrived.set()
+
     def tracking(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Any:
-        """Wrap a method so the group commit knows how many calls are still being served
-        (each such call brings an event once it returns)."""
+        """Wrap a method in ``enter``/``leave`` (the interceptor calls them itself)."""
 
         async def tracked(request: Any, context: Any) -> Any:
-            self.in_flight += 1
+            self.enter()
             try:
                 return await behaviour(request, context)
             finally:
-                self.in_flight -= 1
-                if self._writer is not None:
-                    self._arrived.set()
+                self.leave()
 
         return tracked
 
@@ -118,10 +126,13 @@ class Auditor:
         self._gap += (min(now - self._last, 1.0) - self._gap) * 0.2
         self._last = now
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((event, done))
+        pending = self._pending
+        pending.append((event, done))
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain(), name="audit-writer")
-        else:
+        elif len(pending) >= self.max_batch:
+            # A full batch ends the wait at once; otherwise the writer sleeps on (no wake-up
+            # per event: see ``_gather`` and ``leave``).
             self._arrived.set()
         await done
 

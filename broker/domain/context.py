@@ -50,9 +50,9 @@ class Call:
     extra: dict[str, str] = field(default_factory=dict)
     # The kind of credential the call reached (api_key, authorization_code, ...).
     credential_type: str | None = None
-    # Writes this call's success event on a given connection (set by the interceptor when
+    # Writes a call's success event on a given connection (set by the interceptor when
     # auditing is on); ``audited`` once a mutation has done so inside its transaction.
-    journal: Callable[[Any], Awaitable[None]] | None = None
+    journal: Callable[[Call, Any], Awaitable[None]] | None = None
     audited: bool = False
     # The grant presented with this call (x-broker-grant), which narrows what it may read.
     grant: Grant | None = None
@@ -91,7 +91,7 @@ async def audit_in(conn: Any) -> None:
     mutation as the last statement of its transaction; a retried transaction writes again."""
     call = current_call.get()
     if call is not None and call.journal is not None:
-        await call.journal(conn)
+        await call.journal(call, conn)
         call.audited = True
 
 

@@ -41,7 +41,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -132,6 +132,7 @@ class RefreshEngine:
             seconds=settings.provider_timeout_seconds * (settings.max_attempts + 1) + 30
         )
         self._flights: dict[str, asyncio.Task[tuple[StoredIntegration, bool]]] = {}
+        self._margins: dict[str, timedelta] = {}
         self._unsaved: dict[str, _Unsaved] = {}
         self.provider_calls = 0
         self.minter = Minter(client)
@@ -151,20 +152,28 @@ class RefreshEngine:
     # -- deciding ------------------------------------------------------------------------------
 
     def margin(self, provider: str) -> timedelta:
-        # On the hot path (every due() check): a membership test, not a raised UnknownProvider,
-        # for built-ins stored without a configured client.
-        seconds = self.settings.margin_seconds
-        if provider in self.registry:
-            profile_margin = self.registry.get(provider).refresh_margin_seconds
-            if profile_margin is not None:
-                seconds = profile_margin
-        return timedelta(seconds=seconds)
+        # On the hot path (every due() check): remembered per provider name. The registry and
+        # settings are fixed for the life of this engine (a reload builds a new runtime).
+        margin = self._margins.get(provider)
+        if margin is None:
+            seconds = self.settings.margin_seconds
+            # A membership test, not a raised UnknownProvider, for built-ins stored without
+            # a configured client.
+            if provider in self.registry:
+                profile_margin = self.registry.get(provider).refresh_margin_seconds
+                if profile_margin is not None:
+                    seconds = profile_margin
+            margin = self._margins[provider] = timedelta(seconds=seconds)
+        return margin
 
-    def due(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+    def due(
+        self, stored: StoredIntegration, request: TokenRequest, now: datetime | None = None
+    ) -> bool:
         """Refresh when ``expires_at - now < max(margin, min_valid_for)``."""
-        left = remaining(stored.integration.expires_at, self.clock())
-        if left is None:
+        expires_at = stored.integration.expires_at
+        if expires_at is None:
             return False
+        left = expires_at - (self.clock() if now is None else now)
         return left < max(self.margin(stored.integration.provider), request.min_valid_for)
 
     # -- serving -------------------------------------------------------------------------------

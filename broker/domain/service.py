@@ -62,8 +62,11 @@ def utcnow() -> datetime:
 class Refresher(Protocol):
     """The refresh engine (``broker.domain.refresh``): one refresh per integration at a time."""
 
-    def due(self, stored: StoredIntegration, request: TokenRequest) -> bool:
-        """True when the token should be refreshed before it is served."""
+    def due(
+        self, stored: StoredIntegration, request: TokenRequest, now: datetime | None = None
+    ) -> bool:
+        """True when the token should be refreshed before it is served (at ``now``, read
+        from the clock when not given)."""
         ...
 
     async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken: ...
@@ -537,13 +540,14 @@ class IntegrationService:
 
     async def serve(self, stored: StoredIntegration, req: TokenRequest) -> AccessToken:
         check_servable(stored, req.required_scopes)
-        left = remaining(stored.integration.expires_at, self.clock())
+        now = self.clock()
+        left = remaining(stored.integration.expires_at, now)
         valid = left is None or left >= req.min_valid_for
         refresher = self.refresher
         if (
             refresher is not None
             and stored.renewable
-            and (req.force_refresh or refresher.due(stored, req))
+            and (req.force_refresh or refresher.due(stored, req, now))
         ):
             return await refresher.refresh(stored, req)
         if not valid:

@@ -37,10 +37,16 @@ REVOCATION_TO_PB = {
 }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    # Arithmetic instead of Timestamp.FromDatetime (calendar.timegm and a copy): it runs on
+    # every GetAccessToken. A naive value is UTC, as FromDatetime takes it.
+    delta = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1_000
+    )
 
 
 def from_timestamp(field: str, ts: timestamp_pb2.Timestamp) -> datetime:

@@ -8,11 +8,10 @@ mapped to a configured caller) or from ``authorization: Bearer <token>``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -44,12 +43,24 @@ class _Denied(Exception):
         self.message = message
 
 
-def _metadata_value(metadata: Any, key: str) -> str | None:
-    for item in metadata or ():
-        if item[0] == key:
-            value = item[1]
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return None
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _headers(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, ...]:
+    """(authorization, x-request-id, x-broker-grant): the first of each, in one pass over the
+    call's metadata (every call needs all three; the metadata tuple is built per access)."""
+    authorization = request_id = grant = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            if authorization is None:
+                authorization = _text(value)
+        elif key == "x-request-id":
+            if request_id is None:
+                request_id = _text(value)
+        elif key == METADATA_KEY and grant is None:
+            grant = _text(value)
+    return authorization, request_id, grant
 
 
 class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
@@ -89,7 +100,11 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
     # -- identity --------------------------------------------------------------------------
 
-    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    def identify(
+        self, context: grpc.aio.ServicerContext[Any, Any], header: str | None = None
+    ) -> Caller:
+        """The caller: its client certificate's identity, else ``header`` (the authorization
+        metadata, looked up here when not given)."""
         registry = self.registry
         identities = context.peer_identities()
         if identities:
@@ -97,7 +112,8 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
             caller = registry.by_identity(names)
             if caller is not None:
                 return caller
-        header = _metadata_value(context.invocation_metadata(), "authorization")
+        if header is None:
+            header = _headers(context)[0]
         if header is None:
             if identities:
                 raise _Denied(
@@ -131,47 +147,57 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_stream is not None:
             return self._guard_stream(handler, name, kwargs)
         behaviour = handler.unary_unary
-        if self.auditor is not None:
-            behaviour = self.auditor.tracking(behaviour)
+        auditor = self.auditor
+        stage = auditor.stage if auditor is not None else None
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            authorization, given_id, grant_token = _headers(context)
             try:
-                caller = self.identify(context)
+                caller = self.identify(context, authorization)
             except _Denied as denied:
                 self._access(None, name, denied.code, started, None)
                 await context.abort(denied.code, denied.message)
             if not caller.may_call(name):
                 # Audited (a known caller tried something outside its policy), though no
                 # integration was touched; unauthenticated calls have no caller to record.
-                refused = Call(caller, name, self._request_id(context), detail="method refused")
+                refused = Call(
+                    caller, name, _request_id(context, given_id), detail="method refused"
+                )
                 self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, refused)
                 await self._audit_failure(refused, grpc.StatusCode.PERMISSION_DENIED)
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"caller {caller.name!r} may not call {name}",
                 )
-            call = Call(caller, name, self._request_id(context))
-            if self.auditor is not None:
-                call.journal = functools.partial(self.auditor.stage, call)
-            if self.grants is not None:
-                await self._admit_grant(call, context, started)
+            call = Call(caller, name, _request_id(context, given_id))
+            if self.grants is not None and (grant_token or caller.requires_grant):
+                await self._admit_grant(call, context, started, grant_token)
             current_call.set(call)
+            if auditor is not None:
+                call.journal = stage
+                # Counted from here: the group commit holds a batch open for calls on their
+                # way to the audit (broker.domain.audit).
+                auditor.enter()
             try:
                 if isinstance(request, decoding.Undecodable):
                     await decoding.reject(request, name, context)
                 response = await behaviour(request, context)
             except BaseException:
+                if auditor is not None:
+                    auditor.leave()
                 # The status has already gone to the client (abort sends it): log first, then
                 # the best-effort audit event of the failure.
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 self._access(caller, name, code, started, call)
                 await self._audit_failure(call, code)
                 raise
+            if auditor is not None:
+                auditor.leave()
             # A mutation's event was committed with its change (context.audit_in).
-            if self.auditor is not None and not call.audited:
+            if auditor is not None and not call.audited:
                 try:
-                    await self.auditor.record(call, "OK")
+                    await auditor.record(call, "OK")
                 except Exception as exc:
                     error = (
                         exc
@@ -195,25 +221,28 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            authorization, given_id, grant_token = _headers(context)
             try:
-                caller = self.identify(context)
+                caller = self.identify(context, authorization)
             except _Denied as denied:
                 self._access(None, name, denied.code, started, None)
                 context.set_code(denied.code)
                 context.set_details(denied.message)
                 return
             if not caller.may_call(name):
-                refused = Call(caller, name, self._request_id(context), detail="method refused")
+                refused = Call(
+                    caller, name, _request_id(context, given_id), detail="method refused"
+                )
                 self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, refused)
                 await self._audit_failure(refused, grpc.StatusCode.PERMISSION_DENIED)
                 context.set_code(grpc.StatusCode.PERMISSION_DENIED)
                 context.set_details(f"caller {caller.name!r} may not call {name}")
                 return
-            call = Call(caller, name, self._request_id(context))
-            if self.grants is not None:
+            call = Call(caller, name, _request_id(context, given_id))
+            if self.grants is not None and (grant_token or caller.requires_grant):
                 # As for unary calls: a caller that must present a grant cannot stream
                 # without one, and a presented grant is checked (and narrows the call).
-                grant_refused = await self._grant_refusal(call, context, started)
+                grant_refused = await self._grant_refusal(call, started, grant_token)
                 if grant_refused is not None:
                     _end(context, grant_refused)
                     return
@@ -284,20 +313,23 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         return handler
 
     async def _admit_grant(
-        self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
+        self,
+        call: Call,
+        context: grpc.aio.ServicerContext[Any, Any],
+        started: float,
+        token: str | None,
     ) -> None:
         """A grant presented (or required): it narrows the call, or the call is refused."""
-        refused = await self._grant_refusal(call, context, started)
+        refused = await self._grant_refusal(call, started, token)
         if refused is not None:
             await cast(Any, context).abort_with_status(refused)
 
     async def _grant_refusal(
-        self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
+        self, call: Call, started: float, token: str | None
     ) -> grpc.Status | None:
-        """Admit the call's grant (``call.grant``), or log and audit the refusal and return
-        the status to end the call with."""
+        """Admit the call's grant (``call.grant``, ``token`` the x-broker-grant metadata), or
+        log and audit the refusal and return the status to end the call with."""
         assert self.grants is not None
-        token = _metadata_value(context.invocation_metadata(), METADATA_KEY)
         if token is None and not call.caller.requires_grant:
             return None
         try:
@@ -315,13 +347,6 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         return None
 
     # -- bookkeeping -----------------------------------------------------------------------
-
-    @staticmethod
-    def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        given = _metadata_value(context.invocation_metadata(), "x-request-id")
-        request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        return request_id
 
     async def _audit_failure(self, call: Call, code: grpc.StatusCode) -> None:
         if self.auditor is None:
@@ -371,6 +396,14 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 "integration_id": call.integration_id if call else None,
             },
         )
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any], given: str | None) -> str:
+    """The caller's x-request-id when it is a sane one, else a fresh id; returned to the
+    caller in the trailing metadata either way."""
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
+    context.set_trailing_metadata((("x-request-id", request_id),))
+    return request_id
 
 
 def _end(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:

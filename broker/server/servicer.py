@@ -24,6 +24,7 @@ from broker.server import convert
 from broker.server.status import plain_status, to_status
 
 log = logging.getLogger("broker.server")
+_NO_MIN_VALIDITY = timedelta(0)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -147,7 +148,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         min_valid = (
             convert.from_duration("min_valid_for", request.min_valid_for)
             if request.HasField("min_valid_for")
-            else timedelta(0)
+            else _NO_MIN_VALIDITY
         )
         token = await self.service.get_access_token(
             TokenRequest(
@@ -158,7 +159,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 deadline_seconds=context.time_remaining(),
             )
         )
-        response = pb.GetAccessTokenResponse(
+        expires_at = token.expires_at
+        return pb.GetAccessTokenResponse(
             access_token=token.access_token,
             token_type=token.token_type,
             scopes=token.scopes,
@@ -167,10 +169,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             credential_type=convert.KIND_TO_PB[token.credential_type],
             headers=token.headers,
             query=token.query,
+            expires_at=None if expires_at is None else convert.timestamp(expires_at),
         )
-        if token.expires_at is not None:
-            response.expires_at.CopyFrom(convert.timestamp(token.expires_at))
-        return response
 
     @_rpc
     async def Disconnect(
