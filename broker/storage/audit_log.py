@@ -5,6 +5,8 @@ Events hold no tokens, so they can be printed as they are."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -156,9 +158,56 @@ class PostgresSink:
                 conn.terminate()
 
 
+class SqliteSink:
+    """SQLite's counterpart of ``PostgresSink``: a connection of its own, used from one thread
+    of its own, so a batch is one hop to that thread (insert and commit together) instead of
+    a pool checkout, a hop per statement and a rollback at check-in."""
+
+    def __init__(self, database: str, timeout: float) -> None:
+        self.database = database
+        self.timeout = timeout
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = sqlite3.connect(
+                self.database, timeout=self.timeout, isolation_level=None
+            )
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                _SQLITE_INSERT,
+                [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            self._conn = None
+            conn.close()  # an open transaction is rolled back with it
+            raise
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._write, rows)
+
+    async def close(self) -> None:
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        self._thread.shutdown(wait=False)
+
+
 def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
-    """PostgreSQL gets the dedicated connection; SQLite (one writer anyway) the pool."""
+    """A connection of the audit's own: asyncpg on PostgreSQL, sqlite3 (in a thread of its
+    own) for a SQLite file; the pool for an in-memory SQLite database (tests)."""
     if engine.dialect.name == "postgresql":
         url = engine.url.set(drivername="postgresql")
         return PostgresSink(url.render_as_string(hide_password=False), timeout)
+    database = engine.url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        return SqliteSink(database, timeout)
     return EngineSink(engine)
