@@ -248,6 +248,9 @@ class AuditSettings(_Section):
     # are due within the window (0 turns the window off).
     max_delay_ms: float = Field(default=3.0, ge=0, le=50)
     siblings: int = Field(default=2, ge=1, le=10_000)
+    # ... and only while this process uses at least this many cores of CPU: with CPU to spare
+    # the window would only add its wait to each call (0: the arrival rate alone decides).
+    busy_cpu: float = Field(default=0.5, ge=0, le=64)
 
 
 class EventsSettings(_Section):

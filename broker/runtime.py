@@ -175,6 +175,7 @@ async def open_runtime(
             max_batch=settings.audit.max_batch,
             max_delay=settings.audit.max_delay_ms / 1000,
             siblings=settings.audit.siblings,
+            busy_cpu=settings.audit.busy_cpu,
             sink=audit_log.sink_for(engine, settings.database.timeout_seconds),
         ),
         cache=cache,

@@ -104,11 +104,29 @@ async def test_fast_arrivals_hold_the_batch_open() -> None:
 
     eager, gathered = FastSink(), FastSink()
     await arrivals(auditor(eager, max_delay=0, siblings=2))
-    held = auditor(gathered, max_delay=0.02, siblings=2)
+    # This test's process is mostly asleep: its CPU must read as busy for the rate to count.
+    held = auditor(gathered, max_delay=0.02, siblings=2, cpu_clock=cpu_at(1.0))
     await arrivals(held)
     assert sum(eager.batches) == sum(gathered.batches) == 200
     assert held.holds > 0
     assert len(gathered.batches) * 3 <= len(eager.batches), (gathered.batches, eager.batches)
+
+
+async def test_fast_arrivals_with_cpu_to_spare_commit_at_once() -> None:
+    """The same fast arrivals on a broker using a tenth of a core: a window would only add
+    its wait to every call (the open-loop case), so every event is committed at once."""
+    sink = RecordingSink()
+    audit = auditor(sink, max_delay=0.02, siblings=2, busy_cpu=0.5, cpu_clock=cpu_at(0.1))
+    for i in range(50):
+        await audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK")
+        await asyncio.sleep(0.0003)
+    assert audit.holds == 0
+    assert sink.batches == [1] * 50
+
+
+def cpu_at(cores: float) -> Any:
+    """A process CPU clock that reads ``cores`` cores busy (CPU seconds per wall second)."""
+    return lambda: time.monotonic() * cores
 
 
 async def test_window_never_outlasts_max_delay_when_a_call_hangs() -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +44,19 @@ class AuditUnavailable(StorageUnavailable):
 
 
 _UNAVAILABLE = "the audit trail cannot be written, so the broker refuses to answer; retry shortly"
+# Shortest stretch of time the CPU load is measured over.
+_CPU_SAMPLE = 0.01
+
+
+def _event_id() -> str:
+    """A random (version 4) UUID from the process's PRNG: an event id needs to be unique, not
+    unpredictable, and this skips a getrandom system call and a UUID object per event. The
+    ``random`` module reseeds itself in forked workers (``serve --workers``)."""
+    bits = random.getrandbits(128)
+    bits = (bits & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Auditor:
@@ -55,7 +69,9 @@ class Auditor:
         max_batch: int = 512,
         max_delay: float = 0.003,
         siblings: int = 2,
+        busy_cpu: float = 0.5,
         sink: audit_log.EventSink | None = None,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -63,6 +79,8 @@ class Auditor:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.siblings = siblings
+        self.busy_cpu = busy_cpu
+        self.cpu_clock = cpu_clock
         self.sink = sink or audit_log.EngineSink(engine)
         # Calls inside a tracked method: each will bring an event soon.
         self.in_flight = 0
@@ -73,6 +91,9 @@ class Auditor:
         self._gap = 1.0
         self._last = 0.0
         self.holds = 0  # batches held open (for tests and curiosity)
+        # The process's CPU use (cores) over the latest stretch of at least _CPU_SAMPLE s.
+        self._load = 0.0
+        self._load_at = (0.0, cpu_clock())
 
     def enter(self) -> None:
         """A call is being served: it will bring an event once it returns."""
@@ -100,7 +121,7 @@ class Auditor:
     def event(self, call: Call, outcome: str) -> tuple[Any, ...]:
         """One row, in ``audit_log.COLUMNS`` order."""
         return (
-            str(uuid.uuid4()),
+            _event_id(),
             self.clock(),
             call.caller.name,
             call.method,
@@ -141,7 +162,7 @@ class Auditor:
         or while events arrive fast."""
         if self.max_delay <= 0:
             return
-        busy = self._gap * self.siblings <= self.max_delay
+        busy = self._gap * self.siblings <= self.max_delay and self._cpu_bound()
         if not busy and self.in_flight + len(self._pending) < self.siblings:
             return  # a quiet broker commits at once
         self.holds += 1
@@ -157,6 +178,20 @@ class Auditor:
                     await self._arrived.wait()
             except TimeoutError:
                 return
+
+    def _cpu_bound(self) -> bool:
+        """True while this process uses at least ``busy_cpu`` cores. Fast arrivals alone do
+        not make holding worth it: on a broker with CPU to spare a held batch only adds its
+        wait to every call in it (an open loop at a few hundred calls/s), while on a broker
+        whose loop is saturated the CPU a larger batch saves is what serves more calls."""
+        if self.busy_cpu <= 0:
+            return True
+        wall, cpu = time.monotonic(), self.cpu_clock()
+        since, used = self._load_at
+        if wall - since >= _CPU_SAMPLE:
+            self._load = (cpu - used) / (wall - since)
+            self._load_at = (wall, cpu)
+        return self._load >= self.busy_cpu
 
     async def stage(self, call: Call, conn: AsyncConnection) -> None:
         """Write the success event of a mutation inside its own transaction (see
