@@ -160,17 +160,22 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             )
         )
         expires_at = token.expires_at
-        return pb.GetAccessTokenResponse(
+        response = pb.GetAccessTokenResponse(
             access_token=token.access_token,
             token_type=token.token_type,
             scopes=token.scopes,
             integration_id=token.integration_id,
             refreshed=token.refreshed,
             credential_type=convert.KIND_TO_PB[token.credential_type],
-            headers=token.headers,
-            query=token.query,
             expires_at=None if expires_at is None else convert.timestamp(expires_at),
         )
+        # Map fields item by item: as constructor arguments each map goes through the
+        # generic MutableMapping.update, several times slower for these one-entry maps.
+        for name, value in token.headers.items():
+            response.headers[name] = value
+        for name, value in token.query.items():
+            response.query[name] = value
+        return response
 
     @_rpc
     async def Disconnect(
