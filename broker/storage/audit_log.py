@@ -168,6 +168,7 @@ class SqliteSink:
         self.timeout = timeout
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         conn = self._conn
@@ -192,6 +193,10 @@ class SqliteSink:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._write, rows)
 
     async def close(self) -> None:
+        if self._closed:
+            return  # a runtime may be closed twice (start-up failure, then shutdown)
+        self._closed = True
+
         def close() -> None:
             conn, self._conn = self._conn, None
             if conn is not None:
