@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -394,6 +395,11 @@ async def run(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads callers."""
     broker = await start(settings)
+    # Everything built so far (modules, protobuf descriptors, the runtime) lives as long as
+    # the process: moved out of the collector's generations, a full collection on a busy
+    # broker walks only what serving allocates (shorter pauses, a steadier p99).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
