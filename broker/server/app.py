@@ -13,12 +13,12 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
@@ -199,7 +199,6 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     # Audience names are checked against the callers in force (SIGHUP replaces them).
     runtime.grants.callers = lambda: interceptor.registry.names
     server = grpc.aio.server(
-        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -214,19 +213,27 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             ("grpc.keepalive_timeout_ms", 20_000),
         ],
     )
+    # Every service goes through the guard (authentication, policy, audit, access log),
+    # wrapped once at registration.
+    guarded: Any = interceptor.guarding(server)
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
         CredentialBrokerServicer(
             runtime.service, runtime.authorization, runtime.grants, runtime.events
         ),
-        server,
+        guarded,
     )
     health_servicer = HealthServicer()
     for name in ("", SERVICE_NAME):
         # open_runtime has just talked to the database; the watcher takes over from here.
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    # What reflection.enable_server_reflection does for an aio server (it tells one by its
+    # class, and the registrar is not one).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        ),
+        guarded,
     )
     try:
         port = _listen(server, settings)

@@ -85,18 +85,33 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
+        """As a grpc.aio interceptor (the broker itself registers guarded handlers instead,
+        through ``guarding``: the same checks without grpc's interceptor chain per call)."""
         method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
+            wrapped = self.guard(method, handler)
+        return wrapped
+
+    def guard(self, method: str, handler: Any) -> Any:
+        """``handler`` (of the full ``method`` name) behind authentication, policy, grants,
+        audit and the access log; one wrapper per method, made once."""
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
             if method.startswith(_OPEN):
                 wrapped = decoding.guard(handler)
             else:
                 wrapped = self._guard(handler, method)
             self._wrapped[method] = wrapped
         return wrapped
+
+    def guarding(self, server: grpc.aio.Server) -> GuardedRegistrar:
+        """Something to hand the generated ``add_*_to_server`` functions (and health and
+        reflection) instead of the server: it registers their handlers already guarded."""
+        return GuardedRegistrar(server, self)
 
     # -- identity --------------------------------------------------------------------------
 
@@ -407,6 +422,42 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any], given: str | None) 
     )
     context.set_trailing_metadata((("x-request-id", request_id),))
     return request_id
+
+
+class GuardedRegistrar:
+    """Stands in for the server while services are added: every handler is wrapped by the
+    guard before the server sees it. Wrapping at registration rather than with a grpc.aio
+    interceptor spares each call grpc's interceptor chain (a coroutine, a partial and a
+    handler lookup per call: about 8 us of CPU per call, measured against the echo floor)."""
+
+    def __init__(self, server: grpc.aio.Server, guard: AuthInterceptor) -> None:
+        self.server = server
+        self.guard = guard
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_Guarded(h, self.guard) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        guarded = {
+            name: self.guard.guard(f"/{service}/{name}", handler)
+            for name, handler in handlers.items()
+        }
+        # Not in grpc-stubs yet; grpcio has had it since 1.62.
+        self.server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]
+
+
+class _Guarded(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose handlers come out guarded (once per method)."""
+
+    def __init__(self, inner: Any, guard: AuthInterceptor) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self.guard.guard(handler_call_details.method, handler)
 
 
 def _end(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
