@@ -7,18 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from broker.config import DatabaseSettings
 from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller
 from broker.storage import audit_log
 from broker.storage.engine import create_engine
-from tests.conftest import _dsn
+from broker.storage.schema import migrate
+from tests.conftest import ENVIRONMENT, _dsn
 
 CALLER = Caller(name="runner", methods=frozenset({"GetAccessToken"}), providers=None)
 
@@ -160,8 +164,6 @@ async def test_failed_batch_fails_every_call_in_it() -> None:
 async def test_postgres_sink_reconnects_after_losing_its_connection(
     postgres: Any,
 ) -> None:
-    from broker.config import DatabaseSettings
-
     url = await postgres.new()
     engine = create_engine(DatabaseSettings(url=url))
     sink = audit_log.sink_for(engine, 5.0)
@@ -186,3 +188,36 @@ async def test_postgres_sink_reconnects_after_losing_its_connection(
         await admin.close()
         await audit.close()
         await engine.dispose()
+
+
+async def test_sqlite_sink_checkpoints_beside_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit connection never checkpoints inside a commit (its fsync would hold up every
+    call in that batch); the sink's own checkpoints keep the write-ahead log from growing."""
+    audit = auditor(RecordingSink(), max_delay=0)
+    rows = [audit.event(Call(CALLER, "GetAccessToken", f"r{i}"), "OK") for i in range(10_000)]
+
+    async def wal_after_writing(name: str) -> int:
+        database = tmp_path / f"{name}.db"
+        engine = create_engine(DatabaseSettings(url=f"sqlite+aiosqlite:///{database}"))
+        await migrate(engine, ENVIRONMENT)
+        await engine.dispose()
+        sink = audit_log.SqliteSink(str(database), 5.0)
+        try:
+            for start in range(0, len(rows), 500):
+                await sink.write(rows[start : start + 500])
+                if sink._checkpoint is not None:
+                    await sink._checkpoint
+        finally:
+            await sink.close()
+        with sqlite3.connect(database) as check:
+            assert check.execute("SELECT count(*) FROM audit_events").fetchone() == (10_000,)
+            # Other connections (the broker's pool, the CLI) keep SQLite's own default.
+            assert check.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)
+        return (tmp_path / f"{name}.db-wal").stat().st_size
+
+    checkpointed = await wal_after_writing("checkpointed")
+    monkeypatch.setattr(audit_log, "_CHECKPOINT_ROWS", 1_000_000)
+    never = await wal_after_writing("never")
+    assert checkpointed * 3 <= never, (checkpointed, never)

@@ -49,12 +49,19 @@ _CPU_SAMPLE = 0.01
 
 
 def _event_id() -> str:
-    """A random (version 4) UUID from the process's PRNG: an event id needs to be unique, not
-    unpredictable, and this skips a getrandom system call and a UUID object per event. The
-    ``random`` module reseeds itself in forked workers (``serve --workers``)."""
-    bits = random.getrandbits(128)
-    bits = (bits & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
-    bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    """A time-ordered UUID (version 7, RFC 9562: milliseconds, then random bits). In time
+    order each batch lands at the right edge of the primary-key index instead of on a random
+    page per event, so a commit writes a few pages, not one per event. Random bits come from
+    the process's PRNG: an event id needs to be unique, not unpredictable, and this skips a
+    getrandom system call per event (``random`` reseeds itself in forked workers)."""
+    rand = random.getrandbits(74)
+    bits = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76  # version 7
+        | (rand >> 62) << 64
+        | 0b10 << 62  # RFC 9562 variant
+        | (rand & (1 << 62) - 1)
+    )
     h = f"{bits:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
