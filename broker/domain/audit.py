@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
+from broker.domain import ids
 from broker.domain.context import Call
 from broker.domain.service import Clock
 from broker.errors import StorageUnavailable
@@ -46,24 +46,6 @@ class AuditUnavailable(StorageUnavailable):
 _UNAVAILABLE = "the audit trail cannot be written, so the broker refuses to answer; retry shortly"
 # Shortest stretch of time the CPU load is measured over.
 _CPU_SAMPLE = 0.01
-
-
-def _event_id() -> str:
-    """A time-ordered UUID (version 7, RFC 9562: milliseconds, then random bits). In time
-    order each batch lands at the right edge of the primary-key index instead of on a random
-    page per event, so a commit writes a few pages, not one per event. Random bits come from
-    the process's PRNG: an event id needs to be unique, not unpredictable, and this skips a
-    getrandom system call per event (``random`` reseeds itself in forked workers)."""
-    rand = random.getrandbits(74)
-    bits = (
-        (time.time_ns() // 1_000_000) << 80
-        | 0x7 << 76  # version 7
-        | (rand >> 62) << 64
-        | 0b10 << 62  # RFC 9562 variant
-        | (rand & (1 << 62) - 1)
-    )
-    h = f"{bits:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Auditor:
@@ -128,7 +110,7 @@ class Auditor:
     def event(self, call: Call, outcome: str) -> tuple[Any, ...]:
         """One row, in ``audit_log.COLUMNS`` order."""
         return (
-            _event_id(),
+            ids.event_id(),
             self.clock(),
             call.caller.name,
             call.method,

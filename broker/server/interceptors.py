@@ -9,7 +9,6 @@ mapped to a configured caller) or from ``authorization: Bearer <token>``.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +18,7 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from broker import metrics
+from broker.domain import ids
 from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller, current_call
 from broker.domain.grant import METADATA_KEY
@@ -416,10 +416,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 def _request_id(context: grpc.aio.ServicerContext[Any, Any], given: str | None) -> str:
     """The caller's x-request-id when it is a sane one, else a fresh id; returned to the
     caller in the trailing metadata either way."""
-    # A correlation id, not a secret: the PRNG spares a getrandom system call per call.
-    request_id = (
-        given if given and _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
-    )
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else ids.request_id()
     context.set_trailing_metadata((("x-request-id", request_id),))
     return request_id
 
