@@ -29,6 +29,7 @@ from broker.providers.client import OAuthClient
 from broker.storage import audit_log
 from broker.storage.changes import ChangeWatcher
 from broker.storage.engine import CHANNEL, GRANT_CHANNEL, create_engine, probe
+from broker.storage.reader import IntegrationReader, open_reader
 from broker.storage.schema import verify
 
 
@@ -56,6 +57,8 @@ class Runtime:
     grants: GrantService
     events: EventLog
     watcher: ChangeWatcher | None = None
+    # PostgreSQL: GetAccessToken's read of a cache miss, on its own small pool.
+    reader: IntegrationReader | None = None
 
     def gauges(self) -> list[tuple[str, str, float]]:
         """Point-in-time values for the metrics endpoint (no labels, nothing secret)."""
@@ -85,6 +88,8 @@ class Runtime:
             self.watcher.close()
         await self.http.aclose()
         await self.auditor.close()
+        if self.reader is not None:
+            await self.reader.close()
         await self.engine.dispose()
 
 
@@ -139,6 +144,10 @@ async def open_runtime(
         available=settings.database.is_sqlite,
     )
     service.cache = cache
+    reader = None
+    if not settings.database.is_sqlite:
+        dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        reader = service.reader = await open_reader(dsn, settings.database)
     for component in (service, refresher, revoker):
         component.invalidate = cache.invalidate
     grant_cache = GrantCache(
@@ -182,6 +191,7 @@ async def open_runtime(
         clock=clock,
         grants=grants,
         watcher=watcher,
+        reader=reader,
         events=EventLog(
             engine,
             clock,

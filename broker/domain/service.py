@@ -72,6 +72,12 @@ class Refresher(Protocol):
     async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken: ...
 
 
+class RowReader(Protocol):
+    """Reads one integration by id outside the engine's pool (``broker.storage.reader``)."""
+
+    async def read(self, integration_id: str) -> StoredIntegration | None: ...
+
+
 class ProfileLookup(Protocol):
     """What StoreIntegration needs to know of a provider profile (the provider registry)."""
 
@@ -223,6 +229,12 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
     return created, last_id
 
 
+def _not_found(integration_id: str) -> IntegrationNotFound:
+    return IntegrationNotFound(
+        f"no integration with id {integration_id!r}", integration_id=integration_id
+    )
+
+
 # A token is base64 of a short JSON list; anything much longer was not issued here.
 _MAX_PAGE_TOKEN = 1024
 _OLDEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -247,6 +259,8 @@ class IntegrationService:
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
         self.cache: IntegrationCache | None = None
+        # Set by the runtime on PostgreSQL: the read by id of a cache miss.
+        self.reader: RowReader | None = None
         self.engine = engine
         self.cipher = cipher
         self.providers = providers
@@ -264,10 +278,7 @@ class IntegrationService:
         if sel.integration_id:
             stored = await repository.read(conn, sel.integration_id)
             if stored is None:
-                raise IntegrationNotFound(
-                    f"no integration with id {sel.integration_id!r}",
-                    integration_id=sel.integration_id,
-                )
+                raise _not_found(sel.integration_id)
             return stored
         provider = self.canonical(sel.provider)
         found = await repository.find_by_owner(conn, sel.user_id, provider, sel.account_id)
@@ -294,8 +305,15 @@ class IntegrationService:
         stored = cache.get(sel, provider) if cache is not None else None
         if stored is None:
             seen = cache.seq if cache is not None else 0
-            async with storage_errors(), self.engine.connect() as conn:
-                stored = await self._resolve(conn, sel)
+            reader = self.reader
+            if reader is not None and sel.integration_id:
+                async with storage_errors():
+                    stored = await reader.read(sel.integration_id)
+                if stored is None:
+                    raise _not_found(sel.integration_id)
+            else:
+                async with storage_errors(), self.engine.connect() as conn:
+                    stored = await self._resolve(conn, sel)
             if cache is not None:
                 cache.put(sel, stored, seen)
         context.note(stored.integration)

@@ -6,8 +6,7 @@ re-encryption batch) can never overwrite newer tokens.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,37 +26,40 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.domain.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import raw_driver, touch
+from broker.storage.engine import touch
 from broker.storage.tables import integrations as t
 
-_COLUMNS = (
-    t.c.id,
-    t.c.user_id,
-    t.c.provider,
-    t.c.account_id,
-    t.c.status,
-    t.c.token_type,
-    t.c.scopes,
-    t.c.metadata,
-    t.c.created_at,
-    t.c.updated_at,
-    t.c.expires_at,
-    t.c.last_refreshed_at,
-    t.c.disconnected_at,
-    t.c.disconnect_reason,
-    t.c.version,
-    t.c.access_token_ct,
-    t.c.refresh_token_ct,
-    t.c.key_id,
-    t.c.refresh_failures,
-    t.c.revocation,
-    t.c.revocation_attempts,
-    t.c.credential_type,
-    t.c.credential_ct,
-    t.c.last_refresh_error,
-    t.c.next_refresh_at,
-    t.c.issued_lifetime_seconds,
+# The integration columns, in the order ``from_values`` unpacks them: every read selects
+# these, and the hot read (``broker.storage.reader``) converts its record by position.
+FIELDS = (
+    "id",
+    "user_id",
+    "provider",
+    "account_id",
+    "status",
+    "token_type",
+    "scopes",
+    "metadata",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "last_refreshed_at",
+    "disconnected_at",
+    "disconnect_reason",
+    "version",
+    "access_token_ct",
+    "refresh_token_ct",
+    "key_id",
+    "refresh_failures",
+    "revocation",
+    "revocation_attempts",
+    "credential_type",
+    "credential_ct",
+    "last_refresh_error",
+    "next_refresh_at",
+    "issued_lifetime_seconds",
 )
+_COLUMNS = tuple(t.c[name] for name in FIELDS)
 _SELECT = select(*_COLUMNS)
 
 
@@ -69,68 +71,70 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 def to_stored(row: Row[*tuple[Any, ...]]) -> StoredIntegration:
-    return _stored(row._mapping)
+    """Any row holding the integration columns (by name: ``select(t)`` orders them otherwise)."""
+    m = row._mapping
+    return from_values([m[name] for name in FIELDS])
 
 
-def _stored(m: Mapping[Any, Any]) -> StoredIntegration:
-    created = utc(m["created_at"])
-    updated = utc(m["updated_at"])
+def from_values(values: Sequence[Any]) -> StoredIntegration:
+    """A row's values in ``FIELDS`` order, JSON columns already decoded."""
+    (
+        id_, user_id, provider, account_id, status, token_type, scopes, metadata, created_at,
+        updated_at, expires_at, last_refreshed_at, disconnected_at, disconnect_reason, version,
+        access_token_ct, refresh_token_ct, key_id, refresh_failures, revocation,
+        revocation_attempts, credential_type, credential_ct, last_refresh_error, next_refresh_at,
+        issued_lifetime_seconds,
+    ) = values  # fmt: skip
+    created = utc(created_at)
+    updated = utc(updated_at)
     assert created is not None
     assert updated is not None
     integration = Integration(
-        id=m["id"],
-        user_id=m["user_id"],
-        provider=m["provider"],
-        account_id=m["account_id"],
-        status=Status(m["status"]),
-        token_type=m["token_type"],
-        scopes=tuple(m["scopes"] or ()),
-        metadata=dict(m["metadata"] or {}),
+        id=id_,
+        user_id=user_id,
+        provider=provider,
+        account_id=account_id,
+        status=Status(status),
+        token_type=token_type,
+        scopes=tuple(scopes or ()),
+        metadata=dict(metadata or {}),
         created_at=created,
         updated_at=updated,
-        expires_at=utc(m["expires_at"]),
-        last_refreshed_at=utc(m["last_refreshed_at"]),
-        disconnected_at=utc(m["disconnected_at"]),
-        disconnect_reason=m["disconnect_reason"],
-        has_refresh_token=m["refresh_token_ct"] is not None,
-        version=int(m["version"]),
-        credential_type=Kind(m["credential_type"]),
+        expires_at=utc(expires_at),
+        last_refreshed_at=utc(last_refreshed_at),
+        disconnected_at=utc(disconnected_at),
+        disconnect_reason=disconnect_reason,
+        has_refresh_token=refresh_token_ct is not None,
+        version=int(version),
+        credential_type=Kind(credential_type),
     )
     return StoredIntegration(
         integration=integration,
-        access_token_ct=m["access_token_ct"],
-        refresh_token_ct=m["refresh_token_ct"],
-        key_id=m["key_id"],
-        refresh_failures=int(m["refresh_failures"]),
-        revocation=m["revocation"],
-        revocation_attempts=int(m["revocation_attempts"]),
-        credential_ct=m["credential_ct"],
-        last_refresh_error=m["last_refresh_error"],
-        next_refresh_at=utc(m["next_refresh_at"]),
-        issued_lifetime_seconds=m["issued_lifetime_seconds"],
+        access_token_ct=access_token_ct,
+        refresh_token_ct=refresh_token_ct,
+        key_id=key_id,
+        refresh_failures=int(refresh_failures),
+        revocation=revocation,
+        revocation_attempts=int(revocation_attempts),
+        credential_ct=credential_ct,
+        last_refresh_error=last_refresh_error,
+        next_refresh_at=utc(next_refresh_at),
+        issued_lifetime_seconds=issued_lifetime_seconds,
     )
 
 
-# The cold GetAccessToken read on PostgreSQL goes straight to asyncpg: one prepared statement
-# (asyncpg caches it per connection), no SQLAlchemy execution machinery per call.
-_PG_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
-_PG_GET = str(_SELECT.where(t.c.id == bindparam("id")).compile(dialect=_PG_DIALECT))
+# The one statement of the PostgreSQL hot read (``broker.storage.reader``), in asyncpg's
+# parameter style.
+GET_BY_ID = str(
+    _SELECT.where(t.c.id == bindparam("id")).compile(
+        dialect=asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+    )
+)
 
 
 async def read(conn: AsyncConnection, integration_id: str) -> StoredIntegration | None:
-    """``get`` for the hot read path, outside any transaction."""
-    if conn.dialect.name != "postgresql":
-        return await get(conn, integration_id)
-    async with raw_driver(conn) as driver:
-        record = await driver.fetchrow(_PG_GET, integration_id)
-    if record is None:
-        return None
-    values = dict(record)
-    # SQLAlchemy's JSON type is json on PostgreSQL, which asyncpg returns as text.
-    for column in ("scopes", "metadata"):
-        if isinstance(values[column], str):
-            values[column] = json.loads(values[column])
-    return _stored(values)
+    """``get`` for the read path where no ``IntegrationReader`` is in use (SQLite)."""
+    return await get(conn, integration_id)
 
 
 async def get(
