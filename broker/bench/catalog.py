@@ -23,6 +23,10 @@ SCENARIOS = (
     Scenario("sqlite-cold", "GetAccessToken, SQLite, cache off, auth+audit", "sqlite"),
     Scenario("pg-hot", "GetAccessToken, PostgreSQL, cache on, auth+audit", "pg"),
     Scenario("pg-cold", "GetAccessToken, PostgreSQL, cache off, auth+audit", "pg"),
+    # The measured ceiling (bench-only brokers, broker.bench.ceiling): pg-hot less its audit
+    # writes, and the server with its interceptors but GetAccessToken stubbed.
+    Scenario("pg-hot-noaudit", "pg-hot, audit events to a null sink (bench-only)", "pg"),
+    Scenario("pg-hot-stub", "broker server + interceptors, constant answer, no audit", "pg"),
     Scenario("echo-open", "echo floor at a fixed 500 calls/s (open loop)", None),
     Scenario("sqlite-open", "sqlite-hot at a fixed 500 calls/s (open loop)", "sqlite"),
     Scenario("pg-open", "pg-hot at a fixed 500 calls/s (open loop)", "pg"),
@@ -41,6 +45,8 @@ GROUPS = {
     "pg": ("pg-hot", "pg-cold"),
     "postgres": ("pg-hot", "pg-cold"),
     "storm": ("refresh-storm",),
+    # pg-hot next to its ceiling, with the echo floor: the per-call CPU breakdown.
+    "ceiling": ("echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub"),
     "open": ("echo-open", "sqlite-open", "pg-open"),
     # Under a grant against without one: the cost of grants on the hot path.
     "grant": ("sqlite-hot", "sqlite-hot-grant", "pg-hot", "pg-hot-grant"),

@@ -56,10 +56,18 @@ class BrokerServer:
     stderr is drained by a thread for the whole life of the process (a full pipe would stall
     the broker) and its last lines are kept for error messages."""
 
-    def __init__(self, config: Path, env: Mapping[str, str], extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: Path,
+        env: Mapping[str, str],
+        extra_args: tuple[str, ...] = (),
+        variant: str | None = None,
+    ):
         self.config = config
         self.env = dict(env)
         self.extra_args = extra_args
+        # The bench-only ceiling brokers (broker.bench.ceiling) instead of `broker serve`.
+        self.variant = variant
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.log: collections.deque[str] = collections.deque(maxlen=200)
@@ -67,9 +75,13 @@ class BrokerServer:
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 120.0) -> BrokerServer:
+        if self.variant is None:
+            command = ["-m", "broker", "--config", str(self.config), "serve", *self.extra_args]
+        else:
+            command = ["-m", "broker.bench.ceiling", "--config", str(self.config),
+                       "--variant", self.variant]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "--config", str(self.config), "serve",
-             *self.extra_args],
+            [sys.executable, *command],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -124,7 +136,7 @@ class BrokerServer:
         return proc.returncode
 
 
-# -- peak RSS -----------------------------------------------------------------------------------
+# -- CPU and peak RSS ------------------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -136,6 +148,33 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of ``pids`` still running (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def is_postgres(pid: int) -> bool:
+    """True when ``pid`` is a PostgreSQL process on this machine (not one of another pid
+    namespace or host that only shares the number)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() in ("postgres", "postmaster")
+    except OSError:
+        return False
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two ``cpu_by_pid`` readings: what each process that lived through
+    the window used, all of what one that appeared used; one that ended is lost with its
+    last stretch (rare: the broker keeps its connections)."""
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
 
 
 def peak_rss_mib(pid: int) -> float | None:

@@ -20,6 +20,8 @@ NO_BROKER = "no-broker"
 # Scenarios on PostgreSQL with the cache off: compared with the additive model too.
 PG_COLD = ("pg-cold", "scale-10k-cold", "scale-1m-cold")
 HOT = ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot")
+# The measured ceiling of pg-hot (bench-only brokers, broker.bench.ceiling).
+PG_HOT, NOAUDIT, STUB = "pg-hot", "pg-hot-noaudit", "pg-hot-stub"
 ECHO_OPEN = "echo-open"
 OPEN = ("sqlite-open", "pg-open")
 
@@ -185,6 +187,69 @@ def targets(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
     return out
 
 
+def breakdown(results: Sequence[ScenarioResult]) -> dict[str, float] | None:
+    """pg-hot's CPU per call in µs, split by what each ceiling run takes away: the echo floor
+    (gRPC, protobuf, event loop), the server and interceptors (echo → stub: auth, request id,
+    metrics, access log), the broker's logic (stub → noaudit: service, cache, decrypt,
+    conversion, the group commit's bookkeeping) and the audit writes (noaudit → pg-hot);
+    PostgreSQL's CPU apart, with the audit's share of it (noaudit → pg-hot). The differences
+    come from separate runs, so they carry those runs' noise (one can even be negative)."""
+    by_name = {r.name: r for r in results if r.failed is None}
+    runs = [by_name.get(n) for n in (ECHO, STUB, NOAUDIT, PG_HOT)]
+    cpu = [None if r is None else r.details.get("server_cpu_us_per_call") for r in runs]
+    if any(c is None for c in cpu):
+        return None
+    echo, stub, noaudit, hot = (float(c) for c in cpu if c is not None)
+    out = {
+        "echo_floor": echo,
+        "server_and_interceptors": stub - echo,
+        "broker_logic": noaudit - stub,
+        "audit": hot - noaudit,
+        "broker_total": hot,
+    }
+    pg_hot = by_name[PG_HOT].details.get("postgres_cpu_us_per_call")
+    pg_noaudit = by_name[NOAUDIT].details.get("postgres_cpu_us_per_call")
+    if pg_hot is not None:
+        out["postgres"] = float(pg_hot)
+        if pg_noaudit is not None:
+            out["postgres_audit"] = float(pg_hot) - float(pg_noaudit)
+    for name, key in ((STUB, "stub"), (NOAUDIT, "noaudit"), (PG_HOT, "pg_hot")):
+        ratio = by_name[name].ratios.get("throughput_vs_echo")
+        if ratio is not None:
+            out[f"{key}_vs_echo"] = ratio
+    return out
+
+
+def breakdown_text(parts: dict[str, float] | None) -> str:
+    if parts is None:
+        return ""
+    lines = [
+        "pg-hot per call, broker CPU: "
+        f"echo floor {parts['echo_floor']:.0f} us"
+        f" {_signed(parts['server_and_interceptors'])} server and interceptors (echo -> stub)"
+        f" {_signed(parts['broker_logic'])} broker logic (stub -> noaudit)"
+        f" {_signed(parts['audit'])} audit (noaudit -> pg-hot)"
+        f" = {parts['broker_total']:.0f} us"
+    ]
+    if "postgres" in parts:
+        share = parts.get("postgres_audit")
+        of_it = "" if share is None else f" (audit {share:.0f} us of it: noaudit -> pg-hot)"
+        lines.append(f"  PostgreSQL CPU: {parts['postgres']:.0f} us{of_it}")
+    ratios = [
+        f"{label} {parts[key]:.2f}x"
+        for label, key in ((STUB, "stub_vs_echo"), (NOAUDIT, "noaudit_vs_echo"),
+                           (PG_HOT, "pg_hot_vs_echo"))
+        if key in parts
+    ]  # fmt: skip
+    if ratios:
+        lines.append("  throughput vs echo: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    return f"{'+' if value >= 0 else '-'} {abs(value):.0f} us"
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -222,6 +287,8 @@ def _note(r: ScenarioResult) -> str:
         parts.append(f"p50 {r.ratios['p50_vs_echo']:.2f}x echo-open")
     if d.get("server_cpu_us_per_call") is not None:
         parts.append(f"server CPU {d['server_cpu_us_per_call']:.0f} us/call")
+    if d.get("postgres_cpu_us_per_call") is not None:
+        parts.append(f"PostgreSQL CPU {d['postgres_cpu_us_per_call']:.0f} us/call")
     batches = d.get("audit_batches")
     if batches:
         sizes = ", ".join(f"<={le} {n}" for le, n in batches["by_size"].items())
@@ -294,5 +361,6 @@ def write_json(
         "settings": settings,
         "scenarios": {r.name: {**asdict(r), "error_count": r.error_count} for r in results},
         "targets": checks,
+        "pg_hot_breakdown_us": breakdown(results),
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

@@ -42,6 +42,8 @@ from broker.server.callers import hash_token
 # provider is configured (tokens must belong to a known provider) but never called.
 _UNUSED_TOKEN_URL = "http://127.0.0.1:9/token"
 _SECRET_ENV = "BENCH_ACME_SECRET"
+# Ceiling variants (broker.bench.ceiling), named by the suffix of their scenario.
+_CEILING = ("noaudit", "stub")
 
 
 @dataclass
@@ -186,11 +188,14 @@ class Bench:
             return self.no_broker(scenario)
         if name == "refresh-storm":
             return self.storm(scenario)
-        hot = name.endswith(("-hot", "-open", "-hot-grant"))
+        hot = name.endswith(("-hot", "-open", "-hot-grant", *_CEILING))
         if name.startswith(("sqlite", "pg")):
             ds = self.dataset(name.partition("-")[0], o.rows)
             grant = name.endswith("-grant")
-            return self.broker_run(scenario, ds, hot=hot, count=ds.rows, grant=grant)
+            variant = next((v for v in _CEILING if name.endswith(f"-{v}")), None)
+            return self.broker_run(
+                scenario, ds, hot=hot, count=ds.rows, grant=grant, variant=variant
+            )
         rows = o.scale_small if name.startswith("scale-10k") else o.scale_large
         ds = self.dataset(scenario.dataset or "", rows)
         working = min(o.working_set, rows)
@@ -266,13 +271,15 @@ class Bench:
         count: int,
         fill: int = 0,
         grant: bool = False,
+        variant: str | None = None,
     ) -> ScenarioResult:
         """One broker, one timed run over integrations 0..count-1.
 
         Hot runs first request every integration of the working set once, so the measured
         window sees a warm cache (the warm-up alone would leave some ids never requested);
         with ``fill``, that sweep goes over ``fill`` ids instead (capped at the cache bound).
-        Cold runs rely on the warm-up period only."""
+        Cold runs rely on the warm-up period only. ``variant``: a ceiling broker
+        (``broker.bench.ceiling``) instead of ``broker serve``."""
         o = self.options
         details: dict[str, Any] = {
             "rows": ds.rows,
@@ -280,8 +287,10 @@ class Bench:
             "working_set": count,
             "cache": "on" if hot else "off",
         }
+        if variant is not None:
+            details["variant"] = variant
         server = self.start_broker(
-            ds, {} if hot else {"BROKER_CACHE__ENABLED": "false"}, grant=grant
+            ds, {} if hot else {"BROKER_CACHE__ENABLED": "false"}, grant=grant, variant=variant
         )
         try:
             target = load.Target(server.address, bearer=self.bearer, salt=ds.salt)
@@ -308,14 +317,26 @@ class Bench:
             elif hot:
                 load.run(target, load.Sweep(0, count, 1, o.prewarm_seconds), o.clients,
                          o.concurrency, o.prewarm_seconds + 120)  # fmt: skip
+            audited = self._audit_events(ds) if variant is not None else None
             cpu = procs.cpu_seconds(server.pid)
+            pg_cpu = self._postgres_cpu(ds)
             batches = self._audit_batches()
             result = load.run(target, self._timed(0, count, scenario), o.clients,
                               o.concurrency, self._timed_timeout())  # fmt: skip
             details["server_cpu_us_per_call"] = _per_call_us(
                 procs.cpu_seconds(server.pid) - cpu, result
             )
+            if pg_cpu is not None:
+                after = self._postgres_cpu(ds) or {}
+                details["postgres_cpu_us_per_call"] = _per_call_us(
+                    procs.cpu_used(pg_cpu, after), result
+                )
             details["audit_batches"] = _batch_delta(batches, self._audit_batches())
+            if audited is not None:
+                # A ceiling broker whose substitution did not take would measure the real one.
+                written = self._audit_events(ds) - audited
+                if written:
+                    raise RuntimeError(f"the {variant} broker wrote {written} audit events")
             rss = procs.peak_rss_mib(server.pid)
             if not server.alive():
                 raise RuntimeError("the broker exited during the run:\n  " + _tail(server))
@@ -372,12 +393,19 @@ class Bench:
     # -- brokers --------------------------------------------------------------------------------
 
     def start_broker(
-        self, ds: Dataset, extra_env: dict[str, str], *, grant: bool = False
+        self,
+        ds: Dataset,
+        extra_env: dict[str, str],
+        *,
+        grant: bool = False,
+        variant: str | None = None,
     ) -> procs.BrokerServer:
         env = procs.broker_env({"BROKER_KEYS": self.keyring, **extra_env})
         env.setdefault(_SECRET_ENV, "unused")
         args = ("--workers", str(self.options.workers)) if self.options.workers else ()
-        server = procs.BrokerServer(self._config(ds, grant=grant), env, args)
+        if variant is not None:
+            args = ()  # one process: the substitutions are made in it
+        server = procs.BrokerServer(self._config(ds, grant=grant), env, args, variant)
         self.servers.append(server)
         server.start()
         self.log(f"broker pid {server.pid} serving on {server.address} ({ds.key})")
@@ -535,6 +563,28 @@ class Bench:
                 out[key.removeprefix("broker_audit_batch_size_")] = float(value)
         return out
 
+    def _postgres_cpu(self, ds: Dataset) -> dict[int, float] | None:
+        """CPU so far of the PostgreSQL backends serving the dataset's database (the broker's
+        connections), by pid; None when PostgreSQL is not on this machine."""
+        if ds.pg_name is None:
+            return None
+        rows = asyncio.run(
+            _fetch_all(
+                self._url(_admin_db(self.options), "postgresql"),
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+                ds.pg_name,
+            )
+        )
+        pids = [int(r[0]) for r in rows]
+        if not pids or not all(procs.is_postgres(pid) for pid in pids):
+            return None
+        return procs.cpu_by_pid(pids)
+
+    def _audit_events(self, ds: Dataset) -> int:
+        if ds.dsn is None:
+            return 0
+        return int(asyncio.run(_fetch_value(ds.dsn, "SELECT count(*) FROM audit_events")))
+
     def _timed_timeout(self) -> float:
         return self.options.warmup + self.options.duration + 90
 
@@ -633,6 +683,14 @@ async def _fetch_value(dsn: str, query: str) -> Any:
     conn = await asyncpg.connect(dsn)
     try:
         return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+async def _fetch_all(dsn: str, query: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
 
