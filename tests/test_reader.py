@@ -9,15 +9,17 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
+import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.errors import StorageUnavailable
 from broker.server.app import Broker, start
 from broker.storage import repository
-from broker.storage.engine import storage_errors
+from broker.storage.engine import create_engine, storage_errors
 from broker.storage.reader import APPLICATION_NAME, IntegrationReader, open_reader
 from tests.conftest import ADMIN, PostgresFactory, make_settings, store_request
 from tests.test_database_down import Proxy
@@ -44,10 +46,6 @@ async def stored_ids(database: str) -> list[str]:
     """Integrations stored through a real broker (encrypted, with scopes and metadata)."""
     broker: Broker = await start(make_settings(database, cache={"enabled": False}))
     try:
-        import grpc
-
-        from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-
         async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
             stub = pb_grpc.CredentialBrokerStub(channel)
             ids = []
@@ -79,7 +77,7 @@ async def reader(database: str) -> AsyncIterator[IntegrationReader]:
 async def _sql(database: str, query: str, *args: object) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(_dsn(database))
     try:
-        return await conn.fetch(query, *args)
+        return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
 
@@ -96,8 +94,6 @@ async def _read_backends(database: str) -> list[asyncpg.Record]:
 async def test_same_row_as_the_pooled_path(
     database: str, stored_ids: list[str], reader: IntegrationReader
 ) -> None:
-    from broker.storage.engine import create_engine
-
     engine = create_engine(DatabaseSettings(url=database))
     try:
         async with engine.connect() as conn:
@@ -157,7 +153,8 @@ async def test_terminated_backends_are_dropped(
     assert failures <= POOL_SIZE
     assert await reader.read(stored_ids[2]) is not None
     after = {r["pid"] for r in await _read_backends(database)}
-    assert after and not after & before
+    assert after
+    assert not after & before
 
 
 async def test_cancelled_read_drops_its_connection(database: str, stored_ids: list[str]) -> None:
@@ -181,7 +178,8 @@ async def test_cancelled_read_drops_its_connection(database: str, stored_ids: li
             await pending
         proxy.frozen = False
         got = await asyncio.wait_for(reader.read(stored_ids[1]), 5)
-        assert got is not None and got.integration.id == stored_ids[1]
+        assert got is not None
+        assert got.integration.id == stored_ids[1]
         pids = {r["pid"] for r in await _read_backends(database)}
         assert first not in pids
     finally:
