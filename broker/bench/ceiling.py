@@ -86,11 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = load_settings(config_path=args.config)
     logs.configure(settings.logging.level, settings.logging.format)
-    _without_audit_writes()
     ready = None
     if args.variant == "stub":
+        # No null sink here: were the auditor still called, its events would reach the
+        # database, and the bench fails a ceiling run that wrote any.
         _stubbed_servicer()
         ready = _unaudited
+    else:
+        _without_audit_writes()
     try:
         import uvloop
 
