@@ -81,6 +81,14 @@ class Runtime:
                 ("broker_db_pool_checked_out", "Connections in use", float(pool.checkedout()))
             )
             values.append(("broker_db_pool_size", "Pool size", float(pool.size())))
+        if self.reader is not None:
+            size, idle = self.reader.connections()
+            values.append(
+                ("broker_db_read_pool_size", "GetAccessToken read connections open", size)
+            )
+            values.append(
+                ("broker_db_read_pool_checked_out", "GetAccessToken reads in flight", size - idle)
+            )
         return values
 
     async def close(self) -> None:

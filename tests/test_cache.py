@@ -302,6 +302,8 @@ async def test_metrics_endpoint(database_url: str, unused_tcp_port: int) -> None
         assert "broker_cache_hit_ratio" in body
         assert "broker_audit_batch_size_count" in body
         assert "broker_db_pool" in body or "sqlite" in database_url
+        # The cache-miss read above went through the read pool (PostgreSQL).
+        assert "broker_db_read_pool_size 1.0" in body or "sqlite" in database_url
         assert "secret-user-7" not in body
         assert "at-metric-canary" not in body
         assert stored_.integration.id not in body

@@ -73,6 +73,10 @@ class IntegrationReader:
                 raise
         return None if record is None else from_values(record)
 
+    def connections(self) -> tuple[float, float]:
+        """(open, idle) connections, for the metrics endpoint."""
+        return float(self.pool.get_size()), float(self.pool.get_idle_size())
+
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.pool.close(), self.timeout)
