@@ -5,7 +5,7 @@
 
 ``noaudit``: the real broker (auth, service, cache, decrypt, proto conversion, metrics, the
 group commit's bookkeeping) whose audit events go to a sink that writes nothing.
-``stub``: the broker's server, options, interceptor chain (auth, request id, metrics, access
+``stub``: the broker's server, options, guard (auth, policy, request id, metrics, access
 log) and port setup, but GetAccessToken answers a constant response of the broker's shape and
 nothing is audited.
 
@@ -30,6 +30,7 @@ from broker.bench import data
 from broker.config import load_settings
 from broker.runtime import Runtime, open_runtime
 from broker.server import app
+from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
 
 VARIANTS = ("noaudit", "stub")
@@ -74,9 +75,16 @@ def _stubbed_servicer() -> None:
     _replace("CredentialBrokerServicer", Stubbed)
 
 
-def _unaudited(broker: app.Broker) -> None:
-    """Called before the first call is served (handlers are wrapped on first use)."""
-    broker.interceptor.auditor = None
+def _unaudited_guard() -> None:
+    """The guard (authentication, policy, request id, metrics, access log) without its
+    auditor, from construction on: handlers are wrapped when services are registered."""
+
+    class Unaudited(AuthInterceptor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.auditor = None
+
+    _replace("AuthInterceptor", Unaudited)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,12 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = load_settings(config_path=args.config)
     logs.configure(settings.logging.level, settings.logging.format)
-    ready = None
     if args.variant == "stub":
         # No null sink here: were the auditor still called, its events would reach the
         # database, and the bench fails a ceiling run that wrote any.
         _stubbed_servicer()
-        ready = _unaudited
+        _unaudited_guard()
     else:
         _without_audit_writes()
     try:
@@ -100,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.install()  # as `broker serve` does
     except ImportError:
         pass
-    asyncio.run(app.run(settings, on_ready=ready))
+    asyncio.run(app.run(settings))
     return 0
 
 
