@@ -138,6 +138,10 @@ class ProviderSettings(_Section):
     scopes: list[str] | None = None
     rotates_refresh_tokens: bool | None = None
     refresh_margin_seconds: float | None = Field(default=None, ge=0)
+    # Overrides of refresh.max_concurrent_per_provider and
+    # refresh.max_refreshes_per_second_per_provider for this provider.
+    max_concurrent_refreshes: int | None = Field(default=None, ge=1, le=1000)
+    max_refreshes_per_second: float | None = Field(default=None, gt=0)
     # Lifetime assumed when a token response has no expires_in; 0 means "never expires".
     default_expires_in_seconds: int | None = Field(default=None, ge=0)
     body_encoding: Literal["form", "json"] | None = None
@@ -209,6 +213,13 @@ class RefreshSettings(_Section):
     background_interval_seconds: float = Field(default=30.0, gt=0)
     # Lifetime assumed for a token response without expires_in (0 = never expires).
     default_expires_in_seconds: int = Field(default=3600, ge=0)
+    # Per provider (providers.NAME.max_concurrent_refreshes overrides): refresh requests to
+    # one provider's token endpoint at once from this broker; the rest queue (a storm of
+    # expired tokens becomes a steady stream instead of hundreds of connections).
+    max_concurrent_per_provider: int = Field(default=32, ge=1, le=1000)
+    # Per provider (providers.NAME.max_refreshes_per_second overrides): refresh requests
+    # started per second; 0 = no rate limit (a 429/503 Retry-After pauses a provider anyway).
+    max_refreshes_per_second_per_provider: float = Field(default=0.0, ge=0)
 
 
 class TlsSettings(_Section):

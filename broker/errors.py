@@ -116,6 +116,11 @@ class ProviderUnavailable(BrokerError):
         self.retry_after = retry_after
 
 
+class ProviderAskedToWait(ProviderUnavailable):
+    """429 or 503 with Retry-After: nothing was processed, and the provider named how long to
+    stay away (``retry_after``), for this broker's other refreshes too."""
+
+
 class ProviderOutcomeUnknown(ProviderUnavailable):
     """The request reached (or may have reached) the provider and no usable answer came back.
     Never re-sent at once: a rotating provider may have used up the refresh token."""

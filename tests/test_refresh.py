@@ -326,7 +326,7 @@ async def test_tokens_survive_a_database_failure_after_the_provider_answered(
     real_write = repository.write_refreshed
     database = {"down": True}
 
-    async def flaky_write(*args: Any, **kwargs: Any) -> bool:
+    async def flaky_write(*args: Any, **kwargs: Any) -> Any:
         if database["down"]:
             raise OperationalError("UPDATE integrations", {}, ConnectionResetError("db down"))
         return await real_write(*args, **kwargs)

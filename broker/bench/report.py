@@ -278,6 +278,12 @@ def _note(r: ScenarioResult) -> str:
     if "provider_calls" in d:
         same = "=" if d["provider_calls"] == d.get("rotations") else "!="
         parts.append(f"provider calls {d['provider_calls']} {same} rotations {d.get('rotations')}")
+        if d.get("server_cpu_us_per_refresh") is not None:
+            parts.append(
+                f"server CPU {d['server_cpu_us_per_refresh']:,} us/refresh, "
+                f"{d['db_transactions_per_refresh']} db transactions/refresh, "
+                f"provider at most {d['provider_max_in_flight']} at once"
+            )
     if "cache_filled" in d:
         parts.append(
             f"cache fill: {d['cache_filled']:,} distinct ids served "

@@ -359,14 +359,20 @@ class Bench:
             server = self.start_broker(
                 ds, {"BROKER_REFRESH__BACKGROUND": "false", _SECRET_ENV: fake.client_secret}
             )
+            # Transactions committed in the storm's database (every backend's, flushed when the
+            # broker's connections close): the database round trips a refresh costs.
+            xacts = asyncio.run(_fetch_value(ds.dsn, _XACTS))
             try:
                 clients = max(1, min(o.clients, o.storm_in_flight))
                 in_flight = max(1, o.storm_in_flight // clients)
                 target = load.Target(server.address, bearer=self.bearer, salt=ds.salt)
+                cpu = procs.cpu_seconds(server.pid)
                 result = load.run(target, load.Sweep(0, ds.rows, o.storm_repeat), clients,
                                   in_flight, 600)  # fmt: skip
+                cpu = procs.cpu_seconds(server.pid) - cpu
                 rss = procs.peak_rss_mib(server.pid)
                 provider_calls = fake.refresh_calls
+                most_at_once = fake.max_in_flight
             finally:
                 code = self.stop_broker(server)
             rotations = asyncio.run(
@@ -375,6 +381,7 @@ class Bench:
                     "SELECT count(*) FROM integrations WHERE last_refreshed_at IS NOT NULL",
                 )
             )
+            xacts = asyncio.run(_fetch_value(ds.dsn, _XACTS)) - xacts
         return _from_load(
             scenario,
             result,
@@ -386,6 +393,10 @@ class Bench:
                 "provider_latency_s": o.provider_latency,
                 "provider_calls": provider_calls,
                 "rotations": int(rotations),
+                "provider_max_in_flight": most_at_once,
+                "server_cpu_us_per_refresh": round(cpu / rotations * 1e6) if rotations else None,
+                # Includes the load's own calls; the audit's batches are shared between calls.
+                "db_transactions_per_refresh": round(xacts / rotations, 2) if rotations else None,
                 "exit_code": code,
             },
         )
@@ -677,6 +688,9 @@ def _run_loop(coro: Any) -> load.LoadResult:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+_XACTS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
 
 
 async def _fetch_value(dsn: str, query: str) -> Any:

@@ -403,6 +403,11 @@ async def refreshed(conn: AsyncConnection, before: Any, at: datetime) -> None:
     integration back to CONNECTED; a plain refresh writes nothing (it is a metric)."""
     integration: Integration = before.integration
     expired = integration.status.value == "EXPIRED"
+    if not expired and before.last_refresh_error is None:
+        # No lookup on the common path: a failure event is only ever written together with
+        # last_refresh_error (the refresh engine's release), and only a refresh (this one) or
+        # a new StoreIntegration (whose CONNECTED event follows it) clears that column.
+        return
     if not expired and await store.last_type(conn, integration.id) not in _FAILING:
         return
     await record(

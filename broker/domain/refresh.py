@@ -4,15 +4,19 @@ Order of events for a token that is due (DESIGN §5):
 
 1. quick unlocked read (done by the service before it calls us);
 2. in-process single flight: one task per integration, other callers await its result;
-3. a *lease* on the row — one short UPDATE that succeeds only when nobody holds a live lease and
-   the row is still the version we read. It works the same on SQLite and PostgreSQL, holds no
-   database connection while the provider is called, and outlives the provider timeout times
-   the attempts, so a holder always hears back from the provider before its lease can lapse.
+3. a *lease* on the row — one short ``UPDATE … RETURNING`` that succeeds only when nobody holds a
+   live lease and the row is still the version we read, and returns the row (the re-read is
+   the same statement). It works the same on SQLite and PostgreSQL, holds no database
+   connection while the provider is called, and outlives the provider timeout times the
+   attempts, so a holder always hears back from the provider before its lease can lapse.
    On PostgreSQL the lease also names the holder's session (broker.storage.liveness): a dead
-   holder's lease is free at once, a live holder's is never taken away;
-4. re-read: only if the token is still stale do we call the provider;
-5. write new tokens with ``version + 1`` (compare-and-swap) and release the lease in the same
-   statement.
+   holder's lease is free at once, a live holder's is never taken away. Only when it fails is
+   the row read, to tell a moved version from another holder;
+4. only if the leased row is still stale (no cool-down begun meanwhile) do we call the provider,
+   in that provider's turn (broker.providers.throttle: its concurrency and rate limits, a
+   Retry-After pause); otherwise the lease is rolled back;
+5. write new tokens with ``version + 1`` (compare-and-swap), release the lease and return the new
+   row in the same statement.
 
 After ``invalid_grant`` the row is re-read: if its version moved, another broker refreshed first
 (we lost a race, not the grant) and its token is served. Tokens that the provider issued but the
@@ -64,6 +68,7 @@ from broker.errors import (
     GrantRejected,
     IntegrationNotFound,
     MinValidityUnattainable,
+    ProviderAskedToWait,
     ProviderMisconfigured,
     ProviderOutcomeUnknown,
     ProviderUnavailable,
@@ -75,6 +80,7 @@ from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse
 from broker.providers.mint import Minter
 from broker.providers.profile import ProviderProfile
+from broker.providers.throttle import ProviderThrottle, Throttled
 from broker.storage import repository
 from broker.storage.engine import Invalidate, storage_errors, write_transaction
 
@@ -101,6 +107,15 @@ class _Unsaved:
     values: dict[str, Any]
     stored: StoredIntegration
     before: StoredIntegration | None = None  # the row refreshed, for its RECOVERED event
+
+
+class _Decided(Exception):
+    """Not an error: raised inside the lease transaction to roll the lease back (it was never
+    taken) and answer with ``result``."""
+
+    def __init__(self, result: tuple[StoredIntegration, bool]) -> None:
+        super().__init__()
+        self.result = result
 
 
 def _secret_name(row: StoredIntegration) -> str:
@@ -135,6 +150,9 @@ class RefreshEngine:
         self._margins: dict[str, timedelta] = {}
         self._unsaved: dict[str, _Unsaved] = {}
         self.provider_calls = 0
+        self.throttle = ProviderThrottle(
+            settings.max_concurrent_per_provider, settings.max_refreshes_per_second_per_provider
+        )
         self.minter = Minter(client)
         # Set by the runtime when a cache is in use: called for every committed write.
         self.invalidate: Invalidate | None = None
@@ -284,48 +302,80 @@ class RefreshEngine:
         loop = asyncio.get_running_loop()
         end = self._budget_end(request)
         seen = stored.integration.version
+        # The caller's read decides first (a cool-down refuses without a statement); then the
+        # lease is tried at the version it read, and the leasing UPDATE returns the row.
+        decided = self._decide(iid, stored, request, seen, self.clock())
+        if decided is not None:
+            return decided
+        version = seen
         delay = 0.02
         while True:
             now = self.clock()
-            async with write_transaction(self.engine, self.invalidate) as conn:
-                row = await repository.get(conn, iid)
-                if row is None:
-                    raise IntegrationNotFound(f"no integration with id {iid!r}")
-                check_servable(row)
-                moved = row.integration.version != seen
-                if moved and not self.due(row, request):
-                    return row, True
-                if not moved and not request.force_refresh and not self.due(row, request):
-                    return row, False
-                self._check_cool_down(row, now)
-                if not row.renewable:
-                    raise ReauthorizationRequired(
-                        f"integration {iid} has no refresh token and its access token is "
-                        "expiring; the user must authorize again",
-                        integration_id=iid,
+            leased = None
+            try:
+                async with write_transaction(self.engine, self.invalidate) as conn:
+                    leased = await repository.take_lease(
+                        conn, iid, version, self.owner, now, now + self.lease, self.session()
                     )
-                leased = await repository.take_lease(
-                    conn,
-                    iid,
-                    row.integration.version,
-                    self.owner,
-                    now,
-                    now + self.lease,
-                    self.session(),
-                )
-            if leased:
-                return await self._refresh_leased(row, end), True
+                    if leased is None:
+                        row = await repository.get(conn, iid)
+                    else:
+                        # The row as leased may say otherwise (a cool-down begun since the
+                        # caller's read): then the lease is rolled back, never taken.
+                        decided = self._decide(iid, leased, request, seen, now)
+                        if decided is not None:
+                            raise _Decided(decided)
+            except _Decided as answer:
+                return answer.result
+            if leased is not None:
+                return await self._refresh_leased(leased, end), True
+            # The version moved, or someone else (another replica) holds the lease.
+            decided = self._decide(iid, row, request, seen, now)
+            if decided is not None:
+                return decided
+            assert row is not None
+            moved = row.integration.version != seen
+            if row.integration.version != version:
+                version = row.integration.version  # moved and still due: lease that version
+                continue
             if not wait or loop.time() + delay > end:
                 raise ProviderUnavailable(
                     f"integration {iid} is being refreshed by another broker; retry shortly",
                     retry_after=1.0,
                     integration_id=iid,
                 )
-            # Someone else (another replica) holds the lease: wait for its write.
+            # Wait for the holder's write.
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
             if moved:
                 seen = row.integration.version
+
+    def _decide(
+        self,
+        iid: str,
+        row: StoredIntegration | None,
+        request: TokenRequest,
+        seen: int,
+        now: Any,
+    ) -> tuple[StoredIntegration, bool] | None:
+        """What the row says before a refresh: an answer without one (the row, whether it was
+        refreshed since ``seen``), an error, or None: go ahead."""
+        if row is None:
+            raise IntegrationNotFound(f"no integration with id {iid!r}")
+        check_servable(row)
+        moved = row.integration.version != seen
+        if moved and not self.due(row, request):
+            return row, True
+        if not moved and not request.force_refresh and not self.due(row, request):
+            return row, False
+        self._check_cool_down(row, now)
+        if not row.renewable:
+            raise ReauthorizationRequired(
+                f"integration {row.integration.id} has no refresh token and its access token is "
+                "expiring; the user must authorize again",
+                integration_id=row.integration.id,
+            )
+        return None
 
     def _check_cool_down(self, row: StoredIntegration, now: Any) -> None:
         """After a sent refresh whose fate is unknown, wait before presenting that refresh
@@ -374,11 +424,26 @@ class RefreshEngine:
         attempt = 0
         while True:
             attempt += 1
-            self.provider_calls += 1
             try:
-                response = await obtain()
+                # The provider's turn (its concurrency and rate limits, a Retry-After pause);
+                # the slot is held for the request only, never across a database statement.
+                async with self.throttle.turn(
+                    provider,
+                    end,
+                    max_concurrent=profile.max_concurrent_refreshes,
+                    per_second=profile.max_refreshes_per_second,
+                ):
+                    self.provider_calls += 1
+                    response = await obtain()
                 metrics.REFRESHES.labels(provider, "ok").inc()
                 break
+            except Throttled as exc:
+                # Not sent: nothing to record against the integration, only the lease to give back.
+                metrics.REFRESHES.labels(provider, "throttled").inc()
+                await self._release(iid, {})
+                raise ProviderUnavailable(
+                    exc.message, retry_after=exc.retry_after, integration_id=iid, provider=provider
+                ) from None
             except GrantRejected as exc:
                 metrics.REFRESHES.labels(provider, "rejected").inc()
                 return await self._rejected(row, exc)
@@ -402,6 +467,10 @@ class RefreshEngine:
                 await self._outcome_unknown(row, exc)
             except ProviderUnavailable as exc:
                 metrics.REFRESHES.labels(provider, "unavailable").inc()
+                if isinstance(exc, ProviderAskedToWait):
+                    # Retry-After speaks for the provider, not for this one refresh token: every
+                    # integration of the provider waits (broker.providers.throttle).
+                    self.throttle.pause(provider, exc.retry_after)
                 backoff = min(8.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 wait = max(backoff, min(exc.retry_after, 30.0) if attempt > 0 else 0.0)
                 # Nothing was sent, so a retry is safe; it needs time to connect, not to be
@@ -617,12 +686,15 @@ class RefreshEngine:
     ) -> StoredIntegration:
         async with write_transaction(self.engine, self.invalidate) as conn:
             written = await repository.write_refreshed(conn, iid, version, values)
-            current = await repository.get(conn, iid)
-            if written and before is not None:
-                await events.refreshed(conn, before, values["updated_at"])
+            if written is None:
+                current = await repository.get(conn, iid)
+            else:
+                current = written  # RETURNING: the row as written, no re-read
+                if before is not None:
+                    await events.refreshed(conn, before, values["updated_at"])
         if current is None:
             raise IntegrationNotFound(f"no integration with id {iid!r}")
-        if not written:
+        if written is None:
             # Someone replaced the row while we held the lease (a new StoreIntegration, a
             # Disconnect): their state wins over tokens from the grant they replaced.
             log.warning("integration %s changed during refresh; newer state kept", iid)

@@ -135,6 +135,8 @@ _PLAIN = (
     "auth_method",
     "rotates_refresh_tokens",
     "refresh_margin_seconds",
+    "max_concurrent_refreshes",
+    "max_refreshes_per_second",
     "default_expires_in_seconds",
     "body_encoding",
     "pkce",

@@ -45,6 +45,7 @@ import httpx
 from broker.errors import (
     BrokerError,
     GrantRejected,
+    ProviderAskedToWait,
     ProviderMisconfigured,
     ProviderOutcomeUnknown,
     ProviderUnavailable,
@@ -400,9 +401,12 @@ def _raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> 
         # A 500, 502 or 504 may come after the provider rotated the token (a gateway timing
         # out on a slow backend, a crash after the commit): the outcome is unknown.
         kind = ProviderUnavailable if status in _NOT_PROCESSED else ProviderOutcomeUnknown
+        header = response.headers.get("retry-after")
+        if status in (429, 503) and header is not None:
+            kind = ProviderAskedToWait
         raise kind(
             f"{profile.name} answered HTTP {status}",
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            retry_after=parse_retry_after(header),
             provider=profile.name,
             http_status=str(status),
         )

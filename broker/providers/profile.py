@@ -81,6 +81,9 @@ class ProviderProfile:
     rotates_refresh_tokens: bool = False
     # None: use RefreshSettings.margin_seconds.
     refresh_margin_seconds: float | None = None
+    # None: use RefreshSettings.max_concurrent_per_provider / max_refreshes_per_second_per_provider.
+    max_concurrent_refreshes: int | None = None
+    max_refreshes_per_second: float | None = None
     # Lifetime assumed when a token response has no expires_in. 0: the token never expires.
     # None: use RefreshSettings.default_expires_in_seconds.
     default_expires_in_seconds: int | None = None

@@ -249,11 +249,13 @@ async def take_lease(
     now: datetime,
     until: datetime,
     session: int | None = None,
-) -> bool:
+) -> StoredIntegration | None:
     """Claim the right to refresh this row: only if nobody else holds the lease and the row is
-    still the version we decided on. One short statement, no lock held during the HTTP call.
-    A lease this broker holds itself is free to it: the in-process single flight guarantees
-    nothing of ours is using it (a leftover of a flight whose release did not get through)."""
+    still the version we decided on. One short statement, no lock held during the HTTP call;
+    it returns the row it leased (the re-read is the same statement), or None when the version
+    moved or someone else holds the lease. A lease this broker holds itself is free to it: the
+    in-process single flight guarantees nothing of ours is using it (a leftover of a flight
+    whose release did not get through)."""
     result = await conn.execute(
         update(t)
         .where(
@@ -262,8 +264,10 @@ async def take_lease(
             or_(_lease_free(conn, now), t.c.refresh_lease_owner == owner),
         )
         .values(refresh_lease_owner=owner, refresh_lease_until=until, refresh_lease_session=session)
+        .returning(*_COLUMNS)
     )
-    return result.rowcount == 1
+    row = result.first()
+    return None if row is None else to_stored(row)
 
 
 async def release_all_leases(conn: AsyncConnection) -> int:
@@ -295,19 +299,26 @@ async def release_lease(
 
 async def write_refreshed(
     conn: AsyncConnection, integration_id: str, version: int, values: dict[str, Any]
-) -> bool:
-    """Store refreshed tokens: compare-and-swap on version, lease released in the same write."""
-    return await update_row(
-        conn,
-        integration_id,
-        version,
-        {
+) -> StoredIntegration | None:
+    """Store refreshed tokens: compare-and-swap on version, lease released in the same write.
+    Returns the row as written (RETURNING: no re-read), or None if the version moved."""
+    result = await conn.execute(
+        update(t)
+        .where(t.c.id == integration_id, t.c.version == version)
+        .values(
+            version=t.c.version + 1,
+            refresh_lease_owner=None,
+            refresh_lease_until=None,
+            refresh_lease_session=None,
             **values,
-            "refresh_lease_owner": None,
-            "refresh_lease_until": None,
-            "refresh_lease_session": None,
-        },
+        )
+        .returning(*_COLUMNS)
     )
+    row = result.first()
+    if row is None:
+        return None
+    await touch(conn, integration_id)
+    return to_stored(row)
 
 
 async def claim_due(

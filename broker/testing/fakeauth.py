@@ -72,6 +72,7 @@ class RecordedRequest:
     # client_secret_basic, client_secret_post, none, or "multiple" when both were sent.
     auth_method: str
     client_id: str | None
+    received_at: float = 0.0  # time.monotonic() when it arrived
 
 
 @dataclass
@@ -155,6 +156,7 @@ class FakeAuthServer:
         self.routes: dict[str, Route] = {}
         self._rotations = 0
         self._in_flight = 0
+        self._max_in_flight = 0
         self._reuse_revocations = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -282,6 +284,12 @@ class FakeAuthServer:
         """Requests received and not answered yet (a dead client's included)."""
         with self._lock:
             return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests it was handling at once (the peak of ``in_flight``)."""
+        with self._lock:
+            return self._max_in_flight
 
     @property
     def reuse_revocations(self) -> int:
@@ -422,6 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server_fake
         with fake._lock:
             fake._in_flight += 1
+            fake._max_in_flight = max(fake._max_in_flight, fake._in_flight)
         try:
             self._handle(method)
         finally:
@@ -446,6 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body=body,
                     auth_method=auth_method,
                     client_id=client_id,
+                    received_at=time.monotonic(),
                 )
             )
             if parts.path == "/token" and body.get("grant_type") == "refresh_token":

@@ -1,0 +1,179 @@
+"""The refresh storm against a real fake provider, on both backends: the per-provider
+concurrency limit holds, a 429 with Retry-After pauses every integration of that provider,
+provider calls equal rotations, and a refresh costs few statements."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import event, func, select
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import Settings
+from broker.domain.model import Selector, TokenRequest
+from broker.providers.throttle import ProviderThrottle, Throttled
+from broker.server.app import Broker
+from broker.storage.tables import integrations
+from tests.conftest import ADMIN, expect_error, make_settings, retry_info
+from tests.fakeauth import FakeAuthServer
+from tests.test_refresh import provider_settings, row, store_grant, token
+
+Code = grpc.StatusCode
+LIMIT = 3
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthServer]:
+    with FakeAuthServer(expires_in=3600, latency=0.05) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(database_url: str, fake: FakeAuthServer) -> Settings:
+    return make_settings(
+        database_url,
+        # The override of refresh.max_concurrent_per_provider is the one that counts.
+        providers=provider_settings(fake, max_concurrent_refreshes=LIMIT),
+        refresh={
+            "margin_seconds": 30,
+            "provider_timeout_seconds": 5,
+            "max_attempts": 3,
+            "background": False,
+            "max_concurrent_per_provider": 50,
+        },
+    )
+
+
+async def rotations(broker: Broker) -> int:
+    async with broker.engine.connect() as conn:
+        query = select(func.count()).where(integrations.c.last_refreshed_at.is_not(None))
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def grants(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, n: int
+) -> list[str]:
+    """``n`` expired integrations of the fake provider, one per user."""
+    return [(await store_grant(stub, fake, user_id=f"user-{i}"))[0] for i in range(n)]
+
+
+def token_requests(fake: FakeAuthServer) -> list[Any]:
+    return [r for r in fake.requests if r.path == "/token"]
+
+
+async def test_a_storm_never_exceeds_the_providers_concurrency_limit(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    ids = await grants(stub, fake, 12)
+    # Two callers per integration at once, like the benchmark's storm.
+    got = await asyncio.gather(*(token(stub, iid) for iid in ids for _ in range(2)))
+    assert all(g.access_token for g in got)
+    assert fake.max_in_flight == LIMIT, "the limit is reached, never passed"
+    assert fake.refresh_calls == len(ids) == await rotations(broker)
+    assert broker.refresher.throttle.in_flight("acme") == 0
+
+
+async def test_retry_after_pauses_every_integration_of_the_provider(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    first, *others = await grants(stub, fake, 4)
+    fake.fail_next("rate_limited", retry_after="1")
+    refused = asyncio.create_task(token(stub, first))
+    throttle = broker.refresher.throttle
+    async with asyncio.timeout(5):
+        while throttle.paused_for("acme") == 0:
+            await asyncio.sleep(0.005)
+    # Other integrations' refreshes wait out the provider's pause, then succeed.
+    got = await asyncio.gather(refused, *(token(stub, iid) for iid in others))
+    assert all(g.refreshed for g in got)
+    sent = token_requests(fake)
+    assert len(sent) == 5, "the 429, then one refresh per integration"
+    paused_at = sent[0].received_at
+    assert all(r.received_at - paused_at >= 0.9 for r in sent[1:]), [
+        round(r.received_at - paused_at, 3) for r in sent[1:]
+    ]
+    assert await rotations(broker) == 4
+
+
+async def test_a_caller_gets_unavailable_with_retry_info_while_the_provider_is_paused(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    first, other = await grants(stub, fake, 2)
+    fake.fail_next("rate_limited", retry_after="30")
+    await expect_error(token(stub, first), Code.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    assert broker.refresher.throttle.paused_for("acme") > 25
+    started = time.monotonic()
+    call = stub.GetAccessToken(
+        pb.GetAccessTokenRequest(integration_id=other), metadata=ADMIN, timeout=2
+    )
+    error = await expect_error(call, Code.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    assert time.monotonic() - started < 1.9, "refused at once: its deadline is before the pause end"
+    info = retry_info(error)
+    assert info is not None
+    assert info.retry_delay.seconds >= 25
+    assert len(token_requests(fake)) == 1, "nothing sent during the pause"
+    # Not a failure of that integration: its lease is free and its record clean.
+    stored = await row(broker, other)
+    assert stored.refresh_failures == 0
+    assert stored.last_refresh_error is None
+
+
+async def test_a_refresh_is_two_updates_and_the_change_announcement(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    """Lease (an UPDATE that returns the row), compare-and-swap write (an UPDATE that returns
+    the new row) and the announcement of the change: no re-reads, no event lookup."""
+    iid, _, _ = await store_grant(stub, fake)
+    stored = await row(broker, iid)
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        statements.append(" ".join(sql.split()[:3]))
+
+    sync = broker.engine.sync_engine
+    event.listen(sync, "before_cursor_execute", count)
+    try:
+        request = TokenRequest(selector=Selector(integration_id=iid))
+        got = await broker.refresher.refresh(stored, request)
+    finally:
+        event.remove(sync, "before_cursor_execute", count)
+    assert got.refreshed
+    announce = "SELECT pg_notify(%s," if broker.engine.dialect.name == "postgresql" else "INSERT"
+    assert len(statements) == 3, statements
+    assert statements[0].startswith("UPDATE integrations")
+    assert statements[1].startswith("UPDATE integrations")
+    assert statements[2].startswith(announce.split("(")[0]), statements
+    assert (await row(broker, iid)).integration.version == stored.integration.version + 1
+
+
+async def test_the_rate_limit_spaces_a_providers_requests() -> None:
+    throttle = ProviderThrottle(10, per_second=5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(10):
+        async with throttle.turn("acme", started + 10):
+            pass
+    # A burst of one second's worth (5), then 5 a second.
+    assert loop.time() - started >= 0.8
+
+
+async def test_a_turn_that_would_come_too_late_is_refused_at_once() -> None:
+    throttle = ProviderThrottle(1)
+    loop = asyncio.get_running_loop()
+    async with throttle.turn("acme", loop.time() + 10):
+        with pytest.raises(Throttled) as refused:
+            async with throttle.turn("acme", loop.time() + 0.05):
+                raise AssertionError("the only slot is taken")
+        assert "1 refresh(es) in flight" in refused.value.message
+        throttle.pause("acme", 30)
+    with pytest.raises(Throttled) as paused:
+        async with throttle.turn("acme", loop.time() + 5):
+            raise AssertionError("paused")
+    assert paused.value.retry_after > 25
+    assert throttle.in_flight("acme") == 0
