@@ -280,7 +280,8 @@ def _note(r: ScenarioResult) -> str:
         parts.append(f"provider calls {d['provider_calls']} {same} rotations {d.get('rotations')}")
         if d.get("server_cpu_us_per_refresh") is not None:
             parts.append(
-                f"server CPU {d['server_cpu_us_per_refresh']:,} us/refresh, "
+                f"server CPU {d['server_cpu_us_per_refresh']:,} us/refresh "
+                f"(fake provider {d.get('provider_cpu_us_per_refresh', 0):,}), "
                 f"{d['db_transactions_per_refresh']} db transactions/refresh, "
                 f"provider at most {d['provider_max_in_flight']} at once"
             )
