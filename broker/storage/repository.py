@@ -226,19 +226,58 @@ _HOLDER_GONE = text(
 )
 
 
-def _lease_free(conn: AsyncConnection, now: datetime) -> ColumnElement[bool]:
+def _lease_free(conn: AsyncConnection, now: Any) -> ColumnElement[bool]:
     """Nobody may be refreshing this row. On PostgreSQL a lease whose holder's session is gone
     is free at once, and one whose holder is alive is never free (it may have sent the
-    refresh token; see broker.storage.liveness); a lease without a session lapses by time."""
+    refresh token; see broker.storage.liveness); a lease without a session lapses by time.
+    ``now``: a datetime, or a bind parameter of a statement built once."""
+    return _lease_free_on(conn.dialect.name, now)
+
+
+def _lease_free_on(dialect: str, now: Any) -> ColumnElement[bool]:
     unleased = t.c.refresh_lease_until.is_(None)
     lapsed = t.c.refresh_lease_until < now
-    if conn.dialect.name != "postgresql":
+    if dialect != "postgresql":
         return or_(unleased, lapsed)
     return or_(
         unleased,
         and_(t.c.refresh_lease_session.is_(None), lapsed),
         and_(t.c.refresh_lease_session.is_not(None), _HOLDER_GONE),
     )
+
+
+# The refresh's two statements are built once per dialect (per set of columns for the write):
+# building and keying a statement costs more CPU than executing it from SQLAlchemy's cache.
+_LEASES: dict[str, Any] = {}
+_WRITES: dict[tuple[str, ...], Any] = {}
+
+
+def _lease_statement(dialect: str) -> Any:
+    statement = _LEASES.get(dialect)
+    if statement is None:
+        owner = bindparam("lease_owner", type_=t.c.refresh_lease_owner.type)
+        statement = _LEASES[dialect] = (
+            update(t)
+            .where(
+                t.c.id == bindparam("lease_id", type_=t.c.id.type),
+                t.c.version == bindparam("lease_version", type_=t.c.version.type),
+                or_(
+                    _lease_free_on(
+                        dialect, bindparam("lease_now", type_=t.c.refresh_lease_until.type)
+                    ),
+                    t.c.refresh_lease_owner == owner,
+                ),
+            )
+            .values(
+                refresh_lease_owner=owner,
+                refresh_lease_until=bindparam("lease_until", type_=t.c.refresh_lease_until.type),
+                refresh_lease_session=bindparam(
+                    "lease_session", type_=t.c.refresh_lease_session.type
+                ),
+            )
+            .returning(*_COLUMNS)
+        )
+    return statement
 
 
 async def take_lease(
@@ -257,14 +296,15 @@ async def take_lease(
     in-process single flight guarantees nothing of ours is using it (a leftover of a flight
     whose release did not get through)."""
     result = await conn.execute(
-        update(t)
-        .where(
-            t.c.id == integration_id,
-            t.c.version == version,
-            or_(_lease_free(conn, now), t.c.refresh_lease_owner == owner),
-        )
-        .values(refresh_lease_owner=owner, refresh_lease_until=until, refresh_lease_session=session)
-        .returning(*_COLUMNS)
+        _lease_statement(conn.dialect.name),
+        {
+            "lease_id": integration_id,
+            "lease_version": version,
+            "lease_now": now,
+            "lease_owner": owner,
+            "lease_until": until,
+            "lease_session": session,
+        },
     )
     row = result.first()
     return None if row is None else to_stored(row)
@@ -297,23 +337,38 @@ async def release_lease(
     return result.rowcount == 1
 
 
+def _write_statement(columns: tuple[str, ...]) -> Any:
+    statement = _WRITES.get(columns)
+    if statement is None:
+        statement = _WRITES[columns] = (
+            update(t)
+            .where(
+                t.c.id == bindparam("write_id", type_=t.c.id.type),
+                t.c.version == bindparam("write_version", type_=t.c.version.type),
+            )
+            .values(
+                {
+                    **{name: bindparam(f"write_{name}", type_=t.c[name].type) for name in columns},
+                    "version": t.c.version + 1,
+                    "refresh_lease_owner": None,
+                    "refresh_lease_until": None,
+                    "refresh_lease_session": None,
+                }
+            )
+            .returning(*_COLUMNS)
+        )
+    return statement
+
+
 async def write_refreshed(
     conn: AsyncConnection, integration_id: str, version: int, values: dict[str, Any]
 ) -> StoredIntegration | None:
     """Store refreshed tokens: compare-and-swap on version, lease released in the same write.
     Returns the row as written (RETURNING: no re-read), or None if the version moved."""
-    result = await conn.execute(
-        update(t)
-        .where(t.c.id == integration_id, t.c.version == version)
-        .values(
-            version=t.c.version + 1,
-            refresh_lease_owner=None,
-            refresh_lease_until=None,
-            refresh_lease_session=None,
-            **values,
-        )
-        .returning(*_COLUMNS)
-    )
+    parameters = {f"write_{name}": value for name, value in values.items()}
+    parameters["write_id"] = integration_id
+    parameters["write_version"] = version
+    result = await conn.execute(_write_statement(tuple(sorted(values))), parameters)
     row = result.first()
     if row is None:
         return None
