@@ -177,3 +177,18 @@ async def test_a_turn_that_would_come_too_late_is_refused_at_once() -> None:
             raise AssertionError("paused")
     assert paused.value.retry_after > 25
     assert throttle.in_flight("acme") == 0
+
+
+async def test_no_database_connection_is_held_while_the_provider_answers(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    [iid] = await grants(stub, fake, 1)
+    fake.fail_next("slow", delay=0.5)
+    pool: Any = broker.engine.pool
+    call = asyncio.create_task(token(stub, iid))
+    async with asyncio.timeout(5):
+        while fake.in_flight == 0:
+            await asyncio.sleep(0.005)
+    # The lease's transaction has committed and the write's has not begun.
+    assert pool.checkedout() == 0
+    assert (await call).refreshed
