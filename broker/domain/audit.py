@@ -76,6 +76,9 @@ class Auditor:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
+        # The writer holds a batch for calls still being served (not for the window): the
+        # last of them to leave wakes it.
+        self._awaiting_siblings = False
         # Moving average of the time between events, and when the last one came.
         self._gap = 1.0
         self._last = 0.0
@@ -90,9 +93,11 @@ class Auditor:
 
     def leave(self) -> None:
         """A call was served (its event, if any, is recorded next, before any await). The
-        writer is woken only when that can end its wait: nobody left on the way."""
+        writer is woken only when that ends its wait: it waits for the calls on their way
+        and nobody is left (a cache hit enters and leaves without yielding, so in_flight
+        drops to 0 on nearly every call; a writer holding for the window sleeps on)."""
         self.in_flight -= 1
-        if not self.in_flight and self._writer is not None:
+        if not self.in_flight and self._awaiting_siblings:
             self._arrived.set()
 
     def tracking(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Any:
@@ -157,16 +162,20 @@ class Auditor:
         self.holds += 1
         loop = asyncio.get_running_loop()
         end = loop.time() + self.max_delay
-        while (busy or self.in_flight) and len(self._pending) < self.max_batch:
-            left = end - loop.time()
-            if left <= 0:
-                return
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(left):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
+        self._awaiting_siblings = not busy
+        try:
+            while (busy or self.in_flight) and len(self._pending) < self.max_batch:
+                left = end - loop.time()
+                if left <= 0:
+                    return
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(left):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    return
+        finally:
+            self._awaiting_siblings = False
 
     def _cpu_bound(self) -> bool:
         """True while this process uses at least ``busy_cpu`` cores. Fast arrivals alone do
