@@ -221,3 +221,44 @@ async def test_sqlite_sink_checkpoints_beside_the_writer(
     monkeypatch.setattr(audit_log, "_CHECKPOINT_ROWS", 1_000_000)
     never = await wal_after_writing("never")
     assert checkpointed * 3 <= never, (checkpointed, never)
+
+
+async def test_sqlite_sink_never_blocks_the_loop_on_a_held_write_lock(tmp_path: Path) -> None:
+    """A batch is written on the event loop only when the write lock is free at once; while
+    another connection holds it (a refresh being written, the CLI) the batch waits in the
+    sink's thread and the loop keeps serving."""
+    database = tmp_path / "audit.db"
+    engine = create_engine(DatabaseSettings(url=f"sqlite+aiosqlite:///{database}"))
+    await migrate(engine, ENVIRONMENT)
+    await engine.dispose()
+    sink = audit_log.SqliteSink(str(database), 5.0)
+    audit = auditor(RecordingSink(), max_delay=0)
+    event = audit.event(Call(CALLER, "GetAccessToken", "free"), "OK")
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        await sink.write([event])  # the lock is free: written here, on the loop
+        holder.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        waiting = asyncio.create_task(
+            sink.write([audit.event(Call(CALLER, "GetAccessToken", "held"), "OK")])
+        )
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # waits for the lock ...
+        assert ticks >= 10  # ... without stopping the loop
+        holder.execute("COMMIT")
+        await asyncio.wait_for(waiting, 5)
+        ticking.cancel()
+    finally:
+        holder.close()
+        await sink.close()
+    with sqlite3.connect(database) as check:
+        found = {r[0] for r in check.execute("SELECT request_id FROM audit_events")}
+    assert found == {"free", "held"}

@@ -163,9 +163,15 @@ class PostgresSink:
 
 
 class SqliteSink:
-    """SQLite's counterpart of ``PostgresSink``: a connection of its own, used from one thread
-    of its own, so a batch is one hop to that thread (insert and commit together) instead of
-    a pool checkout, a hop per statement and a rollback at check-in.
+    """SQLite's counterpart of ``PostgresSink``: connections of its own instead of a pool
+    checkout, a thread hop per statement and a rollback at check-in.
+
+    A batch is written on the event loop's thread when the database's write lock is free at
+    once — the common case, and an insert and a commit that need no fsync (WAL, synchronous
+    NORMAL) cost less than the two thread hops around them. When another connection holds the
+    lock (a refresh being written, the CLI) the loop must not wait for it — that writer may
+    need the loop to finish — so the batch goes to a thread of the sink's own, which waits
+    up to the database timeout.
 
     Checkpoints run beside the writer, not inside it: SQLite's automatic checkpoint runs in the
     commit that crosses its threshold and fsyncs there, so every call waiting on that batch
@@ -178,29 +184,50 @@ class SqliteSink:
         self.timeout = timeout
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-wal")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None  # the thread's
+        self._here: sqlite3.Connection | None = None  # the event loop's (never waits)
         self._closed = False
         self._unchecked = 0  # events written since the last checkpoint began
         self._checkpoint: asyncio.Future[None] | None = None
 
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.database, timeout=timeout, isolation_level=None)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
+
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """In the sink's thread: waits for the write lock (up to the database timeout)."""
         conn = self._conn
         if conn is None:
-            conn = sqlite3.connect(self.database, timeout=self.timeout, isolation_level=None)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._conn = conn
+            conn = self._conn = self._connect(self.timeout)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                _SQLITE_INSERT,
-                [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
-            )
-            conn.execute("COMMIT")
+            _insert(conn, rows)
         except BaseException:
             self._conn = None
             conn.close()  # an open transaction is rolled back with it
             raise
+
+    def _write_here(self, rows: list[tuple[Any, ...]]) -> bool:
+        """On the event loop's thread, only if the write lock is free at once; False if not
+        (nothing written)."""
+        conn = self._here
+        if conn is None:
+            conn = self._here = self._connect(0)
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) in _LOCKED:
+                    return False
+                raise
+            _insert(conn, rows)
+        except BaseException:
+            self._here = None
+            conn.close()  # an open transaction is rolled back with it
+            raise
+        return True
 
     def _checkpoint_wal(self) -> None:
         try:
@@ -212,7 +239,8 @@ class SqliteSink:
 
     async def write(self, rows: list[tuple[Any, ...]]) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._write, rows)
+        if not self._write_here(rows):
+            await loop.run_in_executor(self._thread, self._write, rows)
         self._unchecked += len(rows)
         if self._unchecked >= _CHECKPOINT_ROWS and (
             self._checkpoint is None or self._checkpoint.done()
@@ -230,6 +258,9 @@ class SqliteSink:
             if conn is not None:
                 conn.close()
 
+        here, self._here = self._here, None
+        if here is not None:
+            here.close()
         await asyncio.get_running_loop().run_in_executor(self._thread, close)
         if self._checkpoint is not None:
             await self._checkpoint
@@ -237,6 +268,17 @@ class SqliteSink:
         self._checkpointer.shutdown(wait=False)
 
 
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """The batch and its commit, in the transaction ``conn`` has begun."""
+    conn.executemany(
+        _SQLITE_INSERT,
+        [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
+    )
+    conn.execute("COMMIT")
+
+
+# Another connection holds the write lock: the event loop does not wait for it.
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 # Events between checkpoints of the SQLite audit (about SQLite's own 1,000-page default).
 _CHECKPOINT_ROWS = 2000
 
