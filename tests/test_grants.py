@@ -154,6 +154,9 @@ async def test_runner_reads_only_under_a_fitting_grant(
     await refused(
         by_owner, with_grant(RUNNER, "cbg_" + "x" * 43), Code.UNAUTHENTICATED, "GRANT_INVALID"
     )
+    # An empty one (a client whose grant variable is unset) is refused, not ignored, even
+    # from a caller that needs no grant: what it presents would narrow its call.
+    await refused(by_owner, with_grant(ADMIN, ""), Code.UNAUTHENTICATED, "GRANT_INVALID")
 
     # The fitting request is served, by owner and by id.
     served = await stub.GetAccessToken(by_owner, metadata=md)
@@ -175,7 +178,7 @@ async def test_runner_reads_only_under_a_fitting_grant(
     assert len(ok) == 2
     assert {(e.grant_id, e.run_id) for e in ok} == {(created.grant_id, "run-1")}
     refusals = [e for e in events if e.outcome != "OK"]
-    assert len(refusals) == 8
+    assert len(refusals) == 9
     assert all(e.integration_id != ids["b-twitter"] or e.outcome != "OK" for e in events)
     expired = [e for e in refusals if e.detail == "grant refused: GRANT_EXPIRED"]
     assert [e.grant_id for e in expired] == [created.grant_id]

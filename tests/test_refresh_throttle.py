@@ -19,6 +19,7 @@ from broker.config import Settings
 from broker.domain.model import Selector, TokenRequest
 from broker.providers.throttle import ProviderThrottle, Throttled
 from broker.server.app import Broker
+from broker.storage import repository
 from broker.storage.tables import integrations
 from tests.conftest import ADMIN, expect_error, make_settings, retry_info
 from tests.fakeauth import FakeAuthServer
@@ -134,7 +135,10 @@ async def test_a_refresh_is_two_updates_and_the_change_announcement(
     statements: list[str] = []
 
     def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        statements.append(" ".join(sql.split()[:3]))
+        words = " ".join(sql.split()[:3])
+        # The health watcher's ping (every 0.2 s in tests) may fall inside the refresh.
+        if not words.startswith(("SELECT now()", "SELECT 1")):
+            statements.append(words)
 
     sync = broker.engine.sync_engine
     event.listen(sync, "before_cursor_execute", count)
@@ -192,3 +196,66 @@ async def test_no_database_connection_is_held_while_the_provider_answers(
     # The lease's transaction has committed and the write's has not begun.
     assert pool.checkedout() == 0
     assert (await call).refreshed
+
+
+async def test_a_refresh_still_queued_at_shutdown_is_not_sent(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    """Shutdown waits for the requests already sent (their rotated tokens are stored); one
+    still waiting for the provider's turn must not be sent after that, or its answer could be
+    cut off with the process."""
+    ids = await grants(stub, fake, LIMIT + 1)
+    fake.latency = 0.5
+    calls = [asyncio.create_task(token(stub, iid)) for iid in ids]
+    async with asyncio.timeout(5):
+        while fake.in_flight < LIMIT:
+            await asyncio.sleep(0.005)
+    broker.refresher.stop_claiming()  # what SIGTERM does first
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    sent = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(sent) == LIMIT
+    assert all(r.refreshed for r in sent)
+    assert len(refused) == 1
+    assert refused[0].code() == Code.UNAVAILABLE
+    assert fake.refresh_calls == LIMIT == await rotations(broker)
+    # Not sent, so nothing counted against that integration; its lease is free.
+    (unsent,) = [iid for iid, r in zip(ids, results, strict=True) if r in refused]
+    stored = await row(broker, unsent)
+    assert stored.refresh_failures == 0
+    assert stored.last_refresh_error is None
+    async with broker.engine.connect() as conn:
+        owner = await conn.scalar(
+            select(integrations.c.refresh_lease_owner).where(integrations.c.id == unsent)
+        )
+    assert owner is None
+
+
+async def test_a_paused_provider_does_not_make_the_background_pass_spin(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    fake: FakeAuthServer,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Background claims refused by a long pause are left alone until it may end, instead of
+    being claimed, read and released again batch after batch."""
+    first, *others = await grants(stub, fake, 3)
+    fake.fail_next("rate_limited", retry_after="60")
+    await expect_error(token(stub, first), Code.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    claims = 0
+    claim_due = repository.claim_due
+
+    async def counting(*args: Any, **kwargs: Any) -> list[str]:
+        nonlocal claims
+        found = await claim_due(*args, **kwargs)
+        claims += bool(found)
+        return found
+
+    monkeypatch.setattr(repository, "claim_due", counting)
+    await broker.refresher.background_pass(batch=10, max_batches=100)
+    assert claims <= 1, f"{claims} batches claimed during one pass"
+    assert len(token_requests(fake)) == 1, "nothing sent during the pause"
+    for iid in others:
+        stored = await row(broker, iid)
+        assert stored.refresh_failures == 0
+        assert stored.next_refresh_at is not None

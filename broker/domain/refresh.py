@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -422,6 +422,7 @@ class RefreshEngine:
         obtain, refresh_token, carried = self._renewal(row, profile)
         loop = asyncio.get_running_loop()
         attempt = 0
+        failed: ProviderUnavailable | None = None  # the previous attempt's failure
         while True:
             attempt += 1
             try:
@@ -433,14 +434,26 @@ class RefreshEngine:
                     max_concurrent=profile.max_concurrent_refreshes,
                     per_second=profile.max_refreshes_per_second,
                 ):
+                    if self.draining:
+                        # Queued when shutdown began: shutdown waits only for requests already
+                        # sent, so one sent now could have its rotated answer cut off.
+                        raise Throttled(
+                            "the broker is shutting down; the refresh was not sent",
+                            retry_after=1.0,
+                        )
                     self.provider_calls += 1
                     response = await obtain()
                 metrics.REFRESHES.labels(provider, "ok").inc()
                 break
             except Throttled as exc:
-                # Not sent: nothing to record against the integration, only the lease to give back.
                 metrics.REFRESHES.labels(provider, "throttled").inc()
-                await self._release(iid, {})
+                if failed is not None:
+                    # The attempt before failed for real: that failure is what to record.
+                    await self._give_up(row, attempt - 1, failed)
+                # Not sent: nothing to count against the integration. The background pass
+                # leaves it alone until the provider's turn may come (it would claim it again
+                # at once otherwise, for as long as the pause lasts).
+                await self._release(iid, {"next_refresh_at": self._not_before(row, exc)})
                 raise ProviderUnavailable(
                     exc.message, retry_after=exc.retry_after, integration_id=iid, provider=provider
                 ) from None
@@ -481,40 +494,57 @@ class RefreshEngine:
                     or self.draining
                     or loop.time() + wait + connect > end
                 ):
-                    failures = row.refresh_failures + 1
-                    await self._release(
-                        iid,
-                        {
-                            "refresh_failures": failures,
-                            "last_refresh_error": "provider_unavailable",
-                            "next_refresh_at": self.clock()
-                            + timedelta(seconds=min(300.0, 5.0 * 2 ** min(failures, 6))),
-                        },
-                        partial(
-                            events.refresh_failed,
-                            integration=row.integration,
-                            at=self.clock(),
-                            failures=failures,
-                            threshold=self.failure_threshold,
-                        ),
-                    )
-                    log.warning(
-                        "refresh of integration %s (%s) failed after %d attempt(s): %s",
-                        iid,
-                        provider,
-                        attempt,
-                        exc.message,
-                    )
-                    raise ProviderUnavailable(
-                        f"provider {provider!r} is unavailable and the stored token cannot "
-                        f"satisfy the request: {exc.message}",
-                        retry_after=max(exc.retry_after, 1.0),
-                        integration_id=iid,
-                        provider=provider,
-                    ) from None
+                    await self._give_up(row, attempt, exc)
+                failed = exc
                 await asyncio.sleep(wait)
         values = self._values(row, profile.default_expires_in_seconds, response, refresh_token)
         return await self._persist(row, {**values, **carried})
+
+    async def _give_up(
+        self, row: StoredIntegration, attempts: int, exc: ProviderUnavailable
+    ) -> NoReturn:
+        """Record a refresh that failed without reaching the token logic (back-off, a
+        REFRESH_FAILED event at the threshold), give the lease back, and raise."""
+        iid = row.integration.id
+        provider = row.integration.provider
+        failures = row.refresh_failures + 1
+        await self._release(
+            iid,
+            {
+                "refresh_failures": failures,
+                "last_refresh_error": "provider_unavailable",
+                "next_refresh_at": self.clock()
+                + timedelta(seconds=min(300.0, 5.0 * 2 ** min(failures, 6))),
+            },
+            partial(
+                events.refresh_failed,
+                integration=row.integration,
+                at=self.clock(),
+                failures=failures,
+                threshold=self.failure_threshold,
+            ),
+        )
+        log.warning(
+            "refresh of integration %s (%s) failed after %d attempt(s): %s",
+            iid,
+            provider,
+            attempts,
+            exc.message,
+        )
+        raise ProviderUnavailable(
+            f"provider {provider!r} is unavailable and the stored token cannot "
+            f"satisfy the request: {exc.message}",
+            retry_after=max(exc.retry_after, 1.0),
+            integration_id=iid,
+            provider=provider,
+        ) from None
+
+    def _not_before(self, row: StoredIntegration, exc: Throttled) -> datetime:
+        """When the background pass may try a throttled integration again (never earlier
+        than a wait it already had)."""
+        until = self.clock() + timedelta(seconds=max(1.0, exc.retry_after))
+        earlier = row.next_refresh_at
+        return until if earlier is None or earlier < until else earlier
 
     def _renewal(
         self, row: StoredIntegration, profile: ProviderProfile

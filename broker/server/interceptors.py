@@ -186,7 +186,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                     f"caller {caller.name!r} may not call {name}",
                 )
             call = Call(caller, name, _request_id(context, given_id))
-            if self.grants is not None and (grant_token or caller.requires_grant):
+            if self.grants is not None and (grant_token is not None or caller.requires_grant):
                 await self._admit_grant(call, context, started, grant_token)
             current_call.set(call)
             if auditor is not None:
@@ -254,7 +254,7 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 context.set_details(f"caller {caller.name!r} may not call {name}")
                 return
             call = Call(caller, name, _request_id(context, given_id))
-            if self.grants is not None and (grant_token or caller.requires_grant):
+            if self.grants is not None and (grant_token is not None or caller.requires_grant):
                 # As for unary calls: a caller that must present a grant cannot stream
                 # without one, and a presented grant is checked (and narrows the call).
                 grant_refused = await self._grant_refusal(call, started, grant_token)

@@ -219,7 +219,8 @@ class SqliteSink:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", None) in _LOCKED:
+                # Extended codes too (SQLITE_BUSY_RECOVERY, ...): the low byte is the kind.
+                if getattr(exc, "sqlite_errorcode", -1) & 0xFF in _LOCKED:
                     return False
                 raise
             _insert(conn, rows)
@@ -238,6 +239,9 @@ class SqliteSink:
             log.warning("audit: WAL checkpoint failed (%s)", type(exc).__name__)
 
     async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._closed:
+            # Events that reach a closed sink are not written: their calls fail (fail closed).
+            raise RuntimeError("the audit sink is closed")
         loop = asyncio.get_running_loop()
         if not self._write_here(rows):
             await loop.run_in_executor(self._thread, self._write, rows)
