@@ -492,12 +492,12 @@ async def _audited(runtime: Runtime, method: str, step: Awaitable[T]) -> T:
     """Run an operator command as an audited call by caller ``cli:<os user>``, like the RPC
     of the same name (the event is written whether it succeeds or fails)."""
     import getpass
-    import uuid
 
+    from broker.domain import ids
     from broker.domain.context import Call, Caller, current_call
 
     caller = Caller(f"cli:{getpass.getuser()}", frozenset(METHODS), None)
-    call = Call(caller, method, uuid.uuid4().hex)
+    call = Call(caller, method, ids.request_id())
     current_call.set(call)
     try:
         result = await step

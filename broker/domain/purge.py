@@ -9,13 +9,13 @@ their ciphertexts are what a later revocation attempt needs.
 from __future__ import annotations
 
 import enum
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.domain import ids as new_ids
 from broker.domain.model import Integration, Revocation, Status
 from broker.storage import repository
 from broker.storage.engine import storage_errors
@@ -92,12 +92,12 @@ async def purge(
             )
         ).all()
         if deleted:
-            request_id = uuid.uuid4().hex
+            request_id = new_ids.request_id()
             await conn.execute(
                 insert(audit_events),
                 [
                     {
-                        "id": str(uuid.uuid4()),
+                        "id": new_ids.event_id(),
                         "occurred_at": now,
                         "caller": CLI_CALLER,
                         "method": "PurgeIntegrations",

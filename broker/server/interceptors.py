@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
-from grpc.aio import ServerInterceptor
 
 from broker import metrics
 from broker.domain import ids
@@ -63,7 +62,7 @@ def _headers(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, .
     return authorization, request_id, grant
 
 
-class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
+class AuthInterceptor:
     def __init__(
         self,
         registry: CallerRegistry,
@@ -79,22 +78,6 @@ class AuthInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         self._wrapped: dict[str, Any] = {}
         # Metric children per (method, code): labels() takes a lock, so look each up once.
         self._series: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        """As a grpc.aio interceptor (the broker itself registers guarded handlers instead,
-        through ``guarding``: the same checks without grpc's interceptor chain per call)."""
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return None
-            wrapped = self.guard(method, handler)
-        return wrapped
 
     def guard(self, method: str, handler: Any) -> Any:
         """``handler`` (of the full ``method`` name) behind authentication, policy, grants,

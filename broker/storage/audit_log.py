@@ -198,37 +198,19 @@ class SqliteSink:
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         """In the sink's thread: waits for the write lock (up to the database timeout)."""
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = self._connect(self.timeout)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            _insert(conn, rows)
-        except BaseException:
-            self._conn = None
-            conn.close()  # an open transaction is rolled back with it
-            raise
+        conn = self._conn if self._conn is not None else self._connect(self.timeout)
+        self._conn = None  # back only once the batch went through (a failure closed it)
+        _write_batch(conn, rows, wait=True)
+        self._conn = conn
 
     def _write_here(self, rows: list[tuple[Any, ...]]) -> bool:
         """On the event loop's thread, only if the write lock is free at once; False if not
         (nothing written)."""
-        conn = self._here
-        if conn is None:
-            conn = self._here = self._connect(0)
-        try:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                # Extended codes too (SQLITE_BUSY_RECOVERY, ...): the low byte is the kind.
-                if getattr(exc, "sqlite_errorcode", -1) & 0xFF in _LOCKED:
-                    return False
-                raise
-            _insert(conn, rows)
-        except BaseException:
-            self._here = None
-            conn.close()  # an open transaction is rolled back with it
-            raise
-        return True
+        conn = self._here if self._here is not None else self._connect(0)
+        self._here = None
+        written = _write_batch(conn, rows, wait=False)
+        self._here = conn
+        return written
 
     def _checkpoint_wal(self) -> None:
         try:
@@ -272,13 +254,27 @@ class SqliteSink:
         self._checkpointer.shutdown(wait=False)
 
 
-def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """The batch and its commit, in the transaction ``conn`` has begun."""
-    conn.executemany(
-        _SQLITE_INSERT,
-        [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
-    )
-    conn.execute("COMMIT")
+def _write_batch(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, wait: bool) -> bool:
+    """The batch in one transaction. Without ``wait``, False (nothing written) when another
+    connection holds the write lock. On any failure ``conn`` is closed — an open transaction
+    is rolled back with it — and the error raised."""
+    try:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            # Extended codes too (SQLITE_BUSY_RECOVERY, ...): the low byte is the kind.
+            if not wait and getattr(exc, "sqlite_errorcode", -1) & 0xFF in _LOCKED:
+                return False
+            raise
+        conn.executemany(
+            _SQLITE_INSERT,
+            [(r[0], r[1].astimezone(UTC).strftime(_SQLITE_TIME), *r[2:]) for r in rows],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return True
 
 
 # Another connection holds the write lock: the event loop does not wait for it.
