@@ -128,6 +128,76 @@ async def test_fast_arrivals_with_cpu_to_spare_commit_at_once() -> None:
     assert sink.batches == [1] * 50
 
 
+class TaskRecordingSink(RecordingSink):
+    """Also notes which task wrote each batch; ``gate`` holds a write until it is set."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(fail)
+        self.writers: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        task = asyncio.current_task()
+        self.writers.append(task.get_name() if task is not None else "-")
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            await gate.wait()
+        await super().write(rows)
+
+
+async def test_a_quiet_broker_writes_the_event_from_the_call_itself() -> None:
+    """No writer task for a batch of one: the calling task commits its own event."""
+    sink = TaskRecordingSink()
+    audit = auditor(sink, max_delay=0.05, siblings=2)
+    for i in range(3):
+        await asyncio.create_task(
+            audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK"), name=f"call-{i}"
+        )
+    assert sink.batches == [1, 1, 1]
+    assert sink.writers == ["call-0", "call-1", "call-2"]
+
+
+async def test_events_arriving_during_a_lone_write_are_batched_after_it() -> None:
+    """While a call writes its own event, the next ones queue; the writer task takes them
+    as one batch once that write is done, and every call returns only after its commit."""
+    sink = TaskRecordingSink()
+    gate = sink.gate = asyncio.Event()
+    audit = auditor(sink, max_delay=0.05, siblings=2)
+    first = asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", "r0"), "OK"))
+    await asyncio.sleep(0.01)
+    later = [
+        asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK"))
+        for i in range(1, 6)
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in (first, *later))
+    assert sink.writers == [first.get_name()]  # the call itself, not a writer task
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert sink.batches == [1, 5]
+    assert sink.writers[1] == "audit-writer"
+
+
+async def test_a_lone_writer_cancelled_leaves_the_queued_events_to_the_writer() -> None:
+    """The call writing its own event is cancelled (its deadline) mid-write: it fails, and
+    the events queued behind it are still committed."""
+    sink = TaskRecordingSink()
+    sink.gate = asyncio.Event()  # never set: the lone write hangs until cancelled
+    audit = auditor(sink, max_delay=0.05, siblings=2)
+    first = asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", "r0"), "OK"))
+    await asyncio.sleep(0.01)
+    later = [
+        asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK"))
+        for i in range(1, 4)
+    ]
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(asyncio.gather(*later), timeout=10)
+    assert sink.batches == [3]
+
+
 def cpu_at(cores: float) -> Any:
     """A process CPU clock that reads ``cores`` cores busy (CPU seconds per wall second)."""
     return lambda: time.monotonic() * cores
