@@ -13,7 +13,14 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from broker.bench import catalog, ceiling, procs
-from broker.bench.report import ScenarioResult, breakdown, breakdown_text
+from broker.bench.report import (
+    ScenarioResult,
+    add_ratios,
+    breakdown,
+    breakdown_text,
+    open_breakdown,
+    open_breakdown_text,
+)
 from tests.conftest import PG_URL
 
 
@@ -61,10 +68,44 @@ def test_no_breakdown_without_every_run() -> None:
     assert breakdown_text(None) == ""
 
 
+def _open(name: str, p50: float) -> ScenarioResult:
+    return ScenarioResult(name, "", throughput=500.0, p50_ms=p50, p99_ms=p50 * 3)
+
+
+def test_open_breakdown_splits_pg_open_p50() -> None:
+    results = [
+        _open("echo-open", 0.5),
+        _open("pg-open-stub", 0.625),
+        _open("pg-open-noaudit", 0.75),
+        _open("pg-open", 1.25),
+    ]
+    add_ratios(results)
+    parts = open_breakdown(results)
+    assert parts == {
+        "echo_floor": 0.5,
+        "server_and_interceptors": 0.125,
+        "broker_logic": 0.125,
+        "audit": 0.5,
+        "pg_open": 1.25,
+    }
+    text = open_breakdown_text(parts)
+    assert "echo-open 0.50 ms + 0.12 ms server and interceptors" in text
+    assert "+ 0.50 ms audit commit (noaudit -> pg-open) = 1.25 ms" in text
+    # The ceiling runs are compared with the echo at the same rate (no target of their own).
+    assert results[1].ratios["p50_vs_echo"] == 1.25
+    assert "throughput_vs_echo" not in results[1].ratios
+    assert open_breakdown(results[:3]) is None
+    assert open_breakdown_text(None) == ""
+
+
 def test_ceiling_group_and_standard_run() -> None:
     assert catalog.select(["ceiling"]) == ["echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub"]
     # In the standard run (`make bench` runs every scenario).
     assert {"pg-hot-noaudit", "pg-hot-stub"} <= set(catalog.GROUPS["all"])
+    assert catalog.select(["open"]) == [
+        "echo-open", "sqlite-open", "pg-open", "pg-open-noaudit", "pg-open-stub",
+    ]  # fmt: skip
+    assert {"pg-open-noaudit", "pg-open-stub"} <= set(catalog.GROUPS["all"])
 
 
 def test_cpu_used_counts_survivors_and_newcomers() -> None:
@@ -86,13 +127,18 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "broker.bench", "--quick", "--scenario", "ceiling",
+         "--scenario", "echo-open", "--scenario", "pg-open", "--scenario", "pg-open-noaudit",
+         "--scenario", "pg-open-stub",
          "--database-url", database.render_as_string(hide_password=False), "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     scenarios = result["scenarios"]
-    assert set(scenarios) == {"echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub"}
+    assert set(scenarios) == {
+        "echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub",
+        "echo-open", "pg-open", "pg-open-noaudit", "pg-open-stub",
+    }  # fmt: skip
     for name, figures in scenarios.items():
         assert figures["failed"] is None, name
         assert figures["throughput"] > 0
@@ -109,3 +155,10 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     assert parts["broker_total"] == scenarios["pg-hot"]["details"]["server_cpu_us_per_call"]
     assert "pg-hot per call, broker CPU: echo floor" in done.stdout
     assert "PostgreSQL CPU" in done.stdout
+    # The open-loop ceiling ran at the fixed rate, as bench-only brokers, and is split out.
+    assert scenarios["pg-open-stub"]["details"]["variant"] == "stub"
+    assert scenarios["pg-open-noaudit"]["details"]["variant"] == "noaudit"
+    assert scenarios["pg-open-stub"]["ratios"]["p50_vs_echo"] > 0
+    opened = result["pg_open_breakdown_ms"]
+    assert opened["pg_open"] == scenarios["pg-open"]["p50_ms"]
+    assert "pg-open p50 at the fixed rate: echo-open" in done.stdout

@@ -30,6 +30,9 @@ SCENARIOS = (
     Scenario("echo-open", "echo floor at a fixed 500 calls/s (open loop)", None),
     Scenario("sqlite-open", "sqlite-hot at a fixed 500 calls/s (open loop)", "sqlite"),
     Scenario("pg-open", "pg-hot at a fixed 500 calls/s (open loop)", "pg"),
+    # pg-open's ceiling at the same rate: where its p50 goes (the latency breakdown).
+    Scenario("pg-open-noaudit", "pg-open, audit events to a null sink (bench-only)", "pg"),
+    Scenario("pg-open-stub", "pg-open's server + interceptors, constant answer", "pg"),
     Scenario("sqlite-hot-grant", "sqlite-hot, runner presenting a grant per user", "sqlite"),
     Scenario("pg-hot-grant", "pg-hot, runner presenting a grant per user", "pg"),
     Scenario("refresh-storm", "all expired at once, provider answers in 50 ms", "storm"),
@@ -47,7 +50,7 @@ GROUPS = {
     "storm": ("refresh-storm",),
     # pg-hot next to its ceiling, with the echo floor: the per-call CPU breakdown.
     "ceiling": ("echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub"),
-    "open": ("echo-open", "sqlite-open", "pg-open"),
+    "open": ("echo-open", "sqlite-open", "pg-open", "pg-open-noaudit", "pg-open-stub"),
     # Under a grant against without one: the cost of grants on the hot path.
     "grant": ("sqlite-hot", "sqlite-hot-grant", "pg-hot", "pg-hot-grant"),
     "scale": ("scale-10k-hot", "scale-10k-cold", "scale-1m-hot", "scale-1m-cold"),

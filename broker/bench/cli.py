@@ -125,9 +125,12 @@ def run(args: argparse.Namespace) -> int:
     checks = report.targets(results)
     print(report.table(results, info))
     print(f"\n{len(results)} scenario(s) in {elapsed:.0f}s")
-    parts = report.breakdown_text(report.breakdown(results))
-    if parts:
-        print("\n" + parts)
+    for parts in (
+        report.breakdown_text(report.breakdown(results)),
+        report.open_breakdown_text(report.open_breakdown(results)),
+    ):
+        if parts:
+            print("\n" + parts)
     text = report.targets_text(checks)
     if text:
         print("\n" + text)

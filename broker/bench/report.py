@@ -24,6 +24,8 @@ HOT = ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot")
 PG_HOT, NOAUDIT, STUB = "pg-hot", "pg-hot-noaudit", "pg-hot-stub"
 ECHO_OPEN = "echo-open"
 OPEN = ("sqlite-open", "pg-open")
+# pg-open's ceiling at the same fixed rate.
+PG_OPEN, OPEN_NOAUDIT, OPEN_STUB = "pg-open", "pg-open-noaudit", "pg-open-stub"
 
 
 @dataclass
@@ -108,7 +110,7 @@ def add_ratios(results: Sequence[ScenarioResult]) -> None:
     for result in results:
         if result.failed is not None or result.throughput is None:
             continue
-        if result.name in (ECHO_OPEN, *OPEN):
+        if result.name in (ECHO_OPEN, *OPEN, OPEN_NOAUDIT, OPEN_STUB):
             # A fixed rate: throughput says nothing; latency next to the echo at that rate does.
             if result.name != ECHO_OPEN and echo_open is not None and echo_open.p50_ms:
                 if result.p50_ms is not None:
@@ -218,6 +220,43 @@ def breakdown(results: Sequence[ScenarioResult]) -> dict[str, float] | None:
         if ratio is not None:
             out[f"{key}_vs_echo"] = ratio
     return out
+
+
+def open_breakdown(results: Sequence[ScenarioResult]) -> dict[str, float] | None:
+    """pg-open's median latency in ms at the fixed rate, split the same way: the echo floor at
+    that rate, the server and interceptors (echo-open → pg-open-stub), the broker's logic
+    (stub → noaudit) and the audit's durable commit (noaudit → pg-open). Medians of separate
+    runs do not strictly add up; the steps show where the time goes, not an exact sum."""
+    by_name = {r.name: r for r in results if r.failed is None}
+    runs = [by_name.get(n) for n in (ECHO_OPEN, OPEN_STUB, OPEN_NOAUDIT, PG_OPEN)]
+    p50 = [None if r is None else r.p50_ms for r in runs]
+    if any(p is None for p in p50):
+        return None
+    echo, stub, noaudit, hot = (float(p) for p in p50 if p is not None)
+    return {
+        "echo_floor": echo,
+        "server_and_interceptors": stub - echo,
+        "broker_logic": noaudit - stub,
+        "audit": hot - noaudit,
+        "pg_open": hot,
+    }
+
+
+def open_breakdown_text(parts: dict[str, float] | None) -> str:
+    if parts is None:
+        return ""
+    return (
+        "pg-open p50 at the fixed rate: "
+        f"echo-open {parts['echo_floor']:.2f} ms"
+        f" {_signed_ms(parts['server_and_interceptors'])} server and interceptors"
+        f" (echo-open -> stub) {_signed_ms(parts['broker_logic'])} broker logic"
+        f" (stub -> noaudit) {_signed_ms(parts['audit'])} audit commit (noaudit -> pg-open)"
+        f" = {parts['pg_open']:.2f} ms"
+    )
+
+
+def _signed_ms(value: float) -> str:
+    return f"{'+' if value >= 0 else '-'} {abs(value):.2f} ms"
 
 
 def breakdown_text(parts: dict[str, float] | None) -> str:
@@ -369,5 +408,6 @@ def write_json(
         "scenarios": {r.name: {**asdict(r), "error_count": r.error_count} for r in results},
         "targets": checks,
         "pg_hot_breakdown_us": breakdown(results),
+        "pg_open_breakdown_ms": open_breakdown(results),
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

@@ -559,7 +559,7 @@ class Bench:
     def _timed(self, first: int, count: int, scenario: Scenario | None = None) -> load.Timed:
         o = self.options
         rate = None
-        if scenario is not None and scenario.name.endswith("-open"):
+        if scenario is not None and "-open" in scenario.name:  # pg-open-stub too
             rate = o.open_rate / o.clients
         return load.Timed(o.duration, o.warmup, first, count, rate)
 
