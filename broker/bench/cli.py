@@ -65,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", type=_count, metavar="N", help="pass `--workers N` to `broker serve`"
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    mode.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="run nothing: sum up earlier --json runs (median and range of each figure, each "
+        "target met in k of N)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     # commands should not pay for at start-up.
     from broker.bench import report, scenarios
 
+    if args.summarize:
+        return _summarize(args.summarize)
     try:
         names = catalog.select(args.scenario or ["all"])
     except ValueError as exc:
@@ -140,6 +150,18 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 1 if any(r.failed for r in results) else 0
+
+
+def _summarize(paths: list[Path]) -> int:
+    from broker.bench import summary
+
+    try:
+        runs = summary.load(paths)
+    except ValueError as exc:
+        print(f"broker bench: {exc}", file=sys.stderr)
+        return 2
+    print(summary.summarize(runs))
+    return 0
 
 
 def _terminate_as_interrupt() -> signal._HANDLER:

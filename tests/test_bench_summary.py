@@ -1,0 +1,97 @@
+"""``broker bench --summarize``: several --json runs as median (range) per figure and each target
+met in k of N — the arithmetic on fixed payloads, and the command on files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.bench import summary
+
+
+def _run(tp: float, hot_ratio: float, met: bool, storm_equal: bool = True) -> dict[str, Any]:
+    return {
+        "machine": {"loadavg_at_start": ["0.10", "0.20", "0.30"]},
+        "scenarios": {
+            "echo": {"throughput": tp, "p50_ms": 5.0, "ratios": {}, "details": {}},
+            "pg-hot": {
+                "throughput": tp * hot_ratio,
+                "p50_ms": 7.0,
+                "ratios": {"throughput_vs_echo": hot_ratio, "p99_vs_echo": 1.4},
+                "details": {"server_cpu_us_per_call": 230.0, "postgres_cpu_us_per_call": 28.0},
+            },
+            "refresh-storm": {
+                "throughput": 600.0,
+                "p99_ms": 450.0,
+                "ratios": {},
+                "details": {"provider_calls": 1000, "rotations": 1000 if storm_equal else 999},
+            },
+            "pg-cold": {"failed": "no PostgreSQL", "ratios": {}, "details": {}},
+        },
+        "targets": [
+            {"target": "pg-hot: throughput / echo >= 0.75", "value": hot_ratio, "met": met}
+        ],
+        "pg_hot_breakdown_us": {"echo_floor": 160.0, "audit": 30.0},
+        "pg_open_breakdown_ms": None,
+    }
+
+
+def test_median_and_range_of_each_figure() -> None:
+    runs = [_run(6000, 0.70, False), _run(6400, 0.75, True), _run(6200, 0.76, True, False)]
+    text = summary.summarize(runs)
+    table = text.split("\n\n")[1]
+    lines = {line.split()[0]: line for line in table.splitlines()}
+    assert "0.75 (0.70-0.76)" in lines["pg-hot"]
+    assert "6,200 (6,000-6,400)" in lines["echo"]
+    # Equal figures print once, without a range.
+    assert "230  " in lines["pg-hot"]
+    assert "(230" not in lines["pg-hot"]
+    assert "p99 450 ms" in lines["refresh-storm"]
+    assert "provider calls = rotations in 2 of 3" in lines["refresh-storm"]
+    assert "failed in 3 of 3" in lines["pg-cold"]
+    assert "met in 2 of 3: pg-hot: throughput / echo >= 0.75 (0.70, 0.75, 0.76)" in text
+    assert "pg-hot broker CPU per call (3 runs): echo floor 160 us, audit 30 us" in text
+    assert "pg-open p50" not in text
+    assert "load average at start 0.10, 0.10, 0.10" in text
+
+
+def test_spread() -> None:
+    assert summary.spread([None, None]) == "-"
+    assert summary.spread([1.0, None, 3.0], 1) == "2.0 (1.0-3.0)"
+    assert summary.spread([2.0], 0, " ms") == "2 ms"
+
+
+def test_the_command_sums_up_files_and_refuses_others(tmp_path: Path) -> None:
+    files = []
+    for number, ratio in enumerate((0.70, 0.74, 0.78)):
+        path = tmp_path / f"run{number}.json"
+        path.write_text(json.dumps(_run(6000, ratio, ratio >= 0.75)))
+        files.append(str(path))
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.bench", "--summarize", *files],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "0.74 (0.70-0.78)" in done.stdout
+    assert "met in 1 of 3" in done.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.bench", "--summarize", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "bad.json: not a `broker bench --json` file" in done.stderr
+
+
+@pytest.mark.parametrize("payload", ["[]", '{"scenarios": []}'])
+def test_load_refuses_payloads_without_scenarios(tmp_path: Path, payload: str) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(payload)
+    with pytest.raises(ValueError, match="no scenarios"):
+        summary.load([path])
