@@ -6,7 +6,9 @@ dropped rather than handed to the next call."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import grpc
@@ -20,7 +22,7 @@ from broker.errors import StorageUnavailable
 from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors
-from broker.storage.reader import APPLICATION_NAME, IntegrationReader, open_reader
+from broker.storage.reader import APPLICATION_NAME, MAX_BATCH, IntegrationReader, open_reader
 from tests.conftest import ADMIN, PostgresFactory, make_settings, store_request
 from tests.test_database_down import Proxy
 
@@ -201,3 +203,229 @@ async def test_unreachable_database_is_storage_unavailable(database: str) -> Non
                 await reader.read("00000000-0000-4000-8000-000000000000")
     finally:
         await reader.close()
+
+
+# -- coalescing: concurrent reads share one statement ------------------------------------------
+
+MISSING = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.fixture
+async def patient_reader(database: str) -> AsyncIterator[IntegrationReader]:
+    """A reader whose statements may wait on a lock for a while (the tests below hold one)."""
+    opened = await open_reader(
+        _dsn(database), DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=30)
+    )
+    yield opened
+    await opened.close()
+
+
+@asynccontextmanager
+async def _table_locked(database: str) -> AsyncIterator[None]:
+    """Every read of ``integrations`` waits until the block ends (then carries on)."""
+    conn = await asyncpg.connect(_dsn(database))
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE integrations IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+async def _blocked_reads(database: str) -> list[int]:
+    """The reader's backends waiting on that lock."""
+    rows = await _sql(
+        database,
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 "
+        "AND wait_event_type = 'Lock'",
+        make_url(database).database,
+        APPLICATION_NAME,
+    )
+    return [r["pid"] for r in rows]
+
+
+async def _until_blocked(database: str, count: int = 1) -> list[int]:
+    for _ in range(200):
+        pids = await _blocked_reads(database)
+        if len(pids) >= count:
+            return pids
+        await asyncio.sleep(0.05)
+    raise AssertionError("the reader's statement never waited on the lock")
+
+
+def _owners(stored_ids: list[str]) -> dict[str, str]:
+    return {iid: f"user-{n}" for n, iid in enumerate(stored_ids)}
+
+
+@pytest.mark.parametrize("max_batches", [1, POOL_SIZE])
+async def test_concurrent_reads_get_their_own_rows(
+    database: str, stored_ids: list[str], max_batches: int
+) -> None:
+    """Distinct, repeated and missing ids in one burst: each read gets the row of the id it
+    asked for (never another user's), or None, in fewer statements than reads."""
+    reader = await IntegrationReader(
+        _dsn(database),
+        DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=5),
+        max_batches=max_batches,
+    ).open()
+    try:
+        owners = _owners(stored_ids)
+        asked = [*stored_ids, MISSING, *stored_ids, stored_ids[0], MISSING] * 5
+        got = await asyncio.gather(*(reader.read(iid) for iid in asked))
+        for iid, row in zip(asked, got, strict=True):
+            if iid == MISSING:
+                assert row is None
+            else:
+                assert row is not None
+                assert row.integration.id == iid
+                assert row.integration.user_id == owners[iid]
+        assert 1 <= reader.statements < len(asked)
+    finally:
+        await reader.close()
+
+
+async def test_a_batch_is_bounded(
+    database: str, stored_ids: list[str], reader: IntegrationReader
+) -> None:
+    """More distinct ids than one statement takes: split, every read still answered."""
+    unknown = [str(uuid.UUID(int=n)) for n in range(1, 2 * MAX_BATCH + 2)]
+    asked = [*unknown[: MAX_BATCH // 2], *stored_ids, *unknown[MAX_BATCH // 2 :]]
+    got = await asyncio.gather(*(reader.read(iid) for iid in asked))
+    owners = _owners(stored_ids)
+    for iid, row in zip(asked, got, strict=True):
+        if iid in owners:
+            assert row is not None
+            assert (row.integration.id, row.integration.user_id) == (iid, owners[iid])
+        else:
+            assert row is None
+    assert reader.statements >= 3  # 2 * MAX_BATCH + 4 distinct ids
+
+
+async def test_reads_arriving_during_a_batch_share_the_next(
+    database: str, stored_ids: list[str], patient_reader: IntegrationReader
+) -> None:
+    """A lone read goes at once; the reads that arrive while it is in flight wait for it and
+    then go together (one batch in flight at a time)."""
+    reader = patient_reader
+    async with _table_locked(database):
+        first = asyncio.ensure_future(reader.read(stored_ids[0]))
+        await _until_blocked(database)
+        assert reader.statements == 1
+        rest = [asyncio.ensure_future(reader.read(iid)) for iid in stored_ids * 3]
+        await asyncio.sleep(0.1)
+        assert reader.statements == 1
+    got = await asyncio.gather(first, *rest)
+    assert [r.integration.id if r else None for r in got] == [stored_ids[0], *stored_ids * 3]
+    assert reader.statements == 2
+
+
+async def test_a_failed_batch_fails_every_read_in_it(
+    database: str, stored_ids: list[str], patient_reader: IntegrationReader
+) -> None:
+    """The backend of a batch in flight is terminated: every read in it is
+    STORAGE_UNAVAILABLE, the connection is dropped, and the next reads work."""
+    reader = patient_reader
+
+    async def read(iid: str) -> None:
+        async with storage_errors():
+            await reader.read(iid)
+
+    async with _table_locked(database):
+        reads = [asyncio.ensure_future(read(iid)) for iid in [*stored_ids, MISSING, stored_ids[0]]]
+        (pid,) = await _until_blocked(database)
+        await _sql(database, "SELECT pg_terminate_backend($1)", pid)
+        results = await asyncio.gather(*reads, return_exceptions=True)
+    assert reader.statements == 1
+    assert all(isinstance(r, StorageUnavailable) for r in results), results
+    got = await reader.read(stored_ids[1])
+    assert got is not None
+    assert got.integration.id == stored_ids[1]
+    assert pid not in {r["pid"] for r in await _read_backends(database)}
+
+
+async def test_a_closed_reader_fails_waiting_reads_as_unavailable(
+    database: str, stored_ids: list[str]
+) -> None:
+    reader = await open_reader(
+        _dsn(database), DatabaseSettings(url=database, pool_size=1, timeout_seconds=1)
+    )
+    await reader.close()
+    with pytest.raises(StorageUnavailable):
+        async with storage_errors():
+            await reader.read(stored_ids[0])
+
+
+async def test_a_cancelled_read_leaves_the_batch_to_the_others(
+    database: str, stored_ids: list[str], patient_reader: IntegrationReader
+) -> None:
+    """A caller's deadline ends its own read only: the statement others wait on carries on,
+    on the same connection, and serves them."""
+    reader = patient_reader
+    async with _table_locked(database):
+        cancelled = asyncio.ensure_future(reader.read(stored_ids[0]))
+        others = [asyncio.ensure_future(reader.read(iid)) for iid in (stored_ids[0], stored_ids[1])]
+        (pid,) = await _until_blocked(database)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await asyncio.sleep(0.1)
+        assert not any(o.done() for o in others)
+    first, second = await asyncio.gather(*others)
+    assert first is not None
+    assert first.integration.id == stored_ids[0]
+    assert second is not None
+    assert second.integration.id == stored_ids[1]
+    assert reader.statements == 1
+    assert {r["pid"] for r in await _read_backends(database)} == {pid}
+
+
+async def test_a_read_cancelled_before_its_batch_runs_is_not_asked(
+    database: str, stored_ids: list[str], patient_reader: IntegrationReader
+) -> None:
+    reader = patient_reader
+    async with _table_locked(database):
+        first = asyncio.ensure_future(reader.read(stored_ids[0]))
+        await _until_blocked(database)
+        gone = asyncio.ensure_future(reader.read(stored_ids[1]))
+        kept = asyncio.ensure_future(reader.read(stored_ids[2]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    got = await asyncio.gather(first, kept)
+    assert [r.integration.id if r else None for r in got] == [stored_ids[0], stored_ids[2]]
+    # The second statement asked for the one id still wanted: GET_BY_ID, not the array.
+    assert reader.statements == 2
+    backends = await _read_backends(database)
+    assert [b["query"] for b in backends] == [repository.GET_BY_ID]
+
+
+async def test_a_batch_nobody_waits_for_is_stopped(
+    database: str, stored_ids: list[str], patient_reader: IntegrationReader
+) -> None:
+    """Every read of a batch cancelled: the statement is abandoned at once (its connection
+    dropped, mid-statement), not left to hold a connection until its timeout."""
+    reader = patient_reader
+    async with _table_locked(database):
+        reads = [asyncio.ensure_future(reader.read(iid)) for iid in stored_ids[:2]]
+        (pid,) = await _until_blocked(database)
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        # Dropped on the broker's side while the lock still holds the statement (the backend
+        # itself only notices once it stops waiting on the lock).
+        for _ in range(100):
+            if reader.connections() == (0.0, 0.0):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the abandoned statement still holds its connection")
+    for _ in range(100):
+        if pid not in {r["pid"] for r in await _read_backends(database)}:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the abandoned statement's backend is still there")
+    got = await reader.read(stored_ids[1])
+    assert got is not None
+    assert got.integration.id == stored_ids[1]

@@ -13,7 +13,9 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Row,
+    String,
     and_,
+    any_,
     bindparam,
     func,
     insert,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -127,6 +130,15 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
 # parameter style.
 GET_BY_ID = str(
     _SELECT.where(t.c.id == bindparam("id")).compile(
+        dialect=asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+    )
+)
+
+# Several of those reads coalesced into one statement. The array is plain ``varchar[]``, like
+# GET_BY_ID's ``$1::VARCHAR``: ``varchar(36)[]`` would silently truncate a longer id to a
+# prefix (the reader matches rows to ids exactly anyway).
+GET_BY_IDS = str(
+    _SELECT.where(t.c.id == any_(bindparam("ids", type_=ARRAY(String())))).compile(
         dialect=asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
     )
 )
