@@ -28,6 +28,11 @@ AUDIT_BATCH = Histogram(
     "Audit events committed per transaction (group commit)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+READ_BATCH = Histogram(
+    "broker_read_batch_size",
+    "Reads by integration id answered per statement (the coalesced cold read)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 
 
 Source = Callable[[], Iterable[tuple[str, str, float]]]

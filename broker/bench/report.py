@@ -335,10 +335,11 @@ def _note(r: ScenarioResult) -> str:
         parts.append(f"server CPU {d['server_cpu_us_per_call']:.0f} us/call")
     if d.get("postgres_cpu_us_per_call") is not None:
         parts.append(f"PostgreSQL CPU {d['postgres_cpu_us_per_call']:.0f} us/call")
-    batches = d.get("audit_batches")
-    if batches:
-        sizes = ", ".join(f"<={le} {n}" for le, n in batches["by_size"].items())
-        parts.append(f"audit batches {batches['count']:,}, mean {batches['mean']} ({sizes})")
+    for what in ("audit", "read"):
+        batches = d.get(f"{what}_batches")
+        if batches:
+            sizes = ", ".join(f"<={le} {n}" for le, n in batches["by_size"].items())
+            parts.append(f"{what} batches {batches['count']:,}, mean {batches['mean']} ({sizes})")
     if r.errors:
         parts.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())))
     return "; ".join(parts)

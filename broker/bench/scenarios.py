@@ -320,7 +320,7 @@ class Bench:
             audited = self._audit_events(ds) if variant is not None else None
             cpu = procs.cpu_seconds(server.pid)
             pg_cpu = self._postgres_cpu(ds)
-            batches = self._audit_batches()
+            batches = self._histograms()
             result = load.run(target, self._timed(0, count, scenario), o.clients,
                               o.concurrency, self._timed_timeout())  # fmt: skip
             details["server_cpu_us_per_call"] = _per_call_us(
@@ -331,7 +331,10 @@ class Bench:
                 details["postgres_cpu_us_per_call"] = _per_call_us(
                     procs.cpu_used(pg_cpu, after), result
                 )
-            details["audit_batches"] = _batch_delta(batches, self._audit_batches())
+            after_run = self._histograms()
+            for name in _HISTOGRAMS:
+                if delta := _batch_delta(batches.get(name, {}), after_run.get(name, {})):
+                    details[name] = delta
             if audited is not None:
                 # A ceiling broker whose substitution did not take would measure the real one.
                 written = self._audit_events(ds) - audited
@@ -563,19 +566,20 @@ class Bench:
             rate = o.open_rate / o.clients
         return load.Timed(o.duration, o.warmup, first, count, rate)
 
-    def _audit_batches(self) -> dict[str, float]:
-        """The broker's audit batch-size histogram (cumulative), from its metrics endpoint."""
+    def _histograms(self) -> dict[str, dict[str, float]]:
+        """The broker's batch-size histograms (cumulative), from its metrics endpoint."""
         if self._metrics_port is None:
             return {}
         try:
             body = httpx.get(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=5).text
         except httpx.HTTPError:
             return {}
-        out: dict[str, float] = {}
+        out: dict[str, dict[str, float]] = {}
         for line in body.splitlines():
-            if line.startswith("broker_audit_batch_size_"):
-                key, _, value = line.rpartition(" ")
-                out[key.removeprefix("broker_audit_batch_size_")] = float(value)
+            for name, metric in _HISTOGRAMS.items():
+                if line.startswith(metric):
+                    key, _, value = line.rpartition(" ")
+                    out.setdefault(name, {})[key.removeprefix(metric)] = float(value)
         return out
 
     def _postgres_cpu(self, ds: Dataset) -> dict[int, float] | None:
@@ -736,9 +740,17 @@ def _per_call_us(cpu_seconds: float, result: load.LoadResult) -> float | None:
     return round(cpu_seconds / result.calls * 1e6, 1) if result.calls else None
 
 
+# The batch-size histograms a run reports, by detail name: audit events per commit, reads
+# per statement of the coalesced cold read.
+_HISTOGRAMS = {
+    "audit_batches": "broker_audit_batch_size_",
+    "read_batches": "broker_read_batch_size_",
+}
+
+
 def _batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """Audit batches committed during the measured run: count, mean size, and how many
-    batches fell in each size bucket (``le`` = at most that many events)."""
+    """Batches during the measured run: count, mean size, and how many batches fell in each
+    size bucket (``le`` = at most that many events or reads)."""
     count = after.get("count", 0.0) - before.get("count", 0.0)
     if count <= 0:
         return {}

@@ -35,6 +35,7 @@ from typing import Any
 
 import asyncpg
 
+from broker import metrics
 from broker.config import DatabaseSettings
 from broker.domain.model import StoredIntegration
 from broker.storage.engine import is_unavailable
@@ -185,6 +186,7 @@ class IntegrationReader:
     async def _fetch(self, ids: list[str]) -> dict[str, StoredIntegration]:
         async with self.pool.acquire() as conn:  # no timeout: see ``max_batches``
             self.statements += 1
+            metrics.READ_BATCH.observe(len(ids))
             try:
                 if len(ids) == 1:
                     record = await conn.fetchrow(GET_BY_ID, ids[0])
