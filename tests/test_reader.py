@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
+from broker.domain.model import StoredIntegration
 from broker.errors import StorageUnavailable
 from broker.server.app import Broker, start
 from broker.storage import repository
@@ -429,3 +430,16 @@ async def test_a_batch_nobody_waits_for_is_stopped(
     got = await reader.read(stored_ids[1])
     assert got is not None
     assert got.integration.id == stored_ids[1]
+
+
+async def test_a_row_that_cannot_be_read_fails_only_its_own_reads(
+    database: str, stored_ids: list[str], reader: IntegrationReader
+) -> None:
+    await _sql(database, "UPDATE integrations SET status = 'bogus' WHERE id = $1", stored_ids[0])
+    bad, good = await asyncio.gather(
+        reader.read(stored_ids[0]), reader.read(stored_ids[1]), return_exceptions=True
+    )
+    assert isinstance(bad, ValueError)
+    assert isinstance(good, StoredIntegration)
+    assert good.integration.id == stored_ids[1]
+    assert reader.statements == 1

@@ -45,7 +45,9 @@ APPLICATION_NAME = "credential-broker-read"
 # Ids per statement: enough to absorb every read in flight under load (the bench keeps 32 in
 # flight), small enough that one statement stays a single short index scan.
 MAX_BATCH = 128
-# Batches in flight at once (each on its own connection).
+# Batches in flight at once, each on its own connection. One, as in a group commit: the reads
+# that come while it is out go together in the next. In pg-cold, up to pool_size batches in
+# flight cost more server CPU per call (416-457 µs against 360-393) for no more throughput.
 MAX_BATCHES = 1
 
 Waiter = asyncio.Future[StoredIntegration | None]
@@ -58,6 +60,19 @@ async def _decode_json(conn: asyncpg.Connection) -> None:
 
 async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
     """Only read-only statements ever run here: no session state to undo."""
+
+
+def _settle(waiters: list[Waiter], outcome: StoredIntegration | BaseException | None) -> None:
+    """Hand one outcome to every read still waiting for it (a cancelled one is done already)."""
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if isinstance(outcome, Exception):
+            waiter.set_exception(outcome)
+        elif isinstance(outcome, BaseException):
+            waiter.cancel()  # the batch itself was cancelled (shutdown): so are its reads
+        else:
+            waiter.set_result(outcome)
 
 
 class _Batch:
@@ -157,33 +172,31 @@ class IntegrationReader:
             if self._pending and self._running < self.max_batches:
                 self._start()  # more than one batch's worth was waiting
             try:
-                rows = await self._fetch(list(taken))
+                records = await self._fetch(list(taken))
             except BaseException as exc:
                 # Every read in the batch fails alike (the caller maps the exception).
                 for waiters in taken.values():
-                    for waiter in waiters:
-                        if waiter.done():
-                            continue
-                        if isinstance(exc, Exception):
-                            waiter.set_exception(exc)
-                        else:
-                            waiter.cancel()
+                    _settle(waiters, exc)
                 if not isinstance(exc, Exception):
                     raise
                 return
             for integration_id, waiters in taken.items():
                 # Matched by the row's own id, exactly: a row only ever answers its own id.
-                row = rows.get(integration_id)
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(row)
+                record = records.get(integration_id)
+                try:
+                    row = None if record is None else from_values(record)
+                except Exception as exc:
+                    # A row that cannot be read fails the reads of that row only.
+                    _settle(waiters, exc)
+                else:
+                    _settle(waiters, row)
         finally:
             self._batches.discard(batch)
             self._running -= 1
             if self._pending and not self._starting and self._running < self.max_batches:
                 self._start()
 
-    async def _fetch(self, ids: list[str]) -> dict[str, StoredIntegration]:
+    async def _fetch(self, ids: list[str]) -> dict[str, asyncpg.Record]:
         async with self.pool.acquire() as conn:  # no timeout: see ``max_batches``
             self.statements += 1
             metrics.READ_BATCH.observe(len(ids))
@@ -199,8 +212,7 @@ class IntegrationReader:
                 if is_unavailable(exc) or not isinstance(exc, Exception):
                     conn.terminate()
                 raise
-        rows = (from_values(r) for r in records)
-        return {row.integration.id: row for row in rows}
+        return {r["id"]: r for r in records}
 
     def connections(self) -> tuple[float, float]:
         """(open, idle) connections, for the metrics endpoint."""
