@@ -23,7 +23,11 @@ def _run(tp: float, hot_ratio: float, met: bool, storm_equal: bool = True) -> di
                 "throughput": tp * hot_ratio,
                 "p50_ms": 7.0,
                 "ratios": {"throughput_vs_echo": hot_ratio, "p99_vs_echo": 1.4},
-                "details": {"server_cpu_us_per_call": 230.0, "postgres_cpu_us_per_call": 28.0},
+                "details": {
+                    "server_cpu_us_per_call": 230.0,
+                    "postgres_cpu_us_per_call": 28.0,
+                    "audit_batches": {"count": 100, "mean": 13.5},
+                },
             },
             "refresh-storm": {
                 "throughput": 600.0,
@@ -51,6 +55,7 @@ def test_median_and_range_of_each_figure() -> None:
     # Equal figures print once, without a range.
     assert "230  " in lines["pg-hot"]
     assert "(230" not in lines["pg-hot"]
+    assert "audit batch mean 13.5" in lines["pg-hot"]
     assert "p99 450 ms" in lines["refresh-storm"]
     assert "provider calls = rotations in 2 of 3" in lines["refresh-storm"]
     assert "failed in 3 of 3" in lines["pg-cold"]

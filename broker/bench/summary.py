@@ -56,6 +56,10 @@ def _field(key: str) -> Figure:
     return lambda s: s.get(key)
 
 
+def _mean(histogram: str) -> Figure:
+    return lambda s: (s.get("details", {}).get(histogram) or {}).get("mean")
+
+
 # (column title, figure, digits, unit)
 _COLUMNS: tuple[tuple[str, Figure, int, str], ...] = (
     ("calls/s", _field("throughput"), 0, ""),
@@ -72,6 +76,8 @@ _NOTES: tuple[tuple[str, Figure, int, str], ...] = (
     ("p99", _field("p99_ms"), 0, " ms"),
     ("CPU per refresh", _detail("server_cpu_us_per_refresh"), 0, " us"),
     ("RSS", _field("rss_mib"), 0, " MiB"),
+    ("audit batch mean", _mean("audit_batches"), 1, ""),
+    ("reads per statement", _mean("read_batches"), 1, ""),
 )
 _NOTED_P99 = ("refresh-storm",)
 _NOTED_RSS = ("scale-1m-hot",)
