@@ -100,3 +100,20 @@ def test_load_refuses_payloads_without_scenarios(tmp_path: Path, payload: str) -
     path.write_text(payload)
     with pytest.raises(ValueError, match="no scenarios"):
         summary.load([path])
+
+
+def test_repeat_runs_the_selection_again_and_sums_up(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.bench", "--quick", "--scenario", "echo",
+         "--repeat", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = summary.load([tmp_path / "bench.1.json", tmp_path / "bench.2.json"])
+    assert [set(r["scenarios"]) for r in runs] == [{"echo"}, {"echo"}]
+    assert not out.exists()
+    assert "=== run 2 of 2 ===" in done.stderr
+    summed = done.stdout.split("=== 2 runs ===")[1]
+    assert "2 run(s): median (min-max)" in summed
+    assert "echo" in summed

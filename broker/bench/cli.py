@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.bench import catalog
 
@@ -65,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", type=_count, metavar="N", help="pass `--workers N` to `broker serve`"
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--repeat",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="run the whole selection N times in a row, then print the median and range of "
+        "each figure (with --json, run K goes to FILE's name with .K before the suffix)",
+    )
     mode.add_argument(
         "--summarize",
         type=Path,
@@ -99,10 +107,6 @@ def options(args: argparse.Namespace) -> scenarios.Options:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: they pull in asyncpg, SQLAlchemy and the domain, which other `broker`
-    # commands should not pay for at start-up.
-    from broker.bench import report, scenarios
-
     if args.summarize:
         return _summarize(args.summarize)
     try:
@@ -110,6 +114,33 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"broker bench: {exc}", file=sys.stderr)
         return 2
+    runs: list[dict[str, Any]] = []
+    code = 0
+    for number in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"\n=== run {number} of {args.repeat} ===", file=sys.stderr)
+        path = args.json
+        if path is not None and args.repeat > 1:
+            path = path.with_name(f"{path.stem}.{number}{path.suffix}")
+        payload, code = _run_once(args, names, path)
+        runs.append(payload)
+        if code == 130:  # interrupted: what was measured is reported, nothing more is run
+            break
+    if len(runs) > 1:
+        from broker.bench import summary
+
+        print(f"\n=== {len(runs)} runs ===\n" + summary.summarize(runs))
+    return code
+
+
+def _run_once(
+    args: argparse.Namespace, names: Sequence[str], json_path: Path | None
+) -> tuple[dict[str, Any], int]:
+    """One run of the selection: its table printed, its JSON payload and exit code."""
+    # Imported here: they pull in asyncpg, SQLAlchemy and the domain, which other `broker`
+    # commands should not pay for at start-up.
+    from broker.bench import report, scenarios
+
     opts = options(args)
     info = report.machine()
     print(report.machine_line(info), file=sys.stderr)
@@ -144,12 +175,13 @@ def run(args: argparse.Namespace) -> int:
     text = report.targets_text(checks)
     if text:
         print("\n" + text)
-    if args.json is not None:
-        report.write_json(args.json, results, info, opts.public(), checks)
-        print(f"results written to {args.json}", file=sys.stderr)
+    run = report.payload(results, info, opts.public(), checks)
+    if json_path is not None:
+        report.write_json(json_path, run)
+        print(f"results written to {json_path}", file=sys.stderr)
     if interrupted:
-        return 130
-    return 1 if any(r.failed for r in results) else 0
+        return run, 130
+    return run, 1 if any(r.failed for r in results) else 0
 
 
 def _summarize(paths: list[Path]) -> int:

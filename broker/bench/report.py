@@ -396,14 +396,14 @@ def targets_text(checks: Iterable[dict[str, Any]]) -> str:
     return "targets:\n" + "\n".join(lines) if lines else ""
 
 
-def write_json(
-    path: Path,
+def payload(
     results: Sequence[ScenarioResult],
     info: dict[str, Any],
     settings: dict[str, Any],
     checks: list[dict[str, Any]],
-) -> None:
-    payload = {
+) -> dict[str, Any]:
+    """A run as ``--json`` writes it (and ``--summarize`` reads it)."""
+    return {
         "machine": info,
         "settings": settings,
         "scenarios": {r.name: {**asdict(r), "error_count": r.error_count} for r in results},
@@ -411,4 +411,7 @@ def write_json(
         "pg_hot_breakdown_us": breakdown(results),
         "pg_open_breakdown_ms": open_breakdown(results),
     }
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_json(path: Path, run: dict[str, Any]) -> None:
+    path.write_text(json.dumps(run, indent=2, sort_keys=False, default=str) + "\n")
