@@ -31,6 +31,7 @@ from broker.storage.changes import ChangeWatcher
 from broker.storage.engine import CHANNEL, GRANT_CHANNEL, create_engine, probe
 from broker.storage.reader import IntegrationReader, open_reader
 from broker.storage.schema import verify
+from broker.storage.sqlite_reader import SqliteReader, reader_for
 
 
 def known_providers(registry: ProviderRegistry) -> Container[str]:
@@ -59,6 +60,8 @@ class Runtime:
     watcher: ChangeWatcher | None = None
     # PostgreSQL: GetAccessToken's read of a cache miss, on its own small pool.
     reader: IntegrationReader | None = None
+    # A SQLite file: the same read with sqlite3, on the event loop when no lock is in the way.
+    sqlite_reader: SqliteReader | None = None
 
     def gauges(self) -> list[tuple[str, str, float]]:
         """Point-in-time values for the metrics endpoint (no labels, nothing secret)."""
@@ -98,6 +101,8 @@ class Runtime:
         await self.auditor.close()
         if self.reader is not None:
             await self.reader.close()
+        if self.sqlite_reader is not None:
+            await self.sqlite_reader.close()
         await self.engine.dispose()
 
 
@@ -156,6 +161,9 @@ async def open_runtime(
     if not settings.database.is_sqlite:
         dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         reader = service.reader = await open_reader(dsn, settings.database)
+    sqlite_reader = reader_for(engine, settings.database.timeout_seconds)
+    if sqlite_reader is not None:
+        service.reader = sqlite_reader
     for component in (service, refresher, revoker):
         component.invalidate = cache.invalidate
     grant_cache = GrantCache(
@@ -200,6 +208,7 @@ async def open_runtime(
         grants=grants,
         watcher=watcher,
         reader=reader,
+        sqlite_reader=sqlite_reader,
         events=EventLog(
             engine,
             clock,
