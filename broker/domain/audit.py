@@ -48,10 +48,6 @@ _UNAVAILABLE = "the audit trail cannot be written, so the broker refuses to answ
 _CPU_SAMPLE = 0.01
 
 
-# Stands in the writer's place while a call writes its own event (``Auditor._write_alone``).
-_ALONE: Any = object()
-
-
 class Auditor:
     def __init__(
         self,
@@ -78,7 +74,6 @@ class Auditor:
         # Calls inside a tracked method: each will bring an event soon.
         self.in_flight = 0
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
-        # The task writing batches, _ALONE while a call writes its own event, or None.
         self._writer: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
         # The writer holds a batch for calls still being served (not for the window): the
@@ -145,14 +140,8 @@ class Auditor:
         now = loop.time()
         self._gap += (min(now - self._last, 1.0) - self._gap) * 0.2
         self._last = now
-        pending = self._pending
-        if self._writer is None and not pending and self._quiet():
-            # Nothing being written and nothing to wait for: the call writes its own event.
-            # A writer task would cost a task and two hops through the loop for a batch of
-            # one (the open-loop p50); events that come meanwhile queue for the writer.
-            await self._write_alone(event)
-            return
         done: asyncio.Future[None] = loop.create_future()
+        pending = self._pending
         pending.append((event, done))
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain(), name="audit-writer")
@@ -162,32 +151,12 @@ class Auditor:
             self._arrived.set()
         await done
 
-    async def _write_alone(self, event: tuple[Any, ...]) -> None:
-        """Write one event from the calling task, the writer's place taken meanwhile."""
-        self._writer = _ALONE
-        try:
-            await self._write([event])
-        finally:
-            self._writer = None
-            if self._pending:
-                self._writer = asyncio.create_task(self._drain(), name="audit-writer")
-
-    def _busy(self) -> bool:
-        """Events arrive fast enough that ``siblings`` more are due within the window, on a
-        broker whose CPU is busy."""
-        return self._gap * self.siblings <= self.max_delay and self._cpu_bound()
-
-    def _quiet(self) -> bool:
-        """With nothing queued, would a batch of this one event be committed at once (as
-        ``_gather`` decides)?"""
-        return self.max_delay <= 0 or (self.in_flight + 1 < self.siblings and not self._busy())
-
     async def _gather(self) -> None:
         """Hold the batch open while calls still being served are on their way to the audit,
         or while events arrive fast."""
         if self.max_delay <= 0:
             return
-        busy = self._busy()
+        busy = self._gap * self.siblings <= self.max_delay and self._cpu_bound()
         if not busy and self.in_flight + len(self._pending) < self.siblings:
             return  # a quiet broker commits at once
         self.holds += 1
