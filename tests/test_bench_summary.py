@@ -40,7 +40,7 @@ def _run(tp: float, hot_ratio: float, met: bool, storm_equal: bool = True) -> di
         "targets": [
             {"target": "pg-hot: throughput / echo >= 0.75", "value": hot_ratio, "met": met}
         ],
-        "pg_hot_breakdown_us": {"echo_floor": 160.0, "audit": 30.0},
+        "pg_hot_breakdown_us": {"echo_floor": 160.0, "audit": 30.0, "stub_vs_echo": 0.9},
         "pg_open_breakdown_ms": None,
     }
 
@@ -61,6 +61,7 @@ def test_median_and_range_of_each_figure() -> None:
     assert "failed in 3 of 3" in lines["pg-cold"]
     assert "met in 2 of 3: pg-hot: throughput / echo >= 0.75 (0.70, 0.75, 0.76)" in text
     assert "pg-hot broker CPU per call (3 runs): echo floor 160 us, audit 30 us" in text
+    assert "stub vs echo 0.90x" in text
     assert "pg-open p50" not in text
     assert "load average at start 0.10, 0.10, 0.10" in text
 

@@ -172,11 +172,17 @@ def breakdowns(runs: Sequence[Run]) -> str:
         if not parts:
             continue
         steps = ", ".join(
-            f"{step.replace('_', ' ')} {spread([p.get(step) for p in parts], digits, unit)}"
+            f"{step.replace('_', ' ')} {_step(step, [p.get(step) for p in parts], digits, unit)}"
             for step in parts[0]
         )
         lines.append(f"{title} ({len(parts)} runs): {steps}")
     return "\n".join(lines)
+
+
+def _step(step: str, values: list[float | None], digits: int, unit: str) -> str:
+    if step.endswith("_vs_echo"):  # a throughput ratio, not a time
+        return spread(values, 2, "x")
+    return spread(values, digits, unit)
 
 
 def summarize(runs: Sequence[Run]) -> str:
