@@ -68,10 +68,11 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets readers run while the single writer commits; busy_timeout waits out a lock.
+    # WAL lets readers run while the single writer commits. A lock is waited out for
+    # database.timeout_seconds: the connect argument ``timeout`` sets SQLite's busy timeout
+    # (a busy_timeout pragma here would override it).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
 
 
