@@ -28,6 +28,10 @@ AUDIT_BATCH = Histogram(
     "Audit events committed per transaction (group commit)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+READ_LOCK_WAITS = Counter(
+    "broker_db_read_lock_waits_total",
+    "Reads by integration id that met a SQLite lock and waited for it off the event loop",
+)
 READ_BATCH = Histogram(
     "broker_read_batch_size",
     "Reads by integration id answered per statement (the coalesced cold read)",

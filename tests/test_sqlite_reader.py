@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -219,6 +220,7 @@ async def test_a_lock_that_stops_readers_is_waited_out_in_a_thread(
         holder.execute("UPDATE integrations SET version = 5 WHERE id = ?", (values["id"],))
         # The holder commits from the loop: a reader that blocked the loop would deadlock.
         asyncio.get_running_loop().call_later(0.3, holder.execute, "COMMIT")
+        waits_before = REGISTRY.get_sample_value("broker_db_read_lock_waits_total") or 0.0
         stop = asyncio.Event()
         ticker = asyncio.create_task(_max_gap(stop))
         started = time.monotonic()
@@ -232,6 +234,9 @@ async def test_a_lock_that_stops_readers_is_waited_out_in_a_thread(
         assert waited >= 0.25
         assert gap < 0.2
         assert reader.waited == 1
+        # Operators see it: the metric counts reads that had to wait for a lock.
+        waits = REGISTRY.get_sample_value("broker_db_read_lock_waits_total")
+        assert waits == waits_before + 1
         # The lock gone, the next read is answered on the loop again.
         assert await reader.read(values["id"]) is not None
         assert reader.waited == 1

@@ -35,6 +35,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import metrics
 from broker.domain.model import StoredIntegration
 from broker.errors import StorageUnavailable
 from broker.storage.repository import FIELDS, from_values
@@ -146,6 +147,7 @@ class SqliteReader:
                 rows = self._read_here(integration_id)
             except _Busy:
                 self.waited += 1
+                metrics.READ_LOCK_WAITS.inc()
                 loop = asyncio.get_running_loop()
                 rows = await loop.run_in_executor(self._thread, self._read_waiting, integration_id)
         except sqlite3.Error as exc:
