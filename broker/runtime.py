@@ -98,7 +98,7 @@ class Runtime:
         if self.watcher is not None:
             self.watcher.close()
         await self.http.aclose()
-        await self.auditor.close()
+        await self.auditor.close(self.settings.database.timeout_seconds)
         if self.reader is not None:
             await self.reader.close()
         if self.sqlite_reader is not None:

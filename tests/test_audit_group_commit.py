@@ -128,6 +128,35 @@ async def test_fast_arrivals_with_cpu_to_spare_commit_at_once() -> None:
     assert sink.batches == [1] * 50
 
 
+async def test_close_lets_the_batch_being_written_finish() -> None:
+    """Closing (shutdown) while a batch is on its way: the batch is committed and its calls
+    answered, not failed by a sink closed under it."""
+
+    class ClosingSink(RecordingSink):
+        closed = False
+
+        async def write(self, rows: list[tuple[Any, ...]]) -> None:
+            await asyncio.sleep(0.2)
+            if self.closed:
+                raise OSError("connection closed")
+            self.batches.append(len(rows))
+
+        async def close(self) -> None:
+            self.closed = True
+
+    sink = ClosingSink()
+    audit = auditor(sink, max_delay=0, siblings=2)
+    calls = [
+        asyncio.create_task(audit.record(Call(CALLER, "GetAccessToken", f"r{i}"), "OK"))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0.05)  # the writer has taken them and is writing
+    await audit.close(drain_seconds=5)
+    await asyncio.wait_for(asyncio.gather(*calls), timeout=5)
+    assert sum(sink.batches) == 3
+    assert sink.closed
+
+
 def cpu_at(cores: float) -> Any:
     """A process CPU clock that reads ``cores`` cores busy (CPU seconds per wall second)."""
     return lambda: time.monotonic() * cores
@@ -186,7 +215,7 @@ async def test_postgres_sink_reconnects_after_losing_its_connection(
         assert {"before", "after"} <= ids
     finally:
         await admin.close()
-        await audit.close()
+        await audit.close(drain_seconds=5)
         await engine.dispose()
 
 

@@ -233,5 +233,11 @@ class Auditor:
             raise AuditUnavailable(_UNAVAILABLE) from None
         metrics.AUDIT_BATCH.observe(len(events))
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 5.0) -> None:
+        """Let the events already handed to the writer reach the database first (for at most
+        ``drain_seconds``): closing the sink under a batch would fail it, and with it calls
+        that may still be waiting to answer (a shutdown whose grace has not run out)."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer}, timeout=drain_seconds)
         await self.sink.close()
