@@ -248,15 +248,11 @@ def open_breakdown_text(parts: dict[str, float] | None) -> str:
     return (
         "pg-open p50 at the fixed rate: "
         f"echo-open {parts['echo_floor']:.2f} ms"
-        f" {_signed_ms(parts['server_and_interceptors'])} server and interceptors"
-        f" (echo-open -> stub) {_signed_ms(parts['broker_logic'])} broker logic"
-        f" (stub -> noaudit) {_signed_ms(parts['audit'])} audit commit (noaudit -> pg-open)"
+        f" {_signed(parts['server_and_interceptors'], 'ms')} server and interceptors"
+        f" (echo-open -> stub) {_signed(parts['broker_logic'], 'ms')} broker logic"
+        f" (stub -> noaudit) {_signed(parts['audit'], 'ms')} audit commit (noaudit -> pg-open)"
         f" = {parts['pg_open']:.2f} ms"
     )
-
-
-def _signed_ms(value: float) -> str:
-    return f"{'+' if value >= 0 else '-'} {abs(value):.2f} ms"
 
 
 def breakdown_text(parts: dict[str, float] | None) -> str:
@@ -285,8 +281,10 @@ def breakdown_text(parts: dict[str, float] | None) -> str:
     return "\n".join(lines)
 
 
-def _signed(value: float) -> str:
-    return f"{'+' if value >= 0 else '-'} {abs(value):.0f} us"
+def _signed(value: float, unit: str = "us") -> str:
+    """A breakdown step: CPU in whole microseconds, latency in milliseconds to 0.01."""
+    digits = 2 if unit == "ms" else 0
+    return f"{'+' if value >= 0 else '-'} {abs(value):.{digits}f} {unit}"
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -365,7 +363,13 @@ def table(results: Sequence[ScenarioResult], info: dict[str, Any]) -> str:
                 _note(r),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join([machine_line(info), "", layout(rows)])
+
+
+def layout(rows: Sequence[tuple[str, ...]]) -> str:
+    """Rows (the first is the header) as aligned columns: the first left, the others right,
+    the last (notes) left unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for number, row in enumerate(rows):
         cells = [
@@ -375,7 +379,7 @@ def table(results: Sequence[ScenarioResult], info: dict[str, Any]) -> str:
         lines.append("  ".join([*cells, row[-1]]).rstrip())
         if number == 0:
             lines.append("  ".join("-" * w for w in widths) + "  -----")
-    return "\n".join([machine_line(info), "", *lines])
+    return "\n".join(lines)
 
 
 def machine_line(info: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.bench import report
+
 Run = dict[str, Any]
 # A figure of one scenario in one run, or None where that run lacks it.
 Figure = Callable[[dict[str, Any]], float | None]
@@ -69,18 +71,17 @@ _COLUMNS: tuple[tuple[str, Figure, int, str], ...] = (
     ("server CPU us/call", _detail("server_cpu_us_per_call"), 0, ""),
     ("PostgreSQL CPU us/call", _detail("postgres_cpu_us_per_call"), 0, ""),
 )
-# Extra figures some scenarios have, shown after the columns when present.
-_NOTES: tuple[tuple[str, Figure, int, str], ...] = (
-    ("x additive model", _ratio("throughput_vs_model"), 2, ""),
-    ("p50 x echo-open", _ratio("p50_vs_echo"), 2, ""),
-    ("p99", _field("p99_ms"), 0, " ms"),
-    ("CPU per refresh", _detail("server_cpu_us_per_refresh"), 0, " us"),
-    ("RSS", _field("rss_mib"), 0, " MiB"),
-    ("audit batch mean", _mean("audit_batches"), 1, ""),
-    ("reads per statement", _mean("read_batches"), 1, ""),
+# Extra figures some scenarios have, shown after the columns when present: (title, figure,
+# digits, unit, only for these scenarios or None for any).
+_NOTES: tuple[tuple[str, Figure, int, str, tuple[str, ...] | None], ...] = (
+    ("x additive model", _ratio("throughput_vs_model"), 2, "", None),
+    ("p50 x echo-open", _ratio("p50_vs_echo"), 2, "", None),
+    ("p99", _field("p99_ms"), 0, " ms", ("refresh-storm",)),
+    ("CPU per refresh", _detail("server_cpu_us_per_refresh"), 0, " us", None),
+    ("RSS", _field("rss_mib"), 0, " MiB", ("scale-1m-hot",)),
+    ("audit batch mean", _mean("audit_batches"), 1, "", None),
+    ("reads per statement", _mean("read_batches"), 1, "", None),
 )
-_NOTED_P99 = ("refresh-storm",)
-_NOTED_RSS = ("scale-1m-hot",)
 
 
 def _scenario_names(runs: Sequence[Run]) -> list[str]:
@@ -106,10 +107,8 @@ def _figures(runs: Sequence[Run], name: str, figure: Figure) -> list[float | Non
 
 def _notes(runs: Sequence[Run], name: str) -> str:
     parts = []
-    for title, figure, digits, unit in _NOTES:
-        if title == "p99" and name not in _NOTED_P99:
-            continue
-        if title == "RSS" and name not in _NOTED_RSS:
+    for title, figure, digits, unit, only in _NOTES:
+        if only is not None and name not in only:
             continue
         text = spread(_figures(runs, name, figure), digits, unit)
         if text != "-":
@@ -135,17 +134,7 @@ def table(runs: Sequence[Run]) -> str:
     for name in _scenario_names(runs):
         cells = [spread(_figures(runs, name, f), digits, unit) for _, f, digits, unit in _COLUMNS]
         rows.append((name, *cells, _notes(runs, name)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for number, row in enumerate(rows):
-        cells = [
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-            for i, cell in enumerate(row[:-1])
-        ]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-        if number == 0:
-            lines.append("  ".join("-" * w for w in widths) + "  -----")
-    return "\n".join(lines)
+    return report.layout(rows)
 
 
 def targets(runs: Sequence[Run]) -> str:

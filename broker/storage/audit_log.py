@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.storage.engine import raw_driver
+from broker.storage.engine import raw_driver, sqlite_locked
 from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
@@ -262,8 +262,7 @@ def _write_batch(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, wait:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            # Extended codes too (SQLITE_BUSY_RECOVERY, ...): the low byte is the kind.
-            if not wait and getattr(exc, "sqlite_errorcode", -1) & 0xFF in _LOCKED:
+            if not wait and sqlite_locked(exc):
                 return False
             raise
         conn.executemany(
@@ -277,8 +276,6 @@ def _write_batch(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, wait:
     return True
 
 
-# Another connection holds the write lock: the event loop does not wait for it.
-_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 # Events between checkpoints of the SQLite audit (about SQLite's own 1,000-page default).
 _CHECKPOINT_ROWS = 2000
 

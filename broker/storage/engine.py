@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -74,6 +75,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def sqlite_locked(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds a lock this one did not wait for (SQLITE_BUSY or
+    SQLITE_LOCKED; extended codes such as SQLITE_BUSY_RECOVERY too: the low byte is the kind).
+    The connections that must never block the event loop move their work to a thread then."""
+    return getattr(exc, "sqlite_errorcode", -1) & 0xFF in _SQLITE_LOCKED
+
+
+_SQLITE_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def connection_broken(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -126,13 +127,12 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
     )
 
 
-# The one statement of the PostgreSQL hot read (``broker.storage.reader``), in asyncpg's
-# parameter style.
-GET_BY_ID = str(
-    _SELECT.where(t.c.id == bindparam("id")).compile(
-        dialect=asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
-    )
-)
+_BY_ID = _SELECT.where(t.c.id == bindparam("id"))
+# The one statement of the cold read by id: PostgreSQL's (``broker.storage.reader``), in
+# asyncpg's parameter style, and a SQLite file's (``broker.storage.sqlite_reader``), in
+# sqlite3's.
+GET_BY_ID = str(_BY_ID.compile(dialect=asyncpg_dialect.dialect()))  # type: ignore[no-untyped-call]
+SQLITE_GET_BY_ID = str(_BY_ID.compile(dialect=sqlite_dialect.dialect()))
 
 # Several of those reads coalesced into one statement. The array is plain ``varchar[]``, like
 # GET_BY_ID's ``$1::VARCHAR``: ``varchar(36)[]`` would silently truncate a longer id to a
@@ -145,7 +145,8 @@ GET_BY_IDS = str(
 
 
 async def read(conn: AsyncConnection, integration_id: str) -> StoredIntegration | None:
-    """``get`` for the read path where no ``IntegrationReader`` is in use (SQLite)."""
+    """``get`` for the read path where no reader of its own is in use (an in-memory or URI
+    SQLite database)."""
     return await get(conn, integration_id)
 
 

@@ -30,29 +30,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
 from broker.domain.model import StoredIntegration
 from broker.errors import StorageUnavailable
-from broker.storage.repository import FIELDS, from_values
+from broker.storage.engine import sqlite_locked
+from broker.storage.repository import FIELDS, SQLITE_GET_BY_ID, from_values
 from broker.storage.tables import integrations as t
 
 log = logging.getLogger("broker.storage")
-
-# Built from our own column names at import, never from input; ``?`` is sqlite3's style.
-GET_BY_ID = str(
-    select(*(t.c[name] for name in FIELDS))
-    .where(t.c.id == bindparam("id"))
-    .compile(dialect=sqlite_dialect.dialect())
-)
-
-# Another connection holds a lock: the event loop does not wait for it. Extended codes too
-# (SQLITE_BUSY_RECOVERY, ...): the low byte is the kind.
-_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 Processor = Callable[[Any], Any]
 
@@ -101,7 +89,7 @@ class SqliteReader:
 
     def _fetch(self, conn: sqlite3.Connection, integration_id: str) -> list[Any]:
         # fetchall steps the statement to its end, which resets it and ends the transaction.
-        return conn.execute(GET_BY_ID, (integration_id,)).fetchall()
+        return conn.execute(SQLITE_GET_BY_ID, (integration_id,)).fetchall()
 
     def _read_here(self, integration_id: str) -> list[Any]:
         """On the event loop's thread; ``_Busy`` at once if a lock is in the way."""
@@ -112,7 +100,7 @@ class SqliteReader:
                 conn = self._connect(0)
             rows = self._fetch(conn, integration_id)
         except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", -1) & 0xFF in _LOCKED:
+            if sqlite_locked(exc):
                 # Nothing wrong with the connection: a lock it did not wait for.
                 self._here = conn
                 raise _Busy from None
