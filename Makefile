@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_VERSION := 26.3
 GENERATED := broker/api clients/python/src/credentialbroker_client/_proto
 
-.PHONY: install run test lint proto proto-check bench clean
+.PHONY: install run test lint proto proto-check docs docs-check bench clean
 
 # The client distribution holds the generated code the server imports: install both at once.
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
@@ -32,6 +32,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy broker tests scripts clients/python/src
+	$(BIN)/lint-imports --no-cache
 
 ## Regenerate the client's generated code (clients/python/src/credentialbroker_client/_proto)
 ## and broker/api's re-export modules from protos/.
@@ -42,6 +43,17 @@ proto: install
 proto-check: proto
 	git diff --exit-code -- $(GENERATED)
 	test -z "$$(git status --porcelain -- $(GENERATED))"
+
+## Build the docs site into build/site (mkdocs.yml), strictly: a broken link fails. The
+## configuration and API reference pages are generated first (scripts/gendocs.py).
+docs: install
+	$(BIN)/python scripts/gendocs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## Fail if the generated reference pages in git differ from what `make docs` produces.
+docs-check: docs
+	git diff --exit-code -- docs/reference
+	test -z "$$(git status --porcelain -- docs/reference)"
 
 bench: install
 	$(BIN)/broker bench --standard
