@@ -17,11 +17,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from broker import devprovider
 from broker.cli import EXIT_CONFIG
 from broker.config import load_settings
 from broker.crypto import load_keyring
 from broker.server.callers import hash_token
+from broker_devtools import demo as devprovider
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
