@@ -7,12 +7,20 @@ broker with nothing configured find the same files through ``attach``.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
 from pathlib import Path
 
-from broker.config import CallerSettings, DatabaseSettings, KeysSettings, Settings, load_settings
+from broker.config import (
+    CallerSettings,
+    DatabaseSettings,
+    KeysSettings,
+    ProviderSettings,
+    Settings,
+    load_settings,
+)
 from broker.crypto.keys import ensure_dev_keyfile
 from broker.errors import ConfigError
 from broker.server.callers import hash_token
@@ -22,6 +30,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 HOME = Path(".broker")
 TOKEN_FILE = "dev-caller-token"
 KEY_FILE = "keys"
+# The providers a dev addition (the demo provider) brought to the running `serve --dev`.
+PROVIDERS_FILE = "dev-providers.json"
 
 
 def _read_token(path: Path) -> str | None:
@@ -86,7 +96,45 @@ def attach(settings: Settings, *, configured: bool, home: Path = HOME) -> Settin
             **settings.callers,
             DEV_CALLER: CallerSettings(token_sha256=hash_token(token)),
         }
+    added = _dev_providers(home / PROVIDERS_FILE)
+    if added:
+        update["providers"] = {**added, **settings.providers}
     return settings.model_copy(update=update) if update else settings
+
+
+def record_dev_providers(base: Settings, settings: Settings, home: Path = HOME) -> None:
+    """Keep the providers that ``settings`` has beyond ``base`` (what dev additions such as the
+    demo provider brought) where ``attach`` finds them, so an operator command run beside this
+    dev broker revokes and refreshes as its RPCs do; no additions: no file."""
+    path = home / PROVIDERS_FILE
+    added = {n: p for n, p in settings.providers.items() if n not in base.providers}
+    if not added:
+        path.unlink(missing_ok=True)
+        return
+    data = {}
+    for name, provider in added.items():
+        fields = provider.model_dump(mode="json", exclude_none=True)
+        if provider.client_secret is not None:
+            # A dev provider's own client secret (the demo's is fixed and public).
+            fields["client_secret"] = provider.client_secret.get_secret_value()
+        data[name] = fields
+    home.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    partial.replace(path)
+
+
+def _dev_providers(path: Path) -> dict[str, ProviderSettings]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {name: ProviderSettings.model_validate(fields) for name, fields in data.items()}
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a dev providers file ({type(exc).__name__})") from None
 
 
 def operator_settings(config_path: str | Path | None) -> Settings:

@@ -284,14 +284,15 @@ async def test_check_exit_codes(
         assert name in good.out
 
     missing_key = await broker(capsys, config(tmp_path, database_url, keys=NEW), "check")
-    assert missing_key.code == 1
+    # Each problem exits as `serve` does on it: a configuration error (2).
+    assert missing_key.code == 2
     assert "FAIL  keys cover every row" in missing_key.out
     assert "'test1' (2 integrations, 0 flows)" in missing_key.out
 
     other_env = await broker(
         capsys, config(tmp_path, database_url, environment="production"), "check"
     )
-    assert other_env.code == 1
+    assert other_env.code == 2
     assert "FAIL  environment" in other_env.out
     assert "'test'" in other_env.out
     assert "'production'" in other_env.out
@@ -299,7 +300,7 @@ async def test_check_exit_codes(
 
     fresh = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
     unmigrated = await broker(capsys, config(tmp_path, fresh), "check")
-    assert unmigrated.code == 1
+    assert unmigrated.code == 2
     assert "FAIL  database migrated" in unmigrated.out
     assert "broker migrate" in unmigrated.out
 
@@ -325,15 +326,18 @@ async def test_check_exit_codes(
         },
     )
     incomplete = await broker(capsys, bad_provider, "check")
-    assert incomplete.code == 1
+    assert incomplete.code == 2
     assert "FAIL  providers" in incomplete.out
     assert "providers.acme" in incomplete.out
 
 
 def test_check_exit_code_from_the_real_command(tmp_path: Path) -> None:
-    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}", listen="127.0.0.1:0")
     run = [sys.executable, "-m", "broker", "--config", str(cfg)]
-    assert subprocess.run([*run, "check"], capture_output=True, check=False).returncode == 1
+    # The same file gives the same exit code to `check` as to `serve`, which refuses it.
+    checked = subprocess.run([*run, "check"], capture_output=True, check=False)
+    served = subprocess.run([*run, "serve"], capture_output=True, check=False, timeout=60)
+    assert checked.returncode == served.returncode == 2, served.stderr
     migrated = subprocess.run([*run, "migrate"], capture_output=True, text=True, check=False)
     assert migrated.returncode == 0, migrated.stderr
     done = subprocess.run([*run, "check"], capture_output=True, text=True, check=False)
@@ -400,3 +404,119 @@ def test_bench_help_and_report_name_only_shipped_documents(
         assert not _UNSHIPPED.search(text), text
         for document in re.findall(r"[\w/.-]+\.md\b", text):
             assert (ROOT / document).is_file(), document
+
+
+# -- one way of behaving: listing across users, JSON shape, human times, names ------------------
+
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")
+
+
+async def test_integrations_list_across_users_with_paging(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = await seed(database_url, KEYS, {"alice": 3, "bob": 2})
+    cfg = config(tmp_path, database_url)
+    everyone = await broker(capsys, cfg, "integrations", "list")
+    assert everyone.code == 0, everyone.err
+    lines = everyone.out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "USER", "PROVIDER"]
+    assert {line.split()[0] for line in lines[1:]} == set(tokens)
+
+    first = await broker(capsys, cfg, "integrations", "list", "--limit", "2", "--json")
+    assert first.code == 0, first.err
+    page = re.search(r"--page-token (\S+)", first.err)
+    assert page, first.err
+    rest = await broker(
+        capsys, cfg, "integrations", "list", "--page-token", page.group(1), "--json"
+    )
+    import json
+
+    ids = [i["id"] for i in json.loads(first.out)] + [i["id"] for i in json.loads(rest.out)]
+    assert sorted(ids) == sorted(tokens), "every integration once, across the two pages"
+    twitter = await broker(capsys, cfg, "integrations", "list", "--provider", "twitter", "--json")
+    assert {i["user_id"] for i in json.loads(twitter.out)} == {"alice", "bob"}
+    assert {i["provider"] for i in json.loads(twitter.out)} == {"twitter"}
+    assert_no_secrets(everyone)
+
+
+async def test_json_output_uses_null_and_iso_8601(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    tokens = await seed(database_url, KEYS, {"alice": 1})
+    cfg = config(tmp_path, database_url)
+    (iid,) = tokens
+    shown = json.loads((await broker(capsys, cfg, "integrations", "show", iid, "--json")).out)
+    # An audited change, for the audit trail's JSON below.
+    await broker(capsys, cfg, "integrations", "disconnect", iid, "--skip-revocation")
+    assert shown["disconnected_at"] is None
+    assert shown["last_refreshed_at"] is None
+    for name in ("created_at", "updated_at", "expires_at"):
+        assert ISO.match(shown[name]), shown[name]
+    assert "-" not in {v for v in shown.values() if isinstance(v, str) and len(v) == 1}
+    events = json.loads((await broker(capsys, cfg, "audit", "--all", "--json")).out)
+    assert events, "the disconnect is audited"
+    assert all(ISO.match(e["occurred_at"]) for e in events), events[0]["occurred_at"]
+
+
+async def test_audit_since_takes_human_times(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = await seed(database_url, KEYS, {"alice": 1})
+    cfg = config(tmp_path, database_url)
+    await broker(capsys, cfg, "integrations", "disconnect", *tokens, "--skip-revocation")
+    for since in ("1h", "30m", "yesterday", "today", "2020-01-01"):
+        found = await broker(capsys, cfg, "audit", "--all", "--since", since)
+        assert found.code == 0, (since, found.err)
+        assert "Disconnect" in found.out, since
+    later = await broker(capsys, cfg, "audit", "--all", "--since", "2999-01-01")
+    assert later.code == 0
+    assert "Disconnect" not in later.out
+    bad = await broker(capsys, cfg, "audit", "--all", "--since", "last tuesday")
+    assert bad.code == 2
+    assert bad.err.strip().splitlines() == [
+        "broker: --since: 'last tuesday' is not a time; use e.g. 1h, 30m, 2d, yesterday, "
+        "today, 2026-11-26 or 2026-11-26T09:00:00+00:00"
+    ]
+
+
+async def test_unknown_webhook_is_the_same_error_everywhere(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = config(tmp_path, database_url)
+    answers = set()
+    for argv in (("list", "app"), ("retry", "app"), ("test", "app")):
+        result = await broker(capsys, cfg, "webhooks", *argv)
+        assert result.code == 2, argv
+        answers.add(result.err)
+    assert answers == {"broker: no webhook named 'app' is configured (configured: none)\n"}
+
+
+async def test_grants_list_names_its_flags(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = await broker(capsys, config(tmp_path, database_url), "grants", "list")
+    assert result.code == 2
+    assert "--user" in result.err
+    assert "--run" in result.err
+    assert "user_id" not in result.err
+
+
+async def test_selector_flags_are_one_form_or_the_other(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = await seed(database_url, KEYS, {"alice": 1})
+    cfg = config(tmp_path, database_url)
+    (iid,) = tokens
+    by_owner = await broker(
+        capsys, cfg, "integrations", "show", "--user", "alice", "--provider", "twitter"
+    )
+    assert by_owner.code == 0, by_owner.err
+    assert iid in by_owner.out
+    both = await broker(capsys, cfg, "integrations", "show", iid, "--user", "alice")
+    assert both.code == 2
+    assert "not both" in both.err
+    neither = await broker(capsys, cfg, "integrations", "disconnect")
+    assert neither.code == 2

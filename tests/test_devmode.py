@@ -542,3 +542,67 @@ def test_dev_provider_port_in_use_is_one_line(tmp_path: Path) -> None:
         f"broker: dev provider: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "pick another port with --port"
     ]
+
+
+# -- the operator CLI beside `serve --dev --demo-provider` -------------------------------------
+
+
+def test_cli_disconnect_beside_the_dev_broker_revokes_at_the_demo_provider(
+    project: Path,
+) -> None:
+    """The CLI uses the providers the dev broker has (the demo provider too), so its
+    disconnect revokes at the provider exactly as the RPC does."""
+    import httpx
+    from google.protobuf import json_format
+
+    provider_port = free_port()
+    broker = DevBroker(project, free_port(), args=("--demo-provider", str(provider_port)))
+    try:
+        broker.wait_ready()
+        base = f"http://127.0.0.1:{provider_port}"
+        grant = httpx.get(f"{base}/grant?user_id=erin", timeout=10).json()
+        token = (project / ".broker" / "dev-caller-token").read_text().strip()
+        stored = pb_grpc.CredentialBrokerStub(broker.channel).StoreIntegration(
+            json_format.ParseDict(grant, pb.StoreIntegrationRequest()),
+            metadata=auth(token),
+            timeout=10,
+        )
+        done = run_cli(project, "integrations", "disconnect", stored.integration.id)
+        assert done.returncode == 0, done.stderr
+        assert "DISCONNECTED; provider revocation: REVOKED" in done.stdout
+        assert httpx.get(f"{base}/stats", timeout=10).json()["revoked_tokens"] >= 1
+        # Selected by user and provider, as the RPC's other selector form.
+        shown = run_cli(project, "integrations", "show", "--user", "erin", "--provider", "demo")
+        assert shown.returncode == 0, shown.stderr
+        assert "DISCONNECTED" in shown.stdout
+        assert broker.stop() == 0
+    finally:
+        broker.kill()
+    # A dev broker started without the demo provider leaves no provider behind for the CLI.
+    again = DevBroker(project, free_port())
+    try:
+        again.wait_ready()
+        assert not (project / ".broker" / devmode.PROVIDERS_FILE).exists()
+    finally:
+        again.kill()
+
+
+def test_demo_provider_port_in_use_names_the_serve_flag(project: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "serve", "--dev", "--demo-provider", str(port)],
+            cwd=project,
+            env=clean_env(BROKER_LISTEN=f"127.0.0.1:{free_port()}"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"broker: dev provider: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "pick another port with --demo-provider PORT"
+    )

@@ -354,6 +354,21 @@ class IntegrationService:
         more = len(rows) > size
         return Page(items, encode_page_token(items[-1]) if more and items else "")
 
+    async def list_across_users(
+        self, provider: str, status: Status | None, page_size: int, page_token: str
+    ) -> Page:
+        """Every user's integrations (the operator's ``broker integrations list``; no RPC
+        lists across users)."""
+        validation.text("provider", provider, validation.MAX_PROVIDER, required=False)
+        size = validation.page_size(page_size)
+        after = decode_page_token(page_token) if page_token else None
+        provider = self.canonical(provider) if provider else ""
+        async with storage_errors(), self.engine.connect() as conn:
+            rows = await repository.list_page(conn, None, provider, status, after, size + 1)
+        items = [r.integration for r in rows[:size]]
+        more = len(rows) > size
+        return Page(items, encode_page_token(items[-1]) if more and items else "")
+
     # -- store -----------------------------------------------------------------------------
 
     async def store(self, cmd: StoreCommand) -> tuple[Integration, bool]:

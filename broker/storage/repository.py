@@ -193,7 +193,7 @@ async def update_row(
 
 async def list_page(
     conn: AsyncConnection,
-    user_id: str,
+    user_id: str | None,
     provider: str | None,
     status: Status | None,
     after: tuple[datetime, str] | None,
@@ -201,9 +201,9 @@ async def list_page(
     providers: frozenset[str] | None = None,
     granted: tuple[frozenset[str], frozenset[str]] | None = None,
 ) -> list[StoredIntegration]:
-    """``granted``: (providers, integration ids) of a grant; a row is listed if either
-    covers it."""
-    query = _SELECT.where(t.c.user_id == user_id)
+    """``user_id`` None: every user's. ``granted``: (providers, integration ids) of a grant; a
+    row is listed if either covers it."""
+    query = _SELECT if user_id is None else _SELECT.where(t.c.user_id == user_id)
     if providers is not None:
         query = query.where(t.c.provider.in_(sorted(providers)))
     if granted is not None:

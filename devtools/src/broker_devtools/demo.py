@@ -158,7 +158,13 @@ class DemoProvider:
 
     def apply(self, settings: Settings) -> Settings:
         if self._fake is None:
-            self._fake = start(self.port)
+            try:
+                self._fake = start(self.port)
+            except ConfigError as exc:
+                # start() speaks of `broker dev-provider --port`; here the flag is this one.
+                raise ConfigError(
+                    str(exc).replace("with --port", f"with {self.option} PORT")
+                ) from None
         if NAME in settings.providers:
             raise ConfigError(f"providers.{NAME}: already configured; {self.option} adds its own")
         providers = {**settings.providers, NAME: provider_settings(self._fake)}

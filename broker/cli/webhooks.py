@@ -1,55 +1,63 @@
 """``broker webhooks list|retry|test``: delivery state of the configured webhooks.
 
-Nothing printed carries a secret: endpoints by name and URL, deliveries by event id.
+Nothing printed carries a secret: endpoints by name and URL, deliveries by event id. An
+endpoint name that is not configured is the same usage error (exit 2) in every subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from broker.cli import common, output
+from broker.cli.exits import EXIT_FAILED, EXIT_OK, UsageError
+
 if TYPE_CHECKING:
     from broker.runtime import Runtime
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-
-def _endpoints(runtime: Runtime) -> Any:
-    from broker.domain.webhooks import build_endpoints
-    from broker.providers.catalog import ALIASES
-
-    return build_endpoints(runtime.settings.webhooks, os.environ, ALIASES)
+def _known(runtime: Runtime, name: str) -> None:
+    if name not in runtime.settings.webhooks:
+        configured = ", ".join(sorted(runtime.settings.webhooks)) or "none"
+        raise UsageError(f"no webhook named {name!r} is configured (configured: {configured})")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from broker.cli import _table, _when, _with_runtime
     from broker.storage import webhooks as store
     from broker.storage.engine import storage_errors
     from broker.storage.repository import utc
 
     async def body(runtime: Runtime) -> int:
         configured = runtime.settings.webhooks
+        if args.name:
+            _known(runtime, args.name)
         async with storage_errors(), runtime.engine.connect() as conn:
             if args.name:
                 rows = await store.deliveries(conn, args.name, args.state, args.limit)
-                found = [
+                found: list[dict[str, Any]] = [
                     {
                         "event_id": r.event_id,
                         "state": r.state,
                         "attempts": r.attempts,
                         "last_status": r.last_status,
                         "last_error": r.last_error,
-                        "next_attempt_at": _when(utc(r.next_attempt_at)),
-                        "delivered_at": _when(utc(r.delivered_at)),
+                        "next_attempt_at": utc(r.next_attempt_at),
+                        "delivered_at": utc(r.delivered_at),
                     }
                     for r in rows
                 ]
-                header = ["EVENT", "STATE", "ATTEMPTS", "STATUS", "ERROR", "NEXT", "DELIVERED"]
+                columns = [
+                    ("EVENT", "event_id"),
+                    ("STATE", "state"),
+                    ("ATTEMPTS", "attempts"),
+                    ("STATUS", "last_status"),
+                    ("ERROR", "last_error"),
+                    ("NEXT", "next_attempt_at"),
+                    ("DELIVERED", "delivered_at"),
+                ]
             else:
                 summary: dict[str, dict[str, Any]] = {}
                 for r in await store.summary(conn):
@@ -57,9 +65,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                         r.name,
                         {
                             "name": r.name,
-                            "url": configured[r.name].url if r.name in configured else "-",
+                            "url": configured[r.name].url if r.name in configured else None,
                             "cursor": r.cursor,
-                            "lease_owner": r.lease_owner or "-",
+                            "lease_owner": r.lease_owner or None,
                             "PENDING": 0,
                             "DELIVERED": 0,
                             "FAILED": 0,
@@ -68,40 +76,45 @@ def cmd_list(args: argparse.Namespace) -> int:
                     if r.state:
                         item[r.state] = r.n
                 found = list(summary.values())
-                header = ["NAME", "URL", "CURSOR", "LEASE", "PENDING", "DELIVERED", "FAILED"]
-        if args.json:
-            print(json.dumps(found, indent=2, default=str))
-            return EXIT_OK
-        _table([header, *[[str(v) for v in f.values()] for f in found]], sys.stdout)
+                columns = [
+                    ("NAME", "name"),
+                    ("URL", "url"),
+                    ("CURSOR", "cursor"),
+                    ("LEASE", "lease_owner"),
+                    ("PENDING", "PENDING"),
+                    ("DELIVERED", "DELIVERED"),
+                    ("FAILED", "FAILED"),
+                ]
+        output.records(found, columns, as_json=args.json, empty="nothing to show")
         return EXIT_OK
 
-    return _with_runtime(args, body)
+    return common.with_runtime(args, body)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from broker.cli import _with_runtime
     from broker.storage import webhooks as store
     from broker.storage.engine import storage_errors
 
     async def body(runtime: Runtime) -> int:
+        _known(runtime, args.name)
         async with storage_errors(), runtime.engine.begin() as conn:
             count = await store.retry_failed(conn, args.name, runtime.clock(), args.event)
         print(f"{count} failed deliver{'y' if count == 1 else 'ies'} of {args.name} queued again")
         return EXIT_OK if count else EXIT_FAILED
 
-    return _with_runtime(args, body)
+    return common.with_runtime(args, body)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from broker.cli import _with_runtime
     from broker.domain.events import Event, EventType
-    from broker.domain.webhooks import WebhookDispatcher
+    from broker.domain.webhooks import WebhookDispatcher, build_endpoints
+    from broker.providers.catalog import ALIASES
 
     async def body(runtime: Runtime) -> int:
-        endpoints = {e.name: e for e in _endpoints(runtime)}
-        if args.name not in endpoints:
-            print(f"broker: no webhook named {args.name!r} is configured", file=sys.stderr)
-            return EXIT_CONFIG
+        _known(runtime, args.name)
+        endpoints = {
+            e.name: e for e in build_endpoints(runtime.settings.webhooks, os.environ, ALIASES)
+        }
         sample = Event(
             id=0,
             occurred_at=datetime.now(UTC),
@@ -126,12 +139,11 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"{args.name}: not delivered ({error})")
         return EXIT_FAILED
 
-    return _with_runtime(args, body)
+    return common.with_runtime(args, body)
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``webhooks`` to the ``broker`` command's subparsers."""
-    hooks = subparsers.add_parser(
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    hooks = sub.add_parser(
         "webhooks", help="webhook endpoints and their deliveries"
     ).add_subparsers(dest="sub", required=True)
     lst = hooks.add_parser("list", help="endpoints with delivery counts, or one's deliveries")
