@@ -313,6 +313,20 @@ async def test_audience_and_stolen_grant(stub: pb_grpc.CredentialBrokerAsyncStub
         Code.PERMISSION_DENIED,
         "GRANT_AUDIENCE",
     )
+    # ... and its own issuer, whom presenting it only narrows (a lone dev caller tries grants
+    # this way, with no audience to name).
+    by_issuer = await stub.GetAccessToken(
+        request, metadata=with_grant(ADMIN, default.grant_token)
+    )
+    assert by_issuer.access_token == "at-a-twitter"
+    await expect_error(
+        stub.GetAccessToken(
+            pb.GetAccessTokenRequest(user_id="user-b", provider="twitter"),
+            metadata=with_grant(ADMIN, default.grant_token),
+        ),
+        Code.PERMISSION_DENIED,
+        "GRANT_SCOPE",
+    )
     await expect_error(
         create_grant(stub, audience=["nobody-configured"]),
         Code.INVALID_ARGUMENT,

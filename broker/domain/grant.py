@@ -53,7 +53,12 @@ class Grant:
         )
 
     def admits(self, caller_name: str, requires_grant: bool) -> bool:
-        return caller_name in self.audience if self.audience else requires_grant
+        """An audience admits the callers it names. Without one, a grant admits the callers
+        configured ``requires_grant`` and its own issuer: presenting its own grant only
+        narrows what the issuer may read (and is how a single dev caller tries grants)."""
+        if self.audience:
+            return caller_name in self.audience
+        return requires_grant or caller_name == self.issuer
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
