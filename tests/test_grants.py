@@ -315,9 +315,7 @@ async def test_audience_and_stolen_grant(stub: pb_grpc.CredentialBrokerAsyncStub
     )
     # ... and its own issuer, whom presenting it only narrows (a lone dev caller tries grants
     # this way, with no audience to name).
-    by_issuer = await stub.GetAccessToken(
-        request, metadata=with_grant(ADMIN, default.grant_token)
-    )
+    by_issuer = await stub.GetAccessToken(request, metadata=with_grant(ADMIN, default.grant_token))
     assert by_issuer.access_token == "at-a-twitter"
     await expect_error(
         stub.GetAccessToken(

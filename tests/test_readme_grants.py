@@ -80,6 +80,7 @@ async def run_states(broker: Broker, run_id: str) -> list[int]:
 
 async def test_python_orchestrator_and_runner(broker: Broker, tmp_path: Path) -> None:
     (code,) = blocks("python")
+    assert not re.search(r"^(from|import) broker\b", code, re.M), "client imports only"
     script = tmp_path / "orchestrator.py"
     script.write_text(code)
     status, out, err = await run(

@@ -62,7 +62,7 @@ def test_async_example_runs_as_written(dev_broker: DevBroker) -> None:
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
     _, provider, status = line.split()
-    assert (provider, status) == ("twitter", "1")
+    assert (provider, status) == ("twitter", "INTEGRATION_STATUS_CONNECTED")
 
 
 def test_client_distribution_stands_alone() -> None:
