@@ -26,7 +26,7 @@ def handlers() -> str:
     text = README.read_text()
     start = text.index("### Wiring a web backend's callback route")
     (code,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
-    return code
+    return str(code)
 
 
 @pytest.fixture
