@@ -233,9 +233,8 @@ class RefreshEngine:
                 retry_after=1.0,
                 integration_id=stored.integration.id,
             ) from None
-        except (ProviderUnavailable, ProviderMisconfigured):
-            # The provider is down, refuses us, or the integration is backing off after such
-            # an answer; the token we have may still do for this caller.
+        except ProviderUnavailable:
+            # The provider is down; the token we have may still do for this caller.
             if self._still_satisfies(stored, request):
                 return self.cipher.access_token(stored)
             raise
@@ -380,7 +379,8 @@ class RefreshEngine:
             return row, True
         if not moved and not request.force_refresh and not self.due(row, request):
             return row, False
-        self._check_cool_down(row, now)
+        if self._cooling_down(row, request, now):
+            return row, moved
         if not row.renewable:
             raise ReauthorizationRequired(
                 f"integration {row.integration.id} has no refresh token and its access token is "
@@ -389,17 +389,20 @@ class RefreshEngine:
             )
         return None
 
-    def _check_cool_down(self, row: StoredIntegration, now: Any) -> None:
-        """After a failed refresh of any kind the integration backs off: callers meet the
-        failure it backs off from instead of sending another request (after an unknown
-        outcome that is also what keeps a maybe-rotated refresh token from being presented
-        again at once: README, "Refresh safety")."""
+    def _cooling_down(self, row: StoredIntegration, request: TokenRequest, now: Any) -> bool:
+        """After a failed refresh of any kind the integration backs off: no request is sent
+        before its ``next_refresh_at`` (after an unknown outcome that is also what keeps a
+        maybe-rotated refresh token from being presented again at once: README, "Refresh
+        safety"). True: serve the stored token, it still does for this caller; otherwise the
+        caller meets the failure the integration backs off from."""
         failed = refresh_policy.cool_down(row.last_refresh_error, row.next_refresh_at, now)
         if failed is None:
-            return
+            return False
         iid = row.integration.id
         provider = row.integration.provider
         metrics.REFRESH_SKIPPED.labels(provider, "cool_down").inc()
+        if self._still_satisfies(row, request):
+            return True
         wait = max(1.0, failed.seconds_from(now))
         if failed.kind.misconfigured:
             raise ProviderMisconfigured(
@@ -550,8 +553,8 @@ class RefreshEngine:
         REFRESH_FAILED event at the threshold), give the lease back, and raise."""
         iid = row.integration.id
         provider = row.integration.provider
-        # A Retry-After longer than the back-off is honoured by this integration too.
-        failed = self._failed(row, FailureKind.UNAVAILABLE, min(exc.retry_after, 600.0))
+        # (A Retry-After is the throttle's: it pauses every integration of the provider.)
+        failed = self._failed(row, FailureKind.UNAVAILABLE)
         await self._release(
             iid,
             failed.values(),
@@ -574,7 +577,7 @@ class RefreshEngine:
             f"provider {provider!r} is unavailable and the stored token cannot "
             f"satisfy the request: {exc.message}",
             # When this integration will be tried again (callers meanwhile get this answer).
-            retry_after=max(failed.seconds_from(self.clock()), 1.0),
+            retry_after=max(failed.seconds_from(self.clock()), exc.retry_after, 1.0),
             integration_id=iid,
             provider=provider,
         ) from None
