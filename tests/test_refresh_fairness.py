@@ -157,7 +157,8 @@ async def test_failing_integrations_do_not_starve_a_healthy_one(
         stored = await row(broker, iid)
         assert stored.last_refresh_error == "client_rejected"
         assert stored.refresh_failures >= 2
-        assert stored.next_refresh_at is not None and stored.next_refresh_at > clock.now
+        assert stored.next_refresh_at is not None
+        assert stored.next_refresh_at > clock.now
     # A caller of a failing integration meets the failure it backs off from, and the
     # endpoint is not asked again.
     before = hits(hostile)
@@ -283,9 +284,7 @@ async def test_short_tokens_are_refreshed_at_half_their_lifetime_on_calls(
                     ),
                     metadata=ADMIN,
                 )
-                assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(
-                    seconds=100
-                )
+                assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(seconds=100)
                 # ... and more than the lifetime is unattainable, as before.
                 await expect_error(
                     stub.GetAccessToken(
@@ -370,9 +369,7 @@ async def test_callers_respect_the_back_off(
     # When the back-off is over the provider is asked again (and has recovered).
     good.reset_failures()
     clock.advance(timedelta(seconds=wait + 1))
-    fresh = await stub.GetAccessToken(
-        pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
-    )
+    fresh = await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN)
     assert fresh.refreshed
     stored = await row(broker, iid)
     assert stored.refresh_failures == 0
@@ -420,7 +417,8 @@ async def test_a_broker_process_is_not_starved(
         "providers": providers(good, hostile),
     }
     async with replica_set(tmp_path, url, sections, {"BROKER_KEYS": KEYS}, count=1) as [process]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{process.port}")
+        try:
             stub = pb_grpc.CredentialBrokerStub(channel)
             await store_failing(stub, FAILING)
             healthy, _, _ = await store_grant(stub, good, expires_in=60, user_id="victim")
@@ -438,3 +436,5 @@ async def test_a_broker_process_is_not_starved(
             assert not got.refreshed
             errors = [line for line in process.log if "ERROR" in line]
             assert len(errors) <= FAILING, errors[:5]
+        finally:
+            await channel.close(None)
