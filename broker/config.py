@@ -220,6 +220,14 @@ class RefreshSettings(_Section):
     # Per provider (providers.NAME.max_refreshes_per_second overrides): refresh requests
     # started per second; 0 = no rate limit (a 429/503 Retry-After pauses a provider anyway).
     max_refreshes_per_second_per_provider: float = Field(default=0.0, ge=0)
+    # After a failed refresh of any kind the integration waits before its next attempt (caller
+    # or background): this many seconds after the first failure, doubling with each failure in
+    # a row, at most `failure_backoff_max_seconds`, lengthened by up to a quarter at random.
+    failure_backoff_seconds: float = Field(default=60.0, gt=0, le=3600)
+    failure_backoff_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    # Attempts one background pass makes per provider; due integrations past it wait for the
+    # next pass, so one provider's backlog cannot take a whole pass from the others.
+    background_attempts_per_provider: int = Field(default=100, ge=1, le=100_000)
 
 
 class TlsSettings(_Section):

@@ -23,6 +23,19 @@ REFRESHES = Counter(
     "Provider refresh calls, by provider and outcome",
     ["provider", "outcome"],
 )
+REFRESH_SKIPPED = Counter(
+    "broker_refresh_skipped_total",
+    "Refreshes not attempted, by provider and reason: budget (the background pass's attempts "
+    "for that provider were spent), cool_down (a caller met an integration backing off after "
+    "a failure)",
+    ["provider", "reason"],
+)
+REFRESH_BACKOFF = Histogram(
+    "broker_refresh_backoff_seconds",
+    "Wait set after a failed refresh before that integration's next attempt, by provider",
+    ["provider"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 86400),
+)
 AUDIT_BATCH = Histogram(
     "broker_audit_batch_size",
     "Audit events committed per transaction (group commit)",

@@ -68,7 +68,13 @@ def event_settings(database_url: str, fake: FakeAuthServer, **overrides: Any) ->
                 "methods": ["GetAccessToken"],
             },
         },
-        refresh={"max_attempts": 1, "provider_timeout_seconds": 2, "background": False},
+        # Failures follow each other at once: no back-off between them.
+        refresh={
+            "max_attempts": 1,
+            "provider_timeout_seconds": 2,
+            "background": False,
+            "failure_backoff_seconds": 0.001,
+        },
         events={"poll_seconds": 0.2, "heartbeat_seconds": 0.5, "refresh_failure_threshold": 2},
         **overrides,
     )

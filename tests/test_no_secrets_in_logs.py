@@ -184,6 +184,8 @@ def settings(
             "max_attempts": 1,
             "background": False,
             "outcome_unknown_retry_seconds": 0,
+            # The failures below follow each other at once: no back-off between them.
+            "failure_backoff_seconds": 0.001,
         },
         logging={"level": "DEBUG", "access_log_level": "DEBUG"},
         webhooks={

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
@@ -18,6 +18,7 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.storage import repository
+from broker.storage.engine import touch, write_transaction
 from broker.storage.tables import integrations
 from tests.conftest import ADMIN, expect_error, make_settings, retry_info
 from tests.fakeauth import FakeAuthServer
@@ -256,20 +257,35 @@ async def test_provider_failures(
     assert "at_" not in (error.details() or "")
 
 
+async def end_cool_down(broker: Broker, iid: str) -> None:
+    """Move the integration's back-off after a failure into the past (as time would)."""
+    async with write_transaction(broker.engine, broker.refresher.invalidate) as conn:
+        await conn.execute(
+            update(integrations)
+            .where(integrations.c.id == iid)
+            .values(next_refresh_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        await touch(conn, iid)
+
+
 async def test_transient_failure_serves_current_token_when_it_still_satisfies(
-    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     iid, access, _ = await store_grant(stub, fake, expires_in=20)  # inside the 30 s margin
     fake.fail_always("unavailable")
     got = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=10))
     assert got.access_token == access
     assert not got.refreshed
+    calls = fake.refresh_calls
+    # Backing off after the failure: the provider is not asked again on the next call.
     await expect_error(
         token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=60)),
         Code.UNAVAILABLE,
         "PROVIDER_UNAVAILABLE",
     )
+    assert fake.refresh_calls == calls
     fake.reset_failures()
+    await end_cool_down(broker, iid)
     fresh = await token(stub, iid, min_valid_for=duration_pb2.Duration(seconds=60))
     assert fresh.refreshed
 

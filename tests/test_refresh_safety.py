@@ -37,6 +37,8 @@ async def broker(database_url: str, fake: FakeAuthServer) -> AsyncIterator[Broke
                 "provider_timeout_seconds": 3,
                 "provider_connect_timeout_seconds": 1,
                 "outcome_unknown_retry_seconds": 2,
+                # Shorter than that pause: the pause is what the cool-down test waits out.
+                "failure_backoff_seconds": 1,
                 "max_attempts": 3,
                 "background": False,
             },

@@ -247,7 +247,7 @@ async def test_a_paused_provider_does_not_make_the_background_pass_spin(
     claims = 0
     claim_due = repository.claim_due
 
-    async def counting(*args: Any, **kwargs: Any) -> list[str]:
+    async def counting(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
         nonlocal claims
         found = await claim_due(*args, **kwargs)
         claims += bool(found)

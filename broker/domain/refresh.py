@@ -53,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
 from broker.config import RefreshSettings
-from broker.domain import events, periodic
+from broker.domain import events, periodic, refresh_policy
 from broker.domain.model import (
     AccessToken,
     NewTokens,
@@ -62,6 +62,7 @@ from broker.domain.model import (
     StoredIntegration,
     TokenRequest,
 )
+from broker.domain.refresh_policy import Failure, FailureKind, PassBudget
 from broker.domain.service import REFRESH, Clock, TokenCipher, check_servable, remaining
 from broker.errors import (
     BrokerError,
@@ -89,7 +90,7 @@ log = logging.getLogger("broker.refresh")
 # How long a caller without a gRPC deadline may wait for a refresh, provider retries included.
 DEFAULT_BUDGET = 20.0
 _PERSIST_ATTEMPTS = 5
-OUTCOME_UNKNOWN = "outcome_unknown"
+OUTCOME_UNKNOWN = FailureKind.OUTCOME_UNKNOWN.value
 
 
 def _no_session() -> int | None:
@@ -166,6 +167,9 @@ class RefreshEngine:
         self._answer_by: float | None = None
         # Consecutive transient failures after which a REFRESH_FAILED event is written.
         self.failure_threshold = 3
+        self.backoff = refresh_policy.Backoff(
+            settings.failure_backoff_seconds, settings.failure_backoff_max_seconds
+        )
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -187,12 +191,19 @@ class RefreshEngine:
     def due(
         self, stored: StoredIntegration, request: TokenRequest, now: datetime | None = None
     ) -> bool:
-        """Refresh when ``expires_at - now < max(margin, min_valid_for)``."""
-        expires_at = stored.integration.expires_at
-        if expires_at is None:
+        """Refresh when ``expires_at - now < max(effective margin, min_valid_for)``; the
+        effective margin is at most half the lifetime of the token the provider last issued
+        (broker.domain.refresh_policy)."""
+        integration = stored.integration
+        if integration.expires_at is None:
             return False
-        left = expires_at - (self.clock() if now is None else now)
-        return left < max(self.margin(stored.integration.provider), request.min_valid_for)
+        return refresh_policy.is_due(
+            integration.expires_at,
+            self.clock() if now is None else now,
+            self.margin(integration.provider),
+            stored.issued_lifetime_seconds,
+            request.min_valid_for,
+        )
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -368,7 +379,8 @@ class RefreshEngine:
             return row, True
         if not moved and not request.force_refresh and not self.due(row, request):
             return row, False
-        self._check_cool_down(row, now)
+        if self._cooling_down(row, request, now):
+            return row, moved
         if not row.renewable:
             raise ReauthorizationRequired(
                 f"integration {row.integration.id} has no refresh token and its access token is "
@@ -377,18 +389,52 @@ class RefreshEngine:
             )
         return None
 
-    def _check_cool_down(self, row: StoredIntegration, now: Any) -> None:
-        """After a sent refresh whose fate is unknown, wait before presenting that refresh
-        token again (README, "Refresh safety")."""
-        until = row.next_refresh_at
-        if row.last_refresh_error != OUTCOME_UNKNOWN or until is None or until <= now:
-            return
-        raise ProviderUnavailable(
-            f"the last refresh of integration {row.integration.id} was sent but got no usable "
-            "answer; the broker waits before trying again",
-            retry_after=max(1.0, (until - now).total_seconds()),
-            integration_id=row.integration.id,
+    def _cooling_down(self, row: StoredIntegration, request: TokenRequest, now: Any) -> bool:
+        """After a failed refresh of any kind the integration backs off: no request is sent
+        before its ``next_refresh_at`` (after an unknown outcome that is also what keeps a
+        maybe-rotated refresh token from being presented again at once: README, "Refresh
+        safety"). True: serve the stored token, it still does for this caller; otherwise the
+        caller meets the failure the integration backs off from."""
+        failed = refresh_policy.cool_down(row.last_refresh_error, row.next_refresh_at, now)
+        if failed is None:
+            return False
+        iid = row.integration.id
+        provider = row.integration.provider
+        metrics.REFRESH_SKIPPED.labels(provider, "cool_down").inc()
+        if self._still_satisfies(row, request):
+            return True
+        wait = max(1.0, failed.seconds_from(now))
+        if failed.kind.misconfigured:
+            raise ProviderMisconfigured(
+                f"provider {provider!r} refused the last refresh of integration {iid} "
+                f"({failed.kind.value}); the broker tries again in {wait:.0f}s, or at once "
+                "after the integration is stored again",
+                integration_id=iid,
+                provider=provider,
+                retry_after_seconds=f"{wait:.0f}",
+            )
+        if failed.kind is FailureKind.OUTCOME_UNKNOWN:
+            message = (
+                f"the last refresh of integration {iid} was sent but got no usable answer; "
+                "the broker waits before trying again"
+            )
+        else:
+            message = (
+                f"the last refresh of integration {iid} failed (provider {provider!r} "
+                "unavailable); the broker waits before trying again"
+            )
+        raise ProviderUnavailable(message, retry_after=wait, integration_id=iid, provider=provider)
+
+    def _failed(self, row: StoredIntegration, kind: FailureKind, at_least: float = 0.0) -> Failure:
+        """One more failure in the row's run, and how long it backs off (the one schedule for
+        every kind of failure, so a broken endpoint is not pressed on every pass or call)."""
+        failed = refresh_policy.failure(
+            kind, row.refresh_failures, self.clock(), self.backoff, at_least=at_least
         )
+        metrics.REFRESH_BACKOFF.labels(row.integration.provider).observe(
+            failed.seconds_from(self.clock())
+        )
+        return failed
 
     # -- calling the provider ------------------------------------------------------------------
 
@@ -406,7 +452,7 @@ class RefreshEngine:
         except UnknownProvider:
             await self._release(
                 iid,
-                {"last_refresh_error": "no_client"},
+                self._failed(row, FailureKind.NO_CLIENT).values(),
                 partial(
                     events.provider_misconfigured,
                     integration=row.integration,
@@ -465,7 +511,7 @@ class RefreshEngine:
                 self.registry.mark_misconfigured(provider, exc.message)
                 await self._release(
                     iid,
-                    {"last_refresh_error": "client_rejected"},
+                    self._failed(row, FailureKind.CLIENT_REJECTED).values(),
                     partial(
                         events.provider_misconfigured,
                         integration=row.integration,
@@ -507,20 +553,16 @@ class RefreshEngine:
         REFRESH_FAILED event at the threshold), give the lease back, and raise."""
         iid = row.integration.id
         provider = row.integration.provider
-        failures = row.refresh_failures + 1
+        # (A Retry-After is the throttle's: it pauses every integration of the provider.)
+        failed = self._failed(row, FailureKind.UNAVAILABLE)
         await self._release(
             iid,
-            {
-                "refresh_failures": failures,
-                "last_refresh_error": "provider_unavailable",
-                "next_refresh_at": self.clock()
-                + timedelta(seconds=min(300.0, 5.0 * 2 ** min(failures, 6))),
-            },
+            failed.values(),
             partial(
                 events.refresh_failed,
                 integration=row.integration,
                 at=self.clock(),
-                failures=failures,
+                failures=failed.failures,
                 threshold=self.failure_threshold,
             ),
         )
@@ -534,7 +576,8 @@ class RefreshEngine:
         raise ProviderUnavailable(
             f"provider {provider!r} is unavailable and the stored token cannot "
             f"satisfy the request: {exc.message}",
-            retry_after=max(exc.retry_after, 1.0),
+            # When this integration will be tried again (callers meanwhile get this answer).
+            retry_after=max(failed.seconds_from(self.clock()), exc.retry_after, 1.0),
             integration_id=iid,
             provider=provider,
         ) from None
@@ -575,21 +618,21 @@ class RefreshEngine:
 
     async def _outcome_unknown(self, row: StoredIntegration, exc: ProviderOutcomeUnknown) -> None:
         iid = row.integration.id
-        cool_down = self.settings.outcome_unknown_retry_seconds
+        # Never sooner than the pause that lets a first request still being processed end.
+        failed = self._failed(
+            row, FailureKind.OUTCOME_UNKNOWN, self.settings.outcome_unknown_retry_seconds
+        )
+        cool_down = failed.seconds_from(self.clock())
         await self._release(
             iid,
-            {
-                "refresh_failures": row.refresh_failures + 1,
-                "last_refresh_error": OUTCOME_UNKNOWN,
-                "next_refresh_at": self.clock() + timedelta(seconds=cool_down),
-            },
+            failed.values(),
             # An unknown outcome counts in the run of failures, so it can be the one that
             # reaches the threshold (the event is written once per run, at the threshold).
             partial(
                 events.refresh_failed,
                 integration=row.integration,
                 at=self.clock(),
-                failures=row.refresh_failures + 1,
+                failures=failed.failures,
                 threshold=self.failure_threshold,
             ),
         )
@@ -766,7 +809,12 @@ class RefreshEngine:
 
     async def background_pass(self, batch: int = 10, max_batches: int = 100) -> int:
         """Refresh integrations that will be due before the next pass; returns the number of
-        provider calls made (informational: foreground refreshes running meanwhile count too)."""
+        provider calls made (informational: foreground refreshes running meanwhile count too).
+
+        Each row is claimed (and attempted) at most once per pass, rows backing off after a
+        failure are not claimed, rows that never failed are claimed first, and each provider
+        gets at most ``background_attempts_per_provider`` attempts: failing rows cannot crowd
+        out healthy ones, nor one provider the others."""
         await self.flush_unsaved()
         before = self.provider_calls
         interval = timedelta(seconds=self.settings.background_interval_seconds)
@@ -774,12 +822,14 @@ class RefreshEngine:
             [timedelta(seconds=self.settings.margin_seconds)]
             + [self.margin(p.name) for p in self.registry]
         )
+        budget = PassBudget(self.settings.background_attempts_per_provider)
+        seen: set[str] = set()
         for _ in range(max_batches):
             if self.draining:
                 break
             now = self.clock()
             async with write_transaction(self.engine, self.invalidate) as conn:
-                ids = await repository.claim_due(
+                claimed = await repository.claim_due(
                     conn,
                     now + widest + interval,
                     now,
@@ -787,14 +837,25 @@ class RefreshEngine:
                     self.owner,
                     batch,
                     self.session(),
+                    skip_ids=seen,
+                    skip_providers=budget.exhausted,
                 )
-            if not ids:
+            if not claimed:
                 break
-            await asyncio.gather(*(self._background_one(iid, interval) for iid in ids))
+            seen.update(iid for iid, _ in claimed)
+            await asyncio.gather(
+                *(
+                    self._background_one(iid, interval, provider, budget)
+                    for iid, provider in claimed
+                )
+            )
         return self.provider_calls - before
 
-    async def _background_one(self, iid: str, interval: timedelta) -> None:
-        """Refresh one integration whose lease this broker already holds."""
+    async def _background_one(
+        self, iid: str, interval: timedelta, provider: str, budget: PassBudget
+    ) -> None:
+        """Refresh one integration whose lease this broker already holds (if it is due and its
+        provider's budget for this pass is not spent)."""
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
         async with storage_errors(), self.engine.connect() as conn:
             row = await repository.get(conn, iid)
@@ -807,6 +868,11 @@ class RefreshEngine:
             if iid in self._flights:
                 return
         if row is None or running is not None or not self.due(row, ahead):
+            await self._release(iid, {})
+            return
+        if not budget.take(provider):
+            # Claimed in the batch that spent the budget; left for the next pass.
+            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
             await self._release(iid, {})
             return
         task = asyncio.create_task(self._leased_flight(row, ahead), name=f"refresh-{iid}")

@@ -499,6 +499,8 @@ class IntegrationService:
             "revocation": None,
             "refresh_failures": 0,
             "last_refresh_error": None,
+            # New tokens or a new credential end any back-off from the old ones' failures.
+            "next_refresh_at": None,
         }
         tokens = cmd.tokens
         existing = await repository.find_by_owner(

@@ -6,7 +6,7 @@ re-encryption batch) can never overwrite newer tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -397,13 +397,19 @@ async def claim_due(
     owner: str,
     limit: int,
     session: int | None = None,
-) -> list[str]:
-    """Lease up to ``limit`` connected integrations that expire before ``horizon`` and that
-    nobody is refreshing. On PostgreSQL, replicas claiming at once skip each other's rows
-    (``FOR UPDATE SKIP LOCKED``) instead of queueing on them, so they share the work."""
-    return await _claim(
-        conn,
-        select(t.c.id)
+    *,
+    skip_ids: Collection[str] = (),
+    skip_providers: Collection[str] = (),
+) -> list[tuple[str, str]]:
+    """Lease up to ``limit`` connected integrations that expire before ``horizon``, that
+    nobody is refreshing and that are not waiting (``next_refresh_at``) after a failure;
+    returns (id, provider) pairs. Rows that never failed come first, then by expiry, so rows
+    that keep failing cannot crowd out the others; ``skip_ids`` (claimed earlier in the same
+    pass) and ``skip_providers`` (whose attempts for the pass are spent) are left alone. On
+    PostgreSQL, replicas claiming at once skip each other's rows (``FOR UPDATE SKIP
+    LOCKED``) instead of queueing on them, so they share the work."""
+    query = (
+        select(t.c.id, t.c.provider)
         .where(
             t.c.status == "CONNECTED",
             or_(
@@ -419,21 +425,32 @@ async def claim_due(
             or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),
             _lease_free(conn, now),
         )
-        .order_by(t.c.expires_at)
-        .limit(limit),
-        owner,
-        until,
-        session,
+        .order_by(t.c.refresh_failures > 0, t.c.expires_at)
+        .limit(limit)
     )
+    if skip_ids:
+        query = query.where(t.c.id.not_in(sorted(skip_ids)))
+    if skip_providers:
+        query = query.where(t.c.provider.not_in(sorted(skip_providers)))
+    rows = await _claim_rows(conn, query, owner, until, session)
+    return [(row[0], row[1]) for row in rows]
 
 
 async def _claim(
     conn: AsyncConnection, query: Any, owner: str, until: datetime, session: int | None = None
 ) -> list[str]:
     """Lease the rows ``query`` selects, in the same transaction as the selection."""
+    return [row[0] for row in await _claim_rows(conn, query, owner, until, session)]
+
+
+async def _claim_rows(
+    conn: AsyncConnection, query: Any, owner: str, until: datetime, session: int | None = None
+) -> list[Any]:
+    """Lease the rows ``query`` selects (their id first), returning the selected rows."""
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    ids = [row[0] for row in (await conn.execute(query)).all()]
+    rows = list((await conn.execute(query)).all())
+    ids = [row[0] for row in rows]
     if ids:
         await conn.execute(
             update(t)
@@ -442,7 +459,7 @@ async def _claim(
                 refresh_lease_owner=owner, refresh_lease_until=until, refresh_lease_session=session
             )
         )
-    return ids
+    return rows
 
 
 async def claim_pending_revocations(

@@ -29,11 +29,17 @@ def fake() -> Iterator[FakeAuthServer]:
 
 @pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer) -> Settings:
-    # One provider call per broker call: the client's retries are what the tests count.
+    # One provider call per broker call: the client's retries are what the tests count (and
+    # a back-off after a failure shorter than the RetryInfo the provider's 503 brings).
     return make_settings(
         database_url,
         providers={"acme": acme(fake), "keyed": {"kinds": ["api_key"]}},
-        refresh={"background": False, "max_attempts": 1, "provider_timeout_seconds": 5},
+        refresh={
+            "background": False,
+            "max_attempts": 1,
+            "provider_timeout_seconds": 5,
+            "failure_backoff_seconds": 0.5,
+        },
     )
 
 
