@@ -443,7 +443,7 @@ async def test_error_description_goes_to_the_log_only_cleaned_and_truncated(
     logged = [r.getMessage() for r in caplog.records if "line one" in r.getMessage()]
     assert len(logged) == 1
     assert "line one FORGED log line two xxx" in logged[0]
-    assert "\n" not in logged[0] and "\u2028" not in logged[0] and "\x85" not in logged[0]
+    assert not any(c in logged[0] for c in "\n\u2028\x85")
     assert "TAIL" not in logged[0]
     assert "…" in logged[0]
     assert len(logged[0]) < 400
