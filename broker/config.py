@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from broker import egress
 from broker.errors import ConfigError
 
 log = logging.getLogger("broker.config")
@@ -127,6 +128,10 @@ class ProviderSettings(_Section):
     """One OAuth 2.0 provider; for a built-in every key is an optional override."""
 
     token_url: str | None = None
+    # Other token endpoints a client_credentials or service_account credential may name in
+    # its token_url (e.g. one per tenant). Default: none, only token_url: a caller never
+    # chooses where the broker sends a secret.
+    allowed_token_urls: list[str] = Field(default_factory=list)
     authorization_url: str | None = None
     revocation_url: str | None = None
     client_id: str | None = None
@@ -285,9 +290,6 @@ class EventsSettings(_Section):
     refresh_failure_threshold: int = Field(default=3, ge=1, le=1000)
 
 
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
 class WebhookSettings(_Section):
     """One webhook endpoint: matching events POSTed as JSON, signed per Standard Webhooks."""
 
@@ -307,13 +309,11 @@ class WebhookSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        scheme, _, rest = value.partition("://")
-        host = rest.split("/", 1)[0].rsplit(":", 1)[0] if rest else ""
-        if scheme == "https" and host:
-            return value
-        if scheme == "http" and host in _LOOPBACK_HOSTS:
-            return value
-        raise ValueError("must be an https:// URL (http:// only on loopback)")
+        # Checked by the parser that sends it: a check of its own could read another host.
+        problem = egress.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class MetricsSettings(_Section):

@@ -20,10 +20,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from broker import egress
 from broker.domain import validation
 from broker.domain.model import Credential, Kind
 from broker.errors import InvalidArgument
-from broker.providers.profile import safe_url
+from broker.providers.profile import ProviderProfile
 
 # The column name bound into the credential's associated data.
 CREDENTIAL = "credential"
@@ -46,11 +47,25 @@ def token_type(kind: Kind) -> str:
 # -- validation ----------------------------------------------------------------------------
 
 
-def validate(credential: Credential) -> Credential:
-    """The credential with its fields checked and normalised; InvalidArgument names the field."""
+def validate(credential: Credential, profile: ProviderProfile | None = None) -> Credential:
+    """The credential with its fields checked and normalised; InvalidArgument names the field.
+
+    With the provider's ``profile``, a token endpoint the credential names must be one the
+    operator configured for that provider (the broker mints at it again and again, with the
+    credential's secret: a caller must not choose it). Without one (a bare check), the mint
+    refuses an unlisted endpoint instead."""
     check = _VALIDATORS[credential.kind]
     where = f"credential.{credential.kind.value}"
-    return Credential(credential.kind, check(where, dict(credential.fields)))
+    fields = check(where, dict(credential.fields), profile)
+    if (
+        profile is not None
+        and credential.kind in (Kind.CLIENT_CREDENTIALS, Kind.SERVICE_ACCOUNT)
+        and not (fields["token_url"] or profile.token_url)
+    ):
+        raise InvalidArgument(
+            f"{where}.token_url", f"is required: provider {profile.name!r} has no token_url"
+        )
+    return Credential(credential.kind, fields)
 
 
 def _secret(where: str, fields: Mapping[str, Any], name: str, limit: int = _MAX_KEY) -> str:
@@ -68,16 +83,39 @@ def _plain(where: str, fields: Mapping[str, Any], name: str, *, required: bool =
     return validation.text(f"{where}.{name}", value, validation.MAX_ID, required=required)
 
 
-def _url(where: str, fields: Mapping[str, Any], name: str) -> str:
+def _url(where: str, fields: Mapping[str, Any], name: str, field: str = "") -> str:
     value = _plain(where, fields, name)
-    if value and not safe_url(value):
-        raise InvalidArgument(
-            f"{where}.{name}", "must be an https:// URL (http:// only for localhost)"
-        )
+    problem = egress.problem(value) if value else None
+    if problem is not None:
+        raise InvalidArgument(field or f"{where}.{name}", problem)
     return value
 
 
-def _api_key(where: str, f: dict[str, Any]) -> dict[str, Any]:
+def _token_url(
+    where: str,
+    fields: Mapping[str, Any],
+    profile: ProviderProfile | None,
+    *,
+    key_file: bool = False,
+) -> str:
+    """The credential's own token endpoint, if the provider allows it ("" for none)."""
+    field = f"{where}.json_key.token_uri" if key_file else f"{where}.token_url"
+    value = _url(where, fields, "token_url", field)
+    if not value or profile is None or profile.allows_token_url(value):
+        return value
+    if key_file and profile.token_url:
+        # A key file names its issuer's endpoint whether or not this provider uses it: the
+        # profile's endpoint serves it, as it always has. Never the file's unlisted one.
+        return ""
+    raise InvalidArgument(
+        field,
+        f"is not a token endpoint of provider {profile.name!r}: only providers.{profile.name}."
+        f"token_url and the URLs in providers.{profile.name}.allowed_token_urls are (the "
+        "operator chooses where the broker sends credentials)",
+    )
+
+
+def _api_key(where: str, f: dict[str, Any], _profile: ProviderProfile | None) -> dict[str, Any]:
     key = _secret(where, f, "key")
     if any(ord(c) < 32 or ord(c) == 127 for c in key):
         raise InvalidArgument(f"{where}.key", "must not contain control characters")
@@ -95,7 +133,7 @@ def _api_key(where: str, f: dict[str, Any]) -> dict[str, Any]:
     return {"key": key, "header": header, "query_parameter": param, "prefix": prefix}
 
 
-def _basic(where: str, f: dict[str, Any]) -> dict[str, Any]:
+def _basic(where: str, f: dict[str, Any], _profile: ProviderProfile | None) -> dict[str, Any]:
     username = _secret(where, f, "username", 1024)
     if ":" in username:
         raise InvalidArgument(f"{where}.username", "must not contain ':' (RFC 7617)")
@@ -108,7 +146,9 @@ def _basic(where: str, f: dict[str, Any]) -> dict[str, Any]:
     return {"username": username, "password": password}
 
 
-def _client_credentials(where: str, f: dict[str, Any]) -> dict[str, Any]:
+def _client_credentials(
+    where: str, f: dict[str, Any], profile: ProviderProfile | None
+) -> dict[str, Any]:
     auth_method = str(f.get("auth_method") or "")
     if auth_method and auth_method not in _AUTH_METHODS:
         raise InvalidArgument(f"{where}.auth_method", f"must be one of {', '.join(_AUTH_METHODS)}")
@@ -118,28 +158,36 @@ def _client_credentials(where: str, f: dict[str, Any]) -> dict[str, Any]:
         "scopes": list(validation.scopes(f"{where}.scopes", list(f.get("scopes") or ()))),
         "audience": _plain(where, f, "audience"),
         "resource": _url(where, f, "resource") if f.get("resource") else "",
-        "token_url": _url(where, f, "token_url"),
+        "token_url": _token_url(where, f, profile),
         "auth_method": auth_method,
     }
 
 
-def _service_account(where: str, f: dict[str, Any]) -> dict[str, Any]:
+def _service_account(
+    where: str, f: dict[str, Any], profile: ProviderProfile | None
+) -> dict[str, Any]:
+    key_file = False
     if f.get("json_key"):
         # Google's service-account key file, as downloaded; explicit fields win over it.
         try:
-            key_file = json.loads(str(f["json_key"]))
+            key_file_fields = json.loads(str(f["json_key"]))
         except ValueError:
             raise InvalidArgument(f"{where}.json_key", "is not JSON") from None
-        if not isinstance(key_file, dict) or key_file.get("type") != "service_account":
+        if (
+            not isinstance(key_file_fields, dict)
+            or key_file_fields.get("type") != "service_account"
+        ):
             raise InvalidArgument(
                 f"{where}.json_key", 'is not a service account key ("type": "service_account")'
             )
+        given = {k: v for k, v in f.items() if v and k != "json_key"}
+        key_file = "token_url" not in given and bool(key_file_fields.get("token_uri"))
         f = {
-            "private_key": key_file.get("private_key"),
-            "key_id": key_file.get("private_key_id"),
-            "issuer": key_file.get("client_email"),
-            "token_url": key_file.get("token_uri"),
-            **{k: v for k, v in f.items() if v and k != "json_key"},
+            "private_key": key_file_fields.get("private_key"),
+            "key_id": key_file_fields.get("private_key_id"),
+            "issuer": key_file_fields.get("client_email"),
+            "token_url": key_file_fields.get("token_uri"),
+            **given,
         }
     pem = _secret(where, f, "private_key")
     return {
@@ -149,12 +197,14 @@ def _service_account(where: str, f: dict[str, Any]) -> dict[str, Any]:
         "issuer": _plain(where, f, "issuer", required=True),
         "subject": _plain(where, f, "subject"),
         "scopes": list(validation.scopes(f"{where}.scopes", list(f.get("scopes") or ()))),
-        "token_url": _url(where, f, "token_url"),
+        "token_url": _token_url(where, f, profile, key_file=key_file),
         "audience": _plain(where, f, "audience"),
     }
 
 
-def _github_app_installation(where: str, f: dict[str, Any]) -> dict[str, Any]:
+def _github_app_installation(
+    where: str, f: dict[str, Any], _profile: ProviderProfile | None
+) -> dict[str, Any]:
     app_id = _plain(where, f, "app_id", required=True)
     installation_id = _plain(where, f, "installation_id", required=True)
     if not installation_id.isdigit():

@@ -519,7 +519,7 @@ class RefreshEngine:
                         error=exc.metadata.get("provider_error", ""),
                     ),
                 )
-                log.error("provider %s rejected this broker's client: %s", provider, exc.message)
+                log.error("provider %s is misconfigured: %s", provider, exc.message)
                 raise
             except ProviderOutcomeUnknown as exc:
                 metrics.REFRESHES.labels(provider, "unknown").inc()

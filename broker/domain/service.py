@@ -412,7 +412,13 @@ class IntegrationService:
         assert given_credential is not None
         # The provider first: a kind it does not take is refused before its fields are read.
         cmd = self._owner(cmd, given_credential.kind)
-        credential = credentials.validate(given_credential)
+        profiles = self.profiles
+        profile = (
+            profiles.get(cmd.provider)
+            if profiles is not None and cmd.provider in profiles
+            else None
+        )
+        credential = credentials.validate(given_credential, profile)
         validation.scopes("scopes", tokens.scopes)
         validation.metadata(cmd.metadata)
         return await self._upsert(replace(cmd, credential=credential))
@@ -429,26 +435,16 @@ class IntegrationService:
             return cmd
         if cmd.provider in profiles:
             profile = profiles.get(cmd.provider)
-            kinds, token_url = profile.kinds, profile.token_url
+            kinds = profile.kinds
         else:
             # A built-in without a configured client still stores authorization-code tokens.
-            kinds, token_url = frozenset({AUTHORIZATION_CODE}), None
+            kinds = frozenset({AUTHORIZATION_CODE})
         if kind.value not in kinds:
             field = "credential" if cmd.credential is not None else "access_token"
             raise InvalidArgument(
                 field,
                 f"provider {cmd.provider!r} does not take {kind.value} credentials (it takes "
                 f"{', '.join(sorted(kinds))}; see providers.{cmd.provider}.kinds)",
-            )
-        credential = cmd.credential
-        if (
-            credential is not None
-            and kind in (Kind.CLIENT_CREDENTIALS, Kind.SERVICE_ACCOUNT)
-            and not (token_url or credential.fields.get("token_url"))
-        ):
-            raise InvalidArgument(
-                f"credential.{kind.value}.token_url",
-                f"is required: provider {cmd.provider!r} has no token_url",
             )
         return cmd
 

@@ -31,7 +31,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook
 
-from broker import metrics
+from broker import egress, metrics
 from broker.config import WebhookSettings
 from broker.domain.events import WAKEUP, Event, EventType, from_row
 from broker.errors import ConfigError, StorageUnavailable
@@ -266,12 +266,16 @@ class WebhookDispatcher:
             "webhook-signature": endpoint.signer.sign(msg_id, sent_at, body.decode()),
         }
         try:
-            response = await self.http.post(
+            response = await egress.send(
+                self.http,
+                "POST",
                 endpoint.settings.url,
                 content=body,
                 headers=headers,
-                timeout=endpoint.settings.timeout_seconds,
+                timeouts=endpoint.settings.timeout_seconds,
             )
+        except egress.Refused as exc:
+            return None, f"url {exc}"
         except httpx.HTTPError as exc:
             return None, type(exc).__name__
         if 200 <= response.status_code < 300:

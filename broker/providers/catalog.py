@@ -13,9 +13,10 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from broker import egress
 from broker.config import ProviderSettings
 from broker.errors import ConfigError, UnknownProvider
-from broker.providers.profile import KINDS, ProviderProfile, Quirk, safe_url
+from broker.providers.profile import KINDS, ProviderProfile, Quirk
 
 BUILTINS: Mapping[str, ProviderProfile] = {
     profile.name: profile
@@ -232,6 +233,8 @@ def _profile(
     changes: dict[str, Any] = {
         name: getattr(settings, name) for name in _PLAIN if getattr(settings, name) is not None
     }
+    if settings.allowed_token_urls:
+        changes["allowed_token_urls"] = tuple(settings.allowed_token_urls)
     if settings.scopes is not None:
         changes["scopes"] = tuple(settings.scopes)
     if settings.redirect_uris is not None:
@@ -254,6 +257,8 @@ def _profile(
         _check_url(f"{where}.{name}", getattr(profile, name))
     for uri in profile.redirect_uris:
         _check_url(f"{where}.redirect_uris", uri)
+    for allowed in profile.allowed_token_urls:
+        _check_url(f"{where}.allowed_token_urls", allowed)
     missing = profile.missing_settings()
     if missing:
         hint = "" if canonical in BUILTINS else " (it is not a built-in provider)"
@@ -286,7 +291,7 @@ def _check_url(where: str, url: str | None) -> None:
     if url is None:
         return
     # Plain http would put client secrets and tokens on the wire; loopback is for tests and
-    # local fakes only.
-    if safe_url(url):
-        return
-    raise ConfigError(f"{where}: must be an https:// URL (http:// only for localhost)")
+    # local fakes only. Redirect URIs are never sent to, but the same rules keep them honest.
+    problem = egress.problem(url)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")

@@ -21,15 +21,20 @@ connection, and the answers that by definition mean "not processed" — 429 Too 
 The connect phase has its own short timeout; once the request is on the wire the answer gets
 the (generous) read timeout.
 
-The client never retries; the refresh engine owns retries and backoff. Messages name the
-provider and the OAuth error code, and carry at most 200 characters of the provider's
-error_description; never a token, a secret, or a response body.
+The client never retries; the refresh engine owns retries and backoff. Messages go back to
+callers, so they are the broker's own words: the provider's name and, from its answer, only an
+OAuth error code the broker knows (any other is ``unrecognized_error``). The provider's
+error_description, and the code it really sent, go to the log only, on one line and at most
+200 characters; a response body never goes anywhere. A provider that cannot be reached is
+"could not reach", whatever the cause (refused, DNS, timeout): no host, port or errno a caller
+could probe with. Every request leaves through ``broker.egress.send``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 from base64 import b64encode
@@ -42,6 +47,7 @@ from urllib.parse import parse_qsl, quote, quote_plus
 
 import httpx
 
+from broker import egress
 from broker.errors import (
     BrokerError,
     GrantRejected,
@@ -51,6 +57,8 @@ from broker.errors import (
     ProviderUnavailable,
 )
 from broker.providers.profile import ProviderProfile, Quirk
+
+log = logging.getLogger("broker.providers")
 
 # Provider error codes, standard (RFC 6749 §5.2) first, then the spellings Slack and GitHub
 # use for the same situations. Grant errors map to the standard code GrantRejected carries.
@@ -97,8 +105,31 @@ _ALREADY_REVOKED = frozenset(_GRANT_ERRORS) | {
     "not_authed",
     "account_inactive",
 }
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Codes a caller may see: RFC 6749 §4.1.2.1 and §5.2, RFC 7009 §2.2.1, and the spellings above.
+# Anything else a provider puts in "error" is its own text, and stays in the log.
+_KNOWN_ERRORS = (
+    frozenset(
+        {
+            "invalid_request",
+            "invalid_client",
+            "invalid_grant",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+            "access_denied",
+            "unsupported_response_type",
+            "server_error",
+            "temporarily_unavailable",
+            "unsupported_token_type",
+        }
+    )
+    | frozenset(_GRANT_ERRORS)
+    | _CLIENT_ERRORS
+    | _TRANSIENT_ERRORS
+    | _ALREADY_REVOKED
+)
+UNRECOGNIZED = "unrecognized_error"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _DESCRIPTION_LIMIT = 200
 _DEFAULT_RETRY_AFTER = 1.0
 _STALL_GRACE = 0.2
@@ -291,13 +322,18 @@ class OAuthClient:
         else:
             body["client_id"] = client_id
         if profile.body_encoding == "json":
-            request = self._http.post(url, json=body, headers=headers, timeout=self._timeouts)
+            request = egress.send(
+                self._http, "POST", url, json=body, headers=headers, timeouts=self._timeouts
+            )
         else:
-            request = self._http.post(url, data=body, headers=headers, timeout=self._timeouts)
+            request = egress.send(
+                self._http, "POST", url, data=body, headers=headers, timeouts=self._timeouts
+            )
         return await self._await(profile, request, what)
 
     async def _revoke_github(self, profile: ProviderProfile, url: str, token: str) -> None:
-        request = self._http.request(
+        request = egress.send(
+            self._http,
             "DELETE",
             url.format(client_id=quote(profile.client_id or "", safe="")),
             json={"access_token": token},
@@ -305,7 +341,7 @@ class OAuthClient:
                 "Accept": "application/vnd.github+json",
                 "Authorization": _basic(profile.client_id or "", profile.client_secret or ""),
             },
-            timeout=self._timeouts,
+            timeouts=self._timeouts,
         )
         response, _ = await self._await(profile, request, "revocation")
         _raise_for_transient(profile, response)
@@ -329,12 +365,21 @@ class OAuthClient:
             if not done:
                 raise httpx.ReadTimeout("no answer")
             response = sending.result()
-        except _NEVER_SENT as exc:
-            # The class name says enough (ConnectError, ConnectTimeout...); the exception
-            # text can include the URL, which is fine, but keep the message uniform.
-            raise ProviderUnavailable(
-                f"could not reach {profile.name} for the {what} ({type(exc).__name__})",
+        except egress.Refused as exc:
+            # Configuration is checked at start-up, so only a URL from elsewhere gets here;
+            # nothing was sent.
+            raise ProviderMisconfigured(
+                f"the {what} URL of {profile.name} {exc}; nothing was sent",
                 provider=profile.name,
+            ) from None
+        except _NEVER_SENT as exc:
+            # One message for every cause (refused, no route, DNS, timeout): telling them apart
+            # would tell a caller which hosts and ports answer. The operator gets the cause.
+            log.warning(
+                "could not reach %s for the %s (%s)", profile.name, what, type(exc).__name__
+            )
+            raise ProviderUnavailable(
+                f"could not reach {profile.name} for the {what}", provider=profile.name
             ) from exc
         except httpx.TimeoutException as exc:
             raise ProviderOutcomeUnknown(
@@ -342,9 +387,14 @@ class OAuthClient:
                 provider=profile.name,
             ) from exc
         except httpx.TransportError as exc:
+            log.warning(
+                "the connection to %s failed after the %s was sent (%s)",
+                profile.name,
+                what,
+                type(exc).__name__,
+            )
             raise ProviderOutcomeUnknown(
-                f"the connection to {profile.name} failed after the {what} was sent "
-                f"({type(exc).__name__})",
+                f"the connection to {profile.name} failed after the {what} was sent",
                 provider=profile.name,
             ) from exc
         finally:
@@ -430,7 +480,8 @@ def _classify(
             provider=name,
             http_status=str(status),
         )
-    detail = code + _description(body)
+    _log_answer(name, what, status, body)
+    detail = code
     if code in _GRANT_ERRORS:
         return GrantRejected(
             f"{name} rejected the grant: {detail}",
@@ -457,18 +508,32 @@ def _error_code(body: Mapping[str, Any] | None) -> str | None:
     code = body.get("error")
     if not isinstance(code, str):
         return None
-    # The code ends up in messages and ErrorInfo metadata: keep it to something code-like.
-    return code if _ERROR_CODE.fullmatch(code) else "unrecognized_error"
+    # The code ends up in messages, events and ErrorInfo metadata: only one the broker knows.
+    return code if code in _KNOWN_ERRORS else UNRECOGNIZED
 
 
-def _description(body: Mapping[str, Any] | None) -> str:
-    text = body.get("error_description") if body is not None else None
-    if not isinstance(text, str) or not text.strip():
+def _log_answer(name: str, what: str, status: int, body: Mapping[str, Any] | None) -> None:
+    """The provider's own words, for the operator: its error code and description, each on
+    one line and capped (a provider cannot forge log lines or flood the log)."""
+    code = _one_line((body or {}).get("error"), 64)
+    description = _one_line((body or {}).get("error_description"), _DESCRIPTION_LIMIT)
+    log.warning(
+        "%s refused the %s (HTTP %d): error=%s description=%s",
+        name,
+        what,
+        status,
+        code or "-",
+        description or "-",
+    )
+
+
+def _one_line(value: object, limit: int) -> str:
+    if not isinstance(value, str):
         return ""
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    if len(text) > _DESCRIPTION_LIMIT:
-        text = text[: _DESCRIPTION_LIMIT - 1] + "…"
-    return f" ({text})"
+    text = " ".join(_CONTROL.sub(" ", value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float:

@@ -29,11 +29,13 @@ from urllib.parse import quote
 
 import jwt
 
+from broker import egress
 from broker.errors import GrantRejected, ProviderMisconfigured
 from broker.providers.client import (
     OAuthClient,
     TokenResponse,
     _classify,
+    _log_answer,
     _raise_for_transient,
     _read_body,
 )
@@ -85,7 +87,7 @@ class Minter:
     ) -> TokenResponse:
         endpoint = dataclasses.replace(
             profile,
-            token_url=profile.token_url or f["token_url"],
+            token_url=token_url(profile, "client_credentials", f),
             client_id=f["client_id"],
             client_secret=f["client_secret"],
             auth_method=_AUTH_METHODS.get(f["auth_method"]) or _secret_method(profile),
@@ -100,11 +102,11 @@ class Minter:
         return await self.client._token_request(endpoint, fields)
 
     async def _jwt_bearer(self, profile: ProviderProfile, f: Mapping[str, Any]) -> TokenResponse:
-        token_url = profile.token_url or f["token_url"]
+        url = token_url(profile, "service_account", f)
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": f["issuer"],
-            "aud": f["audience"] or token_url,
+            "aud": f["audience"] or url,
             "iat": now - CLOCK_SKEW_SECONDS,
             "exp": now + ASSERTION_SECONDS,
         }
@@ -117,7 +119,7 @@ class Minter:
         # The assertion authenticates the client (RFC 7523 §3.1): no client secret is sent;
         # client_id names the issuer for servers that want one.
         endpoint = dataclasses.replace(
-            profile, token_url=token_url, client_id=f["issuer"], auth_method="none"
+            profile, token_url=url, client_id=f["issuer"], auth_method="none"
         )
         return await self.client._token_request(
             endpoint, {"grant_type": JWT_BEARER, "assertion": assertion}
@@ -133,11 +135,13 @@ class Minter:
             body["repositories"] = list(f["repositories"])
         if f["permissions"]:
             body["permissions"] = dict(f["permissions"])
-        request = client._http.post(
+        request = egress.send(
+            client._http,
+            "POST",
             url,
             json=body,
             headers={**_GITHUB_HEADERS, "Authorization": "Bearer " + _app_jwt(f)},
-            timeout=client._timeout,
+            timeouts=client._timeout,
         )
         response, received_at = await client._await(profile, request, "installation token request")
         _raise_for_transient(profile, response)
@@ -145,9 +149,15 @@ class Minter:
         if response.status_code in (401, 403, 404, 422):
             # 401: the App JWT is refused (wrong or revoked key); 403/404: the installation is
             # suspended or gone (App uninstalled); 422: permissions beyond the installation's.
+            # GitHub's "message" is for the operator's log, not for the caller.
+            _log_answer(
+                profile.name,
+                "installation token request",
+                response.status_code,
+                {"error_description": (answer or {}).get("message")},
+            )
             raise GrantRejected(
-                f"{profile.name} refused an installation token (HTTP {response.status_code})"
-                + _message(answer),
+                f"{profile.name} refused an installation token (HTTP {response.status_code})",
                 error="invalid_grant",
                 provider=profile.name,
             )
@@ -175,11 +185,12 @@ class Minter:
     async def revoke_installation_token(self, profile: ProviderProfile, token: str) -> None:
         """DELETE {api_url}/installation/token; an unknown token (401/404) counts as revoked."""
         client = self.client
-        request = client._http.request(
+        request = egress.send(
+            client._http,
             "DELETE",
             f"{profile.api_url}/installation/token",
             headers={**_GITHUB_HEADERS, "Authorization": "Bearer " + token},
-            timeout=client._timeout,
+            timeouts=client._timeout,
         )
         response, _ = await client._await(profile, request, "revocation")
         _raise_for_transient(profile, response)
@@ -200,8 +211,19 @@ def _secret_method(profile: ProviderProfile) -> AuthMethod:
     return "client_secret_basic" if profile.auth_method == "none" else profile.auth_method
 
 
-def _message(body: Mapping[str, Any] | None) -> str:
-    message = (body or {}).get("message")
-    if not isinstance(message, str) or not message.strip():
-        return ""
-    return f": {' '.join(message.split())[:200]}"
+def token_url(profile: ProviderProfile, kind: str, f: Mapping[str, Any]) -> str | None:
+    """Where this credential's tokens are minted: its own token_url when the profile allows
+    it (checked again here, so a row stored under an older configuration is refused, never
+    sent), else the profile's."""
+    own = f.get("token_url") or ""
+    if not own:
+        return profile.token_url
+    if profile.allows_token_url(own):
+        return str(own)
+    raise ProviderMisconfigured(
+        f"the integration's credential.{kind}.token_url is not providers.{profile.name}."
+        f"token_url nor in providers.{profile.name}.allowed_token_urls; nothing was sent. "
+        "Store the credential again with an allowed token_url, or list it there",
+        provider=profile.name,
+        field=f"credential.{kind}.token_url",
+    )

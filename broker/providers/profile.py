@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
-from urllib.parse import urlsplit
+
+from broker import egress
 
 # Credential kinds a profile can serve (``broker.domain.model.Kind`` values). Only the
 # authorization code needs the broker's own OAuth client.
@@ -19,20 +20,12 @@ KINDS = (
     "service_account",
     "github_app_installation",
 )
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def safe_url(url: str) -> bool:
-    """https with a host, or plain http to loopback (tests and local fakes only): secrets are
-    sent to these URLs, so they must not travel in the clear."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:  # e.g. an unbalanced IPv6 bracket
-        return False
-    if parts.scheme == "https" and host:
-        return True
-    return parts.scheme == "http" and host in _LOOPBACK
+    """Whether the broker may send to ``url`` (the egress rules: https, or http to loopback,
+    no user information)."""
+    return egress.problem(url) is None
 
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
@@ -71,6 +64,8 @@ class ProviderProfile:
 
     name: str
     token_url: str | None = None
+    # Token endpoints a credential may name besides token_url (providers.NAME.allowed_token_urls).
+    allowed_token_urls: tuple[str, ...] = ()
     authorization_url: str | None = None
     revocation_url: str | None = None
     client_id: str | None = None
@@ -135,6 +130,16 @@ class ProviderProfile:
     @property
     def supports_revocation(self) -> bool:
         return bool(self.revocation_url)
+
+    def allows_token_url(self, url: str) -> bool:
+        """Whether a credential may have its tokens minted at ``url``: the profile's own
+        token_url or one of allowed_token_urls, compared as parsed (case, default port)."""
+        wanted = egress.canonical(url)
+        return wanted is not None and any(
+            egress.canonical(allowed) == wanted
+            for allowed in (self.token_url, *self.allowed_token_urls)
+            if allowed
+        )
 
     def has(self, quirk: Quirk) -> bool:
         return quirk in self.quirks

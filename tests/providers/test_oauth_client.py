@@ -425,19 +425,28 @@ async def test_connect_and_read_timeouts_are_separate(recorder: Recorder) -> Non
     }
 
 
-async def test_error_description_is_cleaned_and_truncated(
-    client: OAuthClient, recorder: Recorder
+async def test_error_description_goes_to_the_log_only_cleaned_and_truncated(
+    client: OAuthClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Before: the caller's message carried the description. Now only the operator's log does,
+    # on one line and capped; the caller gets the code and the broker's own words.
     recorder.answer(
-        400, {"error": "invalid_grant", "error_description": "line one\nline\ttwo " + "x" * 500}
+        400,
+        {
+            "error": "invalid_grant",
+            "error_description": "line one\nFORGED log line\u2028two\x85 " + "x" * 500 + "TAIL",
+        },
     )
-    with pytest.raises(GrantRejected) as caught:
+    with caplog.at_level("DEBUG"), pytest.raises(GrantRejected) as caught:
         await client.refresh(profile(), REFRESH)
-    message = str(caught.value)
-    assert "line one line two xxx" in message
-    assert "\n" not in message
-    assert message.endswith("…)")
-    assert len(message) < 300
+    assert str(caught.value) == "acme rejected the grant: invalid_grant"
+    logged = [r.getMessage() for r in caplog.records if "line one" in r.getMessage()]
+    assert len(logged) == 1
+    assert "line one FORGED log line two xxx" in logged[0]
+    assert not any(c in logged[0] for c in "\n\u2028\x85")
+    assert "TAIL" not in logged[0]
+    assert "…" in logged[0]
+    assert len(logged[0]) < 400
 
 
 async def test_odd_error_codes_are_not_echoed(client: OAuthClient, recorder: Recorder) -> None:

@@ -258,8 +258,11 @@ async def test_connection_refused_is_unavailable(
     stopped = FakeAuthServer().start()
     url = stopped.token_url
     stopped.stop()
-    with pytest.raises(ProviderUnavailable, match="ConnectError"):
+    # The cause stays on the exception (and in the log), not in what a caller reads.
+    with pytest.raises(ProviderUnavailable) as caught:
         await oauth.refresh(fake_profile(token_url=url), "rt")
+    assert caught.value.message == "could not reach fake for the token request"
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
 
 
 async def test_slack_style_server(
@@ -318,10 +321,13 @@ async def test_wrong_code_verifier_is_invalid_grant(
         profile, redirect_uri="https://app.test/cb", state="s", code_verifier=new_code_verifier()
     )
     callback = await authorize(http, url)
-    with pytest.raises(GrantRejected, match="PKCE"):
+    # The provider's "PKCE verification failed" is for the log; the caller reads the code.
+    with pytest.raises(GrantRejected) as caught:
         await oauth.exchange_code(
             profile, callback["code"], "https://app.test/cb", new_code_verifier()
         )
+    assert caught.value.error == "invalid_grant"
+    assert "PKCE" not in caught.value.message
 
 
 async def test_missing_code_verifier_is_invalid_grant(
@@ -361,7 +367,8 @@ async def test_redirect_uri_must_match(
         profile, redirect_uri="https://app.test/cb", state="s", code_verifier=verifier
     )
     code = (await authorize(http, url))["code"]
-    with pytest.raises(GrantRejected, match="redirect_uri"):
+    # The provider says "redirect_uri does not match" to the log; the caller reads the code.
+    with pytest.raises(GrantRejected, match="invalid_grant"):
         await oauth.exchange_code(profile, code, "https://evil.test/cb", verifier)
 
 
