@@ -26,26 +26,38 @@ log = logging.getLogger("broker.server")
 FD_RESERVE = 128
 
 
-def connection_cap(settings: ServerSettings, limit: int | None = None) -> int:
-    """``server.max_connections``, lowered to what the open-file limit (``limit``, the soft
-    RLIMIT_NOFILE when not given) leaves after the reserve: past it, accept() fails with
-    EMFILE and gRPC stops taking any connection, callers' included."""
-    if limit is None:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def connection_cap(settings: ServerSettings) -> int:
+    """``server.max_connections``, if the open-file limit allows it: the soft RLIMIT_NOFILE is
+    raised (up to the hard limit) to make room, else the cap is lowered to what the limit
+    leaves after the reserve. Past the limit, accept() fails with EMFILE and gRPC stops taking
+    any connection, callers' included."""
     wanted = settings.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed and hard != soft:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    cap = cap_for(wanted, soft)
+    if cap < wanted:
+        log.warning(
+            "server.max_connections is %d but the open-file limit is %d: serving at most %d "
+            "connections (raise the limit: systemd LimitNOFILE=, ulimit -n)",
+            wanted,
+            soft,
+            cap,
+        )
+    return cap
+
+
+def cap_for(wanted: int, limit: int) -> int:
+    """The connection cap that leaves the reserve free under an open-file ``limit``."""
     if limit == resource.RLIM_INFINITY:
         return wanted
-    room = max(limit - FD_RESERVE, limit // 2, 1)
-    if wanted <= room:
-        return wanted
-    log.warning(
-        "server.max_connections is %d but the open-file limit is %d: serving at most %d "
-        "connections (raise the limit: systemd LimitNOFILE=, ulimit -n)",
-        wanted,
-        limit,
-        room,
-    )
-    return room
+    return min(wanted, max(limit - FD_RESERVE, limit // 2, 1))
 
 
 def server_options(settings: ServerSettings, cap: int) -> list[tuple[str, Any]]:
