@@ -49,13 +49,15 @@ class Missing:
 
 
 MISSING = Missing()
+# What context.read() returns at the end of the requests (not in grpc-stubs).
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 async def receive(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     """The call's request message (or ``Undecodable``, or ``MISSING``), read from the
     transport now; a second message, which no unary client sends, is never read."""
     request = await context.read()
-    return MISSING if request is grpc.aio.EOF else request
+    return MISSING if request is _EOF else request
 
 
 def too_large(method: str) -> grpc.Status:
