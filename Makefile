@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 PIP_VERSION := 26.3
 GENERATED := broker/api clients/python/src/credentialbroker_client/_proto
 
-.PHONY: install run test lint proto proto-check bench clean
+.PHONY: install run test lint proto proto-check docs docs-check bench clean
 
-# The client distribution holds the generated code the server imports: install both at once.
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+# The client distribution holds the generated code the server imports: install both at once,
+# with the dev tools (devtools/: bench, fake OAuth server, demo provider) beside them.
+$(STAMP): pyproject.toml clients/python/pyproject.toml devtools/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt \
-		-e clients/python -e '.[dev]'
+		-e clients/python -e '.[dev]' -e devtools
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +32,8 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy broker tests scripts clients/python/src
+	$(BIN)/mypy broker tests scripts clients/python/src devtools/src
+	$(BIN)/lint-imports --no-cache
 
 ## Regenerate the client's generated code (clients/python/src/credentialbroker_client/_proto)
 ## and broker/api's re-export modules from protos/.
@@ -42,6 +44,17 @@ proto: install
 proto-check: proto
 	git diff --exit-code -- $(GENERATED)
 	test -z "$$(git status --porcelain -- $(GENERATED))"
+
+## Build the docs site into build/site (mkdocs.yml), strictly: a broken link fails. The
+## configuration and API reference pages are generated first (scripts/gendocs.py).
+docs: install
+	$(BIN)/python scripts/gendocs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## Fail if the generated reference pages in git differ from what `make docs` produces.
+docs-check: docs
+	git diff --exit-code -- docs/reference
+	test -z "$$(git status --porcelain -- docs/reference)"
 
 bench: install
 	$(BIN)/broker bench --standard

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from broker import __version__, devmode, devprovider, logs
+from broker import __version__, devmode, logs, plugins
 from broker.config import METHODS, Settings, load_settings
 from broker.crypto.keys import generate_key
 from broker.domain.model import Status
@@ -27,7 +27,6 @@ from broker.server.callers import hash_token
 
 if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands import it when they run
     from broker.runtime import Runtime
-    from broker.testing.fakeauth import FakeAuthServer
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
@@ -72,18 +71,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return workers.run(settings, args.workers, args.config)
     token = None
-    if args.demo_provider is not None and not args.dev:
-        raise ConfigError("--demo-provider: only with --dev (or run `broker dev-provider`)")
+    additions: tuple[plugins.DevAddition, ...] = args.dev_additions
+    if additions and not args.dev:
+        raise ConfigError(f"{additions[0].option}: only with --dev")
     if args.dev:
         settings, token = devmode.prepare(settings)
-        settings = _with_demo_provider(settings, args.demo_provider)
+        settings = _with_additions(settings, additions)
         asyncio.run(_migrate(settings))
 
     def ready(broker: Broker) -> None:
         if args.dev:
             print(devmode.banner(settings.server.listen, broker.port, token), flush=True)
-            if args.demo_provider is not None:
-                print(devprovider.helpers(_demo[0]), flush=True)
+            for addition in additions:
+                print(addition.banner(), flush=True)
 
     try:
         import uvloop
@@ -96,42 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fresh = _settings(args)
         if not args.dev:
             return fresh
-        return _with_demo_provider(devmode.prepare(fresh)[0], args.demo_provider)
+        return _with_additions(devmode.prepare(fresh)[0], additions)
 
     asyncio.run(run(settings, on_ready=ready, reload=reload))
     return 0
 
 
-# The demo provider of `serve --dev --demo-provider`: one per process, kept across reloads.
-_demo: list[FakeAuthServer] = []
-
-
-def _with_demo_provider(settings: Settings, port: int | None) -> Settings:
-    if port is None:
-        return settings
-    if not _demo:
-        _demo.append(devprovider.start(port))
-    if devprovider.NAME in settings.providers:
-        raise ConfigError(
-            f"providers.{devprovider.NAME}: already configured; --demo-provider adds its own"
-        )
-    demo = devprovider.provider_settings(_demo[0])
-    return settings.model_copy(update={"providers": {**settings.providers, devprovider.NAME: demo}})
-
-
-def cmd_dev_provider(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    fake = devprovider.start(args.port, args.host)
-    print(devprovider.usage(fake), flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    finally:
-        fake.stop()
-    return EXIT_OK
+def _with_additions(settings: Settings, additions: Sequence[plugins.DevAddition]) -> Settings:
+    for addition in additions:
+        settings = addition.apply(settings)
+    return settings
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -713,38 +687,15 @@ def parser() -> argparse.ArgumentParser:
         help="zero set-up: SQLite, key and caller token under ./.broker/, migrate on start",
     )
     serve.add_argument(
-        "--demo-provider",
-        nargs="?",
-        type=int,
-        const=devprovider.DEFAULT_PORT,
-        metavar="PORT",
-        help="with --dev: also run the local test OAuth server as provider 'demo' "
-        f"(port {devprovider.DEFAULT_PORT}); see `broker dev-provider`",
-    )
-    serve.add_argument(
         "--workers",
         type=int,
         default=1,
         metavar="N",
         help="run N processes on one port (SO_REUSEPORT; needs PostgreSQL)",
     )
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, dev_additions=())
 
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
-
-    dev_provider = sub.add_parser(
-        "dev-provider",
-        help="run a local test OAuth server and print its [providers.demo] settings",
-        description="A strict OAuth 2.0 server on loopback for trying refresh, revocation and "
-        "PKCE: /authorize consents at once, /grant mints a grant, /callback shows the code.",
-    )
-    dev_provider.add_argument("--port", type=int, default=devprovider.DEFAULT_PORT)
-    dev_provider.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (0.0.0.0 in a container; the broker reaches it on loopback)",
-    )
-    dev_provider.set_defaults(func=cmd_dev_provider)
 
     keygen = sub.add_parser("keygen", help="print a new KID:BASE64KEY entry for the keyring")
     keygen.add_argument("--id", help="key id (default: time-based)")
@@ -784,10 +735,9 @@ def parser() -> argparse.ArgumentParser:
     reenc.set_defaults(func=cmd_keys_reencrypt)
 
     from broker import webhook_cli
-    from broker.bench import cli as bench_cli
 
-    bench_cli.register(sub)
     webhook_cli.register(sub)
+    plugins.register_all(sub, serve)
 
     audit = sub.add_parser("audit", help="read the audit trail, newest first")
     audit.add_argument("--user", help="events of this user_id")

@@ -68,13 +68,13 @@ class ServerSettings(_Section):
     health_check_interval_seconds: float = Field(default=2.0, gt=0)
     # The largest response (gRPC's send limit); requests have their own limit below.
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
-    # The largest request body. The largest valid request (StoreIntegration with both tokens,
-    # 256 scopes and metadata at their limits) encodes to about 740 KiB; a bigger body is
+    # The largest request body. The largest valid request (a StoreIntegration with a
+    # credential, every field at its limit) encodes to about 710 KiB; a bigger body is
     # refused by gRPC (RESOURCE_EXHAUSTED) before it is buffered whole.
     max_receive_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
-    # Open client connections at most; more are closed as they are accepted. Lowered at
-    # start-up to what the open-file limit leaves (see app.connection_cap).
+    # Open client connections at most; more are closed as they are accepted. The soft
+    # open-file limit is raised to fit (up to the hard limit), else this is lowered to fit.
     max_connections: int = Field(default=500, ge=1, le=1_000_000)
     # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
     handshake_timeout_seconds: float = Field(default=5.0, gt=0, le=300)

@@ -1,6 +1,6 @@
 """Kept for imports written before the fake moved into the package."""
 
-from broker.testing.fakeauth import *  # noqa: F403
-from broker.testing.fakeauth import Failure, FakeAuthServer, RecordedRequest
+from broker_devtools.fakeauth import *  # noqa: F403
+from broker_devtools.fakeauth import Failure, FakeAuthServer, RecordedRequest
 
 __all__ = ["Failure", "FakeAuthServer", "RecordedRequest"]

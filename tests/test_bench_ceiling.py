@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from broker.bench import catalog, ceiling, procs
-from broker.bench.report import (
+from broker_devtools.bench import catalog, ceiling, procs
+from broker_devtools.bench.report import (
     ScenarioResult,
     add_ratios,
     breakdown,
@@ -126,7 +126,7 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     database = make_url(PG_URL).set(drivername="postgresql")
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "broker.bench", "--quick", "--scenario", "ceiling",
+        [sys.executable, "-m", "broker_devtools.bench", "--quick", "--scenario", "ceiling",
          "--scenario", "echo-open", "--scenario", "pg-open", "--scenario", "pg-open-noaudit",
          "--scenario", "pg-open-stub",
          "--database-url", database.render_as_string(hide_password=False), "--json", str(out)],

@@ -13,7 +13,7 @@ from pathlib import Path
 def test_quick_bench_writes_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "broker.bench", "--quick",
+        [sys.executable, "-m", "broker_devtools.bench", "--quick",
          "--scenario", "echo", "--scenario", "sqlite-hot", "--scenario", "sqlite-hot-grant",
          "--json", str(out)],
         capture_output=True, text=True, timeout=180, check=False,

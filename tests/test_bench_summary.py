@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.bench import summary
+from broker_devtools.bench import summary
 
 
 def _run(tp: float, hot_ratio: float, met: bool, storm_equal: bool = True) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def test_the_command_sums_up_files_and_refuses_others(tmp_path: Path) -> None:
         path.write_text(json.dumps(_run(6000, ratio, ratio >= 0.75)))
         files.append(str(path))
     done = subprocess.run(
-        [sys.executable, "-m", "broker.bench", "--summarize", *files],
+        [sys.executable, "-m", "broker_devtools.bench", "--summarize", *files],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -88,7 +88,7 @@ def test_the_command_sums_up_files_and_refuses_others(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     done = subprocess.run(
-        [sys.executable, "-m", "broker.bench", "--summarize", str(bad)],
+        [sys.executable, "-m", "broker_devtools.bench", "--summarize", str(bad)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2
@@ -106,7 +106,7 @@ def test_load_refuses_payloads_without_scenarios(tmp_path: Path, payload: str) -
 def test_repeat_runs_the_selection_again_and_sums_up(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "broker.bench", "--quick", "--scenario", "echo",
+        [sys.executable, "-m", "broker_devtools.bench", "--quick", "--scenario", "echo",
          "--repeat", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip

@@ -388,7 +388,7 @@ _UNSHIPPED = re.compile(r"\bissue\s*#?\d|DESIGN|§|context/")
 def test_bench_help_and_report_name_only_shipped_documents(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from broker.bench.report import targets_text
+    from broker_devtools.bench.report import targets_text
 
     texts = []
     for argv in (["--help"], ["bench", "--help"]):

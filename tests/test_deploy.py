@@ -17,12 +17,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from broker import devprovider
 from broker.cli import EXIT_CONFIG
 from broker.config import ServerSettings, load_settings
 from broker.crypto import load_keyring
 from broker.server.callers import hash_token
 from broker.server.transport import FD_RESERVE
+from broker_devtools import demo as devprovider
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -35,7 +35,7 @@ from broker.domain.service import REFRESH, TokenCipher
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations as t
-from broker.testing.fakeauth import FakeAuthServer
+from broker_devtools.fakeauth import FakeAuthServer
 from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, new_database, retry_info
 from tests.processes import BrokerProcess, write_toml
 

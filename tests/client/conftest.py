@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from broker.config import Settings
 from broker.server.app import Broker
 from broker.storage.tables import audit_events
-from broker.testing.fakeauth import FakeAuthServer
+from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import AsyncBrokerClient, Retry
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.test_authorization import acme

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from broker.server.app import Broker
-from broker.testing.fakeauth import FakeAuthServer
+from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import (
     AmbiguousIntegration,
     AsyncBrokerClient,

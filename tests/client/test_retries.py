@@ -12,7 +12,7 @@ import pytest
 
 from broker.server.app import Broker
 from broker.server.callers import hash_token
-from broker.testing.fakeauth import FakeAuthServer
+from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import (
     AsyncBrokerClient,
     ProviderUnavailable,

@@ -1,7 +1,7 @@
 """The measured ceiling: the real broker with parts taken away, for the bench only.
 
-    python -m broker.bench.ceiling --config broker.toml --variant noaudit
-    python -m broker.bench.ceiling --config broker.toml --variant stub
+    python -m broker_devtools.bench.ceiling --config broker.toml --variant noaudit
+    python -m broker_devtools.bench.ceiling --config broker.toml --variant stub
 
 ``noaudit``: the real broker (auth, service, cache, decrypt, proto conversion, metrics, the
 group commit's bookkeeping) whose audit events go to a sink that writes nothing.
@@ -26,12 +26,12 @@ import grpc
 
 from broker import logs
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.bench import data
 from broker.config import load_settings
 from broker.runtime import Runtime, open_runtime
 from broker.server import app
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
+from broker_devtools.bench import data
 
 VARIANTS = ("noaudit", "stub")
 
@@ -88,7 +88,7 @@ def _unaudited_guard() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker.bench.ceiling", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m broker_devtools.bench.ceiling", description=__doc__)
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--variant", choices=VARIANTS, required=True)
     args = p.parse_args(argv)

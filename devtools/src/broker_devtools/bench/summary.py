@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.bench import report
+from broker_devtools.bench import report
 
 Run = dict[str, Any]
 # A figure of one scenario in one run, or None where that run lacks it.

@@ -66,7 +66,7 @@ class BrokerServer:
         self.config = config
         self.env = dict(env)
         self.extra_args = extra_args
-        # The bench-only ceiling brokers (broker.bench.ceiling) instead of `broker serve`.
+        # The bench-only ceiling brokers (broker_devtools.bench.ceiling) instead of `broker serve`.
         self.variant = variant
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -78,7 +78,7 @@ class BrokerServer:
         if self.variant is None:
             command = ["-m", "broker", "--config", str(self.config), "serve", *self.extra_args]
         else:
-            command = ["-m", "broker.bench.ceiling", "--config", str(self.config),
+            command = ["-m", "broker_devtools.bench.ceiling", "--config", str(self.config),
                        "--variant", self.variant]  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, *command],

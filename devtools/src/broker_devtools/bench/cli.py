@@ -2,9 +2,9 @@
 
     broker bench --standard --json bench.json       # every scenario, standard settings
     broker bench --scenario echo --scenario pg-hot  # a subset (groups: sqlite, pg, scale, …)
-    python -m broker.bench --quick                  # smoke test: seconds, 1,000-row "1M"
+    python -m broker_devtools.bench --quick                  # smoke test: seconds, 1,000-row "1M"
 
-Hook into the main CLI with ``broker.bench.cli.register(subparsers)``.
+Hook into the main CLI with ``broker_devtools.bench.cli.register(subparsers)``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from broker.bench import catalog
+from broker_devtools.bench import catalog
 
 if TYPE_CHECKING:
-    from broker.bench import scenarios
+    from broker_devtools.bench import scenarios
 
 _DB_ENV = "BROKER_BENCH_DATABASE_URL"
 
@@ -83,8 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``bench`` to the ``broker`` command's subparsers."""
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    serve: argparse.ArgumentParser | None = None,
+) -> None:
+    """Add ``bench`` to the ``broker`` command's subparsers (entry point
+    ``credential_broker.cli``)."""
     bench = subparsers.add_parser(
         "bench", help="benchmark GetAccessToken against the gRPC echo floor (docs/benchmarks.md)"
     )
@@ -93,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def options(args: argparse.Namespace) -> scenarios.Options:
-    from broker.bench import scenarios
+    from broker_devtools.bench import scenarios
 
     o = scenarios.quick() if args.quick else scenarios.Options()
     o.database_url = args.database_url or os.environ.get(_DB_ENV) or o.database_url
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         if code == 130:  # interrupted: what was measured is reported, nothing more is run
             break
     if len(runs) > 1:
-        from broker.bench import summary
+        from broker_devtools.bench import summary
 
         print(f"\n=== {len(runs)} runs ===\n" + summary.summarize(runs))
     return code
@@ -139,7 +143,7 @@ def _run_once(
     """One run of the selection: its table printed, its JSON payload and exit code."""
     # Imported here: they pull in asyncpg, SQLAlchemy and the domain, which other `broker`
     # commands should not pay for at start-up.
-    from broker.bench import report, scenarios
+    from broker_devtools.bench import report, scenarios
 
     opts = options(args)
     info = report.machine()
@@ -185,7 +189,7 @@ def _run_once(
 
 
 def _summarize(paths: list[Path]) -> int:
-    from broker.bench import summary
+    from broker_devtools.bench import summary
 
     try:
         runs = summary.load(paths)
@@ -207,7 +211,7 @@ def _terminate_as_interrupt() -> signal._HANDLER:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m broker.bench",
+        prog="python -m broker_devtools.bench",
         description="Benchmark GetAccessToken against the gRPC echo floor; the method is in "
         "docs/benchmarks.md, the results in the README (Benchmarks).",
     )

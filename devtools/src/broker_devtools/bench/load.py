@@ -38,7 +38,7 @@ import grpc
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.bench import data
+from broker_devtools.bench import data
 
 if TYPE_CHECKING:  # the async stub type exists in the stubs only
     from broker.api.credentialbroker.v1.broker_pb2_grpc import CredentialBrokerAsyncStub

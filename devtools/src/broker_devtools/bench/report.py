@@ -20,7 +20,7 @@ NO_BROKER = "no-broker"
 # Scenarios on PostgreSQL with the cache off: compared with the additive model too.
 PG_COLD = ("pg-cold", "scale-10k-cold", "scale-1m-cold")
 HOT = ("sqlite-hot", "pg-hot", "scale-10k-hot", "scale-1m-hot")
-# The measured ceiling of pg-hot (bench-only brokers, broker.bench.ceiling).
+# The measured ceiling of pg-hot (bench-only brokers, broker_devtools.bench.ceiling).
 PG_HOT, NOAUDIT, STUB = "pg-hot", "pg-hot-noaudit", "pg-hot-stub"
 ECHO_OPEN = "echo-open"
 OPEN = ("sqlite-open", "pg-open")

@@ -1,6 +1,6 @@
 """``broker dev-provider`` (and ``broker serve --dev --demo-provider``): the test authorization
-server (broker/testing/fakeauth.py) on a fixed loopback port, as a provider named ``demo``, so
-refresh, background refresh, revocation and the PKCE flow can be tried with copy-paste only.
+server (``broker_devtools.fakeauth``) on a fixed loopback port, as a provider named ``demo``,
+so refresh, background refresh, revocation and the PKCE flow can be tried with copy-paste only.
 
 It is a strict provider: refresh tokens rotate on every use and a reused one revokes the grant.
 Besides the OAuth endpoints (/authorize consents at once and redirects with a code, /token,
@@ -19,11 +19,16 @@ Besides the OAuth endpoints (/authorize consents at once and redirects with a co
 
 from __future__ import annotations
 
+import argparse
+import signal
+import threading
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from broker.config import ProviderSettings
-from broker.testing.fakeauth import FakeAuthServer
+from broker.config import ProviderSettings, Settings
+from broker.errors import ConfigError
+from broker_devtools.fakeauth import FakeAuthServer
 
 NAME = "demo"
 DEFAULT_PORT = 8765
@@ -54,8 +59,6 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> FakeAuthServer:
     try:
         return fake.start()
     except OSError as exc:
-        from broker.errors import ConfigError
-
         raise ConfigError(
             f"dev provider: cannot listen on {host}:{port} ({exc.strerror}); "
             "pick another port with --port"
@@ -141,3 +144,80 @@ def usage(fake: FakeAuthServer) -> str:
 
 {provider_toml(fake)}
 {helpers(fake)}"""
+
+
+class DemoProvider:
+    """``serve --dev --demo-provider``: the demo provider added to a dev broker's settings.
+    One server per process, started at the first ``apply`` and kept across reloads."""
+
+    option = "--demo-provider"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._fake: FakeAuthServer | None = None
+
+    def apply(self, settings: Settings) -> Settings:
+        if self._fake is None:
+            self._fake = start(self.port)
+        if NAME in settings.providers:
+            raise ConfigError(f"providers.{NAME}: already configured; {self.option} adds its own")
+        providers = {**settings.providers, NAME: provider_settings(self._fake)}
+        return settings.model_copy(update={"providers": providers})
+
+    def banner(self) -> str:
+        return helpers(self._fake) if self._fake is not None else ""
+
+
+class _AddDemoProvider(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        port = values if isinstance(values, int) else DEFAULT_PORT
+        namespace.dev_additions = (*namespace.dev_additions, DemoProvider(port))
+
+
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    serve: argparse.ArgumentParser,
+) -> None:
+    """The ``broker`` entry point (``credential_broker.cli``): ``dev-provider``, and
+    ``--demo-provider`` on ``serve``."""
+    serve.add_argument(
+        "--demo-provider",
+        nargs="?",
+        type=int,
+        const=DEFAULT_PORT,
+        action=_AddDemoProvider,
+        metavar="PORT",
+        help="with --dev: also run the local test OAuth server as provider 'demo' "
+        f"(port {DEFAULT_PORT}); see `broker dev-provider`",
+    )
+    dev_provider = subparsers.add_parser(
+        "dev-provider",
+        help="run a local test OAuth server and print its [providers.demo] settings",
+        description="A strict OAuth 2.0 server on loopback for trying refresh, revocation and "
+        "PKCE: /authorize consents at once, /grant mints a grant, /callback shows the code.",
+    )
+    dev_provider.add_argument("--port", type=int, default=DEFAULT_PORT)
+    dev_provider.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 in a container; the broker reaches it on loopback)",
+    )
+    dev_provider.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fake = start(args.port, args.host)
+    print(usage(fake), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        fake.stop()
+    return 0

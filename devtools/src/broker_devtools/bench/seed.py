@@ -19,10 +19,10 @@ from typing import Any
 
 import asyncpg
 
-from broker.bench import data
 from broker.crypto import parse_keyring
 from broker.domain.model import NewTokens
 from broker.domain.service import TokenCipher
+from broker_devtools.bench import data
 
 # Column order of the records handed to COPY; every other column takes its server default.
 COLUMNS = (

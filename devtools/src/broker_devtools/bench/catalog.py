@@ -23,8 +23,8 @@ SCENARIOS = (
     Scenario("sqlite-cold", "GetAccessToken, SQLite, cache off, auth+audit", "sqlite"),
     Scenario("pg-hot", "GetAccessToken, PostgreSQL, cache on, auth+audit", "pg"),
     Scenario("pg-cold", "GetAccessToken, PostgreSQL, cache off, auth+audit", "pg"),
-    # The measured ceiling (bench-only brokers, broker.bench.ceiling): pg-hot less its audit
-    # writes, and the server with its interceptors but GetAccessToken stubbed.
+    # The measured ceiling (bench-only brokers, broker_devtools.bench.ceiling): pg-hot less its
+    # audit writes, and the server with its interceptors but GetAccessToken stubbed.
     Scenario("pg-hot-noaudit", "pg-hot, audit events to a null sink (bench-only)", "pg"),
     Scenario("pg-hot-stub", "broker server + interceptors, constant answer, no audit", "pg"),
     Scenario("echo-open", "echo floor at a fixed 500 calls/s (open loop)", None),

@@ -30,19 +30,19 @@ import grpc
 import httpx
 from sqlalchemy.engine import make_url
 
-from broker.bench import data, echo, load, procs, seed
-from broker.bench.catalog import DEFAULT_DATABASE_URL, SCENARIOS, Scenario
-from broker.bench.report import ScenarioResult
 from broker.config import load_settings
 from broker.crypto import generate_key, parse_keyring
 from broker.domain.service import ACCESS, TokenCipher
 from broker.server.callers import hash_token
+from broker_devtools.bench import data, echo, load, procs, seed
+from broker_devtools.bench.catalog import DEFAULT_DATABASE_URL, SCENARIOS, Scenario
+from broker_devtools.bench.report import ScenarioResult
 
 # A token URL nothing listens on: outside the storm no seeded token is due for refresh, so the
 # provider is configured (tokens must belong to a known provider) but never called.
 _UNUSED_TOKEN_URL = "http://127.0.0.1:9/token"
 _SECRET_ENV = "BENCH_ACME_SECRET"
-# Ceiling variants (broker.bench.ceiling), named by the suffix of their scenario.
+# Ceiling variants (broker_devtools.bench.ceiling), named by the suffix of their scenario.
 _CEILING = ("noaudit", "stub")
 
 
@@ -279,7 +279,7 @@ class Bench:
         window sees a warm cache (the warm-up alone would leave some ids never requested);
         with ``fill``, that sweep goes over ``fill`` ids instead (capped at the cache bound).
         Cold runs rely on the warm-up period only. ``variant``: a ceiling broker
-        (``broker.bench.ceiling``) instead of ``broker serve``."""
+        (``broker_devtools.bench.ceiling``) instead of ``broker serve``."""
         o = self.options
         details: dict[str, Any] = {
             "rows": ds.rows,
@@ -348,7 +348,7 @@ class Bench:
         return _from_load(scenario, result, rss, details)
 
     def storm(self, scenario: Scenario) -> ScenarioResult:
-        from broker.testing.fakeauth import FakeAuthServer
+        from broker_devtools.fakeauth import FakeAuthServer
 
         o = self.options
         with FakeAuthServer(latency=o.provider_latency, expires_in=3600) as fake:

@@ -1,3 +1,0 @@
-"""``broker bench``: GetAccessToken measured against the gRPC echo floor and an in-process
-"no broker" loop. Entry points: ``broker.bench.cli.register`` (adds the
-subcommand to ``broker``) and ``python -m broker.bench``; method in docs/benchmarks.md."""
