@@ -67,8 +67,25 @@ class ServerSettings(_Section):
     # Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     health_check_interval_seconds: float = Field(default=2.0, gt=0)
+    # The largest response (gRPC's send limit); requests have their own limit below.
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # The largest request body. The largest valid request (a StoreIntegration with a
+    # credential, every field at its limit) encodes to about 710 KiB; a bigger body is
+    # refused by gRPC (RESOURCE_EXHAUSTED) before it is buffered whole.
+    max_receive_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # Open client connections at most; more are closed as they are accepted. The soft
+    # open-file limit is raised to fit (up to the hard limit), else this is lowered to fit.
+    max_connections: int = Field(default=500, ge=1, le=1_000_000)
+    # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
+    handshake_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # A connection with no call in flight for this long is closed (GOAWAY); clients reconnect
+    # on their next call.
+    max_connection_idle_seconds: float = Field(default=30.0, gt=0, le=86400)
+    # HTTP/2 BDP probing grows each stream's receive window to the link's bandwidth-delay
+    # product: faster large uploads over long links, but also megabytes a peer can make the
+    # broker buffer per stream before any call is authenticated. Off: 64 KiB per stream.
+    http2_bdp_probe: bool = False
     # Listening beyond loopback without TLS sends bearer tokens and access tokens in clear.
     allow_insecure: bool = False
     # Set by `broker serve --workers N` for its children: share the port, offset metrics.

@@ -51,6 +51,13 @@ READ_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
+REQUESTS_TOO_LARGE = Counter(
+    "broker_requests_too_large_total",
+    "Authenticated calls whose request body gRPC refused for being over "
+    "server.max_receive_bytes (a call that carried no body at all is counted too)",
+    ["method"],
+)
+
 
 Source = Callable[[], Iterable[tuple[str, str, float]]]
 

@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,16 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
 class BrokerProcess:
     """``python -m broker serve`` in a subprocess; ``port`` is read from its start-up log."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        preexec: Callable[[], None] | None = None,
+    ):
         self.config = config
+        # Run in the child before exec (e.g. resource.setrlimit for a lower open-file limit).
+        self.preexec = preexec
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.port = 0
@@ -68,6 +76,7 @@ class BrokerProcess:
             cwd=self.cwd,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.preexec,
         )
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from broker.cli import EXIT_CONFIG
-from broker.config import load_settings
+from broker.config import ServerSettings, load_settings
 from broker.crypto import load_keyring
 from broker.server.callers import hash_token
+from broker.server.transport import FD_RESERVE
 from broker_devtools import demo as devprovider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,14 @@ def test_deployment_two_non_root_replicas_with_grpc_probes_and_secrets(tmp_path:
     (tmp_path / "broker.toml").write_text(config)
     settings = load_settings(env={}, config_path=tmp_path / "broker.toml")
     assert settings.server.environment == "production"
+    # The connection and request limits are spelled out, at their safe defaults or tighter.
+    defaults = ServerSettings()
+    assert settings.server.max_connections <= defaults.max_connections
+    assert settings.server.handshake_timeout_seconds <= defaults.handshake_timeout_seconds
+    assert settings.server.max_connection_idle_seconds <= defaults.max_connection_idle_seconds
+    assert settings.server.max_receive_bytes <= defaults.max_receive_bytes
+    for name in ("max_connections", "handshake_timeout_seconds", "max_connection_idle_seconds"):
+        assert f"{name} = " in config, name
 
 
 def test_migration_job_service_pdb_and_network_policy_fit_the_deployment() -> None:
@@ -240,6 +249,8 @@ def test_systemd_unit_example() -> None:
     assert settings["User"] == ["broker"]
     assert settings["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
     assert settings["NoNewPrivileges"] == ["yes"]
+    # Room for server.max_connections (500) and the broker's own descriptors.
+    assert int(settings["LimitNOFILE"][0]) >= ServerSettings().max_connections + FD_RESERVE
     analyze = shutil.which("systemd-analyze")
     if analyze is None:  # not on every developer's machine; CI's has it
         return

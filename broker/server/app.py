@@ -32,6 +32,7 @@ from broker.domain.webhooks import WebhookDispatcher, build_endpoints
 from broker.errors import ConfigError
 from broker.providers.catalog import ALIASES
 from broker.runtime import Runtime, open_runtime
+from broker.server import transport
 from broker.server.callers import CallerRegistry
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
@@ -189,7 +190,6 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             "callers: no caller is configured, so nobody could call this broker; add "
             "[callers.NAME] with token_sha256 (see `broker callers new NAME`)"
         )
-    limit = settings.server.max_message_bytes
     interceptor = AuthInterceptor(
         callers,
         runtime.auditor,
@@ -198,21 +198,8 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     )
     # Audience names are checked against the callers in force (SIGHUP replaces them).
     runtime.grants.callers = lambda: interceptor.registry.names
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_metadata_size", settings.server.max_metadata_bytes),
-            ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
-            # Keepalive enforcement: clients may not ping more often than every 10 s without
-            # calls in flight; two strikes and the connection is closed (GOAWAY).
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_ping_strikes", 2),
-            # Detect dead peers: ping an idle client every 2 minutes, drop it after 20 s.
-            ("grpc.keepalive_time_ms", 120_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-        ],
-    )
+    cap = transport.connection_cap(settings.server)
+    server = grpc.aio.server(options=transport.server_options(settings.server, cap))
     # Every service goes through the guard (authentication, policy, audit, access log),
     # wrapped once at registration.
     guarded: Any = interceptor.guarding(server)
@@ -312,7 +299,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         try:
             broker.stop_metrics = metrics.serve(
                 _offset_port(settings.metrics.listen, settings.server.worker_index),
-                runtime.gauges,
+                lambda: [*runtime.gauges(), *transport.gauges(port, cap)],
             )
         except OSError as exc:
             await broker.stop(0)

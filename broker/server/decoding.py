@@ -1,11 +1,16 @@
-"""Request bodies that do not decode: INVALID_ARGUMENT, one rate-limited log line, no traceback.
+"""Request bodies: read only once the call is admitted; those that do not decode answered
+INVALID_ARGUMENT, with one rate-limited log line and no traceback.
 
-grpc.aio calls a method's ``request_deserializer`` before any interceptor code runs; if it
-raises (garbage bytes, invalid UTF-8 in a string field, a truncated message, nesting past
-protobuf's recursion limit), gRPC answers UNKNOWN with the exception text and logs a traceback
-for every such request — before authentication, so anyone could fill the log. ``tolerant``
-wraps the deserializer so a failure becomes an ``Undecodable`` value instead; the interceptor
-authenticates the call as usual and then ``reject``s it.
+For a unary method grpc.aio receives the body and calls the ``request_deserializer`` before
+any handler code runs: every unauthenticated body would be read whole and parsed. The
+broker's methods are therefore served as request-streaming handlers (the wire format is the
+same) and the guard ``receive``s the one request only after authentication and permission;
+a refused call's body is never read from the transport, let alone parsed.
+
+If the deserializer raises (garbage bytes, invalid UTF-8 in a string field, a truncated
+message, nesting past protobuf's recursion limit), gRPC answers UNKNOWN with the exception
+text and logs a traceback for every such request. ``tolerant`` wraps the deserializer so a
+failure becomes an ``Undecodable`` value instead, which the guard ``reject``s.
 """
 
 from __future__ import annotations
@@ -33,6 +38,36 @@ class Undecodable:
 
     def __init__(self, problem: str) -> None:
         self.problem = problem
+
+
+class Missing:
+    """Stands in for a request that never arrived: gRPC refused a body over
+    ``server.max_receive_bytes`` (it has already answered RESOURCE_EXHAUSTED), or the client
+    half-closed without sending one, which no gRPC client does for a unary method."""
+
+    __slots__ = ()
+
+
+MISSING = Missing()
+# What context.read() returns at the end of the requests (not in grpc-stubs).
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+async def receive(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """The call's request message (or ``Undecodable``, or ``MISSING``), read from the
+    transport now; a second message, which no unary client sends, is never read."""
+    request = await context.read()
+    return MISSING if request is _EOF else request
+
+
+def too_large(method: str) -> grpc.Status:
+    """The status of a call whose request did not arrive (see ``Missing``)."""
+    return plain_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"no {method} request message arrived: a body over the broker's limit "
+        "(server.max_receive_bytes) is refused unread",
+        reason="REQUEST_TOO_LARGE",
+    )
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

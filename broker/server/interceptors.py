@@ -3,7 +3,9 @@ RPC, before and after the servicer runs.
 
 Health stays open; reflection needs any authenticated caller; every CredentialBroker method
 needs a caller allowed to call it. Identity comes from a client certificate (mTLS, the SAN
-mapped to a configured caller) or from ``authorization: Bearer <token>``.
+mapped to a configured caller) or from ``authorization: Bearer <token>``. A call's request
+body is read from the transport only once the call is admitted (see broker.server.decoding),
+so a refused caller cannot make the broker buffer or parse what it sends.
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ class AuthInterceptor:
         auditor = self.auditor
         stage = auditor.stage if auditor is not None else None
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # Request-streaming to gRPC, so that the body is read only after admission
+        # (decoding.receive); unary on the wire and to the servicer.
+        async def unary(unread: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             authorization, given_id, grant_token = _headers(context)
             try:
@@ -171,6 +175,9 @@ class AuthInterceptor:
             call = Call(caller, name, _request_id(context, given_id))
             if self.grants is not None and (grant_token is not None or caller.requires_grant):
                 await self._admit_grant(call, context, started, grant_token)
+            request = await decoding.receive(context)
+            if request is decoding.MISSING:
+                await self._refuse_missing(call, context, started)
             current_call.set(call)
             if auditor is not None:
                 call.journal = stage
@@ -209,7 +216,19 @@ class AuthInterceptor:
             self._access(caller, name, grpc.StatusCode.OK, started, call)
             return response
 
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+
+    async def _refuse_missing(
+        self, call: Call, context: grpc.aio.ServicerContext[Any, Any], started: float
+    ) -> None:
+        status = self._missing(call, started)
+        await self._audit_failure(call, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        await cast(Any, context).abort_with_status(status)
+
+    def _missing(self, call: Call, started: float) -> grpc.Status:
+        metrics.REQUESTS_TOO_LARGE.labels(call.method).inc()
+        self._access(call.caller, call.method, grpc.StatusCode.RESOURCE_EXHAUSTED, started, call)
+        return decoding.too_large(call.method)
 
     def _guard_stream(self, handler: Any, name: str, kwargs: dict[str, Any]) -> Any:
         """Server-streaming methods (WatchIntegrationEvents): the same identity, permission
@@ -217,7 +236,9 @@ class AuthInterceptor:
         is written when the stream opens (fail closed), the access line when it ends."""
         inner = handler.unary_stream
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # Bidirectional to gRPC for the same reason as unary methods: the one request is
+        # read after admission.
+        async def stream(unread: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             authorization, given_id, grant_token = _headers(context)
             try:
@@ -244,6 +265,12 @@ class AuthInterceptor:
                 if grant_refused is not None:
                     _end(context, grant_refused)
                     return
+            request = await decoding.receive(context)
+            if request is decoding.MISSING:
+                status = self._missing(call, started)
+                await self._audit_failure(call, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                _end(context, status)
+                return
             current_call.set(call)
             if isinstance(request, decoding.Undecodable):
                 self._access(caller, name, grpc.StatusCode.INVALID_ARGUMENT, started, call)
@@ -266,7 +293,7 @@ class AuthInterceptor:
             finally:
                 self._access(caller, name, context.code() or grpc.StatusCode.OK, started, call)
 
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 
     def _guard_other(self, handler: Any, kwargs: dict[str, Any]) -> Any:
         """Reflection (and anything else not ours): any authenticated caller."""
