@@ -275,6 +275,28 @@ class EventsSettings(_Section):
     heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
     # Consecutive transient refresh failures that make one REFRESH_FAILED event.
     refresh_failure_threshold: int = Field(default=3, ge=1, le=1000)
+    # Open WatchIntegrationEvents streams per caller, and in all, on one broker process;
+    # more are refused RESOURCE_EXHAUSTED (CALLER_STREAM_LIMIT, STREAM_LIMIT).
+    max_streams_per_caller: int = Field(default=100, ge=1)
+    max_streams: int = Field(default=1000, ge=1)
+    # Recent events kept in memory for this process's streams (one database poll feeds
+    # them all); a stream further behind catches up by reading from its own cursor.
+    stream_buffer_events: int = Field(default=4096, ge=1, le=1_000_000)
+
+
+class AuthorizationSettings(_Section):
+    """BeginAuthorization's flows: how long they live and how much of them a caller may
+    keep in the database before they are completed."""
+
+    # A user who has not come back from the provider's consent page by then starts over.
+    flow_ttl_seconds: float = Field(default=600.0, ge=10, le=86400)
+    # Unfinished, unexpired flows one caller may have; the next is RESOURCE_EXHAUSTED
+    # (FLOW_LIMIT) until some complete or expire.
+    max_pending_flows_per_caller: int = Field(default=1000, ge=1)
+    # A flow's metadata (JSON) and requested scopes, stored until the flow completes.
+    max_metadata_bytes: int = Field(default=8 * 1024, ge=0, le=64 * 1024)
+    max_scopes: int = Field(default=64, ge=1, le=256)
+    max_scope_length: int = Field(default=256, ge=1, le=1024)
 
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -337,6 +359,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
     events: EventsSettings = EventsSettings()
+    authorization: AuthorizationSettings = AuthorizationSettings()
     webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)
