@@ -49,7 +49,7 @@ def fanout_settings(database_url: str, fake: FakeAuthServer, **events: Any) -> S
 
 @pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer) -> Settings:
-    return fanout_settings(database_url, fake, max_streams=120, heartbeat_seconds=30)
+    return fanout_settings(database_url, fake, max_streams=120, heartbeat_seconds=0.5)
 
 
 class StatementCounter:
