@@ -124,7 +124,7 @@ async def test_streams_are_capped_per_caller_and_in_total(
         call.cancel()
     await eventually(lambda: _true(gauge() - base == 20), "the admin streams to close")
     late = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
-    first = await late.read()
+    first: Any = await late.read()
     assert first.HasField("heartbeat") or first.HasField("event")
     late.cancel()
     for call in others:

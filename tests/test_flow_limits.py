@@ -20,7 +20,7 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, error_info, expect_error, make_settings
+from tests.conftest import error_info, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
 from tests.test_authorization import (
     CALLBACK,
@@ -71,7 +71,7 @@ async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
 
 
 def refused() -> float:
-    return metrics.FLOWS_REFUSED.labels("pending_per_caller")._value.get()
+    return float(metrics.FLOWS_REFUSED.labels("pending_per_caller")._value.get())
 
 
 async def test_pending_flows_are_capped_per_caller_and_free_up_as_flows_close(
