@@ -305,6 +305,33 @@ class EventsSettings(_Section):
     heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
     # Consecutive transient refresh failures that make one REFRESH_FAILED event.
     refresh_failure_threshold: int = Field(default=3, ge=1, le=1000)
+    # Open WatchIntegrationEvents streams one caller may have on one broker process; the
+    # next is refused RESOURCE_EXHAUSTED (CALLER_STREAM_LIMIT).
+    max_streams_per_caller: int = Field(default=100, ge=1)
+    # Open WatchIntegrationEvents streams on one broker process, all callers together; the
+    # next is refused RESOURCE_EXHAUSTED (STREAM_LIMIT).
+    max_streams: int = Field(default=1000, ge=1)
+    # Recent events kept in memory for this process's streams (one database poll feeds
+    # them all); a stream further behind catches up by reading from its own cursor.
+    stream_buffer_events: int = Field(default=4096, ge=1, le=1_000_000)
+
+
+class AuthorizationSettings(_Section):
+    """BeginAuthorization's flows: how long they live and how much of them a caller may
+    keep in the database before they are completed."""
+
+    # A user who has not come back from the provider's consent page by then starts over.
+    flow_ttl_seconds: float = Field(default=600.0, ge=10, le=86400)
+    # Unfinished, unexpired flows one caller may have; the next is RESOURCE_EXHAUSTED
+    # (FLOW_LIMIT) until some complete or expire.
+    max_pending_flows_per_caller: int = Field(default=1000, ge=1)
+    # Largest flow metadata (as JSON) BeginAuthorization accepts; larger is INVALID_ARGUMENT.
+    # It is stored with the flow until the flow completes or expires.
+    max_metadata_bytes: int = Field(default=8 * 1024, ge=0, le=64 * 1024)
+    # Most scopes one BeginAuthorization may ask for; more is INVALID_ARGUMENT.
+    max_scopes: int = Field(default=64, ge=1, le=256)
+    # Longest scope (characters) BeginAuthorization accepts; longer is INVALID_ARGUMENT.
+    max_scope_length: int = Field(default=256, ge=1, le=1024)
 
 
 class WebhookSettings(_Section):
@@ -362,6 +389,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
     events: EventsSettings = EventsSettings()
+    authorization: AuthorizationSettings = AuthorizationSettings()
     webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)

@@ -17,6 +17,10 @@
     ├── ProviderUnavailable          UNAVAILABLE          PROVIDER_UNAVAILABLE (+ RetryInfo)
     │   └── ProviderOutcomeUnknown   (sent, no usable answer: the provider may have rotated)
     ├── StorageUnavailable           UNAVAILABLE          STORAGE_UNAVAILABLE
+    ├── ResourceExhausted            RESOURCE_EXHAUSTED   RESOURCE_EXHAUSTED
+    │   ├── FlowLimit                RESOURCE_EXHAUSTED   FLOW_LIMIT (pending flows per caller)
+    │   ├── CallerStreamLimit        RESOURCE_EXHAUSTED   CALLER_STREAM_LIMIT (watches per caller)
+    │   └── StreamLimit              RESOURCE_EXHAUSTED   STREAM_LIMIT (watches per process)
     ├── CiphertextInvalid            DATA_LOSS            CIPHERTEXT_INVALID
     ├── Unauthenticated              UNAUTHENTICATED      UNAUTHENTICATED
     │   ├── GrantInvalid             UNAUTHENTICATED      GRANT_INVALID (not a grant we know)
@@ -136,6 +140,29 @@ class MinValidityUnattainable(BrokerError):
 class StorageUnavailable(BrokerError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "STORAGE_UNAVAILABLE"
+
+
+class ResourceExhausted(BrokerError):
+    """A configured limit is reached; ErrorInfo names the setting and its value, so the
+    caller (or its operator) knows which limit to wait out or raise."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, setting: str, limit: int) -> None:
+        super().__init__(message, setting=setting, limit=str(limit))
+
+
+class FlowLimit(ResourceExhausted):
+    reason = "FLOW_LIMIT"
+
+
+class CallerStreamLimit(ResourceExhausted):
+    reason = "CALLER_STREAM_LIMIT"
+
+
+class StreamLimit(ResourceExhausted):
+    reason = "STREAM_LIMIT"
 
 
 class CiphertextInvalid(BrokerError):

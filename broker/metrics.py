@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -109,4 +109,25 @@ WEBHOOK_LAG = Histogram(
     "From an event's commit to its successful webhook delivery",
     ["endpoint"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+)
+WATCH_STREAMS = Gauge(
+    "broker_watch_streams_open", "WatchIntegrationEvents streams open on this process"
+)
+WATCH_REFUSED = Counter(
+    "broker_watch_streams_refused_total",
+    "WatchIntegrationEvents streams refused by a limit (per_caller, total)",
+    ["limit"],
+)
+EVENT_POLLS = Counter(
+    "broker_event_poll_queries_total",
+    "Queries of the shared event poller that feeds every stream of this process",
+)
+EVENT_CATCH_UPS = Counter(
+    "broker_event_stream_catch_up_reads_total",
+    "Reads a stream made from its own cursor (it started, or fell, behind the shared buffer)",
+)
+FLOWS_REFUSED = Counter(
+    "broker_authorization_flows_refused_total",
+    "BeginAuthorization calls refused by a limit (pending_per_caller)",
+    ["limit"],
 )

@@ -181,6 +181,7 @@ async def open_runtime(
         service,
         clock,
         default_expires_in_seconds=settings.refresh.default_expires_in_seconds,
+        limits=settings.authorization,
     )
     return Runtime(
         settings=settings,
@@ -215,6 +216,9 @@ async def open_runtime(
             retention=timedelta(days=settings.events.retention_days),
             poll_seconds=settings.events.poll_seconds,
             heartbeat_seconds=settings.events.heartbeat_seconds,
+            max_streams_per_caller=settings.events.max_streams_per_caller,
+            max_streams=settings.events.max_streams,
+            stream_buffer_events=settings.events.stream_buffer_events,
         ),
     )
 

@@ -25,12 +25,15 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import metrics
+from broker.config import AuthorizationSettings
 from broker.domain import context, periodic, validation
 from broker.domain.model import Integration, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, TokenCipher
 from broker.errors import (
     AuthorizationFlowInvalid,
     AuthorizationUserMismatch,
+    FlowLimit,
     GrantRejected,
     InvalidArgument,
     StorageUnavailable,
@@ -97,9 +100,10 @@ class AuthorizationService:
         client: OAuthClient,
         integrations: IntegrationService,
         clock: Clock,
-        flow_ttl: timedelta = timedelta(minutes=10),
+        flow_ttl: timedelta | None = None,
         *,
         default_expires_in_seconds: int | None = None,
+        limits: AuthorizationSettings | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -107,7 +111,8 @@ class AuthorizationService:
         self.client = client
         self.integrations = integrations
         self.clock = clock
-        self.flow_ttl = flow_ttl
+        self.limits = limits or AuthorizationSettings()
+        self.flow_ttl = flow_ttl or timedelta(seconds=self.limits.flow_ttl_seconds)
         if default_expires_in_seconds is None:
             # Same default as refreshes use, when the wiring did not pass one explicitly.
             settings = getattr(integrations.refresher, "settings", None)
@@ -132,8 +137,13 @@ class AuthorizationService:
         validation.text("provider", provider, validation.MAX_PROVIDER)
         validation.text("redirect_uri", redirect_uri, MAX_REDIRECT_URI)
         validation.text("account_id", account_id, validation.MAX_ID, required=False)
-        requested = validation.scopes("scopes", scopes)
-        validation.metadata(metadata)
+        limits = self.limits
+        # Tighter than StoreIntegration's: a flow is stored before anyone has authorized
+        # anything, and abandoned ones stay until they expire.
+        requested = validation.scopes(
+            "scopes", scopes, max_count=limits.max_scopes, max_length=limits.max_scope_length
+        )
+        validation.metadata(metadata, max_bytes=limits.max_metadata_bytes)
         profile = self.registry.get(provider)  # UnknownProvider if not configured here
         context.note_owner(user_id, profile.name)
         context.check_owner(user_id, profile.name)
@@ -185,8 +195,23 @@ class AuthorizationService:
         if verifier is not None:
             values["verifier_ct"] = self.cipher.encrypt(key, VERIFIER_COLUMN, verifier)
             values["key_id"] = self.cipher.keyring.primary_id
+        call = context.current_call.get()
+        caller = values["caller"] = call.caller.name if call is not None else ""
         async with storage_errors(), self.engine.begin() as conn:
+            await flows.lock_caller(conn, caller)
+            # Inserted first, then counted with it: on SQLite the insert takes the write lock,
+            # so no other flow can slip in between the count and the commit.
             await flows.insert_flow(conn, values)
+            if await flows.pending(conn, caller, now) > limits.max_pending_flows_per_caller:
+                metrics.FLOWS_REFUSED.labels("pending_per_caller").inc()
+                raise FlowLimit(
+                    f"caller {caller!r} has {limits.max_pending_flows_per_caller} authorization "
+                    "flows neither completed nor expired (the limit); complete some, or wait "
+                    f"for them to expire ({int(self.flow_ttl.total_seconds())} s after they "
+                    "began)",
+                    setting="authorization.max_pending_flows_per_caller",
+                    limit=limits.max_pending_flows_per_caller,
+                )
             await context.audit_in(conn)
         log.debug("authorization flow started for provider %s", profile.name)
         return BeginResult(authorization_url=url, state=state, expires_at=expires_at)
@@ -270,7 +295,7 @@ class AuthorizationService:
             if await flows.consume(conn, key, now):
                 flow = await flows.get(conn, key)
                 assert flow is not None
-                await flows.forget_verifier(conn, key)
+                await flows.strip(conn, key)
                 return flow
             found = await flows.get(conn, key)
         if found is None:
@@ -318,12 +343,17 @@ class AuthorizationService:
     # -- purge -----------------------------------------------------------------------------
 
     async def purge_expired(self) -> int:
-        """Delete flows that expired or were completed more than PURGE_GRACE ago."""
-        cutoff = self.clock() - PURGE_GRACE
+        """Delete flows that expired or were completed more than PURGE_GRACE ago, and drop
+        the payload of those that expired since; returns how many were deleted."""
+        now = self.clock()
+        cutoff = now - PURGE_GRACE
         async with storage_errors(), self.engine.begin() as conn:
+            # Without this, a caller at its pending limit could still keep a grace period's
+            # worth of full-size expired flows in the database.
+            await flows.strip_expired(conn, now)
             return await flows.purge(conn, cutoff, cutoff)
 
-    async def run_purger(self, interval_seconds: float = 300.0) -> None:
+    async def run_purger(self, interval_seconds: float = 60.0) -> None:
         """Purge old flows every ``interval_seconds`` until cancelled (a background task)."""
         await periodic.every(
             interval_seconds, self.purge_expired, "authorization flow purge", "%d purged"

@@ -2,7 +2,8 @@
 
 ``record`` is called inside the write transaction of every state change, so a change and its
 event commit or roll back together. ``EventLog`` serves them: a page of history, or a watch
-that replays from a cursor and then follows new events live — woken by PostgreSQL NOTIFY (heard
+that replays from a cursor and then follows new events live. Live events come from one poller
+per process (``broker.domain.feed``) shared by every watch, woken by PostgreSQL NOTIFY (heard
 by ``broker.storage.notify``) or by a commit in this process, with a short poll as the floor.
 Ids are handed out in commit order (``broker.storage.events``), so ``id > cursor`` never skips
 an event whose transaction committed late. Events never carry a token or secret: messages are
@@ -17,7 +18,7 @@ import binascii
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker import metrics
 from broker.domain import context, periodic, validation
+from broker.domain.feed import Feed, StreamLimits
 from broker.domain.model import Integration, Revocation
 from broker.errors import InvalidArgument
 from broker.storage import events as store
@@ -116,9 +118,9 @@ def from_row(row: Any) -> Event:
 
 
 class Wakeup:
-    """Wakes every waiting reader in this process (streams, webhook dispatchers). One per
-    process: the writers (`record`) are plain functions inside transactions and cannot know
-    which readers exist; a spurious wake-up only costs a query."""
+    """Wakes every waiting reader in this process (the streams' poller, webhook dispatchers).
+    One per process: the writers (`record`) are plain functions inside transactions and cannot
+    know which readers exist; a spurious wake-up only costs a query."""
 
     def __init__(self) -> None:
         self._waiters: set[asyncio.Future[None]] = set()
@@ -184,6 +186,10 @@ def _written(type: EventType) -> None:
     WAKEUP.notify()
 
 
+# Events per read of a stream catching up from its own cursor.
+_CATCH_UP = 500
+
+
 def encode_cursor(event_id: int) -> str:
     return base64.urlsafe_b64encode(f"e{event_id}".encode()).decode().rstrip("=")
 
@@ -207,14 +213,30 @@ class EventLog:
         retention: timedelta,
         poll_seconds: float,
         heartbeat_seconds: float,
+        max_streams_per_caller: int = 100,
+        max_streams: int = 1000,
+        stream_buffer_events: int = 4096,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.retention = retention
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
-        # Set at shutdown: open watches end cleanly (status OK) instead of being cancelled.
+        # Set at shutdown (by ``close``): open watches end cleanly (status OK) instead of
+        # being cancelled.
         self.closing = asyncio.Event()
+        self.limits = StreamLimits(max_streams_per_caller, max_streams)
+        self.feed: Feed[Event] = Feed(
+            self._read_new,
+            self._last_id,
+            WAKEUP.wait,
+            poll_seconds=poll_seconds,
+            capacity=stream_buffer_events,
+        )
+
+    def close(self) -> None:
+        self.closing.set()
+        self.feed.close()
 
     def _scope(self, filters: EventFilter) -> tuple[Collection[str] | None, Collection[str] | None]:
         """The users and providers this caller may read (None: all), narrowed by the filters;
@@ -238,6 +260,7 @@ class EventLog:
         limit: int,
         filters: EventFilter,
         scope: tuple[Collection[str] | None, Collection[str] | None],
+        upto: int | None = None,
     ) -> list[Event]:
         users, providers = scope
         async with storage_errors(), self.engine.connect() as conn:
@@ -248,8 +271,18 @@ class EventLog:
                 users=users,
                 providers=providers,
                 types=[t.value for t in filters.types],
+                upto=upto,
             )
         return [from_row(r) for r in rows]
+
+    async def _read_new(self, after_id: int, limit: int) -> list[Event]:
+        """The shared poller's read: every event, whoever may see it."""
+        async with storage_errors(), self.engine.connect() as conn:
+            return [from_row(r) for r in await store.page(conn, after_id, limit)]
+
+    async def _last_id(self) -> int:
+        async with storage_errors(), self.engine.connect() as conn:
+            return await store.last_id(conn)
 
     async def list(
         self, after_id: int, filters: EventFilter, page_size: int, page_token: str
@@ -264,27 +297,70 @@ class EventLog:
         more = len(found) > size
         return EventPage(items, encode_cursor(items[-1].id) if more and items else "")
 
-    async def watch(self, after_id: int, filters: EventFilter) -> AsyncIterator[Event | Heartbeat]:
-        """Stored events after the cursor, then new ones as they commit, with heartbeats."""
+    async def watch(
+        self, after_id: int, filters: EventFilter
+    ) -> AsyncGenerator[Event | Heartbeat, None]:
+        """Stored events after the cursor, then new ones as they commit, with heartbeats.
+
+        Close it with ``aclose`` (``contextlib.aclosing``): that is when its place under the
+        stream limits is given back."""
         if after_id < 0:
             raise InvalidArgument("after_event_id", "must be 0 or a positive event id")
         scope = self._scope(filters)
-        cursor = after_id
+        call = context.current_call.get()
+        with self.limits.admit(call.caller.name if call else ""), self.feed.subscribed():
+            async for item in self._follow(after_id, filters, scope):
+                yield item
+
+    async def _follow(
+        self,
+        cursor: int,
+        filters: EventFilter,
+        scope: tuple[Collection[str] | None, Collection[str] | None],
+    ) -> AsyncIterator[Event | Heartbeat]:
+        # ``cursor``: every event up to it has been considered for this stream (delivered or
+        # filtered out); ``delivered``: the last one sent, which heartbeats report.
+        users, providers = scope
+        types = frozenset(filters.types)
+        feed = self.feed
+        delivered = cursor
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while not self.closing.is_set():
-            batch = await self._read(cursor, 500, filters, scope)
-            for event in batch:
-                cursor = event.id
-                yield event
-            if batch:
+            tick = feed.tick()
+            head = feed.head
+            if head is not None and cursor < feed.base:
+                # Behind what the shared buffer holds (an old cursor, or a slow consumer the
+                # buffer moved past): read the gap from the database, up to the head.
+                metrics.EVENT_CATCH_UPS.inc()
+                batch = await self._read(cursor, _CATCH_UP, filters, scope, upto=head)
+                for event in batch:
+                    cursor = delivered = event.id
+                    yield event
+                if batch:
+                    quiet_since = loop.time()
+                if len(batch) < _CATCH_UP:
+                    cursor = max(cursor, head)
+                continue
+            if head is not None:
+                for event in feed.since(cursor):
+                    cursor = event.id
+                    if (
+                        (users is None or event.user_id in users)
+                        and (providers is None or event.provider in providers)
+                        and (not types or event.type in types)
+                    ):
+                        delivered = event.id
+                        quiet_since = loop.time()
+                        yield event
+                cursor = max(cursor, head)
+            quiet = loop.time() - quiet_since
+            if quiet >= self.heartbeat_seconds:
                 quiet_since = loop.time()
-                if len(batch) == 500:
-                    continue
-            if loop.time() - quiet_since >= self.heartbeat_seconds:
-                quiet_since = loop.time()
-                yield Heartbeat(cursor)
-            await _first(WAKEUP.wait(self.poll_seconds), self.closing.wait())
+                quiet = 0.0
+                yield Heartbeat(delivered)
+            if not tick.done():
+                await asyncio.wait([tick], timeout=self.heartbeat_seconds - quiet)
 
     async def purge_pass(self) -> int:
         """Delete events (and finished webhook deliveries) older than the retention period;
@@ -302,15 +378,6 @@ class EventLog:
 
     async def run_purger(self, interval_seconds: float) -> None:
         await periodic.every(interval_seconds, self.purge_pass, "event retention", "%d purged")
-
-
-async def _first(*waits: Any) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 # -- the events of each state change (called inside its write transaction) ---------------------

@@ -43,13 +43,19 @@ def token(field: str, value: str, *, required: bool) -> str:
     return value
 
 
-def scopes(field: str, values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    if len(values) > MAX_SCOPES:
-        raise InvalidArgument(field, f"has {len(values)} entries; the limit is {MAX_SCOPES}")
+def scopes(
+    field: str,
+    values: list[str] | tuple[str, ...],
+    *,
+    max_count: int = MAX_SCOPES,
+    max_length: int = MAX_SCOPE,
+) -> tuple[str, ...]:
+    if len(values) > max_count:
+        raise InvalidArgument(field, f"has {len(values)} entries; the limit is {max_count}")
     if not values:
         return ()
     for value in values:
-        text(field, value, MAX_SCOPE)
+        text(field, value, max_length)
         if " " in value:
             raise InvalidArgument(field, "entries must not contain spaces (one scope per entry)")
     return tuple(dict.fromkeys(values))
@@ -65,12 +71,12 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def metadata(value: dict[str, Any]) -> dict[str, Any]:
+def metadata(value: dict[str, Any], *, max_bytes: int = MAX_METADATA) -> dict[str, Any]:
     if not _finite(value):
         raise InvalidArgument("metadata", "numbers must be finite (no NaN or Infinity)")
     size = len(json.dumps(value, separators=(",", ":")).encode())
-    if size > MAX_METADATA:
-        raise InvalidArgument("metadata", f"is {size} bytes as JSON; the limit is {MAX_METADATA}")
+    if size > max_bytes:
+        raise InvalidArgument("metadata", f"is {size} bytes as JSON; the limit is {max_bytes}")
     return value
 
 

@@ -93,7 +93,7 @@ class Broker:
         self.refresher.answer_callers_by(loop.time() + max(0.0, grace - min(1.0, grace / 5)))
         self.runtime.revoker.draining = True
         # Open event streams end now, with status OK, rather than at the end of the grace.
-        self.runtime.events.closing.set()
+        self.runtime.events.close()
         await asyncio.gather(self.server.stop(grace), self._drain())
         for task in self.tasks:
             task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
@@ -75,11 +76,12 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         request: pb.WatchIntegrationEventsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.WatchIntegrationEventsResponse]:
+        watch = self.events.watch(request.after_event_id, convert.event_filter(request))
         try:
-            async for item in self.events.watch(
-                request.after_event_id, convert.event_filter(request)
-            ):
-                yield convert.watch_item(item, datetime.now(UTC))
+            # Closed here, not whenever it is collected: closing gives back its stream slot.
+            async with contextlib.aclosing(watch):
+                async for item in watch:
+                    yield convert.watch_item(item, datetime.now(UTC))
         except BrokerError as error:
             # A stream ends with its status (abort from a generator races in gRPC core).
             call = current_call.get()

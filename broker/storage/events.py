@@ -54,8 +54,11 @@ async def page(
     users: Collection[str] | None = None,
     providers: Collection[str] | None = None,
     types: Collection[str] = (),
+    upto: int | None = None,
 ) -> list[Row[Any]]:
     query = select(t).where(t.c.id > after_id).order_by(t.c.id).limit(limit)
+    if upto is not None:
+        query = query.where(t.c.id <= upto)
     if users is not None:
         query = query.where(t.c.user_id.in_(list(users)))
     if providers is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.storage.repository import utc
@@ -52,8 +52,39 @@ _SELECT = select(
 )
 
 
+# pg_advisory_xact_lock namespace (first key) of the per-caller flow count; the second key
+# is the caller name's hash.
+_CALLER_LOCK = 0x62_666C_6F
+
+# What a closed flow keeps: enough to answer a replay "already used" or "expired". Its
+# payload (metadata, scopes, verifier) has no further use and would only take space.
+_STRIPPED: dict[str, Any] = {
+    "redirect_uri": "",
+    "metadata": {},
+    "scopes": [],
+    "verifier_ct": None,
+    "key_id": None,
+}
+
+
 async def insert_flow(conn: AsyncConnection, values: dict[str, Any]) -> None:
     await conn.execute(insert(t).values(**values))
+
+
+async def lock_caller(conn: AsyncConnection, caller: str) -> None:
+    """Serialise one caller's flow inserts until the transaction ends, so that counting its
+    pending flows and inserting one cannot interleave with another replica's. SQLite needs
+    nothing: its single writer already serialises the insert and the count after it."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_advisory_xact_lock(_CALLER_LOCK, func.hashtext(caller))))
+
+
+async def pending(conn: AsyncConnection, caller: str, now: datetime) -> int:
+    """The caller's flows neither completed nor expired."""
+    query = select(func.count()).where(
+        t.c.caller == caller, t.c.consumed_at.is_(None), t.c.expires_at > now
+    )
+    return int((await conn.execute(query)).scalar_one())
 
 
 async def get(conn: AsyncConnection, state_hash: str) -> StoredFlow | None:
@@ -95,12 +126,21 @@ async def consume(conn: AsyncConnection, state_hash: str, now: datetime) -> bool
     return result.rowcount == 1
 
 
-async def forget_verifier(conn: AsyncConnection, state_hash: str) -> None:
-    """Drop a consumed flow's verifier: it has no further use, so it should not sit in the
-    database (or its backups) until the purge."""
-    await conn.execute(
-        update(t).where(t.c.state_hash == state_hash).values(verifier_ct=None, key_id=None)
+async def strip(conn: AsyncConnection, state_hash: str) -> None:
+    """Drop a consumed flow's payload, its verifier above all: it has no further use, so it
+    should not sit in the database (or its backups) until the purge."""
+    await conn.execute(update(t).where(t.c.state_hash == state_hash).values(**_STRIPPED))
+
+
+async def strip_expired(conn: AsyncConnection, now: datetime) -> int:
+    """Drop the payload of flows that expired unfinished (kept a while for the message);
+    returns how many. Stripped rows have no redirect URI, so each is updated once."""
+    result = await conn.execute(
+        update(t)
+        .where(t.c.expires_at <= now, t.c.consumed_at.is_(None), t.c.redirect_uri != "")
+        .values(**_STRIPPED)
     )
+    return int(result.rowcount)
 
 
 async def purge(conn: AsyncConnection, expired_before: datetime, consumed_before: datetime) -> int:

@@ -130,7 +130,16 @@ oauth_flows = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("consumed_at", DateTime(timezone=True), nullable=True),
     Column("version", BigInteger, nullable=False, server_default="1"),
+    # The caller that began the flow: pending flows are capped per caller.
+    Column("caller", String(255), nullable=False, server_default=""),
     Index("ix_oauth_flows_expires_at", "expires_at"),
+    Index(
+        "ix_oauth_flows_caller_open",
+        "caller",
+        "expires_at",
+        postgresql_where=text("consumed_at IS NULL"),
+        sqlite_where=text("consumed_at IS NULL"),
+    ),
 )
 
 # Encryptions per key, for the AES-GCM random-nonce budget (NIST SP 800-38D: 2^32 per key).
