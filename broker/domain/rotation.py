@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import OWNER_BOUND, ROW_BOUND, Binding, Keyring, key_id_of, version_of
-from broker.errors import CiphertextInvalid
+from broker.errors import CiphertextInvalid, StorageUnavailable
 from broker.storage.engine import storage_errors, touch
 from broker.storage.tables import integrations, oauth_flows
 
@@ -410,6 +410,33 @@ class _Run:
                     self._count(moved, upgraded)
                     return
         deferred.add(rid)
+
+
+async def report_row_bound(engine: AsyncEngine, *, required: bool) -> None:
+    """At start-up: log how many rows are still only row-bound.
+
+    Served as before unless ``required`` (keys.require_owner_binding): then each of them
+    answers DATA_LOSS until ``broker keys reencrypt`` upgrades it."""
+    try:
+        found = await row_bound_status(engine)
+    except StorageUnavailable:
+        return  # the health watch reports the database; this count is only advice
+    if not found.rows:
+        return
+    if required:
+        log.error(
+            "%d integration(s) and %d flow(s) are not bound to their owner and are refused "
+            "(keys.require_owner_binding); run `broker keys reencrypt`",
+            found.integrations,
+            found.flows,
+        )
+    else:
+        log.warning(
+            "%d integration(s) and %d flow(s) are bound to their row only, not to their owner; "
+            "run `broker keys reencrypt`, then set keys.require_owner_binding",
+            found.integrations,
+            found.flows,
+        )
 
 
 async def pending_rows(engine: AsyncEngine, primary: str) -> int:
