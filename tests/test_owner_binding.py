@@ -5,7 +5,9 @@ resumably — on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +26,8 @@ from broker.storage.tables import integrations, oauth_flows
 from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
 from tests.test_authorization import CALLBACK, code_exchanges, consent
+from tests.test_cli import broker as cli
+from tests.test_cli import config as cli_config
 from tests.test_kinds import credential
 
 Code = grpc.StatusCode
@@ -384,3 +388,46 @@ def _flow_owner(m: Any) -> Owner:
     return Owner(
         m["state_hash"], m["user_id"], m["provider"], m["account_id"], "authorization_code"
     )
+
+
+async def test_status_check_and_start_up_say_what_is_left(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    broker: Broker,
+    settings: Settings,
+    database_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stored = await store(stub, access_token="at-old", refresh_token="rt-old")
+    await downgrade(broker, stored.id)
+    cfg = cli_config(tmp_path, database_url)
+
+    status = await cli(capsys, cfg, "keys", "status")
+    assert status.code == 0
+    assert (
+        "1 integration(s), 0 flow(s), 2 ciphertext(s) still bound to their row only" in status.out
+    )
+    assert "run `broker keys reencrypt`" in status.err
+    assert "at-old" not in status.out + status.err
+
+    # A broker starting on this database says so in its log (off the start-up path).
+    capsys.readouterr()
+    other = await start(settings)
+    logged = ""
+    try:
+        for _ in range(100):
+            logged += capsys.readouterr().err
+            if "bound to their row only" in logged:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await other.stop(0)
+    assert "1 integration(s) and 0 flow(s) are bound to their row only" in logged
+
+    done = await cli(capsys, cfg, "keys", "reencrypt")
+    assert done.code == 0
+    assert "2 ciphertext(s) upgraded to the owner binding" in done.out
+    status = await cli(capsys, cfg, "keys", "status")
+    assert "0 integration(s), 0 flow(s), 0 ciphertext(s) still bound" in status.out
+    flush(broker)
+    assert await token(stub, integration_id=stored.id) == "at-old"
