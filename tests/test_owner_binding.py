@@ -55,6 +55,7 @@ def provider(fake: FakeAuthServer) -> dict[str, Any]:
     return {
         "token_url": fake.token_url,
         "authorization_url": fake.authorization_url,
+        "revocation_url": fake.revocation_url,
         "client_id": fake.client_id,
         "client_secret": fake.client_secret,
         "redirect_uris": [CALLBACK],
@@ -181,6 +182,11 @@ async def test_a_row_moved_to_another_provider_sends_nothing_to_it(
     assert other.requests == [], "the other provider's token endpoint was called"
     assert fake.refresh_calls == 0
     assert fake.is_grant_active(refresh)
+    # Disconnecting it sends the tokens to no revocation endpoint either.
+    gone = await stub.Disconnect(pb.DisconnectRequest(integration_id=stored.id), metadata=ADMIN)
+    assert gone.revocation == pb.REVOCATION_OUTCOME_FAILED
+    assert other.requests == []
+    assert fake.requests == []
 
 
 async def test_a_minted_credential_moved_to_another_provider_sends_nothing_to_it(

@@ -38,7 +38,6 @@ from broker.errors import CiphertextInvalid
 ROW_BOUND = 1
 # Owner-bound (also user_id, provider, account_id, credential kind): what every write uses.
 OWNER_BOUND = 2
-VERSION = OWNER_BOUND
 _VERSIONS = (ROW_BOUND, OWNER_BOUND)
 NONCE_BYTES = 12
 _TAG_BYTES = 16

@@ -301,7 +301,8 @@ class _Run:
         m = row._mapping
         conditions = [t[target.pk] == m[target.pk], t.version == m["version"]]
         # The owner the new ciphertexts are bound to must still be the row's: a row changed
-        # underneath without a version bump is left for the next pass, not sealed to it.
+        # underneath without a version bump is re-read (``_retry``), never sealed to an owner
+        # it no longer has.
         conditions += [t[c] == m[c] for c in target.owner_columns]
         # The ciphertexts we re-encrypted must still be there: a flow whose verifier was
         # forgotten (consumed) meanwhile must not get it back.
