@@ -158,7 +158,8 @@ async def test_a_row_given_to_another_owner_does_not_decrypt(
     assert fake.refresh_calls == 0
 
     # Put back, it is the victim's again (nothing was wiped or rewritten meanwhile).
-    await underneath(broker, stored.id, **{column: {"user_id": "victim"}.get(column, "acct-1")})
+    original = {"user_id": "victim", "account_id": "acct-1"}[column]
+    await underneath(broker, stored.id, **{column: original})
     assert await token(stub, integration_id=stored.id) == access
 
 
