@@ -16,12 +16,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.config import Settings
+from broker.config import KeysSettings, Settings
 from broker.crypto import Keyring, load_keyring
 from broker.crypto.aead import NONCE_LIMIT
 from broker.devmode import operator_settings
 from broker.domain.key_usage import read_key_usage
-from broker.domain.rotation import KeyCount, key_status
+from broker.domain.rotation import KeyCount, RowBound, key_status, row_bound_status
 from broker.errors import ConfigError, StorageUnavailable
 from broker.providers.catalog import build_registry
 from broker.server.callers import CallerRegistry
@@ -119,6 +119,20 @@ def _static_checks(settings: Settings) -> tuple[list[Check], Keyring | None]:
     return checks, keyring
 
 
+def owner_binding_check(found: RowBound, keys: KeysSettings) -> Check:
+    """Rows written before owner binding are served (a FAIL once they are refused)."""
+    name = "ciphertexts bound to their owner"
+    if not found.rows:
+        return Check(name, Level.OK, "every ciphertext is owner-bound")
+    detail = (
+        f"{found.integrations} integration(s) and {found.flows} flow(s) are bound to their row "
+        "only; `broker keys reencrypt` upgrades them"
+    )
+    if keys.require_owner_binding:
+        return Check(name, Level.FAIL, f"{detail} (refused now: keys.require_owner_binding)")
+    return Check(name, Level.WARN, f"{detail}, then set keys.require_owner_binding")
+
+
 async def _database_checks(settings: Settings, keyring: Keyring | None) -> list[Check]:
     checks: list[Check] = []
     try:
@@ -164,6 +178,7 @@ async def _database_checks(settings: Settings, keyring: Keyring | None) -> list[
                 else f"every row is under the primary key {keyring.primary_id!r}"
             )
             checks.append(Check("keys cover every row", Level.OK, detail))
+        checks.append(owner_binding_check(await row_bound_status(engine), settings.keys))
         used = (await read_key_usage(engine)).get(keyring.primary_id, 0)
         share = used / NONCE_LIMIT
         level = Level.WARN if share >= settings.keys.nonce_warn_fraction else Level.OK

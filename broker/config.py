@@ -139,6 +139,10 @@ class KeysSettings(_Section):
     nonce_warn_fraction: float = Field(default=0.25, gt=0, le=1)
     # How often a serving broker adds its encryption counts to key_usage (and at shutdown).
     usage_flush_interval_seconds: float = Field(default=60.0, gt=0)
+    # Refuse (DATA_LOSS CIPHERTEXT_INVALID) ciphertexts written before owner binding: they are
+    # bound to their row but not to its user, provider, account or kind. Off by default so an
+    # upgrade serves old rows; turn it on once `broker keys status` shows none left.
+    require_owner_binding: bool = False
 
 
 class ProviderSettings(_Section):

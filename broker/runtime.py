@@ -127,7 +127,11 @@ async def open_runtime(
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         follow_redirects=False,
     )
-    cipher = TokenCipher(keyring, settings.server.environment)
+    cipher = TokenCipher(
+        keyring,
+        settings.server.environment,
+        require_owner_binding=settings.keys.require_owner_binding,
+    )
     client = OAuthClient(
         http,
         settings.refresh.provider_timeout_seconds,

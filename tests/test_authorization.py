@@ -21,6 +21,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.domain.authorization import VERIFIER_COLUMN
+from broker.domain.service import Owner
 from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows
@@ -232,9 +233,13 @@ async def test_only_the_state_hash_and_an_encrypted_verifier_are_stored(
     assert row["state_hash"] == sha256(started.state)
     assert started.state not in repr(row)
     assert started.state.encode() not in row["verifier_ct"]
-    # The verifier is encrypted and bound to its flow: it decrypts under the state hash only.
+    # The verifier is encrypted and bound to its flow: it decrypts under the state hash and
+    # the flow's owner only.
     cipher = broker.runtime.authorization.cipher
-    verifier = cipher.decrypt(row["state_hash"], VERIFIER_COLUMN, row["verifier_ct"])
+    owner = Owner(
+        row["state_hash"], row["user_id"], row["provider"], row["account_id"], "authorization_code"
+    )
+    verifier = cipher.decrypt(owner, VERIFIER_COLUMN, row["verifier_ct"])
     assert verifier.encode() not in row["verifier_ct"]
     assert code_challenge(verifier) == query(started.authorization_url)["code_challenge"]
 

@@ -19,12 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
-from broker.crypto import Keyring, associated_data, key_id_of
+from broker.crypto import Binding, Keyring, associated_data, key_id_of
 from broker.crypto.keys import generate_key, parse_keyring
 from broker.domain import rotation
 from broker.domain.model import NewTokens, StoreCommand
 from broker.domain.rotation import KeyCount, Progress, key_status, reencrypt
-from broker.domain.service import ACCESS, REFRESH, IntegrationService, TokenCipher
+from broker.domain.service import ACCESS, REFRESH, IntegrationService, Owner, TokenCipher
 from broker.errors import ConfigError
 from broker.server.app import Broker, start
 from broker.storage import repository
@@ -101,15 +101,21 @@ async def row(engine: AsyncEngine, iid: str) -> Row[Any]:
     return found
 
 
+async def owner_of(engine: AsyncEngine, iid: str) -> Owner:
+    m = (await row(engine, iid))._mapping
+    return Owner(iid, m["user_id"], m["provider"], m["account_id"], m["credential_type"])
+
+
 async def tokens_of(engine: AsyncEngine, keyring: Keyring, iid: str) -> tuple[str, str, str]:
     """(key id, access token, refresh token) of a row, decrypted with ``keyring``."""
     m = (await row(engine, iid))._mapping
     cipher = TokenCipher(keyring, ENVIRONMENT)
     assert key_id_of(m["access_token_ct"]) == key_id_of(m["refresh_token_ct"]) == m["key_id"]
+    owner = await owner_of(engine, iid)
     return (
         m["key_id"],
-        cipher.decrypt(iid, ACCESS, m["access_token_ct"]),
-        cipher.decrypt(iid, REFRESH, m["refresh_token_ct"]),
+        cipher.decrypt(owner, ACCESS, m["access_token_ct"]),
+        cipher.decrypt(owner, REFRESH, m["refresh_token_ct"]),
     )
 
 
@@ -143,9 +149,12 @@ async def test_reencrypt_moves_every_ciphertext_to_the_primary(engine: AsyncEngi
         ct = await conn.scalar(
             select(oauth_flows.c.verifier_ct).where(oauth_flows.c.state_hash == state)
         )
-    aad = associated_data(ENVIRONMENT, state, "pkce_verifier")
     assert ct is not None
-    assert only_new.decrypt(ct, aad) == b"the-verifier"
+    # Upgraded on the way: now bound to the flow's owner too (see test_owner_binding.py).
+    flow = Binding(
+        ENVIRONMENT, state, "pkce_verifier", "user-0", "twitter", "", "authorization_code"
+    )
+    assert only_new.open(ct, flow, row_bound=False) == b"the-verifier"
     # Nothing left: a second run is a no-op.
     again = await reencrypt(engine, rotated, ENVIRONMENT)
     assert again.complete
@@ -203,10 +212,9 @@ async def test_reencryption_racing_a_refresh_loses_nothing(
         if rows and not raced:
             raced.append(iid)
             fresh = NewTokens("at-refreshed", "rt-refreshed", "Bearer", None, ("tweet.read",))
+            values = refresher.token_values(await owner_of(engine, iid), fresh)
             async with engine.begin() as conn:
-                assert await repository.write_refreshed(
-                    conn, iid, version, refresher.token_values(iid, fresh)
-                )
+                assert await repository.write_refreshed(conn, iid, version, values)
         return rows
 
     monkeypatch.setattr(rotation._Run, "read_batch", read_then_refresh)
@@ -254,10 +262,9 @@ async def test_a_row_being_refreshed_is_left_to_the_refresh(
 
     # The refresh completes with the version it leased: its tokens are stored.
     fresh = NewTokens("at-after-lease", "rt-after-lease", "Bearer", None, ())
+    values = TokenCipher(ring(OLD), ENVIRONMENT).token_values(await owner_of(engine, iid), fresh)
     async with engine.begin() as conn:
-        assert await repository.write_refreshed(
-            conn, iid, version, TokenCipher(ring(OLD), ENVIRONMENT).token_values(iid, fresh)
-        )
+        assert await repository.write_refreshed(conn, iid, version, values)
     monkeypatch.setattr(rotation._Run, "read_batch", original)
     report = await reencrypt(engine, ring(NEW, OLD), ENVIRONMENT)
     assert report.complete

@@ -47,7 +47,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     from broker.checks import describe_missing, schema_problem, schema_state
     from broker.crypto.aead import NONCE_LIMIT
     from broker.domain.key_usage import read_key_usage
-    from broker.domain.rotation import KeyCount, key_status
+    from broker.domain.rotation import KeyCount, key_status, row_bound_status
 
     async def body(runtime: Runtime) -> int:
         # Not the full start-up check: a key missing from the keyring is what this shows.
@@ -105,6 +105,20 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
                 f"{old} ciphertext(s) under older keys; run `broker keys reencrypt`",
                 file=sys.stderr,
             )
+        unbound = await row_bound_status(runtime.engine)
+        if not args.json:
+            print(
+                f"owner binding: {unbound.integrations} integration(s), {unbound.flows} "
+                f"flow(s), {unbound.ciphertexts} ciphertext(s) still bound to their row only"
+            )
+        if unbound.rows:
+            refused = runtime.settings.keys.require_owner_binding
+            print(
+                f"{unbound.rows} row(s) not bound to their owner"
+                + (" (refused: keys.require_owner_binding is set)" if refused else "")
+                + "; run `broker keys reencrypt`",
+                file=sys.stderr,
+            )
         return EXIT_OK
 
     return common.with_runtime(args, body, check_database=False)
@@ -144,15 +158,17 @@ def cmd_keys_reencrypt(args: argparse.Namespace) -> int:
         )
         for kid, n in sorted(report.rewritten.items()):
             print(f"  from {kid!r}: {n} ciphertext(s)")
+        if report.upgraded:
+            print(f"  {report.upgraded} ciphertext(s) upgraded to the owner binding")
         if report.resolved_by_others:
             print(f"  {report.resolved_by_others} row(s) were rewritten by a broker meanwhile")
         for where, reason in sorted(report.failed.items()):
             print(f"broker: {where}: {reason}", file=sys.stderr)
         if report.complete:
-            print("no ciphertext is left under another key")
+            print("no ciphertext is left under another key or without its owner binding")
             return EXIT_OK
         print(
-            f"broker: {report.remaining} row(s) still under other keys "
+            f"broker: {report.remaining} row(s) still under other keys (or row-bound) "
             f"({report.deferred} busy being refreshed, {len(report.failed)} undecryptable); "
             "run `broker keys reencrypt` again to resume",
             file=sys.stderr,
@@ -187,7 +203,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_keys_status)
     reenc = keys.add_parser(
-        "reencrypt", help="re-encrypt every ciphertext to the primary key, online and resumable"
+        "reencrypt",
+        help="re-encrypt every ciphertext to the primary key and the owner binding, online "
+        "and resumable",
     )
     reenc.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
     reenc.add_argument(

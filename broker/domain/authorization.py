@@ -7,9 +7,10 @@ StoreIntegration would.
 
 What a database reader finds in ``oauth_flows`` is not enough to finish a flow: the state is
 stored only as its SHA-256, and the PKCE verifier is encrypted like a token, bound to its flow
-(row id = the state hash, column ``pkce_verifier``). The state is single use: it is consumed
-by one conditional UPDATE *before* the code is exchanged, so of two concurrent completions
-(on any replica) exactly one reaches the provider.
+(row id = the state hash, column ``pkce_verifier``) and to the flow's user, provider and
+account: a flow handed to another user in the database cannot be completed. The state is
+single use: it is consumed by one conditional UPDATE *before* the code is exchanged, so of two
+concurrent completions (on any replica) exactly one reaches the provider.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.config import AuthorizationSettings
 from broker.domain import context, periodic, validation
-from broker.domain.model import Integration, NewTokens, StoreCommand
-from broker.domain.service import Clock, IntegrationService, TokenCipher
+from broker.domain.model import Integration, Kind, NewTokens, StoreCommand
+from broker.domain.service import Clock, IntegrationService, Owner, TokenCipher
 from broker.errors import (
     AuthorizationFlowInvalid,
     AuthorizationUserMismatch,
@@ -77,6 +78,11 @@ class BeginResult:
 
     def __repr__(self) -> str:
         return f"BeginResult(state=<hidden>, expires_at={self.expires_at.isoformat()})"
+
+
+def _flow_owner(key: str, user_id: str, provider: str, account_id: str) -> Owner:
+    """A flow's verifier is bound to whom the flow will store tokens for."""
+    return Owner(key, user_id, provider, account_id, Kind.AUTHORIZATION_CODE.value)
 
 
 def state_hash(state: str) -> str:
@@ -193,7 +199,8 @@ class AuthorizationService:
             "version": 1,
         }
         if verifier is not None:
-            values["verifier_ct"] = self.cipher.encrypt(key, VERIFIER_COLUMN, verifier)
+            owner = _flow_owner(key, user_id, profile.name, account_id)
+            values["verifier_ct"] = self.cipher.encrypt(owner, VERIFIER_COLUMN, verifier)
             values["key_id"] = self.cipher.keyring.primary_id
         call = context.current_call.get()
         caller = values["caller"] = call.caller.name if call is not None else ""
@@ -262,7 +269,11 @@ class AuthorizationService:
         verifier = (
             None
             if flow.verifier_ct is None
-            else self.cipher.decrypt(flow.state_hash, VERIFIER_COLUMN, flow.verifier_ct)
+            else self.cipher.decrypt(
+                _flow_owner(flow.state_hash, flow.user_id, flow.provider, flow.account_id),
+                VERIFIER_COLUMN,
+                flow.verifier_ct,
+            )
         )
         try:
             response = await self.client.exchange_code(profile, code, flow.redirect_uri, verifier)

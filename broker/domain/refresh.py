@@ -63,9 +63,17 @@ from broker.domain.model import (
     TokenRequest,
 )
 from broker.domain.refresh_policy import Failure, FailureKind, PassBudget
-from broker.domain.service import REFRESH, Clock, TokenCipher, check_servable, remaining
+from broker.domain.service import (
+    REFRESH,
+    Clock,
+    Owner,
+    TokenCipher,
+    check_servable,
+    remaining,
+)
 from broker.errors import (
     BrokerError,
+    CiphertextInvalid,
     GrantRejected,
     IntegrationNotFound,
     MinValidityUnattainable,
@@ -465,7 +473,18 @@ class RefreshEngine:
                 f"(set providers.{provider}.client_id and client_secret_env)",
                 provider=provider,
             ) from None
-        obtain, refresh_token, carried = self._renewal(row, profile)
+        try:
+            obtain, refresh_token, carried = self._renewal(row, profile)
+        except CiphertextInvalid:
+            # Tampered, or re-parented in the database: nothing is sent to any provider. The
+            # lease goes back at once so callers hear DATA_LOSS, not "being refreshed".
+            log.error(
+                "integration %s: its stored secret does not decrypt for its row and owner; "
+                "not refreshing",
+                iid,
+            )
+            await self._release(iid, {})
+            raise
         loop = asyncio.get_running_loop()
         attempt = 0
         failed: ProviderUnavailable | None = None  # the previous attempt's failure
@@ -595,12 +614,11 @@ class RefreshEngine:
         """Where refreshing and minting part ways: (how to get new tokens, the refresh token
         to keep, extra column values for the write). Everything around it — single flight,
         lease, retries, failure classification, compare-and-swap — is the same for both."""
-        iid = row.integration.id
         kind = row.integration.credential_type
         if kind.minted:
             credential = self.cipher.credential(row)
             # Re-encrypted under the primary key in the same write, so the row's key_id holds.
-            carried = self.cipher.credential_values(iid, credential)
+            carried = self.cipher.credential_values(Owner.of(row.integration), credential)
 
             async def mint() -> TokenResponse:
                 try:
@@ -613,7 +631,9 @@ class RefreshEngine:
 
             return mint, None, carried
         assert row.refresh_token_ct is not None
-        refresh_token = self.cipher.decrypt(iid, REFRESH, row.refresh_token_ct)
+        refresh_token = self.cipher.decrypt(
+            Owner.of(row.integration), REFRESH, row.refresh_token_ct
+        )
         return (lambda: self.client.refresh(profile, refresh_token)), refresh_token, {}
 
     async def _outcome_unknown(self, row: StoredIntegration, exc: ProviderOutcomeUnknown) -> None:
@@ -675,7 +695,7 @@ class RefreshEngine:
             scopes=response.scopes if response.scopes is not None else row.integration.scopes,
         )
         return {
-            **self.cipher.token_values(row.integration.id, tokens),
+            **self.cipher.token_values(Owner.of(row.integration), tokens),
             "status": Status.CONNECTED.value,
             "last_refreshed_at": response.received_at,
             "updated_at": response.received_at,

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import events, periodic
 from broker.domain.model import Kind, Revocation, StoredIntegration
-from broker.domain.service import ACCESS, REFRESH, Clock, TokenCipher
+from broker.domain.service import ACCESS, REFRESH, Clock, Owner, TokenCipher
 from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
@@ -93,19 +93,19 @@ class ProviderRevoker:
         owner's to revoke at the provider, and other minted tokens simply expire.
         """
         integration = stored.integration
-        iid = integration.id
+        owner = Owner.of(integration)
         kind = integration.credential_type
         if kind is Kind.AUTHORIZATION_CODE:
             if not profile.revocation_url:
                 return None
             held = ((REFRESH, stored.refresh_token_ct), (ACCESS, stored.access_token_ct))
             return [
-                partial(self.client.revoke, profile, self.cipher.decrypt(iid, hint, blob), hint)
+                partial(self.client.revoke, profile, self.cipher.decrypt(owner, hint, blob), hint)
                 for hint, blob in held
                 if blob is not None
             ]
         if kind is Kind.GITHUB_APP_INSTALLATION and stored.access_token_ct is not None:
-            token = self.cipher.decrypt(iid, ACCESS, stored.access_token_ct)
+            token = self.cipher.decrypt(owner, ACCESS, stored.access_token_ct)
             return [partial(self.minter.revoke_installation_token, profile, token)]
         return None
 

@@ -1,8 +1,15 @@
 """Key rotation: how many ciphertexts each key protects, and online re-encryption to the primary.
 
+Re-encryption also upgrades the binding: a ciphertext written before owner binding (format 1,
+bound to environment, row and column only) is rewritten owner-bound (format 2, also bound to
+the row's user_id, provider, account_id and credential kind) even when it is already under the
+primary key. A format-1 ciphertext proves nothing about its owner, so it is bound to the owner
+the row has when it is upgraded.
+
 Re-encryption runs while brokers serve. It walks ``integrations`` and ``oauth_flows`` in primary
-key order, in batches, and selects only rows whose key id is not the primary one — so a run that
-was interrupted simply resumes where the last committed batch stopped. Each row is rewritten
+key order, in batches, and selects only rows whose key id is not the primary one or that still
+hold a format-1 ciphertext — so a run that was interrupted simply resumes where the last
+committed batch stopped, and a row once done is never selected again. Each row is rewritten
 with a compare-and-swap on ``version`` that also requires no live refresh lease:
 
 - a refresh that took the lease first makes our UPDATE match nothing: we leave the row to it and
@@ -25,11 +32,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Table, and_, case, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    LargeBinary,
+    Row,
+    Table,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.crypto import Keyring, associated_data, key_id_of
-from broker.errors import CiphertextInvalid
+from broker.crypto import OWNER_BOUND, ROW_BOUND, Binding, Keyring, key_id_of, version_of
+from broker.errors import CiphertextInvalid, StorageUnavailable
 from broker.storage.engine import storage_errors, touch
 from broker.storage.tables import integrations, oauth_flows
 
@@ -44,6 +63,10 @@ _INTEGRATION_COLUMNS = {
     "credential_ct": "credential",
 }
 _FLOW_COLUMNS = {"verifier_ct": "pkce_verifier"}
+# The owner bound into a ciphertext (broker.domain.service Owner): these columns of the row;
+# a flow has no credential_type and stores authorization-code tokens.
+_OWNER_COLUMNS = ("user_id", "provider", "account_id")
+_FLOW_KIND = "authorization_code"
 # A row whose version keeps moving under us is left for a later pass after this many tries.
 _CAS_ATTEMPTS = 3
 
@@ -101,6 +124,47 @@ class Progress:
     failed: int  # rows whose ciphertext did not decrypt (see the report)
 
 
+def row_bound(column: ColumnElement[Any]) -> ColumnElement[bool]:
+    """A stored ciphertext written before owner binding (its first byte is format 1)."""
+    first = func.substr(column, 1, 1, type_=LargeBinary)
+    return and_(column.is_not(None), first == literal(bytes((ROW_BOUND,)), LargeBinary))
+
+
+@dataclass(frozen=True, slots=True)
+class RowBound:
+    """What still uses the binding from before owner binding (see ``broker.crypto.aead``)."""
+
+    integrations: int = 0
+    flows: int = 0
+    ciphertexts: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.integrations + self.flows
+
+
+async def row_bound_status(engine: AsyncEngine) -> RowBound:
+    """Rows and ciphertexts still row-bound only: ``broker keys reencrypt`` upgrades them."""
+    counts: list[tuple[int, int]] = []
+    async with storage_errors(), engine.connect() as conn:
+        for target in _TARGETS:
+            t = target.table.c
+            flags = [case((row_bound(t[c]), 1), else_=0) for c in target.columns]
+            present: ColumnElement[Any] = flags[0]
+            for more in flags[1:]:
+                present = present + more
+            n, cts = (
+                await conn.execute(
+                    select(func.count(), func.sum(present))
+                    .select_from(target.table)
+                    .where(or_(*(row_bound(t[c]) for c in target.columns)))
+                )
+            ).one()
+            counts.append((int(n or 0), int(cts or 0)))
+    (rows, cts), (flows, flow_cts) = counts
+    return RowBound(rows, flows, cts + flow_cts)
+
+
 @dataclass
 class ReencryptReport:
     primary: str
@@ -113,10 +177,12 @@ class ReencryptReport:
     deferred: int = 0
     # Rows still under another key when the run ended (deferred, failed, or not reached).
     remaining: int = 0
+    # Ciphertexts rewritten from the row-bound format to the owner-bound one.
+    upgraded: int = 0
     # "table id" → reason, for ciphertexts that failed to decrypt (never the ciphertext).
     failed: dict[str, str] = field(default_factory=dict)
     batches: int = 0
-    # True when no row is left under another key; else run again (it resumes).
+    # True when no row is left under another key or row-bound; else run again (it resumes).
     complete: bool = False
 
 
@@ -128,16 +194,40 @@ class _Target:
     pk: str
     columns: dict[str, str]  # ciphertext column → name in the associated data
     leased: bool  # has refresh_lease_until
+    kind: str | None  # the credential kind of every row; None: the credential_type column
+
+    @property
+    def owner_columns(self) -> tuple[str, ...]:
+        return _OWNER_COLUMNS if self.kind is not None else (*_OWNER_COLUMNS, "credential_type")
 
     def needs_work(self, primary: str) -> ColumnElement[bool]:
         t = self.table.c
         stored = or_(*(t[c].is_not(None) for c in self.columns))
-        return and_(stored, or_(t.key_id.is_(None), t.key_id != primary))
+        return and_(
+            stored,
+            or_(
+                t.key_id.is_(None),
+                t.key_id != primary,
+                *(row_bound(t[c]) for c in self.columns),
+            ),
+        )
+
+    def binding(self, environment: str, row: Row[Any], column: str) -> Binding:
+        m = row._mapping
+        return Binding(
+            environment,
+            str(m[self.pk]),
+            self.columns[column],
+            m["user_id"],
+            m["provider"],
+            m["account_id"],
+            self.kind if self.kind is not None else m["credential_type"],
+        )
 
 
 _TARGETS = (
-    _Target(integrations, "id", _INTEGRATION_COLUMNS, leased=True),
-    _Target(oauth_flows, "state_hash", _FLOW_COLUMNS, leased=False),
+    _Target(integrations, "id", _INTEGRATION_COLUMNS, leased=True, kind=None),
+    _Target(oauth_flows, "state_hash", _FLOW_COLUMNS, leased=False, kind=_FLOW_KIND),
 )
 
 
@@ -157,7 +247,13 @@ class _Run:
 
     def _select(self, target: _Target) -> Any:
         t = target.table.c
-        cols = [t[target.pk], t.version, t.key_id, *(t[c] for c in target.columns)]
+        cols = [
+            t[target.pk],
+            t.version,
+            t.key_id,
+            *(t[c] for c in target.owner_columns),
+            *(t[c] for c in target.columns),
+        ]
         if target.leased:
             cols.append(t.refresh_lease_until)
         return select(*cols)
@@ -172,20 +268,26 @@ class _Run:
             until = until.replace(tzinfo=UTC)
         return bool(until >= now)
 
-    def _rewrite(self, target: _Target, row: Row[Any]) -> tuple[dict[str, Any], Counter[str]]:
-        """New ciphertexts for the row (raises CiphertextInvalid), and old key ids moved."""
+    def _rewrite(self, target: _Target, row: Row[Any]) -> tuple[dict[str, Any], Counter[str], int]:
+        """New owner-bound ciphertexts under the primary for the row (raises
+        CiphertextInvalid), the old key ids moved, and how many were row-bound."""
         m = row._mapping
-        rid = str(m[target.pk])
         values: dict[str, Any] = {"key_id": self.keyring.primary_id}
         moved: Counter[str] = Counter()
-        for column, name in target.columns.items():
+        upgraded = 0
+        for column in target.columns:
             blob = m[column]
             if blob is None:
                 continue
-            aad = associated_data(self.environment, rid, name)
+            binding = target.binding(self.environment, row, column)
+            # Always rewritten, even a ciphertext already owner-bound under the primary: the
+            # row's key_id then names the one key all of its ciphertexts use.
+            plaintext = self.keyring.open(blob, binding)
+            if version_of(blob) != OWNER_BOUND:
+                upgraded += 1
             moved[key_id_of(blob)] += 1
-            values[column] = self.keyring.encrypt(self.keyring.decrypt(blob, aad), aad)
-        return values, moved
+            values[column] = self.keyring.seal(plaintext, binding)
+        return values, moved, upgraded
 
     async def _cas(
         self,
@@ -198,6 +300,10 @@ class _Run:
         t = target.table.c
         m = row._mapping
         conditions = [t[target.pk] == m[target.pk], t.version == m["version"]]
+        # The owner the new ciphertexts are bound to must still be the row's: a row changed
+        # underneath without a version bump is re-read (``_retry``), never sealed to an owner
+        # it no longer has.
+        conditions += [t[c] == m[c] for c in target.owner_columns]
         # The ciphertexts we re-encrypted must still be there: a flow whose verifier was
         # forgotten (consumed) meanwhile must not get it back.
         conditions += [t[c].is_not(None) for c in target.columns if m[c] is not None]
@@ -244,7 +350,7 @@ class _Run:
         if not rows:
             return None
         now = self.clock()
-        planned: list[tuple[Row[Any], dict[str, Any], Counter[str]]] = []
+        planned: list[tuple[Row[Any], dict[str, Any], Counter[str], int]] = []
         for row in rows:
             rid = str(row._mapping[target.pk])
             if f"{target.table.name} {rid}" in self.report.failed:
@@ -253,17 +359,17 @@ class _Run:
                 deferred.add(rid)
                 continue
             try:
-                values, moved = self._rewrite(target, row)
+                values, moved, upgraded = self._rewrite(target, row)
             except CiphertextInvalid as exc:
                 self._fail(target, rid, exc)
                 continue
-            planned.append((row, values, moved))
+            planned.append((row, values, moved, upgraded))
         # Crypto happens before the transaction, so row locks are held only for the UPDATEs.
         conflicts: list[str] = []
         async with storage_errors(), self.engine.begin() as conn:
-            for row, values, moved in planned:
+            for row, values, moved, upgraded in planned:
                 if await self._cas(conn, target, row, values, now):
-                    self._count(moved)
+                    self._count(moved, upgraded)
                 else:
                     conflicts.append(str(row._mapping[target.pk]))
         for rid in conflicts:
@@ -271,8 +377,9 @@ class _Run:
         self.report.batches += 1
         return str(rows[-1]._mapping[target.pk])
 
-    def _count(self, moved: Counter[str]) -> None:
+    def _count(self, moved: Counter[str], upgraded: int) -> None:
         self.report.rewritten.update(moved)
+        self.report.upgraded += upgraded
         self.report.rows += 1
 
     async def _retry(self, target: _Target, rid: str, deferred: set[str]) -> None:
@@ -285,8 +392,10 @@ class _Run:
                 if row is None:
                     return  # deleted meanwhile: nothing left to protect
                 m = row._mapping
-                if all(m[c] is None for c in target.columns) or (
+                blobs = [m[c] for c in target.columns if m[c] is not None]
+                if not blobs or (
                     m["key_id"] == self.keyring.primary_id
+                    and all(blob[:1] == bytes((OWNER_BOUND,)) for blob in blobs)
                 ):
                     self.report.resolved_by_others += 1
                     return
@@ -294,18 +403,46 @@ class _Run:
                     deferred.add(rid)
                     return
                 try:
-                    values, moved = self._rewrite(target, row)
+                    values, moved, upgraded = self._rewrite(target, row)
                 except CiphertextInvalid as exc:
                     self._fail(target, rid, exc)
                     return
                 if await self._cas(conn, target, row, values, now):
-                    self._count(moved)
+                    self._count(moved, upgraded)
                     return
         deferred.add(rid)
 
 
+async def report_row_bound(engine: AsyncEngine, *, required: bool) -> None:
+    """At start-up: log how many rows are still only row-bound.
+
+    Served as before unless ``required`` (keys.require_owner_binding): then each of them
+    answers DATA_LOSS until ``broker keys reencrypt`` upgrades it."""
+    try:
+        found = await row_bound_status(engine)
+    except StorageUnavailable:
+        return  # the health watch reports the database; this count is only advice
+    if not found.rows:
+        return
+    if required:
+        log.error(
+            "%d integration(s) and %d flow(s) are not bound to their owner and are refused "
+            "(keys.require_owner_binding); run `broker keys reencrypt`",
+            found.integrations,
+            found.flows,
+        )
+    else:
+        log.warning(
+            "%d integration(s) and %d flow(s) are bound to their row only, not to their owner; "
+            "run `broker keys reencrypt`, then set keys.require_owner_binding",
+            found.integrations,
+            found.flows,
+        )
+
+
 async def pending_rows(engine: AsyncEngine, primary: str) -> int:
-    """Rows (integrations and flows) with a ciphertext under a key other than ``primary``."""
+    """Rows (integrations and flows) with a ciphertext under a key other than ``primary``, or
+    not yet owner-bound."""
     total = 0
     async with storage_errors(), engine.connect() as conn:
         for target in _TARGETS:
@@ -328,7 +465,8 @@ async def reencrypt(
     retry_interval_seconds: float = 1.0,
     clock: Callable[[], datetime] = _utcnow,
 ) -> ReencryptReport:
-    """Re-encrypt every ciphertext not under the keyring's primary key, online.
+    """Re-encrypt every ciphertext not under the keyring's primary key, or not owner-bound,
+    online, to the primary key and the owner binding.
 
     Rows being refreshed are retried in later passes for up to ``lease_wait_seconds`` (a
     lease outlives its holder's provider calls; one left by a crashed broker lapses by itself).

@@ -9,14 +9,14 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Container, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.crypto import Keyring, associated_data
+from broker.crypto import Binding, Keyring
 from broker.domain import context, credentials, events, validation
 from broker.domain.cache import IntegrationCache
 from broker.domain.model import (
@@ -96,35 +96,73 @@ class Revoker(Protocol):
         ...
 
 
-class TokenCipher:
-    """Encrypts and decrypts one integration's tokens, bound to environment, row and column."""
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose ciphertexts these are: bound into each one, so a row re-parented in the database
+    (another user, provider, account or kind) no longer decrypts."""
 
-    def __init__(self, keyring: Keyring, environment: str) -> None:
+    row_id: str
+    user_id: str
+    provider: str
+    account_id: str
+    kind: str
+
+    @classmethod
+    def of(cls, integration: Integration, kind: Kind | None = None) -> Owner:
+        """The integration's owner; ``kind``: the kind about to be written, if it changes."""
+        return cls(
+            integration.id,
+            integration.user_id,
+            integration.provider,
+            integration.account_id,
+            (kind or integration.credential_type).value,
+        )
+
+
+class TokenCipher:
+    """Encrypts and decrypts one integration's tokens, bound to environment, row, column and
+    owner (``broker.crypto.aead``). ``require_owner_binding`` refuses ciphertexts written
+    before owner binding, which prove only their row."""
+
+    def __init__(
+        self, keyring: Keyring, environment: str, *, require_owner_binding: bool = False
+    ) -> None:
         self.keyring = keyring
         self.environment = environment
+        self.require_owner_binding = require_owner_binding
 
-    def encrypt(self, integration_id: str, column: str, plaintext: str) -> bytes:
-        aad = associated_data(self.environment, integration_id, column)
-        return self.keyring.encrypt(plaintext.encode(), aad)
+    def binding(self, owner: Owner, column: str) -> Binding:
+        return Binding(
+            self.environment,
+            owner.row_id,
+            column,
+            owner.user_id,
+            owner.provider,
+            owner.account_id,
+            owner.kind,
+        )
 
-    def decrypt(self, integration_id: str, column: str, blob: bytes) -> str:
-        aad = associated_data(self.environment, integration_id, column)
-        return self.keyring.decrypt(blob, aad).decode()
+    def encrypt(self, owner: Owner, column: str, plaintext: str) -> bytes:
+        return self.keyring.seal(plaintext.encode(), self.binding(owner, column))
 
-    def token_values(self, integration_id: str, tokens: NewTokens) -> dict[str, Any]:
+    def decrypt(self, owner: Owner, column: str, blob: bytes) -> str:
+        binding = self.binding(owner, column)
+        return self.keyring.open(blob, binding, row_bound=not self.require_owner_binding).decode()
+
+    def token_values(self, owner: Owner, tokens: NewTokens) -> dict[str, Any]:
         values: dict[str, Any] = {
-            "access_token_ct": self.encrypt(integration_id, ACCESS, tokens.access_token),
+            "access_token_ct": self.encrypt(owner, ACCESS, tokens.access_token),
             "key_id": self.keyring.primary_id,
             "token_type": tokens.token_type,
             "expires_at": tokens.expires_at,
             "scopes": list(tokens.scopes),
         }
         if tokens.refresh_token:
-            values["refresh_token_ct"] = self.encrypt(integration_id, REFRESH, tokens.refresh_token)
+            values["refresh_token_ct"] = self.encrypt(owner, REFRESH, tokens.refresh_token)
         return values
 
-    def credential_values(self, integration_id: str, credential: Credential) -> dict[str, Any]:
-        blob = self.encrypt(integration_id, credentials.CREDENTIAL, credentials.dump(credential))
+    def credential_values(self, owner: Owner, credential: Credential) -> dict[str, Any]:
+        blob = self.encrypt(owner, credentials.CREDENTIAL, credentials.dump(credential))
         return {"credential_ct": blob, "credential_type": credential.kind.value}
 
     def credential(self, stored: StoredIntegration) -> Credential:
@@ -135,7 +173,9 @@ class TokenCipher:
                 f"integration {integration.id} was disconnected; the user must connect again",
                 integration_id=integration.id,
             )
-        plaintext = self.decrypt(integration.id, credentials.CREDENTIAL, stored.credential_ct)
+        plaintext = self.decrypt(
+            Owner.of(integration), credentials.CREDENTIAL, stored.credential_ct
+        )
         return credentials.load(integration.credential_type, plaintext)
 
     def access_token(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
@@ -149,7 +189,7 @@ class TokenCipher:
                 integration_id=integration.id,
             )
         else:
-            token = self.decrypt(integration.id, ACCESS, stored.access_token_ct)
+            token = self.decrypt(Owner.of(integration), ACCESS, stored.access_token_ct)
             headers, query = credentials.bearer_headers(integration.token_type, token), {}
         return AccessToken(
             access_token=token,
@@ -505,24 +545,28 @@ class IntegrationService:
         if existing:
             current = existing[0]
             iid = current.integration.id
-            values = {**common, **self._secret_values(iid, cmd, now)}
+            owner = Owner.of(current.integration, _kind(cmd))
+            values = {**common, **self._secret_values(owner, cmd, now)}
             if (
                 cmd.credential is None
                 and not tokens.refresh_token
                 and current.refresh_token_ct is not None
             ):
                 # Keep the refresh token the broker already has (as on a refresh without one),
-                # re-encrypted so the whole row uses the primary key.
-                old = self.cipher.decrypt(iid, REFRESH, current.refresh_token_ct)
-                values["refresh_token_ct"] = self.cipher.encrypt(iid, REFRESH, old)
+                # re-encrypted so the whole row uses the primary key and the owner binding.
+                old = self.cipher.decrypt(
+                    Owner.of(current.integration), REFRESH, current.refresh_token_ct
+                )
+                values["refresh_token_ct"] = self.cipher.encrypt(owner, REFRESH, old)
             if not await repository.update_row(conn, iid, current.integration.version, values):
                 raise IntegrityError("concurrent update", None, Exception("version changed"))
             created = False
         else:
             iid = str(uuid.uuid4())
+            owner = Owner(iid, cmd.user_id, cmd.provider, cmd.account_id, _kind(cmd).value)
             values = {
                 **common,
-                **self._secret_values(iid, cmd, now),
+                **self._secret_values(owner, cmd, now),
                 "id": iid,
                 "user_id": cmd.user_id,
                 "provider": cmd.provider,
@@ -539,17 +583,17 @@ class IntegrationService:
         await events.connected(conn, stored.integration, now, created)
         return stored.integration, created
 
-    def _secret_values(self, iid: str, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
+    def _secret_values(self, owner: Owner, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
         credential = cmd.credential
         if credential is None:
             return {
-                **self.cipher.token_values(iid, cmd.tokens),
+                **self.cipher.token_values(owner, cmd.tokens),
                 "credential_type": Kind.AUTHORIZATION_CODE.value,
                 "credential_ct": None,
             }
         kind = credential.kind
         return {
-            **self.cipher.credential_values(iid, credential),
+            **self.cipher.credential_values(owner, credential),
             "access_token_ct": None,
             "refresh_token_ct": None,
             "key_id": self.cipher.keyring.primary_id,
@@ -677,6 +721,10 @@ class IntegrationService:
                     conn, iid, current.integration.version, {"revocation": outcome.value}
                 )
                 await events.revocation_settled(conn, current.integration, self.clock(), outcome)
+
+
+def _kind(cmd: StoreCommand) -> Kind:
+    return Kind.AUTHORIZATION_CODE if cmd.credential is None else cmd.credential.kind
 
 
 # Ciphertexts are wiped once nothing more will be done with them.

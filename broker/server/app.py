@@ -27,6 +27,7 @@ from broker.config import Settings
 from broker.domain.events import WAKEUP
 from broker.domain.key_usage import flush_periodically
 from broker.domain.refresh import RefreshEngine
+from broker.domain.rotation import report_row_bound
 from broker.domain.service import Clock, IntegrationService, utcnow
 from broker.domain.webhooks import WebhookDispatcher, build_endpoints
 from broker.errors import ConfigError
@@ -291,6 +292,13 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
                 settings.keys.nonce_warn_fraction,
             ),
             name="key-usage-flush",
+        )
+    )
+    broker.tasks.append(
+        # A full scan of the ciphertext columns: off the start-up path.
+        asyncio.create_task(
+            report_row_bound(runtime.engine, required=settings.keys.require_owner_binding),
+            name="owner-binding-report",
         )
     )
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))

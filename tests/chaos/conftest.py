@@ -31,7 +31,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.crypto.keys import parse_keyring
-from broker.domain.service import REFRESH, TokenCipher
+from broker.domain.service import REFRESH, Owner, TokenCipher
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations as t
@@ -186,14 +186,22 @@ class Cluster:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(t.c.id, t.c.refresh_token_ct).where(t.c.id.in_(self.grants))
+                    select(
+                        t.c.id,
+                        t.c.refresh_token_ct,
+                        t.c.user_id,
+                        t.c.provider,
+                        t.c.account_id,
+                        t.c.credential_type,
+                    ).where(t.c.id.in_(self.grants))
                 )
             ).all()
         synced = []
-        for iid, blob in rows:
+        for iid, blob, user_id, provider, account_id, kind in rows:
             if blob is None:
                 continue
-            stored = self.cipher.decrypt(iid, REFRESH, blob)
+            owner = Owner(iid, user_id, provider, account_id, kind)
+            stored = self.cipher.decrypt(owner, REFRESH, blob)
             if stored == self.fake.current_refresh_token(self.grants[iid]) and (
                 self.fake.is_grant_active(stored)
             ):

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 
 from broker.config import load_settings
 from broker.crypto import generate_key, parse_keyring
-from broker.domain.service import ACCESS, TokenCipher
+from broker.domain.service import ACCESS, Owner, TokenCipher
 from broker.server.callers import hash_token
 from broker_devtools.bench import data, echo, load, procs, seed
 from broker_devtools.bench.catalog import DEFAULT_DATABASE_URL, SCENARIOS, Scenario
@@ -639,7 +639,10 @@ async def _no_broker_loop(
             error = None
             try:
                 row = await pool.fetchrow(query, iid)
-                cipher.decrypt(iid, ACCESS, row["access_token_ct"])
+                owner = Owner(
+                    iid, row["user_id"], row["provider"], row["account_id"], "authorization_code"
+                )
+                cipher.decrypt(owner, ACCESS, row["access_token_ct"])
             except Exception as exc:
                 error = type(exc).__name__
             latency = time.perf_counter() - began

@@ -1,7 +1,7 @@
 """Bulk seeding of encrypted integrations, the way the broker itself would have stored them.
 
-Every row gets its own ciphertexts: AES-GCM associated data binds a ciphertext to its row id
-(``broker.crypto.associated_data``), so one ciphertext cannot be reused across rows. Encryption
+Every row gets its own ciphertexts: AES-GCM associated data binds a ciphertext to its row id and
+owner (``broker.crypto.Binding``), so one ciphertext cannot be reused across rows. Encryption
 is cheap (a few µs); on PostgreSQL the cost is the COPY and the index maintenance, so large
 seeds are split into ranges that several processes COPY concurrently (one connection each).
 """
@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 
 from broker.crypto import parse_keyring
-from broker.domain.model import NewTokens
-from broker.domain.service import TokenCipher
+from broker.domain.model import Kind, NewTokens
+from broker.domain.service import Owner, TokenCipher
 from broker_devtools.bench import data
 
 # Column order of the records handed to COPY; every other column takes its server default.
@@ -75,8 +75,9 @@ def records(plan: SeedPlan, lo: int, hi: int) -> Iterator[tuple[Any, ...]]:
         else:
             access = data.random_token(data.TOKEN_LENGTH)
             refresh = data.random_token(data.REFRESH_TOKEN_LENGTH)
+        owner = Owner(iid, data.user_id(index), plan.provider, "", Kind.AUTHORIZATION_CODE.value)
         values = cipher.token_values(
-            iid, NewTokens(access, refresh, data.TOKEN_TYPE, expires, data.SCOPES)
+            owner, NewTokens(access, refresh, data.TOKEN_TYPE, expires, data.SCOPES)
         )
         yield (
             iid,
