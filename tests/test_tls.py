@@ -263,8 +263,8 @@ async def test_certificate_identity_gets_its_own_policy(
         )
         await expect_error(
             stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=google)),
-            Code.PERMISSION_DENIED,
-            contains="'google'",
+            Code.NOT_FOUND,
+            "INTEGRATION_NOT_FOUND",
         )
         # A bearer token does not widen a certificate caller's policy: the certificate wins.
         await expect_error(
