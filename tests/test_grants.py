@@ -495,7 +495,8 @@ async def test_caller_limited_to_users(stub: pb_grpc.CredentialBrokerAsyncStub) 
     ):
         await expect_error(call, Code.PERMISSION_DENIED, "PERMISSION_DENIED", contains="user")
     # By id, another user's integration is as good as absent.
-    for call in (
+    by_id: Any
+    for by_id in (
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(integration_id=ids["b-twitter"]), metadata=TENANT
         ),
@@ -503,7 +504,7 @@ async def test_caller_limited_to_users(stub: pb_grpc.CredentialBrokerAsyncStub) 
             pb.GetIntegrationRequest(integration_id=ids["b-twitter"]), metadata=TENANT
         ),
     ):
-        await expect_error(call, Code.NOT_FOUND, "INTEGRATION_NOT_FOUND")
+        await expect_error(by_id, Code.NOT_FOUND, "INTEGRATION_NOT_FOUND")
     listed = await stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="user-a"), metadata=TENANT
     )
