@@ -134,6 +134,10 @@ class KeysSettings(_Section):
     # Env: BROKER_KEYS__COMMAND.
     command: str | None = None
     command_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # Environment variables the command gets beyond PATH, HOME, LANG, LC_*, TZ, TMPDIR,
+    # USER and LOGNAME: exact names or NAME_PREFIX* patterns (e.g. ["VAULT_ADDR",
+    # "VAULT_TOKEN"], ["AWS_*"]). BROKER_* variables are never passed on.
+    command_env: list[str] = Field(default_factory=list)
     # Warn when a key has done this fraction of the 2^32 random-nonce encryptions that
     # NIST SP 800-38D allows per AES-GCM key; the default (1/4 = 2^30) leaves time to rotate.
     nonce_warn_fraction: float = Field(default=0.25, gt=0, le=1)
@@ -143,6 +147,18 @@ class KeysSettings(_Section):
     # bound to their row but not to its user, provider, account or kind. Off by default so an
     # upgrade serves old rows; turn it on once `broker keys status` shows none left.
     require_owner_binding: bool = False
+
+    @field_validator("command_env")
+    @classmethod
+    def _command_env(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", name):
+                raise ValueError(
+                    f"{name!r} must be a variable name, or a name prefix ending in * (AWS_*)"
+                )
+            if name.upper().startswith("BROKER_"):
+                raise ValueError(f"{name!r}: the broker's own settings are never passed on")
+        return value
 
 
 class ProviderSettings(_Section):
@@ -184,9 +200,33 @@ class ProviderSettings(_Section):
     api_url: str | None = None
 
 
+# The SAN types a caller's tls_identity can name, and the gRPC auth-context property that
+# lists a client certificate's SANs of that type.
+TLS_IDENTITY_KINDS = {"dns": "peer_dns", "uri": "peer_uri", "email": "peer_email", "ip": "peer_ip"}
+
+
+def split_tls_identity(value: str) -> tuple[str, str]:
+    """``(kind, name)`` of a tls_identity; ValueError naming the accepted forms."""
+    kind, sep, name = value.partition(":")
+    if sep and kind in TLS_IDENTITY_KINDS and not name.startswith("//"):
+        if not name:
+            raise ValueError(f"{kind}: needs a name after it")
+        return kind, name.lower() if kind == "dns" else name
+    if "://" in value:
+        return "uri", value
+    if ":" in value or "@" in value or not value:
+        raise ValueError(
+            "must be dns:NAME, uri:URI, email:ADDRESS or ip:ADDRESS (a bare value is a DNS "
+            "name; the subject CN is never used)"
+        )
+    return "dns", value.lower()
+
+
 class CallerSettings(_Section):
     token_sha256: str | None = None
-    # Identity taken from a client certificate's SAN when mTLS is on.
+    # A client certificate's SAN, when mTLS is on: "dns:runner.internal", "uri:spiffe://…",
+    # "email:…" or "ip:…". A bare value is a DNS name (a URI SAN if it has "://"); the
+    # subject CN is never an identity.
     tls_identity: str | None = None
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     # None means every provider.
@@ -198,12 +238,22 @@ class CallerSettings(_Section):
     requires_grant: bool = False
     # Longest ttl this caller may give a grant it creates (seconds, or e.g. "PT1H").
     max_grant_ttl: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
+    # GetGrant, ListGrants and RevokeGrant reach grants other callers issued (still only
+    # within this caller's users and providers); off: only the grants it issued itself.
+    manage_all_grants: bool = False
 
     @field_validator("token_sha256")
     @classmethod
     def _sha(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("must be 64 lowercase hex characters (broker callers hash TOKEN)")
+        return value
+
+    @field_validator("tls_identity")
+    @classmethod
+    def _tls_identity(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_tls_identity(value)
         return value
 
     @field_validator("users")

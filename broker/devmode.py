@@ -13,6 +13,7 @@ import secrets
 import shlex
 from pathlib import Path
 
+from broker import filemodes
 from broker.config import (
     CallerSettings,
     DatabaseSettings,
@@ -43,11 +44,19 @@ def _read_token(path: Path) -> str | None:
 
 
 def _dev_token(path: Path) -> str:
+    if path.exists():
+        if not filemodes.owned_by_us(path):
+            # Whoever wrote it knows the token: it must not become a credential here.
+            raise ConfigError(
+                f"dev mode: {path} belongs to another user, so it is not used as the dev "
+                "caller's token; delete it (a new token is made) or run as its owner"
+            )
+        filemodes.tighten(path, "dev caller token file")
     token = _read_token(path)
     if token:
         return token
     path.unlink(missing_ok=True)  # an empty token file must never become an empty credential
-    path.parent.mkdir(parents=True, exist_ok=True)
+    filemodes.private_dir(path.parent)
     token = "dev-" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -70,6 +79,9 @@ def prepare(settings: Settings, home: Path = HOME) -> tuple[Settings, str | None
     if host not in LOOPBACK:
         raise ConfigError(f"server.listen: dev mode only listens on loopback, not {host}")
     update: dict[str, object] = {}
+    # The folder of the dev database, key and token: an earlier version made it 0755.
+    filemodes.private_dir(home)
+    filemodes.tighten(home, "dev mode folder")
     if not _keys_configured(settings):
         update["keys"] = KeysSettings(file=ensure_dev_keyfile(home / KEY_FILE))
     token = None
@@ -118,7 +130,7 @@ def record_dev_providers(base: Settings, settings: Settings, home: Path = HOME) 
             # A dev provider's own client secret (the demo's is fixed and public).
             fields["client_secret"] = provider.client_secret.get_secret_value()
         data[name] = fields
-    home.mkdir(parents=True, exist_ok=True)
+    filemodes.private_dir(home)
     partial = path.with_suffix(".tmp")
     partial.unlink(missing_ok=True)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

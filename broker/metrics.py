@@ -96,6 +96,12 @@ def serve(listen: str, source: Source) -> Callable[[], None]:
     return stop
 
 
+CALLER_TEXT_CLEANED = Counter(
+    "broker_caller_text_cleaned_total",
+    "Caller-supplied free text (a Disconnect reason) cut to its length limit or stripped of "
+    "control characters before it was stored and sent in events, by field and what was done",
+    ["field", "action"],
+)
 EVENTS_WRITTEN = Counter(
     "broker_events_written_total", "Integration events committed, by type", ["type"]
 )

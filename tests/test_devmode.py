@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from broker import devmode
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.crypto.keys import generate_key
 from broker.errors import ConfigError
 from broker.server.app import start
 from broker.server.callers import hash_token
@@ -606,3 +607,95 @@ def test_demo_provider_port_in_use_names_the_serve_flag(project: Path) -> None:
         f"broker: dev provider: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "pick another port with --demo-provider PORT"
     )
+
+
+# -- files are the owner's alone ----------------------------------------------------------------
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The usual 022: what a process creates is world-readable unless it says otherwise."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_dev_mode_files_are_private_whatever_the_umask(
+    project: Path, launch: Callable[[], DevBroker], loose_umask: None
+) -> None:
+    broker = launch()
+    home = project / ".broker"
+    token = (home / "dev-caller-token").read_text().strip()
+    stub = pb_grpc.CredentialBrokerStub(broker.channel)
+    stub.StoreIntegration(
+        pb.StoreIntegrationRequest(user_id="u", provider="github", access_token="at-private"),
+        metadata=auth(token),
+        timeout=10,
+    )
+    # -wal and -shm exist while the broker has the database open.
+    found = {p.name: mode(p) for p in home.iterdir()}
+    assert {"broker.db", "broker.db-wal", "broker.db-shm", "keys", "dev-caller-token"} <= set(
+        found
+    ), found
+    assert mode(home) == 0o700
+    assert {name: m for name, m in found.items() if m != 0o600} == {}
+    assert broker.stop() == 0
+
+
+def test_a_loose_dev_token_file_is_tightened_with_a_warning(
+    project: Path, launch: Callable[[], DevBroker], loose_umask: None
+) -> None:
+    home = project / ".broker"
+    home.mkdir(mode=0o755)
+    token_file = home / "dev-caller-token"
+    token_file.write_text("dev-token-from-an-older-broker\n")
+    token_file.chmod(0o644)
+    broker = launch()
+    assert mode(token_file) == 0o600
+    assert mode(home) == 0o700
+    warnings = [
+        line
+        for line in broker.stderr.splitlines()
+        if "WARNING" in line and ".broker/dev-caller-token" in line
+    ]
+    assert len(warnings) == 1, broker.stderr
+    assert "0644" in warnings[0]
+    assert "0600" in warnings[0]
+    # Tightened, not replaced: the token the developer has still works.
+    stub = pb_grpc.CredentialBrokerStub(broker.channel)
+    listed = stub.ListIntegrations(
+        pb.ListIntegrationsRequest(user_id="u"),
+        metadata=auth("dev-token-from-an-older-broker"),
+        timeout=10,
+    )
+    assert list(listed.integrations) == []
+    assert "dev-token-from-an-older-broker" not in broker.stderr
+    assert broker.stop() == 0
+
+
+def test_keys_command_gets_no_broker_variables(
+    project: Path, launch: Callable[..., DevBroker], tmp_path: Path
+) -> None:
+    """A keys.command that prints its environment, in a real broker whose environment holds
+    the database URL, a client secret and a secrets manager's credentials."""
+    dump = tmp_path / "child-env.txt"
+    key = generate_key("cmd")
+    config = project / "broker.toml"
+    config.write_text(
+        f'[keys]\ncommand = "sh -c \'env > {dump}; echo {key}\'"\ncommand_env = ["VAULT_*"]\n'
+    )
+    launch(
+        BROKER_CONFIG=str(config),
+        BROKER_DATABASE_URL=f"sqlite+aiosqlite:///{project / 'private.db'}",
+        GITHUB_CLIENT_SECRET="client-secret-canary",
+        VAULT_ADDR="https://vault.test",
+        VAULT_TOKEN="vault-token-canary",
+    )
+    seen = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert [name for name in seen if name.startswith("BROKER_")] == []
+    assert "client-secret-canary" not in dump.read_text()
+    assert seen["VAULT_ADDR"] == "https://vault.test"
+    assert seen["VAULT_TOKEN"] == "vault-token-canary"
+    assert "PATH" in seen

@@ -246,11 +246,13 @@ async def test_grant_by_integration_id_and_by_provider(
 
 async def test_no_escalation(stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker) -> None:
     ids = await seed(stub)
-    # The issuer may read only twitter: it cannot grant google, by provider or by id.
+    # The issuer may read only twitter: it cannot grant google, by provider or by id (an id
+    # of a provider it may not see is, to it, no integration at all).
     await expect_error(create_grant(stub, LIMITED, providers=["google"]), Code.PERMISSION_DENIED)
     await expect_error(
         create_grant(stub, LIMITED, providers=[], integration_ids=[ids["a-google"]]),
-        Code.PERMISSION_DENIED,
+        Code.NOT_FOUND,
+        "INTEGRATION_NOT_FOUND",
     )
     # Its grants last at most its max_grant_ttl (10 minutes), whatever is asked.
     capped = await create_grant(stub, LIMITED, ttl=duration_pb2.Duration(seconds=7200))
@@ -499,17 +501,22 @@ async def test_caller_limited_to_users(stub: pb_grpc.CredentialBrokerAsyncStub) 
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(user_id="user-b", provider="twitter"), metadata=TENANT
         ),
+        stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-b"), metadata=TENANT),
+        stub.StoreIntegration(store_request(user_id="user-b"), metadata=TENANT),
+        create_grant(stub, TENANT, user_id="user-b"),
+    ):
+        await expect_error(call, Code.PERMISSION_DENIED, "PERMISSION_DENIED", contains="user")
+    # By id, another user's integration is as good as absent.
+    by_id: Any
+    for by_id in (
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(integration_id=ids["b-twitter"]), metadata=TENANT
         ),
         stub.GetIntegration(
             pb.GetIntegrationRequest(integration_id=ids["b-twitter"]), metadata=TENANT
         ),
-        stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-b"), metadata=TENANT),
-        stub.StoreIntegration(store_request(user_id="user-b"), metadata=TENANT),
-        create_grant(stub, TENANT, user_id="user-b"),
     ):
-        await expect_error(call, Code.PERMISSION_DENIED, "PERMISSION_DENIED", contains="user")
+        await expect_error(by_id, Code.NOT_FOUND, "INTEGRATION_NOT_FOUND")
     listed = await stub.ListIntegrations(
         pb.ListIntegrationsRequest(user_id="user-a"), metadata=TENANT
     )

@@ -60,6 +60,34 @@ def test_key_command_supplies_the_keyring(tmp_path: Path) -> None:
     )
 
 
+def test_key_command_environment_is_minimal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, as the dev-mode test does in a real broker: the command sees the base
+    variables and the named passthrough, never the broker's settings or other secrets."""
+    monkeypatch.setenv("BROKER_DATABASE_URL", "postgresql+asyncpg://u:db-password@db/x")
+    monkeypatch.setenv("BROKER_WEBHOOKS__APP__SECRET", "whsec-canary")
+    monkeypatch.setenv("ACME_CLIENT_SECRET", "client-secret-canary")
+    monkeypatch.setenv("AWS_PROFILE", "keys")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    entry = generate_key("env")
+    code = (
+        "import os, sys; "
+        "names = sorted(os.environ); "
+        "bad = [n for n in names if n.startswith('BROKER_') or n == 'ACME_CLIENT_SECRET']; "
+        "sys.exit(f'leaked {bad}') if bad else None; "
+        "sys.exit('no passthrough') if os.environ.get('AWS_PROFILE') != 'keys' else None; "
+        "sys.exit('no locale') if os.environ.get('LC_ALL') != 'C.UTF-8' else None; "
+        f"print({entry!r})"
+    )
+    keys = KeysSettings(command=python_command(code), command_env=["AWS_*"])
+    assert load_keyring(keys).ids == ("env",)
+
+
+@pytest.mark.parametrize("name", ["BROKER_KEYS", "broker_*", "*", "A B", ""])
+def test_command_env_never_names_the_brokers_settings(name: str) -> None:
+    with pytest.raises(ValueError, match="command_env"):
+        KeysSettings(command="true", command_env=[name])
+
+
 def test_key_command_failures_are_config_errors() -> None:
     secret = generate_key("k1")
     failing = python_command(

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
@@ -35,6 +36,7 @@ Code = grpc.StatusCode
 
 RUNNER_IDENTITY = "workflow-runner.internal"
 SPIFFE_IDENTITY = "spiffe://broker.test/ns/jobs/sa/reporter"
+MAILER_IDENTITY = "mailer@broker.test"
 
 
 @pytest.fixture
@@ -103,11 +105,14 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, sans: list[x509.GeneralName], *, server: bool = False) -> Pem:
+    def issue(
+        self, common_name: str, sans: list[x509.GeneralName] | None, *, server: bool = False
+    ) -> Pem:
+        """``sans`` None: a certificate without the SAN extension (its only name the CN)."""
         key = _key()
         now = datetime.now(UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.name)
@@ -116,8 +121,11 @@ class Authority:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(hours=2))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = (
+            builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
@@ -136,6 +144,10 @@ class Pki:
     spiffe: Pem  # URI SAN only
     stranger: Pem  # from the right CA, an identity nobody configured
     impostor: Pem  # the runner's identity, signed by another CA
+    # The runner's DNS identity everywhere but in a DNS SAN: the CN (no SAN at all, or
+    # beside another DNS SAN), an email SAN, a URI SAN.
+    lookalikes: dict[str, Pem]
+    mailer: Pem  # email SAN mailer@broker.test
     files: dict[str, Path]
 
 
@@ -170,6 +182,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         spiffe=ca.issue("reporter", [x509.UniformResourceIdentifier(SPIFFE_IDENTITY)]),
         stranger=ca.issue("stranger", [x509.DNSName("stranger.internal")]),
         impostor=other.issue("runner", [x509.DNSName(RUNNER_IDENTITY)]),
+        lookalikes={
+            "cn-only": ca.issue(RUNNER_IDENTITY, None),
+            "cn-beside-dns": ca.issue(RUNNER_IDENTITY, [x509.DNSName("other.internal")]),
+            "email": ca.issue("x", [x509.RFC822Name(RUNNER_IDENTITY)]),
+            "uri": ca.issue("x", [x509.UniformResourceIdentifier(RUNNER_IDENTITY)]),
+        },
+        mailer=ca.issue("mailer", [x509.RFC822Name(MAILER_IDENTITY)]),
         files=files,
     )
 
@@ -183,6 +202,8 @@ def tls_callers() -> dict[str, Any]:
             "providers": ["twitter"],
         },
         "reporter": {"tls_identity": SPIFFE_IDENTITY, "methods": ["ListIntegrations"]},
+        # Other SAN types only when named so.
+        "mailer": {"tls_identity": f"email:{MAILER_IDENTITY}", "methods": ["ListIntegrations"]},
     }
 
 
@@ -263,8 +284,8 @@ async def test_certificate_identity_gets_its_own_policy(
         )
         await expect_error(
             stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=google)),
-            Code.PERMISSION_DENIED,
-            contains="'google'",
+            Code.NOT_FOUND,
+            "INTEGRATION_NOT_FOUND",
         )
         # A bearer token does not widen a certificate caller's policy: the certificate wins.
         await expect_error(
@@ -347,6 +368,55 @@ async def test_unknown_identity_without_bearer_is_unauthenticated(
             pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
         )
         assert got.integration_id == iid
+
+
+@pytest.mark.parametrize("lookalike", ["cn-only", "cn-beside-dns", "email", "uri"])
+async def test_identity_outside_the_configured_san_type_is_no_caller(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub, lookalike: str
+) -> None:
+    """The runner is configured by DNS SAN: a certificate carrying the same name as its subject
+    CN, an email address or a URI (which a CA may issue to anyone who controls a mailbox or
+    asks for a CN) is not the runner."""
+    iid = await store(admin_stub)
+    channel, stub = tls_stub(broker, credentials(pki, pki.lookalikes[lookalike]))
+    async with channel:
+        await expect_error(
+            stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), timeout=5),
+            Code.UNAUTHENTICATED,
+            contains="not a configured caller",
+        )
+
+
+async def test_email_identity_when_configured_so(
+    broker: Broker, pki: Pki, admin_stub: pb_grpc.CredentialBrokerAsyncStub
+) -> None:
+    await store(admin_stub)
+    channel, stub = tls_stub(broker, credentials(pki, pki.mailer))
+    async with channel:
+        listed = await stub.ListIntegrations(pb.ListIntegrationsRequest(user_id="user-1"))
+        assert [i.provider for i in listed.integrations] == ["twitter"]
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("dns:runner.internal", True),
+        ("uri:spiffe://broker.test/x", True),
+        ("ip:10.0.0.7", True),
+        ("runner.internal", True),
+        ("spiffe://broker.test/x", True),
+        ("cn:runner", False),
+        ("ops@broker.test", False),
+        ("dns:", False),
+    ],
+)
+def test_tls_identity_names_its_san_type(value: str, accepted: bool) -> None:
+    callers = {"c": {"tls_identity": value}}
+    if accepted:
+        Settings.model_validate({"callers": callers})
+    else:
+        with pytest.raises(ValidationError, match="tls_identity"):
+            Settings.model_validate({"callers": callers})
 
 
 # -- server TLS only ------------------------------------------------------------------------------

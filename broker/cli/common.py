@@ -94,7 +94,8 @@ async def audited(runtime: Runtime, method: str, step: Awaitable[T]) -> T:
     from broker.domain import ids
     from broker.domain.context import Call, Caller, current_call
 
-    caller = Caller(f"cli:{getpass.getuser()}", frozenset(METHODS), None)
+    # The machine's operator: every method, provider and user, and every caller's grants.
+    caller = Caller(f"cli:{getpass.getuser()}", frozenset(METHODS), None, manage_all_grants=True)
     call = Call(caller, method, ids.request_id())
     current_call.set(call)
     try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from broker import childenv, filemodes
 from broker.config import KeysSettings
 from broker.crypto.aead import Keyring
 from broker.errors import ConfigError
@@ -114,6 +115,8 @@ class FileKeys:
 class CommandKeys:
     command: str
     timeout: float = 10.0
+    # Names (or PREFIX* patterns) of variables passed to the command (keys.command_env).
+    env: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -134,11 +137,13 @@ class CommandKeys:
         program = args[0]
         try:
             # No shell: the setting is one program and its arguments (use `sh -c '…'` for a
-            # pipeline). The child inherits the environment, where a secrets manager's own
-            # credentials usually are.
+            # pipeline). A minimal environment: the broker's holds the database URL, client
+            # secrets and webhook secrets; a secrets manager's own credentials are passed on
+            # by name (keys.command_env).
             done = subprocess.run(
                 args,
                 stdin=subprocess.DEVNULL,
+                env=childenv.minimal(self.env),
                 capture_output=True,
                 timeout=self.timeout,
                 check=False,
@@ -170,7 +175,9 @@ def key_source(settings: KeysSettings) -> KeySource:
     if settings.keys is not None:
         return EnvKeys(settings.keys.get_secret_value())
     if settings.command is not None:
-        return CommandKeys(settings.command, settings.command_timeout_seconds)
+        return CommandKeys(
+            settings.command, settings.command_timeout_seconds, tuple(settings.command_env)
+        )
     if settings.file is not None:
         return FileKeys(settings.file)
     raise ConfigError(_NO_KEY)
@@ -184,7 +191,7 @@ def load_keyring(settings: KeysSettings) -> Keyring:
 def ensure_dev_keyfile(path: Path) -> Path:
     """Dev mode only: make a key file (0600) on first start, keep it afterwards."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        filemodes.private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(generate_key("dev") + "\n")

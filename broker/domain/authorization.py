@@ -239,6 +239,10 @@ class AuthorizationService:
         if code and error:
             raise InvalidArgument("code", "give either code or error (from the callback), not both")
 
+        # The caller's policy comes before anything reaches the provider: a caller outside
+        # this user (or, below, the flow's provider) must not get a code exchanged for it.
+        context.note_owner(user_id)
+        context.check_owner(user_id)
         flow = await self._consume(state_hash(state))
         context.note_owner(flow.user_id, flow.provider)
         if flow.user_id != user_id:
@@ -254,6 +258,7 @@ class AuthorizationService:
                 "received the callback; nothing was stored, start a new flow",
                 provider=flow.provider,
             )
+        context.check_owner(flow.user_id, flow.provider)
         if error:
             # The user (or the provider) refused; the flow is closed either way, so a retry
             # has to start over with BeginAuthorization.

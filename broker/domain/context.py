@@ -27,6 +27,9 @@ class Caller:
     users: frozenset[str] | None = None  # None: every user
     requires_grant: bool = False
     max_grant_ttl: timedelta = timedelta(hours=1)
+    # GetGrant, ListGrants and RevokeGrant see grants other callers issued (an operator's
+    # caller); otherwise a caller manages only the grants it issued itself.
+    manage_all_grants: bool = False
 
     def may_call(self, method: str) -> bool:
         return method in self.methods
@@ -36,6 +39,9 @@ class Caller:
 
     def may_touch(self, user_id: str) -> bool:
         return self.users is None or user_id in self.users
+
+    def may_see(self, integration: Integration) -> bool:
+        return self.may_use(integration.provider) and self.may_touch(integration.user_id)
 
 
 @dataclass(slots=True)
@@ -143,6 +149,12 @@ def check_owner(user_id: str, provider: str | None = None) -> None:
         raise GrantScope(
             f"grant {grant.id} does not cover provider {provider!r}", grant_id=grant.id
         )
+
+
+def may_see(integration: Integration) -> bool:
+    """Whether the caller's own policy (providers, users) reaches this integration."""
+    call = current_call.get()
+    return call is None or call.caller.may_see(integration)
 
 
 def check_integration(integration: Integration) -> None:

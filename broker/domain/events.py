@@ -63,6 +63,12 @@ class Event:
     failure_count: int | None
     revocation: str | None
 
+    @property
+    def message_source(self) -> str:
+        """Who wrote ``message``: a DISCONNECTED event's is the caller's reason (cleaned by
+        ``validation.caller_text``), every other event's is the broker's own text."""
+        return "caller" if self.type is EventType.DISCONNECTED and self.message else "broker"
+
     def as_json(self) -> dict[str, Any]:
         """The webhook body's ``data`` (and what `broker webhooks` prints)."""
         return {
@@ -75,6 +81,7 @@ class Event:
             "type": self.type.value,
             "reason": self.reason,
             "message": self.message,
+            "message_source": self.message_source,
             "failure_count": self.failure_count,
             "revocation": self.revocation,
         }

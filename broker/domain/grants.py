@@ -269,8 +269,11 @@ class GrantService:
         if grant_id:
             found = [await self.get(grant_id)]
         else:
+            issuer, users = _scope()
             async with storage_errors(), self.engine.connect() as conn:
-                found = await store.list_grants(conn, run_id=run_id, limit=100_000)
+                found = await store.list_grants(
+                    conn, run_id=run_id, issuer=issuer, users=users, limit=100_000
+                )
             found = [g for g in found if _visible(g)]
             context.note_grant("", run_id)
         now = self.clock()
@@ -309,11 +312,14 @@ class GrantService:
         if user_id:
             context.check_owner(user_id)
             context.note_owner(user_id)
+        issuer, users = _scope()
         async with storage_errors(), self.engine.connect() as conn:
             rows = await store.list_grants(
                 conn,
                 user_id=user_id,
                 run_id=run_id,
+                issuer=issuer,
+                users=None if user_id else users,
                 active_at=None if include_inactive else self.clock(),
                 after=after,
                 limit=size + 1,
@@ -335,7 +341,32 @@ class GrantService:
         await periodic.every(interval_seconds, self.purge_expired, "grant purge", "%d purged")
 
 
-def _visible(grant: Grant) -> bool:
-    """A caller limited to some users sees only their grants."""
+def _scope() -> tuple[str | None, frozenset[str] | None]:
+    """What the database can filter on for the current caller: the issuer (None: any) and
+    the users (None: any). ``_visible`` decides the rest."""
     call = context.current_call.get()
-    return call is None or call.caller.may_touch(grant.user_id)
+    if call is None:
+        return None, None
+    caller = call.caller
+    return (None if caller.manage_all_grants else caller.name), caller.users
+
+
+def _visible(grant: Grant) -> bool:
+    """Whether the caller may manage this grant: one it issued (any, with manage_all_grants),
+    for a user and providers of its own policy. Anything else is answered exactly as an
+    unknown grant is, so a grant id or run id says nothing about other callers' runs."""
+    call = context.current_call.get()
+    if call is None:
+        return True
+    caller = call.caller
+    if grant.issuer != caller.name and not caller.manage_all_grants:
+        return False
+    if not caller.may_touch(grant.user_id):
+        return False
+    if caller.providers is None:
+        return True
+    # Integration ids were checked against the issuer's policy when the grant was made, not
+    # against this caller's: a caller limited to some providers manages only its own such.
+    if grant.integration_ids and grant.issuer != caller.name:
+        return False
+    return grant.providers <= caller.providers

@@ -357,6 +357,10 @@ class IntegrationService:
             if cache is not None:
                 cache.put(sel, stored, seen)
         context.note(stored.integration)
+        if sel.integration_id and not context.may_see(stored.integration):
+            # Another user's or provider's id is answered as a missing one, word for word:
+            # PERMISSION_DENIED here would confirm that the id exists and whose it is.
+            raise _not_found(sel.integration_id)
         context.check_integration(stored.integration)
         return stored
 
@@ -666,7 +670,7 @@ class IntegrationService:
         The integration is DISCONNECTED (and never served again) from the first commit on;
         the ciphertexts stay only while a revocation is PENDING, for its retries.
         """
-        validation.text("reason", reason, validation.MAX_REASON, required=False)
+        reason = validation.caller_text("reason", reason)
         stored = await self.read(sel)
         if stored.integration.status is Status.DISCONNECTED:
             return stored.integration, Revocation(stored.revocation or Revocation.SKIPPED.value)
@@ -688,7 +692,7 @@ class IntegrationService:
             # FOR UPDATE: a refresh writing at this moment lands first or loses its CAS.
             current = await repository.get(conn, iid, for_update=True)
             if current is None:
-                raise IntegrationNotFound(f"no integration with id {iid!r}")
+                raise _not_found(iid)
             await repository.update_row(conn, iid, current.integration.version, values)
             await context.audit_in(conn)
             await events.record(

@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from broker import metrics
 from broker.domain.model import Selector
 from broker.errors import InvalidArgument
 
@@ -18,11 +19,19 @@ MAX_METADATA = 64 * 1024
 MAX_SCOPES = 256
 MAX_SCOPE = 1024
 MAX_TOKEN_TYPE = 64
-MAX_REASON = 1024
+# A caller's free text (a Disconnect reason) as stored and sent in events and webhooks: it
+# fits the event's message column.
+MAX_CALLER_TEXT = 255
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 # One C-level scan instead of a Python generator per character: this runs on every call.
 _CONTROL = re.compile(r"[\x00-\x1f]")
+# What a caller's free text loses before it reaches an event: C0, DEL and C1 controls (a
+# forged line in a log or terminal), and the invisible format characters (bidi overrides,
+# zero-width, line and paragraph separators) that make shown text differ from stored text.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]+"
+)
 
 
 def text(field: str, value: str, limit: int, *, required: bool = True) -> str:
@@ -33,6 +42,19 @@ def text(field: str, value: str, limit: int, *, required: bool = True) -> str:
     if _CONTROL.search(value) is not None:
         raise InvalidArgument(field, "must not contain control characters")
     return value
+
+
+def caller_text(field: str, value: str, limit: int = MAX_CALLER_TEXT) -> str:
+    """A caller's free text made safe to store and pass on: unprintable characters become
+    spaces, runs of whitespace one space, and it is cut to ``limit`` characters (ending in
+    "…"). Cleaned rather than refused: a Disconnect must not fail over its reason."""
+    if _UNPRINTABLE.search(value) is not None:
+        metrics.CALLER_TEXT_CLEANED.labels(field, "stripped").inc()
+    cleaned = " ".join(_UNPRINTABLE.sub(" ", value).split())
+    if len(cleaned) > limit:
+        metrics.CALLER_TEXT_CLEANED.labels(field, "truncated").inc()
+        cleaned = cleaned[: limit - 1].rstrip() + "…"
+    return cleaned
 
 
 def token(field: str, value: str, *, required: bool) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 
-from broker.config import CallerSettings
+from broker.config import TLS_IDENTITY_KINDS, CallerSettings, split_tls_identity
 from broker.domain.context import Caller
 from broker.errors import ConfigError
 
@@ -27,7 +27,7 @@ class CallerRegistry:
         ``known``, a policy naming a provider nobody configured is refused (a typo would
         otherwise deny silently)."""
         self._by_hash: list[tuple[bytes, Caller]] = []
-        self._by_identity: dict[str, Caller] = {}
+        self._by_identity: dict[tuple[str, str], Caller] = {}
         self.names: set[str] = set()
         aliases = aliases or {}
         for name, settings in callers.items():
@@ -46,12 +46,13 @@ class CallerRegistry:
                 users=None if settings.users is None else frozenset(settings.users),
                 requires_grant=settings.requires_grant,
                 max_grant_ttl=settings.max_grant_ttl,
+                manage_all_grants=settings.manage_all_grants,
             )
             self.names.add(name)
             if settings.token_sha256:
                 self._by_hash.append((bytes.fromhex(settings.token_sha256), caller))
             if settings.tls_identity:
-                self._by_identity[settings.tls_identity] = caller
+                self._by_identity[split_tls_identity(settings.tls_identity)] = caller
 
     def __len__(self) -> int:
         return len(self._by_hash) + len(self._by_identity)
@@ -67,10 +68,17 @@ class CallerRegistry:
                 found = caller
         return found
 
-    def by_identity(self, identities: list[str]) -> Caller | None:
-        """The caller whose configured tls_identity is one of the certificate's SANs."""
-        for identity in identities:
-            caller = self._by_identity.get(identity)
-            if caller is not None:
-                return caller
+    def by_certificate(self, auth: Mapping[str, Iterable[bytes]]) -> Caller | None:
+        """The caller whose configured tls_identity is one of the certificate's SANs of the
+        configured type (``auth``: the call's gRPC auth context). Only SANs: a name in the
+        subject CN, or of another SAN type, is no identity (a CA that issues a CN or an email
+        address to anyone must not thereby issue a caller's DNS identity)."""
+        if not self._by_identity:
+            return None
+        for kind, prop in TLS_IDENTITY_KINDS.items():
+            for raw in auth.get(prop, ()):
+                name = raw.decode(errors="replace")
+                caller = self._by_identity.get((kind, name.lower() if kind == "dns" else name))
+                if caller is not None:
+                    return caller
         return None

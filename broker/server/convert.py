@@ -197,6 +197,7 @@ def event(value: Event) -> pb.IntegrationEvent:
         type=EVENT_TYPE_TO_PB[value.type],
         reason=value.reason,
         message=value.message,
+        message_source=value.message_source,
         failure_count=value.failure_count or 0,
     )
     if value.revocation:

@@ -109,7 +109,7 @@ class AuthInterceptor:
         identities = context.peer_identities()
         if identities:
             names = [i.decode(errors="replace") for i in identities]
-            caller = registry.by_identity(names)
+            caller = registry.by_certificate(context.auth_context())
             if caller is not None:
                 return caller
         if header is None:

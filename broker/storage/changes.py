@@ -30,6 +30,8 @@ log = logging.getLogger("broker.cache")
 Invalidate = Callable[[str, str, str], None]
 # The stamp file is rewritten empty past this size (its inode changes, so the stamp still moves).
 _STAMP_LIMIT = 4096
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
 
 def stamp_path(database: str) -> str:
@@ -40,13 +42,13 @@ def bump(database: str) -> None:
     """After a commit that announced changes: move the stamp other processes watch."""
     path = stamp_path(database)
     try:
-        with open(path, "ab") as stamp:
+        # 0600 like the database beside it (no secret in it, but nobody else's business).
+        with os.fdopen(os.open(path, _APPEND, 0o600), "ab") as stamp:
             stamp.write(b".")
             size = stamp.tell()
         if size > _STAMP_LIMIT:
             fresh = f"{path}.{os.getpid()}"
-            with open(fresh, "wb"):
-                pass
+            os.close(os.open(fresh, _CREATE, 0o600))
             os.replace(fresh, path)
     except OSError as exc:  # a broker that cannot see the stamp flushes on its own (poll)
         log.warning("cannot update %s (%s)", path, exc.strerror)

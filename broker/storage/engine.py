@@ -24,6 +24,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from broker import filemodes
 from broker.config import DatabaseSettings
 from broker.errors import ConfigError, StorageUnavailable
 from broker.storage.changes import bump
@@ -34,14 +35,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     url = make_url(settings.url.get_secret_value())
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            folder = Path(url.database).parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(
-                    f"database.url: cannot create the folder {folder} for the SQLite file: "
-                    f"{exc.strerror}"
-                ) from None
+            _private_sqlite_files(Path(url.database))
         engine = create_async_engine(
             url, connect_args={"timeout": settings.timeout_seconds}, pool_pre_ping=False
         )
@@ -65,6 +59,23 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     )
     event.listen(engine.sync_engine, "handle_error", _drop_broken_connection)
     return engine
+
+
+def _private_sqlite_files(database: Path) -> None:
+    """The database file exists, 0600, before SQLite opens it: SQLite gives the -wal and
+    -shm files the database file's mode, so all three are the owner's alone whatever the
+    umask. Files of an earlier run that others could read are tightened (with a warning)."""
+    folder = database.parent
+    try:
+        filemodes.private_dir(folder)
+        if not filemodes.create_private_file(database):
+            for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+                filemodes.tighten(path, "SQLite file")
+    except OSError as exc:
+        raise ConfigError(
+            f"database.url: cannot create the SQLite file {database} (or its folder): "
+            f"{exc.strerror}"
+        ) from None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

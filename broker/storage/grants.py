@@ -5,7 +5,7 @@ The token is never here: rows are found by the SHA-256 of the token the runner p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -73,16 +73,23 @@ async def list_grants(
     *,
     user_id: str = "",
     run_id: str = "",
+    issuer: str | None = None,
+    users: Collection[str] | None = None,
     active_at: datetime | None = None,
     after: tuple[datetime, str] | None = None,
     limit: int = 50,
 ) -> list[Grant]:
-    """Newest first; ``active_at``: only grants neither revoked nor expired at that time."""
+    """Newest first; ``issuer``/``users``: only grants of that issuer, for those users;
+    ``active_at``: only grants neither revoked nor expired at that time."""
     query = _SELECT
     if user_id:
         query = query.where(t.c.user_id == user_id)
     if run_id:
         query = query.where(t.c.run_id == run_id)
+    if issuer is not None:
+        query = query.where(t.c.issuer == issuer)
+    if users is not None:
+        query = query.where(t.c.user_id.in_(sorted(users)))
     if active_at is not None:
         query = query.where(t.c.revoked_at.is_(None), t.c.expires_at > active_at)
     if after is not None:

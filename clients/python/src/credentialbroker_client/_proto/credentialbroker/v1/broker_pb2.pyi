@@ -171,6 +171,7 @@ class IntegrationEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FAILURE_COUNT_FIELD_NUMBER: _builtins.int
     REVOCATION_FIELD_NUMBER: _builtins.int
+    MESSAGE_SOURCE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Increasing in commit order: the cursor for WatchIntegrationEvents and ListIntegrationEvents."""
     integration_id: _builtins.str
@@ -185,6 +186,11 @@ class IntegrationEvent(_message.Message):
     """REFRESH_FAILED: failures in a row."""
     revocation: Global___RevocationOutcome.ValueType
     """REVOCATION_SETTLED (and DISCONNECTED with skip_provider_revocation): the outcome."""
+    message_source: _builtins.str
+    """Who wrote `message`: "broker" (fixed text and OAuth error codes), or "caller" (a
+    DISCONNECTED event's message is the reason the caller gave, control characters
+    stripped and at most 255 characters). Show a caller's text as data, never as markup.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -201,10 +207,11 @@ class IntegrationEvent(_message.Message):
         message: _builtins.str = ...,
         failure_count: _builtins.int = ...,
         revocation: Global___RevocationOutcome.ValueType = ...,
+        message_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "failure_count", b"failure_count", "id", b"id", "integration_id", b"integration_id", "message", b"message", "occurred_at", b"occurred_at", "provider", b"provider", "reason", b"reason", "revocation", b"revocation", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "failure_count", b"failure_count", "id", b"id", "integration_id", b"integration_id", "message", b"message", "message_source", b"message_source", "occurred_at", b"occurred_at", "provider", b"provider", "reason", b"reason", "revocation", b"revocation", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
