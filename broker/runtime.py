@@ -28,7 +28,7 @@ from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_
 from broker.providers.client import OAuthClient
 from broker.storage import audit_log
 from broker.storage.changes import ChangeWatcher
-from broker.storage.engine import CHANNEL, GRANT_CHANNEL, create_engine, probe
+from broker.storage.engine import CHANNEL, GRANT_CHANNEL, asyncpg_dsn, create_engine, probe
 from broker.storage.reader import IntegrationReader, open_reader
 from broker.storage.schema import verify
 from broker.storage.sqlite_reader import SqliteReader, reader_for
@@ -163,8 +163,7 @@ async def open_runtime(
     service.cache = cache
     reader = None
     if not settings.database.is_sqlite:
-        dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        reader = service.reader = await open_reader(dsn, settings.database)
+        reader = service.reader = await open_reader(asyncpg_dsn(engine.url), settings.database)
     sqlite_reader = reader_for(engine, settings.database.timeout_seconds)
     if sqlite_reader is not None:
         service.reader = sqlite_reader

@@ -22,7 +22,7 @@ from sqlalchemy import update
 
 from broker.config import DatabaseSettings
 from broker.domain import events
-from broker.domain.model import Integration, Status
+from broker.model import Integration, Status
 from broker.storage import repository
 from broker.storage.engine import create_engine, write_transaction
 from broker.storage.schema import migrate

@@ -18,7 +18,7 @@ from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.domain.cache import IntegrationCache
-from broker.domain.model import Integration, Selector, Status, StoredIntegration
+from broker.model import Integration, Selector, Status, StoredIntegration
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.domain import credentials
-from broker.domain.model import Credential, Kind
 from broker.errors import InvalidArgument
+from broker.model import Credential, Kind
 
 _TEXT = st.text(max_size=40) | st.sampled_from(["", "https://x.test/t", "http://[::1", "-----"])
 _FIELDS = st.dictionaries(

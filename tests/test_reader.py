@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
-from broker.domain.model import StoredIntegration
 from broker.errors import StorageUnavailable
+from broker.model import StoredIntegration
 from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors

@@ -16,7 +16,7 @@ from sqlalchemy import event, func, select
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
-from broker.domain.model import Selector, TokenRequest
+from broker.model import Selector, TokenRequest
 from broker.providers.throttle import ProviderThrottle, Throttled
 from broker.server.app import Broker
 from broker.storage import repository

@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings, Settings
-from broker.domain.model import Kind, Status, StoredIntegration
 from broker.errors import StorageUnavailable
+from broker.model import Kind, Status, StoredIntegration
 from broker.server.app import Broker
 from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors

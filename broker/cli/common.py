@@ -16,7 +16,7 @@ from broker.config import METHODS, Settings, load_settings
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:  # the runtime pulls in the whole stack; commands open it when they run
-    from broker.domain.model import Selector
+    from broker.model import Selector
     from broker.runtime import Runtime
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ def add_selector(parser: argparse.ArgumentParser) -> None:
 
 def selector(args: argparse.Namespace) -> Selector:
     from broker.cli.exits import UsageError
-    from broker.domain.model import Selector
+    from broker.model import Selector
 
     if args.id and (args.user or args.provider or args.account is not None):
         raise UsageError("give an integration id or --user/--provider, not both")

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from broker.cli import common, output
 from broker.cli.exits import EXIT_FAILED, EXIT_OK, UsageError
-from broker.domain.model import Status
+from broker.model import Status
 
 if TYPE_CHECKING:
-    from broker.domain.model import Integration
+    from broker.model import Integration
     from broker.runtime import Runtime
 
 COLUMNS = [

@@ -29,7 +29,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.config import AuthorizationSettings
 from broker.domain import context, periodic, validation
-from broker.domain.model import Integration, Kind, NewTokens, StoreCommand
 from broker.domain.service import Clock, IntegrationService, Owner, TokenCipher
 from broker.errors import (
     AuthorizationFlowInvalid,
@@ -39,6 +38,7 @@ from broker.errors import (
     InvalidArgument,
     StorageUnavailable,
 )
+from broker.model import Integration, Kind, NewTokens, StoreCommand
 from broker.providers.authorize import authorization_url, new_code_verifier
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse

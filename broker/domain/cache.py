@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from broker.domain.model import Selector, StoredIntegration
+from broker.model import Selector, StoredIntegration
 
 OwnerKey = tuple[str, str]  # (user_id, provider)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from broker.domain.grant import Grant
-from broker.domain.model import Integration
 from broker.errors import GrantScope, PermissionDenied
+from broker.grant import Grant
+from broker.model import Integration
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker import egress
 from broker.domain import validation
-from broker.domain.model import Credential, Kind
 from broker.errors import InvalidArgument
+from broker.model import Credential, Kind
 from broker.providers.profile import ProviderProfile
 
 # The column name bound into the credential's associated data.

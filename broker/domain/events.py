@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broker import metrics
 from broker.domain import context, periodic, validation
 from broker.domain.feed import Feed, StreamLimits
-from broker.domain.model import Integration, Revocation
 from broker.errors import InvalidArgument
+from broker.model import Integration, Revocation
 from broker.storage import events as store
 from broker.storage import webhooks as webhook_store
 from broker.storage.engine import after_commit, storage_errors

@@ -21,8 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import context, periodic, validation
 from broker.domain.context import Caller
-from broker.domain.grant import READ_METHODS, TOKEN_PREFIX, Grant, new_token, token_hash
-from broker.domain.model import Selector
 from broker.domain.service import Clock, IntegrationService, decode_page_token, encode_page_token
 from broker.errors import (
     GrantAudience,
@@ -36,6 +34,8 @@ from broker.errors import (
     PermissionDenied,
     UnknownProvider,
 )
+from broker.grant import READ_METHODS, TOKEN_PREFIX, Grant, new_token, token_hash
+from broker.model import Selector
 from broker.storage import grants as store
 from broker.storage.engine import storage_errors
 

@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import ids as new_ids
-from broker.domain.model import Integration, Revocation, Status
+from broker.model import Integration, Revocation, Status
 from broker.storage import repository
 from broker.storage.engine import storage_errors
 from broker.storage.tables import audit_events

@@ -54,14 +54,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broker import metrics
 from broker.config import RefreshSettings
 from broker.domain import events, periodic, refresh_policy
-from broker.domain.model import (
-    AccessToken,
-    NewTokens,
-    Selector,
-    Status,
-    StoredIntegration,
-    TokenRequest,
-)
 from broker.domain.refresh_policy import Failure, FailureKind, PassBudget
 from broker.domain.service import (
     REFRESH,
@@ -85,13 +77,22 @@ from broker.errors import (
     StorageUnavailable,
     UnknownProvider,
 )
+from broker.model import (
+    AccessToken,
+    NewTokens,
+    Selector,
+    Status,
+    StoredIntegration,
+    TokenRequest,
+)
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse
 from broker.providers.mint import Minter
 from broker.providers.profile import ProviderProfile
 from broker.providers.throttle import ProviderThrottle, Throttled
 from broker.storage import repository
-from broker.storage.engine import Invalidate, storage_errors, write_transaction
+from broker.storage.changes import Invalidate
+from broker.storage.engine import storage_errors, write_transaction
 
 log = logging.getLogger("broker.refresh")
 

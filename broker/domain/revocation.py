@@ -18,15 +18,16 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import events, periodic
-from broker.domain.model import Kind, Revocation, StoredIntegration
 from broker.domain.service import ACCESS, REFRESH, Clock, Owner, TokenCipher
 from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
+from broker.model import Kind, Revocation, StoredIntegration
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
 from broker.providers.mint import Minter
 from broker.providers.profile import ProviderProfile
 from broker.storage import repository
-from broker.storage.engine import Invalidate, storage_errors, write_transaction
+from broker.storage.changes import Invalidate
+from broker.storage.engine import storage_errors, write_transaction
 
 log = logging.getLogger("broker.revocation")
 

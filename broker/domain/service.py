@@ -19,7 +19,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broker.crypto import Binding, Keyring
 from broker.domain import context, credentials, events, validation
 from broker.domain.cache import IntegrationCache
-from broker.domain.model import (
+from broker.errors import (
+    AmbiguousIntegration,
+    InsufficientScope,
+    IntegrationDisconnected,
+    IntegrationNotFound,
+    InvalidArgument,
+    ReauthorizationRequired,
+    StorageUnavailable,
+    UnknownProvider,
+)
+from broker.model import (
     AccessToken,
     Credential,
     Integration,
@@ -33,19 +43,10 @@ from broker.domain.model import (
     StoredIntegration,
     TokenRequest,
 )
-from broker.errors import (
-    AmbiguousIntegration,
-    InsufficientScope,
-    IntegrationDisconnected,
-    IntegrationNotFound,
-    InvalidArgument,
-    ReauthorizationRequired,
-    StorageUnavailable,
-    UnknownProvider,
-)
 from broker.providers.profile import AUTHORIZATION_CODE, ProviderProfile
 from broker.storage import repository
-from broker.storage.engine import Invalidate, storage_errors, write_transaction
+from broker.storage.changes import Invalidate
+from broker.storage.engine import storage_errors, write_transaction
 
 log = logging.getLogger("broker.service")
 

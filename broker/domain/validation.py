@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker import metrics
-from broker.domain.model import Selector
 from broker.errors import InvalidArgument
+from broker.model import Selector
 
 MAX_ID = 255
 MAX_PROVIDER = 64

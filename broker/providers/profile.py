@@ -9,7 +9,7 @@ from typing import Literal
 
 from broker import egress
 
-# Credential kinds a profile can serve (``broker.domain.model.Kind`` values). Only the
+# Credential kinds a profile can serve (``broker.model.Kind`` values). Only the
 # authorization code needs the broker's own OAuth client.
 AUTHORIZATION_CODE = "authorization_code"
 KINDS = (

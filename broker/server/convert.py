@@ -9,9 +9,9 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.domain.events import Event, EventFilter, EventType, Heartbeat
-from broker.domain.grant import Grant
-from broker.domain.model import Credential, Integration, Kind, Revocation, Selector, Status
 from broker.errors import InvalidArgument
+from broker.grant import Grant
+from broker.model import Credential, Integration, Kind, Revocation, Selector, Status
 
 STATUS_TO_PB = {
     Status.CONNECTED: pb.INTEGRATION_STATUS_CONNECTED,

@@ -22,9 +22,9 @@ from broker import metrics
 from broker.domain import ids
 from broker.domain.audit import Auditor, AuditUnavailable
 from broker.domain.context import Call, Caller, current_call
-from broker.domain.grant import METADATA_KEY
 from broker.domain.grants import GrantService
 from broker.errors import BrokerError
+from broker.grant import METADATA_KEY
 from broker.server import decoding
 from broker.server.callers import CallerRegistry
 from broker.server.status import to_status

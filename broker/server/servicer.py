@@ -18,9 +18,9 @@ from broker.domain.authorization import AuthorizationService
 from broker.domain.context import current_call
 from broker.domain.events import EventLog
 from broker.domain.grants import GrantService
-from broker.domain.model import NewTokens, StoreCommand, TokenRequest
 from broker.domain.service import IntegrationService
 from broker.errors import BrokerError
+from broker.model import NewTokens, StoreCommand, TokenRequest
 from broker.server import convert
 from broker.server.status import plain_status, to_status
 

@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.storage.engine import raw_driver, sqlite_locked
+from broker.storage.engine import asyncpg_dsn, raw_driver, sqlite_locked
 from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
@@ -284,8 +284,7 @@ def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
     """A connection of the audit's own: asyncpg on PostgreSQL, sqlite3 (in a thread of its
     own) for a SQLite file; the pool for an in-memory SQLite database (tests)."""
     if engine.dialect.name == "postgresql":
-        url = engine.url.set(drivername="postgresql")
-        return PostgresSink(url.render_as_string(hide_password=False), timeout)
+        return PostgresSink(asyncpg_dsn(engine.url), timeout)
     database = engine.url.database
     if database and database != ":memory:" and not database.startswith("file:"):
         return SqliteSink(database, timeout)

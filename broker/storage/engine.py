@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from broker import filemodes
 from broker.config import DatabaseSettings
 from broker.errors import ConfigError, StorageUnavailable
-from broker.storage.changes import bump
+from broker.storage.changes import Invalidate, bump
 from broker.storage.tables import change_log
 
 
@@ -190,7 +190,6 @@ async def raw_driver(conn: AsyncConnection) -> AsyncIterator[Any]:
         raise
 
 
-Invalidate = Callable[[str, str, str], None]
 CHANNEL = "broker_invalidate"
 # Revoked grants (payload: the grant id), heard by every replica's grant cache.
 GRANT_CHANNEL = "broker_grants"
@@ -328,3 +327,9 @@ async def probe(engine: AsyncEngine, connect_timeout: float = 5.0) -> None:
             f"cannot use the {describe_url(engine.url)}: {describe_cause(exc, connect_timeout)}",
             cause=type(_innermost(exc)).__name__,
         ) from None
+
+
+def asyncpg_dsn(url: str | URL) -> str:
+    """The PostgreSQL URL as asyncpg takes it (no ``+asyncpg`` driver name), password kept:
+    for the connections the broker opens without SQLAlchemy (reader, listener, audit sink)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

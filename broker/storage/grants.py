@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.domain.grant import Grant
+from broker.grant import Grant
 from broker.storage.engine import GRANT_CHANNEL, announce
 from broker.storage.repository import utc
 from broker.storage.tables import change_log

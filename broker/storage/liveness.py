@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from broker.storage.notify import asyncpg_dsn
+from broker.storage.engine import asyncpg_dsn
 
 log = logging.getLogger("broker.refresh")
 

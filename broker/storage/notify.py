@@ -12,31 +12,41 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
-from broker.domain.cache import IntegrationCache
-from broker.domain.grants import GrantCache
-from broker.storage.engine import CHANNEL, GRANT_CHANNEL
+from broker.storage.engine import CHANNEL, GRANT_CHANNEL, asyncpg_dsn
 from broker.storage.events import EVENTS_CHANNEL
 
 log = logging.getLogger("broker.cache")
 
 
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+class _Cache(Protocol):
+    """What the listener does to a cache it keeps honest: bypass it (``available``) and empty
+    it while writes cannot be heard, and drop the entries a write names."""
+
+    available: bool
+
+    def flush(self) -> None: ...
+
+
+class IntegrationCacheLike(_Cache, Protocol):
+    def invalidate(self, integration_id: str, user_id: str, provider: str) -> None: ...
+
+
+class GrantCacheLike(_Cache, Protocol):
+    def invalidate(self, grant_id: str) -> None: ...
 
 
 class InvalidationListener:
     def __init__(
         self,
         url: str,
-        cache: IntegrationCache,
+        cache: IntegrationCacheLike,
         *,
         retry_seconds: float = 0.5,
-        grants: GrantCache | None = None,
+        grants: GrantCacheLike | None = None,
         on_event: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = asyncpg_dsn(url)

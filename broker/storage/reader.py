@@ -37,7 +37,7 @@ import asyncpg
 
 from broker import metrics
 from broker.config import DatabaseSettings
-from broker.domain.model import StoredIntegration
+from broker.model import StoredIntegration
 from broker.storage.engine import is_unavailable
 from broker.storage.repository import GET_BY_ID, GET_BY_IDS, from_values
 

@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.domain.model import Integration, Kind, Status, StoredIntegration
+from broker.model import Integration, Kind, Status, StoredIntegration
 from broker.storage.engine import touch
 from broker.storage.tables import integrations as t
 

@@ -34,8 +34,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import metrics
-from broker.domain.model import StoredIntegration
 from broker.errors import StorageUnavailable
+from broker.model import StoredIntegration
 from broker.storage.engine import sqlite_locked
 from broker.storage.repository import FIELDS, SQLITE_GET_BY_ID, from_values
 from broker.storage.tables import integrations as t
