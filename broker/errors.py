@@ -74,6 +74,12 @@ class IntegrationNotFound(BrokerError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "INTEGRATION_NOT_FOUND"
 
+    @classmethod
+    def for_id(cls, integration_id: str) -> IntegrationNotFound:
+        """The one answer for an id that names no integration (or one the caller may not see:
+        the same words, so the answer tells nothing about other users' rows)."""
+        return cls(f"no integration with id {integration_id!r}", integration_id=integration_id)
+
 
 class AmbiguousIntegration(BrokerError):
     code = grpc.StatusCode.FAILED_PRECONDITION

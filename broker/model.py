@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -179,3 +180,34 @@ class TokenRequest:
 class Page:
     integrations: list[Integration]
     next_page_token: str
+
+
+# What every domain object is given to tell the time (tests pass a clock they move).
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose ciphertexts these are: bound into each one, so a row re-parented in the database
+    (another user, provider, account or kind) no longer decrypts."""
+
+    row_id: str
+    user_id: str
+    provider: str
+    account_id: str
+    kind: str
+
+    @classmethod
+    def of(cls, integration: Integration, kind: Kind | None = None) -> Owner:
+        """The integration's owner; ``kind``: the kind about to be written, if it changes."""
+        return cls(
+            integration.id,
+            integration.user_id,
+            integration.provider,
+            integration.account_id,
+            (kind or integration.credential_type).value,
+        )

@@ -21,9 +21,11 @@ from broker.domain.authorization import AuthorizationService
 from broker.domain.cache import IntegrationCache
 from broker.domain.events import EventLog
 from broker.domain.grants import GrantCache, GrantService
+from broker.domain.integrations import IntegrationService
 from broker.domain.refresh import RefreshEngine
 from broker.domain.revocation import ProviderRevoker
-from broker.domain.service import Clock, IntegrationService, TokenCipher, utcnow
+from broker.domain.tokens import TokenCipher
+from broker.model import Clock, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
 from broker.storage import audit_log

@@ -21,7 +21,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.domain.authorization import VERIFIER_COLUMN
-from broker.domain.service import Owner
+from broker.model import Owner
 from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows

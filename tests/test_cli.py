@@ -24,7 +24,8 @@ from sqlalchemy import update
 from broker.cli import main
 from broker.config import DatabaseSettings
 from broker.crypto.keys import generate_key, parse_keyring
-from broker.domain.service import IntegrationService, TokenCipher
+from broker.domain.integrations import IntegrationService
+from broker.domain.tokens import TokenCipher
 from broker.model import NewTokens, StoreCommand
 from broker.server.app import Broker
 from broker.server.callers import hash_token

@@ -20,7 +20,7 @@ from broker.checks import Level, owner_binding_check
 from broker.config import KeysSettings, Settings
 from broker.crypto import OWNER_BOUND, ROW_BOUND, associated_data, parse_keyring
 from broker.domain.rotation import Progress, RowBound, reencrypt, row_bound_status
-from broker.domain.service import Owner
+from broker.model import Owner
 from broker.server.app import Broker, start
 from broker.storage.tables import integrations, oauth_flows
 from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings

@@ -22,10 +22,11 @@ from broker.config import DatabaseSettings
 from broker.crypto import Binding, Keyring, associated_data, key_id_of
 from broker.crypto.keys import generate_key, parse_keyring
 from broker.domain import rotation
+from broker.domain.integrations import IntegrationService
 from broker.domain.rotation import KeyCount, Progress, key_status, reencrypt
-from broker.domain.service import ACCESS, REFRESH, IntegrationService, Owner, TokenCipher
+from broker.domain.tokens import ACCESS, REFRESH, TokenCipher
 from broker.errors import ConfigError
-from broker.model import NewTokens, StoreCommand
+from broker.model import NewTokens, Owner, StoreCommand
 from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import create_engine

@@ -32,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broker import metrics
 from broker.domain import ids
 from broker.domain.context import Call
-from broker.domain.service import Clock
 from broker.errors import StorageUnavailable
+from broker.model import Clock
 from broker.storage import audit_log
 
 log = logging.getLogger("broker.audit")

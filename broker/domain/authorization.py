@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker import metrics
 from broker.config import AuthorizationSettings
 from broker.domain import context, periodic, validation
-from broker.domain.service import Clock, IntegrationService, Owner, TokenCipher
+from broker.domain.integrations import IntegrationService
+from broker.domain.tokens import TokenCipher
 from broker.errors import (
     AuthorizationFlowInvalid,
     AuthorizationUserMismatch,
@@ -38,7 +39,7 @@ from broker.errors import (
     InvalidArgument,
     StorageUnavailable,
 )
-from broker.model import Integration, Kind, NewTokens, StoreCommand
+from broker.model import Clock, Integration, Kind, NewTokens, Owner, StoreCommand
 from broker.providers.authorize import authorization_url, new_code_verifier
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse

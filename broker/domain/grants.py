@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import context, periodic, validation
 from broker.domain.context import Caller
-from broker.domain.service import Clock, IntegrationService, decode_page_token, encode_page_token
+from broker.domain.integrations import IntegrationService
+from broker.domain.paging import decode_page_token, encode_page_token
 from broker.errors import (
     GrantAudience,
     GrantExpired,
@@ -35,7 +36,7 @@ from broker.errors import (
     UnknownProvider,
 )
 from broker.grant import READ_METHODS, TOKEN_PREFIX, Grant, new_token, token_hash
-from broker.model import Selector
+from broker.model import Clock, Selector
 from broker.storage import grants as store
 from broker.storage.engine import storage_errors
 

@@ -55,14 +55,7 @@ from broker import metrics
 from broker.config import RefreshSettings
 from broker.domain import events, periodic, refresh_policy
 from broker.domain.refresh_policy import Failure, FailureKind, PassBudget
-from broker.domain.service import (
-    REFRESH,
-    Clock,
-    Owner,
-    TokenCipher,
-    check_servable,
-    remaining,
-)
+from broker.domain.tokens import REFRESH, TokenCipher, check_servable, remaining
 from broker.errors import (
     BrokerError,
     CiphertextInvalid,
@@ -79,7 +72,9 @@ from broker.errors import (
 )
 from broker.model import (
     AccessToken,
+    Clock,
     NewTokens,
+    Owner,
     Selector,
     Status,
     StoredIntegration,
@@ -381,7 +376,7 @@ class RefreshEngine:
         """What the row says before a refresh: an answer without one (the row, whether it was
         refreshed since ``seen``), an error, or None: go ahead."""
         if row is None:
-            raise IntegrationNotFound(f"no integration with id {iid!r}")
+            raise IntegrationNotFound.for_id(iid)
         check_servable(row)
         moved = row.integration.version != seen
         if moved and not self.due(row, request):
@@ -711,7 +706,7 @@ class RefreshEngine:
         async with write_transaction(self.engine, self.invalidate) as conn:
             current = await repository.get(conn, iid)
             if current is None:
-                raise IntegrationNotFound(f"no integration with id {iid!r}")
+                raise IntegrationNotFound.for_id(iid)
             if current.integration.version != row.integration.version:
                 # The row changed under us: another writer refreshed or replaced the tokens,
                 # so the provider rejected a refresh token that is no longer ours to use.
@@ -787,7 +782,7 @@ class RefreshEngine:
                 if before is not None:
                     await events.refreshed(conn, before, values["updated_at"])
         if current is None:
-            raise IntegrationNotFound(f"no integration with id {iid!r}")
+            raise IntegrationNotFound.for_id(iid)
         if written is None:
             # Someone replaced the row while we held the lease (a new StoreIntegration, a
             # Disconnect): their state wins over tokens from the grant they replaced.

@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import events, periodic
-from broker.domain.service import ACCESS, REFRESH, Clock, Owner, TokenCipher
+from broker.domain.tokens import ACCESS, REFRESH, TokenCipher
 from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
-from broker.model import Kind, Revocation, StoredIntegration
+from broker.model import Clock, Kind, Owner, Revocation, StoredIntegration
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
 from broker.providers.mint import Minter

@@ -55,7 +55,7 @@ from broker.storage.tables import integrations, oauth_flows
 log = logging.getLogger("broker.rotation")
 
 # Column names bound into the associated data; they must match the writers'
-# (broker.domain.service ACCESS/REFRESH, broker.domain.credentials CREDENTIAL,
+# (broker.domain.integrations ACCESS/REFRESH, broker.domain.credentials CREDENTIAL,
 # broker.domain.authorization VERIFIER_COLUMN).
 _INTEGRATION_COLUMNS = {
     "access_token_ct": "access_token",
@@ -63,7 +63,7 @@ _INTEGRATION_COLUMNS = {
     "credential_ct": "credential",
 }
 _FLOW_COLUMNS = {"verifier_ct": "pkce_verifier"}
-# The owner bound into a ciphertext (broker.domain.service Owner): these columns of the row;
+# The owner bound into a ciphertext (broker.domain.integrations Owner): these columns of the row;
 # a flow has no credential_type and stores authorization-code tokens.
 _OWNER_COLUMNS = ("user_id", "provider", "account_id")
 _FLOW_KIND = "authorization_code"

@@ -25,12 +25,13 @@ from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
 from broker.config import Settings
 from broker.domain.events import WAKEUP
+from broker.domain.integrations import IntegrationService
 from broker.domain.key_usage import flush_periodically
 from broker.domain.refresh import RefreshEngine
 from broker.domain.rotation import report_row_bound
-from broker.domain.service import Clock, IntegrationService, utcnow
 from broker.domain.webhooks import WebhookDispatcher, build_endpoints
 from broker.errors import ConfigError
+from broker.model import Clock, utcnow
 from broker.providers.catalog import ALIASES
 from broker.runtime import Runtime, open_runtime
 from broker.server import transport

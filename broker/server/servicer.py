@@ -18,7 +18,7 @@ from broker.domain.authorization import AuthorizationService
 from broker.domain.context import current_call
 from broker.domain.events import EventLog
 from broker.domain.grants import GrantService
-from broker.domain.service import IntegrationService
+from broker.domain.integrations import IntegrationService
 from broker.errors import BrokerError
 from broker.model import NewTokens, StoreCommand, TokenRequest
 from broker.server import convert

@@ -31,7 +31,8 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.crypto.keys import parse_keyring
-from broker.domain.service import REFRESH, Owner, TokenCipher
+from broker.domain.tokens import REFRESH, TokenCipher
+from broker.model import Owner
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations as t

@@ -32,7 +32,8 @@ from sqlalchemy.engine import make_url
 
 from broker.config import load_settings
 from broker.crypto import generate_key, parse_keyring
-from broker.domain.service import ACCESS, Owner, TokenCipher
+from broker.domain.tokens import ACCESS, TokenCipher
+from broker.model import Owner
 from broker.server.callers import hash_token
 from broker_devtools.bench import data, echo, load, procs, seed
 from broker_devtools.bench.catalog import DEFAULT_DATABASE_URL, SCENARIOS, Scenario

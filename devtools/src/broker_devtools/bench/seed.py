@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 
 from broker.crypto import parse_keyring
-from broker.domain.service import Owner, TokenCipher
-from broker.model import Kind, NewTokens
+from broker.domain.tokens import TokenCipher
+from broker.model import Kind, NewTokens, Owner
 from broker_devtools.bench import data
 
 # Column order of the records handed to COPY; every other column takes its server default.

@@ -1,28 +1,25 @@
-"""The broker's operations. Owns transactions; talks to crypto, storage and (via the refresh
-engine and revoker) providers. Knows nothing about gRPC."""
+"""The integration service: store, read, serve, list and disconnect integrations. Owns
+transactions; talks to crypto, storage and (via the refresh engine and revoker) providers.
+Knows nothing about gRPC."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import uuid
-from collections.abc import Callable, Container, Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Container, Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.crypto import Binding, Keyring
 from broker.domain import context, credentials, events, validation
 from broker.domain.cache import IntegrationCache
+from broker.domain.paging import decode_page_token, encode_page_token
+from broker.domain.tokens import REFRESH, TokenCipher, check_servable, remaining
 from broker.errors import (
     AmbiguousIntegration,
-    InsufficientScope,
-    IntegrationDisconnected,
     IntegrationNotFound,
     InvalidArgument,
     ReauthorizationRequired,
@@ -31,10 +28,10 @@ from broker.errors import (
 )
 from broker.model import (
     AccessToken,
-    Credential,
+    Clock,
     Integration,
     Kind,
-    NewTokens,
+    Owner,
     Page,
     Revocation,
     Selector,
@@ -42,6 +39,7 @@ from broker.model import (
     StoreCommand,
     StoredIntegration,
     TokenRequest,
+    utcnow,
 )
 from broker.providers.profile import AUTHORIZATION_CODE, ProviderProfile
 from broker.storage import repository
@@ -49,15 +47,6 @@ from broker.storage.changes import Invalidate
 from broker.storage.engine import storage_errors, write_transaction
 
 log = logging.getLogger("broker.service")
-
-Clock = Callable[[], datetime]
-
-ACCESS = "access_token"
-REFRESH = "refresh_token"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Refresher(Protocol):
@@ -97,191 +86,6 @@ class Revoker(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Whose ciphertexts these are: bound into each one, so a row re-parented in the database
-    (another user, provider, account or kind) no longer decrypts."""
-
-    row_id: str
-    user_id: str
-    provider: str
-    account_id: str
-    kind: str
-
-    @classmethod
-    def of(cls, integration: Integration, kind: Kind | None = None) -> Owner:
-        """The integration's owner; ``kind``: the kind about to be written, if it changes."""
-        return cls(
-            integration.id,
-            integration.user_id,
-            integration.provider,
-            integration.account_id,
-            (kind or integration.credential_type).value,
-        )
-
-
-class TokenCipher:
-    """Encrypts and decrypts one integration's tokens, bound to environment, row, column and
-    owner (``broker.crypto.aead``). ``require_owner_binding`` refuses ciphertexts written
-    before owner binding, which prove only their row."""
-
-    def __init__(
-        self, keyring: Keyring, environment: str, *, require_owner_binding: bool = False
-    ) -> None:
-        self.keyring = keyring
-        self.environment = environment
-        self.require_owner_binding = require_owner_binding
-
-    def binding(self, owner: Owner, column: str) -> Binding:
-        return Binding(
-            self.environment,
-            owner.row_id,
-            column,
-            owner.user_id,
-            owner.provider,
-            owner.account_id,
-            owner.kind,
-        )
-
-    def encrypt(self, owner: Owner, column: str, plaintext: str) -> bytes:
-        return self.keyring.seal(plaintext.encode(), self.binding(owner, column))
-
-    def decrypt(self, owner: Owner, column: str, blob: bytes) -> str:
-        binding = self.binding(owner, column)
-        return self.keyring.open(blob, binding, row_bound=not self.require_owner_binding).decode()
-
-    def token_values(self, owner: Owner, tokens: NewTokens) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "access_token_ct": self.encrypt(owner, ACCESS, tokens.access_token),
-            "key_id": self.keyring.primary_id,
-            "token_type": tokens.token_type,
-            "expires_at": tokens.expires_at,
-            "scopes": list(tokens.scopes),
-        }
-        if tokens.refresh_token:
-            values["refresh_token_ct"] = self.encrypt(owner, REFRESH, tokens.refresh_token)
-        return values
-
-    def credential_values(self, owner: Owner, credential: Credential) -> dict[str, Any]:
-        blob = self.encrypt(owner, credentials.CREDENTIAL, credentials.dump(credential))
-        return {"credential_ct": blob, "credential_type": credential.kind.value}
-
-    def credential(self, stored: StoredIntegration) -> Credential:
-        """The stored credential of a kind other than the authorization code, decrypted."""
-        integration = stored.integration
-        if stored.credential_ct is None:
-            raise IntegrationDisconnected(
-                f"integration {integration.id} was disconnected; the user must connect again",
-                integration_id=integration.id,
-            )
-        plaintext = self.decrypt(
-            Owner.of(integration), credentials.CREDENTIAL, stored.credential_ct
-        )
-        return credentials.load(integration.credential_type, plaintext)
-
-    def access_token(self, stored: StoredIntegration, refreshed: bool = False) -> AccessToken:
-        integration = stored.integration
-        kind = integration.credential_type
-        if kind.static:
-            token, headers, query = credentials.static_material(self.credential(stored))
-        elif stored.access_token_ct is None or stored.wiped:
-            raise IntegrationDisconnected(
-                f"integration {integration.id} was disconnected; the user must connect again",
-                integration_id=integration.id,
-            )
-        else:
-            token = self.decrypt(Owner.of(integration), ACCESS, stored.access_token_ct)
-            headers, query = credentials.bearer_headers(integration.token_type, token), {}
-        return AccessToken(
-            access_token=token,
-            token_type=integration.token_type,
-            expires_at=integration.expires_at,
-            scopes=integration.scopes,
-            integration_id=integration.id,
-            refreshed=refreshed,
-            credential_type=kind,
-            headers=headers,
-            query=query,
-        )
-
-
-def check_servable(stored: StoredIntegration, required_scopes: tuple[str, ...] = ()) -> None:
-    """Raise the error that says why this integration's token must not be served, if any."""
-    integration = stored.integration
-    if integration.status is Status.DISCONNECTED or stored.wiped:
-        raise IntegrationDisconnected(
-            f"integration {integration.id} was disconnected; the user must connect again",
-            integration_id=integration.id,
-        )
-    if integration.status is Status.NEEDS_REAUTHORIZATION:
-        raise ReauthorizationRequired(
-            f"integration {integration.id} needs the user to authorize again",
-            integration_id=integration.id,
-        )
-    missing = [s for s in required_scopes if s not in integration.scopes]
-    if missing:
-        raise InsufficientScope(
-            f"integration {integration.id} was not granted scope(s) {missing}",
-            integration_id=integration.id,
-        )
-
-
-def remaining(expires_at: datetime | None, now: datetime) -> timedelta | None:
-    return None if expires_at is None else expires_at - now
-
-
-class Paged(Protocol):
-    """What a keyset page token remembers of the last row: integrations and grants."""
-
-    @property
-    def created_at(self) -> datetime: ...
-
-    @property
-    def id(self) -> str: ...
-
-
-def encode_page_token(last: Paged) -> str:
-    raw = json.dumps([last.created_at.isoformat(), last.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> tuple[datetime, str]:
-    problem = "is not a token this broker issued"
-    if len(token) > _MAX_PAGE_TOKEN:
-        raise InvalidArgument("page_token", problem)
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created_text, last_id = json.loads(raw)
-        if not isinstance(created_text, str) or not isinstance(last_id, str):
-            raise ValueError("wrong types")
-        parsed = datetime.fromisoformat(created_text)
-        if parsed.tzinfo is None:
-            raise ValueError("naive date")
-        created = parsed.astimezone(UTC)
-    # RecursionError: a forged token of deeply nested JSON; OverflowError: a date whose
-    # conversion to UTC leaves datetime's range.
-    except (binascii.Error, ValueError, TypeError, RecursionError, OverflowError):
-        raise InvalidArgument("page_token", problem) from None
-    # Tokens hold created_at of a stored row; a date at the ends of datetime's range cannot
-    # be one, and PostgreSQL could not take it as a parameter anyway.
-    if not _OLDEST <= created <= _NEWEST:
-        raise InvalidArgument("page_token", problem)
-    validation.text("page_token", last_id, validation.MAX_ID, required=False)
-    return created, last_id
-
-
-def _not_found(integration_id: str) -> IntegrationNotFound:
-    return IntegrationNotFound(
-        f"no integration with id {integration_id!r}", integration_id=integration_id
-    )
-
-
-# A token is base64 of a short JSON list; anything much longer was not issued here.
-_MAX_PAGE_TOKEN = 1024
-_OLDEST = datetime(1970, 1, 1, tzinfo=UTC)
-_NEWEST = datetime(9000, 1, 1, tzinfo=UTC)
-
-
 class IntegrationService:
     def __init__(
         self,
@@ -319,7 +123,7 @@ class IntegrationService:
         if sel.integration_id:
             stored = await repository.read(conn, sel.integration_id)
             if stored is None:
-                raise _not_found(sel.integration_id)
+                raise IntegrationNotFound.for_id(sel.integration_id)
             return stored
         provider = self.canonical(sel.provider)
         found = await repository.find_by_owner(conn, sel.user_id, provider, sel.account_id)
@@ -351,7 +155,7 @@ class IntegrationService:
                 async with storage_errors():
                     stored = await reader.read(sel.integration_id)
                 if stored is None:
-                    raise _not_found(sel.integration_id)
+                    raise IntegrationNotFound.for_id(sel.integration_id)
             else:
                 async with storage_errors(), self.engine.connect() as conn:
                     stored = await self._resolve(conn, sel)
@@ -361,7 +165,7 @@ class IntegrationService:
         if sel.integration_id and not context.may_see(stored.integration):
             # Another user's or provider's id is answered as a missing one, word for word:
             # PERMISSION_DENIED here would confirm that the id exists and whose it is.
-            raise _not_found(sel.integration_id)
+            raise IntegrationNotFound.for_id(sel.integration_id)
         context.check_integration(stored.integration)
         return stored
 
@@ -693,7 +497,7 @@ class IntegrationService:
             # FOR UPDATE: a refresh writing at this moment lands first or loses its CAS.
             current = await repository.get(conn, iid, for_update=True)
             if current is None:
-                raise _not_found(iid)
+                raise IntegrationNotFound.for_id(iid)
             await repository.update_row(conn, iid, current.integration.version, values)
             await context.audit_in(conn)
             await events.record(
