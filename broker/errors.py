@@ -15,8 +15,11 @@
     ├── GrantNotFound                NOT_FOUND            GRANT_NOT_FOUND
     ├── MinValidityUnattainable      FAILED_PRECONDITION  MIN_VALIDITY_UNATTAINABLE
     ├── ProviderUnavailable          UNAVAILABLE          PROVIDER_UNAVAILABLE (+ RetryInfo)
-    │   └── ProviderOutcomeUnknown   (sent, no usable answer: the provider may have rotated)
+    │   ├── ProviderAskedToWait      (429/503 with Retry-After: for every refresh of it)
+    │   ├── ProviderOutcomeUnknown   (sent, no usable answer: the provider may have rotated)
+    │   └── Throttled                (the provider's turn would outlast the budget; not sent)
     ├── StorageUnavailable           UNAVAILABLE          STORAGE_UNAVAILABLE
+    │   └── AuditUnavailable         UNAVAILABLE          AUDIT_UNAVAILABLE (fail closed)
     ├── ResourceExhausted            RESOURCE_EXHAUSTED   RESOURCE_EXHAUSTED
     │   ├── FlowLimit                RESOURCE_EXHAUSTED   FLOW_LIMIT (pending flows per caller)
     │   ├── CallerStreamLimit        RESOURCE_EXHAUSTED   CALLER_STREAM_LIMIT (watches per caller)
@@ -136,6 +139,10 @@ class ProviderOutcomeUnknown(ProviderUnavailable):
     Never re-sent at once: a rotating provider may have used up the refresh token."""
 
 
+class Throttled(ProviderUnavailable):
+    """Waiting for the provider's turn would outlast the refresh's budget; nothing was sent."""
+
+
 class MinValidityUnattainable(BrokerError):
     """Even a just-issued token lives shorter than the caller's min_valid_for."""
 
@@ -146,6 +153,12 @@ class MinValidityUnattainable(BrokerError):
 class StorageUnavailable(BrokerError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "STORAGE_UNAVAILABLE"
+
+
+class AuditUnavailable(StorageUnavailable):
+    """The audit event of a call cannot be written: the call is refused (fail closed)."""
+
+    reason = "AUDIT_UNAVAILABLE"
 
 
 class ResourceExhausted(BrokerError):

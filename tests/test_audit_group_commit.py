@@ -17,8 +17,9 @@ import asyncpg
 import pytest
 
 from broker.config import DatabaseSettings
-from broker.domain.audit import Auditor, AuditUnavailable
+from broker.domain.audit import Auditor
 from broker.domain.context import Call, Caller
+from broker.errors import AuditUnavailable
 from broker.storage import audit_log
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate

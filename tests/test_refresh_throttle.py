@@ -16,8 +16,9 @@ from sqlalchemy import event, func, select
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
+from broker.errors import Throttled
 from broker.model import Selector, TokenRequest
-from broker.providers.throttle import ProviderThrottle, Throttled
+from broker.providers.throttle import ProviderThrottle
 from broker.server.app import Broker
 from broker.storage import repository
 from broker.storage.tables import integrations

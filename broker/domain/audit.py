@@ -32,15 +32,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broker import metrics
 from broker.domain import ids
 from broker.domain.context import Call
-from broker.errors import StorageUnavailable
+from broker.errors import AuditUnavailable
 from broker.model import Clock
 from broker.storage import audit_log
 
 log = logging.getLogger("broker.audit")
-
-
-class AuditUnavailable(StorageUnavailable):
-    reason = "AUDIT_UNAVAILABLE"
 
 
 _UNAVAILABLE = "the audit trail cannot be written, so the broker refuses to answer; retry shortly"

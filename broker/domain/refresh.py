@@ -68,6 +68,7 @@ from broker.errors import (
     ProviderUnavailable,
     ReauthorizationRequired,
     StorageUnavailable,
+    Throttled,
     UnknownProvider,
 )
 from broker.model import (
@@ -84,7 +85,7 @@ from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, TokenResponse
 from broker.providers.mint import Minter
 from broker.providers.profile import ProviderProfile
-from broker.providers.throttle import ProviderThrottle, Throttled
+from broker.providers.throttle import ProviderThrottle
 from broker.storage import repository
 from broker.storage.changes import Invalidate
 from broker.storage.engine import storage_errors, write_transaction

@@ -215,7 +215,7 @@ class OAuthClient:
             scopes = profile.scopes
         if scopes:
             fields["scope"] = " ".join(scopes)
-        return await self._token_request(profile, fields)
+        return await self.token_request(profile, fields)
 
     async def exchange_code(
         self,
@@ -227,7 +227,7 @@ class OAuthClient:
         fields = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
         if code_verifier is not None:
             fields["code_verifier"] = code_verifier
-        return await self._token_request(profile, fields)
+        return await self.token_request(profile, fields)
 
     async def revoke(
         self, profile: ProviderProfile, token: str, token_type_hint: str | None = None
@@ -248,8 +248,8 @@ class OAuthClient:
         if token_type_hint:
             fields["token_type_hint"] = token_type_hint
         response, _ = await self._send(profile, profile.revocation_url, fields, "revocation")
-        _raise_for_transient(profile, response)
-        body = _read_body(response)
+        raise_for_transient(profile, response)
+        body = read_body(response)
         code = _error_code(body)
         if response.is_success and (body is None or body.get("ok") is not False):
             return
@@ -257,17 +257,19 @@ class OAuthClient:
             return
         if code == "unsupported_token_type":
             raise RevocationNotSupported(profile.name)
-        raise _classify(profile, response.status_code, body, "revocation")
+        raise classify(profile, response.status_code, body, "revocation")
 
-    async def _token_request(
+    async def token_request(
         self, profile: ProviderProfile, fields: dict[str, str]
     ) -> TokenResponse:
+        """A token request of any grant type to ``profile``'s token URL with its client
+        authentication, the answer read as RFC 6749 section 5 says (mint uses it too)."""
         token_url = _require_client(profile)
         response, received_at = await self._send(profile, token_url, fields, "token request")
-        _raise_for_transient(profile, response)
-        body = _read_body(response)
+        raise_for_transient(profile, response)
+        body = read_body(response)
         if not response.is_success:
-            raise _classify(profile, response.status_code, body, "token request")
+            raise classify(profile, response.status_code, body, "token request")
         if body is None:
             # A 200 that may carry tokens we cannot read: the provider may have rotated.
             raise ProviderOutcomeUnknown(
@@ -276,7 +278,7 @@ class OAuthClient:
                 provider=profile.name,
             )
         if body.get("ok") is False:
-            raise _classify(profile, response.status_code, body, "token request")
+            raise classify(profile, response.status_code, body, "token request")
         tokens = body
         nested = body.get("authed_user")
         if (
@@ -289,7 +291,7 @@ class OAuthClient:
         if not isinstance(access_token, str) or not access_token:
             if "error" in body:
                 # GitHub reports errors with HTTP 200 and an "error" member.
-                raise _classify(profile, 400, body, "token request")
+                raise classify(profile, 400, body, "token request")
             raise ProviderOutcomeUnknown(
                 f"{profile.name} answered the token request with a malformed response "
                 "(no access_token)",
@@ -344,11 +346,29 @@ class OAuthClient:
             timeouts=self._timeouts,
         )
         response, _ = await self._await(profile, request, "revocation")
-        _raise_for_transient(profile, response)
+        raise_for_transient(profile, response)
         # 404: GitHub no longer knows the token or the grant, so there is nothing to revoke.
         if response.is_success or response.status_code == 404:
             return
-        raise _classify(profile, response.status_code, _read_body(response), "revocation")
+        raise classify(profile, response.status_code, read_body(response), "revocation")
+
+    async def call(
+        self,
+        profile: ProviderProfile,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[httpx.Response, datetime]:
+        """Any other request to a provider (GitHub's installation tokens): through egress,
+        with this client's timeouts and its mapping of transport failures; the response is
+        the caller's to read."""
+        request = egress.send(
+            self._http, method, url, json=json, headers=headers, timeouts=self._timeouts
+        )
+        return await self._await(profile, request, what)
 
     async def _await(
         self, profile: ProviderProfile, request: Awaitable[httpx.Response], what: str
@@ -422,7 +442,7 @@ def _basic(client_id: str, client_secret: str) -> str:
     return "Basic " + b64encode(pair.encode()).decode("ascii")
 
 
-def _read_body(response: httpx.Response) -> dict[str, Any] | None:
+def read_body(response: httpx.Response) -> dict[str, Any] | None:
     content_type = response.headers.get("content-type", "")
     try:
         if "application/x-www-form-urlencoded" in content_type:
@@ -445,7 +465,7 @@ _NEVER_SENT = (
 _NOT_PROCESSED = frozenset({408, 429, 503})
 
 
-def _raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> None:
+def raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> None:
     status = response.status_code
     if status in _NOT_PROCESSED or status >= 500:
         # A 500, 502 or 504 may come after the provider rotated the token (a gateway timing
@@ -462,7 +482,7 @@ def _raise_for_transient(profile: ProviderProfile, response: httpx.Response) -> 
         )
 
 
-def _classify(
+def classify(
     profile: ProviderProfile, status: int, body: Mapping[str, Any] | None, what: str
 ) -> BrokerError:
     code = _error_code(body)
@@ -480,7 +500,7 @@ def _classify(
             provider=name,
             http_status=str(status),
         )
-    _log_answer(name, what, status, body)
+    log_answer(name, what, status, body)
     detail = code
     if code in _GRANT_ERRORS:
         return GrantRejected(
@@ -512,7 +532,7 @@ def _error_code(body: Mapping[str, Any] | None) -> str | None:
     return code if code in _KNOWN_ERRORS else UNRECOGNIZED
 
 
-def _log_answer(name: str, what: str, status: int, body: Mapping[str, Any] | None) -> None:
+def log_answer(name: str, what: str, status: int, body: Mapping[str, Any] | None) -> None:
     """The provider's own words, for the operator: its error code and description, each on
     one line and capped (a provider cannot forge log lines or flood the log)."""
     code = _one_line((body or {}).get("error"), 64)

@@ -1,4 +1,5 @@
-"""Minting short-lived access tokens from long-lived credentials (DESIGN §12).
+"""Minting short-lived access tokens from long-lived credentials (client credentials, a
+service-account JWT, a GitHub App installation).
 
     client_credentials        RFC 6749 §4.4 at the token endpoint, with the integration's own
                               client id and secret
@@ -29,15 +30,14 @@ from urllib.parse import quote
 
 import jwt
 
-from broker import egress
 from broker.errors import GrantRejected, ProviderMisconfigured
 from broker.providers.client import (
     OAuthClient,
     TokenResponse,
-    _classify,
-    _log_answer,
-    _raise_for_transient,
-    _read_body,
+    classify,
+    log_answer,
+    raise_for_transient,
+    read_body,
 )
 from broker.providers.profile import AuthMethod, ProviderProfile
 
@@ -99,7 +99,7 @@ class Minter:
             fields["audience"] = f["audience"]
         if f["resource"]:
             fields["resource"] = f["resource"]
-        return await self.client._token_request(endpoint, fields)
+        return await self.client.token_request(endpoint, fields)
 
     async def _jwt_bearer(self, profile: ProviderProfile, f: Mapping[str, Any]) -> TokenResponse:
         url = token_url(profile, "service_account", f)
@@ -121,7 +121,7 @@ class Minter:
         endpoint = dataclasses.replace(
             profile, token_url=url, client_id=f["issuer"], auth_method="none"
         )
-        return await self.client._token_request(
+        return await self.client.token_request(
             endpoint, {"grant_type": JWT_BEARER, "assertion": assertion}
         )
 
@@ -135,22 +135,21 @@ class Minter:
             body["repositories"] = list(f["repositories"])
         if f["permissions"]:
             body["permissions"] = dict(f["permissions"])
-        request = egress.send(
-            client._http,
+        response, received_at = await client.call(
+            profile,
             "POST",
             url,
+            "installation token request",
             json=body,
             headers={**_GITHUB_HEADERS, "Authorization": "Bearer " + _app_jwt(f)},
-            timeouts=client._timeout,
         )
-        response, received_at = await client._await(profile, request, "installation token request")
-        _raise_for_transient(profile, response)
-        answer = _read_body(response)
+        raise_for_transient(profile, response)
+        answer = read_body(response)
         if response.status_code in (401, 403, 404, 422):
             # 401: the App JWT is refused (wrong or revoked key); 403/404: the installation is
             # suspended or gone (App uninstalled); 422: permissions beyond the installation's.
             # GitHub's "message" is for the operator's log, not for the caller.
-            _log_answer(
+            log_answer(
                 profile.name,
                 "installation token request",
                 response.status_code,
@@ -163,9 +162,9 @@ class Minter:
             )
         token = (answer or {}).get("token")
         if not response.is_success:
-            raise _classify(profile, response.status_code, answer, "installation token request")
+            raise classify(profile, response.status_code, answer, "installation token request")
         if not isinstance(token, str) or not token:
-            raise _classify(profile, 502, None, "installation token request")
+            raise classify(profile, 502, None, "installation token request")
         expires_in = None
         expires_at = (answer or {}).get("expires_at")
         if isinstance(expires_at, str):
@@ -185,18 +184,17 @@ class Minter:
     async def revoke_installation_token(self, profile: ProviderProfile, token: str) -> None:
         """DELETE {api_url}/installation/token; an unknown token (401/404) counts as revoked."""
         client = self.client
-        request = egress.send(
-            client._http,
+        response, _ = await client.call(
+            profile,
             "DELETE",
             f"{profile.api_url}/installation/token",
+            "revocation",
             headers={**_GITHUB_HEADERS, "Authorization": "Bearer " + token},
-            timeouts=client._timeout,
         )
-        response, _ = await client._await(profile, request, "revocation")
-        _raise_for_transient(profile, response)
+        raise_for_transient(profile, response)
         if response.is_success or response.status_code in (401, 404):
             return
-        raise _classify(profile, response.status_code, _read_body(response), "revocation")
+        raise classify(profile, response.status_code, read_body(response), "revocation")
 
 
 def _app_jwt(f: Mapping[str, Any]) -> str:

@@ -24,15 +24,11 @@ from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
-from broker.errors import ProviderUnavailable
+from broker.errors import Throttled
 
 # A Retry-After longer than this is taken as this: a provider's (or a proxy's) mistake must not
 # stop a provider's refreshes for a day. The integration that got it backs off on its own.
 MAX_PAUSE_SECONDS = 600.0
-
-
-class Throttled(ProviderUnavailable):
-    """Waiting for the provider's turn would outlast the refresh's budget; nothing was sent."""
 
 
 @dataclass

@@ -20,10 +20,10 @@ import grpc
 
 from broker import metrics
 from broker.domain import ids
-from broker.domain.audit import Auditor, AuditUnavailable
+from broker.domain.audit import Auditor
 from broker.domain.context import Call, Caller, current_call
 from broker.domain.grants import GrantService
-from broker.errors import BrokerError
+from broker.errors import AuditUnavailable, BrokerError
 from broker.grant import METADATA_KEY
 from broker.server import decoding
 from broker.server.callers import CallerRegistry

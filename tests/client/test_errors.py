@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from broker import errors as server_errors
-from broker.domain.audit import AuditUnavailable
+from broker.errors import AuditUnavailable
 from broker.server.status import to_status
 from credentialbroker_client import errors
 from credentialbroker_client._config import SERVICE, Identity, Retry

@@ -223,7 +223,28 @@ class Cancelled(BrokerError):
 
 
 class ResourceExhausted(BrokerError):
+    """A limit is reached; ``metadata`` names the ``setting`` and its ``limit``."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    REASON = "RESOURCE_EXHAUSTED"
+
+
+class FlowLimit(ResourceExhausted):
+    """The caller has as many authorization flows pending as it may."""
+
+    REASON = "FLOW_LIMIT"
+
+
+class CallerStreamLimit(ResourceExhausted):
+    """The caller has as many event streams open on this broker as it may."""
+
+    REASON = "CALLER_STREAM_LIMIT"
+
+
+class StreamLimit(ResourceExhausted):
+    """This broker has as many event streams open as it serves."""
+
+    REASON = "STREAM_LIMIT"
 
 
 class Internal(BrokerError):
