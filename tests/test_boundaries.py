@@ -370,6 +370,18 @@ async def test_disconnect_reason_is_capped_stripped_and_marked_as_the_callers(
     assert data["message_source"] == "caller"
     connected = next(b["data"] for b in bodies if b["type"] == "integration.connected")
     assert connected["message_source"] == "broker"
+    # Short enough for any limit, yet invisible characters that would make the text shown
+    # differ from the text stored: stripped too.
+    other = await store(stub, "alice", "google")
+    short = await stub.Disconnect(
+        pb.DisconnectRequest(
+            integration_id=other,
+            reason="\u202eevil\u200b\x7f\x85 text",
+            skip_provider_revocation=True,
+        ),
+        metadata=ADMIN,
+    )
+    assert short.integration.disconnect_reason == "evil text"
     raw = b"".join(r.body for r in receiver.received())
     assert b"\\u0000" not in raw
     assert b"\\u001b" not in raw
