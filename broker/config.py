@@ -234,7 +234,7 @@ class CallerSettings(_Section):
     # Exact user ids this caller may touch; None means every user.
     users: list[str] | None = None
     # Workflow runners: no call without a grant (metadata x-broker-grant), and under a grant
-    # only the grant's user and integrations (DESIGN §10).
+    # only the grant's user and integrations.
     requires_grant: bool = False
     # Longest ttl this caller may give a grant it creates (seconds, or e.g. "PT1H").
     max_grant_ttl: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))

@@ -1,4 +1,4 @@
-"""A run-scoped grant (DESIGN §10): what one workflow run may read, for how long.
+"""A run-scoped grant: what one workflow run may read, for how long.
 
 A trusted caller creates it for one user and some integrations (by provider, by id, or
 both); a caller configured ``requires_grant`` presents its token in metadata

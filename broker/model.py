@@ -18,7 +18,7 @@ class Status(enum.StrEnum):
 
 
 class Kind(enum.StrEnum):
-    """What an integration holds (DESIGN §12); the column ``credential_type``."""
+    """What an integration holds; the column ``credential_type``."""
 
     AUTHORIZATION_CODE = "authorization_code"
     API_KEY = "api_key"

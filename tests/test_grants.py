@@ -1,4 +1,4 @@
-"""Run-scoped grants (DESIGN §10) against a real broker, on both backends: what a runner that
+"""Run-scoped grants against a real broker, on both backends: what a runner that
 requires a grant may read with one, and every way it is refused without a fitting one."""
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ async def test_missing_expires_in_uses_default(database_url: str, fake: FakeAuth
         await broker.stop(0)
 
 
-# Provider answer → (status afterwards, gRPC code, ErrorInfo reason), as in DESIGN §5.
+# Provider answer → (status afterwards, gRPC code, ErrorInfo reason), as README's Refresh table.
 FAILURES = [
     (
         "invalid_grant",

@@ -1,4 +1,4 @@
-"""Credential kinds beyond the authorization code (DESIGN §12): validation at StoreIntegration,
+"""Credential kinds beyond the authorization code: validation at StoreIntegration,
 the encrypted form of a credential, and the headers GetAccessToken hands out for each kind.
 
 A credential is stored as one JSON object in the ``credential_ct`` column, AES-GCM encrypted

@@ -1,4 +1,4 @@
-"""Run-scoped grants (DESIGN §10): create, present, revoke, list, purge.
+"""Run-scoped grants: create, present, revoke, list, purge.
 
 Presenting a grant is on the GetAccessToken hot path, so grants are cached per process by
 token hash. The cache follows the integration cache's rules: every revocation this process

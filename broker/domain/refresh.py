@@ -1,6 +1,6 @@
 """The refresh engine: one refresh per integration at a time, on one broker and across replicas.
 
-Order of events for a token that is due (DESIGN §5):
+Order of events for a token that is due:
 
 1. quick unlocked read (done by the service before it calls us);
 2. in-process single flight: one task per integration, other callers await its result;

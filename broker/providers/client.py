@@ -1,7 +1,6 @@
 """OAuth 2.0 calls (refresh, code exchange, revocation) on one shared ``httpx.AsyncClient``.
 
-Every provider answer becomes a TokenResponse or one of the errors the refresh engine acts on
-(DESIGN §5):
+Every provider answer becomes a TokenResponse or one of the errors the refresh engine acts on:
 
     GrantRejected            invalid_grant, invalid_scope (and Slack's and GitHub's spellings):
                              the user has to authorize again

@@ -23,7 +23,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-# The environment this database belongs to, recorded at first migration (DESIGN §4).
+# The environment this database belongs to, recorded at first migration.
 broker_meta = Table(
     "broker_meta",
     metadata,
@@ -65,7 +65,7 @@ integrations = Table(
     # until refresh_lease_until. Longer than the provider timeout times the attempts.
     Column("refresh_lease_owner", String(64), nullable=True),
     Column("refresh_lease_until", DateTime(timezone=True), nullable=True),
-    # What the row holds (DESIGN §12); every kind but the authorization code keeps its
+    # What the row holds; every kind but the authorization code keeps its
     # long-lived secret in credential_ct (JSON, encrypted like the tokens).
     Column("credential_type", String(32), nullable=False, server_default="authorization_code"),
     Column("credential_ct", LargeBinary, nullable=True),
@@ -151,7 +151,7 @@ key_usage = Table(
     Column("updated_at", DateTime(timezone=True), nullable=True),
 )
 
-# Run-scoped grants (DESIGN §10). The token itself is never stored, only its SHA-256.
+# Run-scoped grants. The token itself is never stored, only its SHA-256.
 grants = Table(
     "grants",
     metadata,

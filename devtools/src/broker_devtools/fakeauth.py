@@ -12,7 +12,7 @@ check PKCE (S256 or plain). It can be told to misbehave for the next N requests 
         ...
         assert fake.refresh_calls == 2
 
-Minted credential kinds (DESIGN §12) are served too: the client-credentials grant (the fake's
+Minted credential kinds are served too: the client-credentials grant (the fake's
 client, until ``revoke_client()``), the RFC 7523 JWT-bearer grant (assertions signed by a key
 given to ``register_service_account``; signature, ``aud``, ``exp`` and ``iat`` checked), and a
 GitHub-style ``POST /app/installations/{id}/access_tokens`` (App JWT signed by a key given to
