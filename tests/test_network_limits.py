@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import ServerSettings, Settings
@@ -90,6 +91,24 @@ async def test_idle_sockets_are_closed_by_the_server(broker: Broker, peer: str) 
         await pb_grpc.CredentialBrokerStub(channel).ListIntegrations(
             pb.ListIntegrationsRequest(user_id="u"), metadata=ADMIN, timeout=5
         )
+
+
+async def test_a_caller_idle_past_the_timeout_calls_again_without_an_error(
+    broker: Broker,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        request = pb.ListIntegrationsRequest(user_id="u")
+        await stub.ListIntegrations(request, metadata=ADMIN, timeout=5)
+        # The server closes the idle connection (GOAWAY after 2 s, a little more with gRPC's
+        # jitter); the channel goes IDLE and reconnects for the next call.
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if transport.open_connections(broker.port) == 0:
+                break
+        assert transport.open_connections(broker.port) == 0
+        assert channel.get_state() == grpc.ChannelConnectivity.IDLE
+        await stub.ListIntegrations(request, metadata=ADMIN, timeout=5)
 
 
 async def test_open_connections_are_counted_for_the_metrics(broker: Broker) -> None:
@@ -279,10 +298,17 @@ async def test_the_largest_valid_request_fits_and_a_larger_one_is_resource_exhau
             over = pb.StoreIntegrationRequest(
                 user_id="u", provider="acme", access_token="x" * (1536 * 1024)
             )
+            counted = metrics.REQUESTS_TOO_LARGE.labels("StoreIntegration")
+            before = counted._value.get()
             await expect_error(
                 stub.StoreIntegration(over, metadata=ADMIN, timeout=10),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
+            for _ in range(50):  # the status goes out before the handler counts it
+                if counted._value.get() > before:
+                    break
+                await asyncio.sleep(0.02)
+            assert counted._value.get() == before + 1
             # A hand-made call that half-closes without a request: our status, not a hang.
             empty = channel.stream_unary(
                 "/credentialbroker.v1.CredentialBroker/GetAccessToken",
