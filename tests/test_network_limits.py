@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from broker import metrics
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import ServerSettings, Settings
@@ -92,14 +93,42 @@ async def test_idle_sockets_are_closed_by_the_server(broker: Broker, peer: str) 
         )
 
 
+async def test_a_caller_idle_past_the_timeout_calls_again_without_an_error(
+    broker: Broker,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        request = pb.ListIntegrationsRequest(user_id="u")
+        await stub.ListIntegrations(request, metadata=ADMIN, timeout=5)
+        # The server closes the idle connection (GOAWAY after 2 s, a little more with gRPC's
+        # jitter); the channel goes IDLE and reconnects for the next call.
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if transport.open_connections(broker.port) == 0:
+                break
+        assert transport.open_connections(broker.port) == 0
+        assert channel.get_state() == grpc.ChannelConnectivity.IDLE
+        await stub.ListIntegrations(request, metadata=ADMIN, timeout=5)
+
+
+async def _settle(port: int, expected: int) -> int:
+    """The open-connection count once it reaches ``expected`` (or after 3 s)."""
+    for _ in range(30):
+        count = transport.open_connections(port)
+        if count == expected:
+            break
+        await asyncio.sleep(0.1)
+    return count
+
+
 async def test_open_connections_are_counted_for_the_metrics(broker: Broker) -> None:
-    assert transport.open_connections(broker.port) == 0
+    assert await _settle(broker.port, 0) == 0
     writers = []
     for _ in range(5):
         _, writer = await asyncio.open_connection("127.0.0.1", broker.port)
         writer.write(PREFACE + EMPTY_SETTINGS)
         writers.append(writer)
-    await asyncio.sleep(0.3)
+    assert await _settle(broker.port, 5) == 5
     gauges = {name: value for name, _, value in transport.gauges(broker.port, 7)}
     assert gauges == {"broker_grpc_connections": 5.0, "broker_grpc_max_connections": 7.0}
     for writer in writers:
@@ -122,9 +151,9 @@ def test_the_connection_cap_leaves_descriptors_under_the_open_file_limit() -> No
 # -- real broker processes -----------------------------------------------------------------
 
 
-def _limit_files(count: int) -> Callable[[], None]:
+def _limit_files(count: int, hard: int | None = None) -> Callable[[], None]:
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard or count))
 
     return apply
 
@@ -185,6 +214,18 @@ async def test_a_call_succeeds_with_more_idle_sockets_than_the_open_file_limit(
                 writer.close()
         assert broker.proc is not None
         assert broker.proc.returncode is None
+
+
+async def test_the_broker_raises_its_soft_open_file_limit_to_fit_the_cap(
+    tmp_path: Path, database_url: str
+) -> None:
+    config = _config(tmp_path, database_url)
+    async with running(BrokerProcess(config, preexec=_limit_files(256, 4096))) as broker:
+        assert broker.proc is not None
+        limits = Path(f"/proc/{broker.proc.pid}/limits").read_text()
+        line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+        assert line.split()[3:5] == [str(500 + transport.FD_RESERVE), "4096"]
+        assert not any("serving at most" in row for row in broker.log)
 
 
 async def test_unauthenticated_large_bodies_are_refused_unread(
@@ -279,10 +320,17 @@ async def test_the_largest_valid_request_fits_and_a_larger_one_is_resource_exhau
             over = pb.StoreIntegrationRequest(
                 user_id="u", provider="acme", access_token="x" * (1536 * 1024)
             )
+            counted = metrics.REQUESTS_TOO_LARGE.labels("StoreIntegration")
+            before = counted._value.get()
             await expect_error(
                 stub.StoreIntegration(over, metadata=ADMIN, timeout=10),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
+            for _ in range(50):  # the status goes out before the handler counts it
+                if counted._value.get() > before:
+                    break
+                await asyncio.sleep(0.02)
+            assert counted._value.get() == before + 1
             # A hand-made call that half-closes without a request: our status, not a hang.
             empty = channel.stream_unary(
                 "/credentialbroker.v1.CredentialBroker/GetAccessToken",
