@@ -860,19 +860,26 @@ class RefreshEngine:
             if not claimed:
                 break
             seen.update(iid for iid, _ in claimed)
+            # The budget is spent in claim order (never-failed rows first), not in the order
+            # the rows' reads happen to come back.
             await asyncio.gather(
                 *(
-                    self._background_one(iid, interval, provider, budget)
+                    self._background_one(iid, interval, provider, budget, budget.take(provider))
                     for iid, provider in claimed
                 )
             )
         return self.provider_calls - before
 
     async def _background_one(
-        self, iid: str, interval: timedelta, provider: str, budget: PassBudget
+        self, iid: str, interval: timedelta, provider: str, budget: PassBudget, granted: bool
     ) -> None:
-        """Refresh one integration whose lease this broker already holds (if it is due and its
-        provider's budget for this pass is not spent)."""
+        """Refresh one integration whose lease this broker already holds, if it is due and
+        was ``granted`` an attempt of its provider's budget for this pass."""
+        if not granted:
+            # Claimed in the batch that spent the budget; left for the next pass.
+            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            await self._release(iid, {})
+            return
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
         async with storage_errors(), self.engine.connect() as conn:
             row = await repository.get(conn, iid)
@@ -885,11 +892,7 @@ class RefreshEngine:
             if iid in self._flights:
                 return
         if row is None or running is not None or not self.due(row, ahead):
-            await self._release(iid, {})
-            return
-        if not budget.take(provider):
-            # Claimed in the batch that spent the budget; left for the next pass.
-            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            budget.give_back(provider)  # no attempt made
             await self._release(iid, {})
             return
         task = asyncio.create_task(self._leased_flight(row, ahead), name=f"refresh-{iid}")
