@@ -47,6 +47,7 @@ METHODS = (
     "ListGrants",
     "WatchIntegrationEvents",
     "ListIntegrationEvents",
+    "Proxy",
 )
 
 
@@ -198,6 +199,30 @@ class ProviderSettings(_Section):
     kinds: list[str] | None = None
     # REST API base URL (the GitHub App installation-token endpoint lives under it).
     api_url: str | None = None
+    # Where Proxy may send this provider's API calls: a request's path is taken relative to
+    # it and can never leave it. Built-ins have their documented API base; None: no proxying.
+    api_base_url: str | None = None
+    # Further API bases of the provider on other hosts, as full URLs; a Proxy request picks
+    # one by naming its host (ProxyRequest.api_host). Default: none.
+    api_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = egress.problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("api_hosts")
+    @classmethod
+    def _api_hosts(cls, value: list[str]) -> list[str]:
+        for url in value:
+            problem = egress.problem(url)
+            if problem is not None:
+                raise ValueError(f"{url!r}: {problem}")
+        return value
 
 
 # The SAN types a caller's tls_identity can name, and the gRPC auth-context property that
@@ -241,6 +266,20 @@ class CallerSettings(_Section):
     # GetGrant, ListGrants and RevokeGrant reach grants other callers issued (still only
     # within this caller's users and providers); off: only the grants it issued itself.
     manage_all_grants: bool = False
+    # Never hand this caller a token: GetAccessToken is refused (TOKEN_EXPOSURE_DENIED) and
+    # it works through Proxy, where the credential stays in the broker.
+    proxy_only: bool = False
+    # HTTP methods this caller may send through Proxy; None: every method.
+    proxy_methods: list[str] | None = None
+
+    @field_validator("proxy_methods")
+    @classmethod
+    def _proxy_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if any(not re.fullmatch(r"[A-Za-z]{1,16}", m) for m in value):
+            raise ValueError('must be HTTP method names, e.g. ["GET", "POST"]')
+        return [m.upper() for m in value]
 
     @field_validator("token_sha256")
     @classmethod
@@ -304,6 +343,30 @@ class RefreshSettings(_Section):
     # Attempts one background pass makes per provider; due integrations past it wait for the
     # next pass, so one provider's backlog cannot take a whole pass from the others.
     background_attempts_per_provider: int = Field(default=100, ge=1, le=100_000)
+
+
+class ProxySettings(_Section):
+    """Proxy: provider API calls made by the broker on a caller's behalf."""
+
+    # The largest request body a caller may send through Proxy. It travels inside a gRPC
+    # request, so it must also fit server.max_receive_bytes (default 1 MiB) with the rest.
+    max_request_bytes: int = Field(default=512 * 1024, ge=0, le=64 * 1024 * 1024)
+    # The largest provider response body; reading stops past it (RESOURCE_EXHAUSTED). It goes
+    # back inside a gRPC response: keep it under server.max_message_bytes (default 4 MiB).
+    max_response_bytes: int = Field(default=3 * 1024 * 1024, ge=0, le=256 * 1024 * 1024)
+    # One provider request, from sending to the last byte of its answer (and never beyond
+    # the caller's deadline).
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Proxied requests to one provider at once from this broker; the rest queue until their
+    # deadline. A 429/503 with Retry-After pauses the provider's proxied requests too.
+    max_concurrent_per_provider: int = Field(default=64, ge=1, le=10_000)
+    # The HTTP front (ANY /proxy/{provider}/{path}); empty: off.
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _host_port(value, "127.0.0.1:8081") if value else value
 
 
 class TlsSettings(_Section):
@@ -444,6 +507,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     events: EventsSettings = EventsSettings()
     authorization: AuthorizationSettings = AuthorizationSettings()
+    proxy: ProxySettings = ProxySettings()
     webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)

@@ -77,9 +77,11 @@ async def send(
     json: Any = None,
     content: bytes | None = None,
     timeouts: httpx.Timeout | float,
+    stream: bool = False,
 ) -> httpx.Response:
     """Send one request after checking its destination; raises Refused before anything is
-    sent, httpx's errors after."""
+    sent, httpx's errors after. With ``stream`` the body is left unread (the caller reads
+    it as far as it wants, then closes the response)."""
     request = http.build_request(
         method,
         target(url),
@@ -89,4 +91,4 @@ async def send(
         content=content,
         timeout=timeouts,
     )
-    return await http.send(request, follow_redirects=False)
+    return await http.send(request, follow_redirects=False, stream=stream)

@@ -11,6 +11,7 @@
     ├── IntegrationDisconnected      FAILED_PRECONDITION  INTEGRATION_DISCONNECTED
     ├── InsufficientScope            FAILED_PRECONDITION  INSUFFICIENT_SCOPE
     ├── ProviderMisconfigured        FAILED_PRECONDITION  PROVIDER_MISCONFIGURED
+    ├── ProxyNotConfigured           FAILED_PRECONDITION  PROXY_NOT_CONFIGURED (no API base)
     ├── AuthorizationFlowInvalid     FAILED_PRECONDITION  AUTHORIZATION_FLOW_INVALID
     ├── GrantNotFound                NOT_FOUND            GRANT_NOT_FOUND
     ├── MinValidityUnattainable      FAILED_PRECONDITION  MIN_VALIDITY_UNATTAINABLE
@@ -23,7 +24,9 @@
     ├── ResourceExhausted            RESOURCE_EXHAUSTED   RESOURCE_EXHAUSTED
     │   ├── FlowLimit                RESOURCE_EXHAUSTED   FLOW_LIMIT (pending flows per caller)
     │   ├── CallerStreamLimit        RESOURCE_EXHAUSTED   CALLER_STREAM_LIMIT (watches per caller)
-    │   └── StreamLimit              RESOURCE_EXHAUSTED   STREAM_LIMIT (watches per process)
+    │   ├── StreamLimit              RESOURCE_EXHAUSTED   STREAM_LIMIT (watches per process)
+    │   ├── ProxyRequestTooLarge     RESOURCE_EXHAUSTED   PROXY_REQUEST_TOO_LARGE
+    │   └── ProxyResponseTooLarge    RESOURCE_EXHAUSTED   PROXY_RESPONSE_TOO_LARGE
     ├── CiphertextInvalid            DATA_LOSS            CIPHERTEXT_INVALID
     ├── Unauthenticated              UNAUTHENTICATED      UNAUTHENTICATED
     │   ├── GrantInvalid             UNAUTHENTICATED      GRANT_INVALID (not a grant we know)
@@ -33,6 +36,7 @@
         ├── GrantRequired            PERMISSION_DENIED    GRANT_REQUIRED
         ├── GrantScope               PERMISSION_DENIED    GRANT_SCOPE
         ├── GrantAudience            PERMISSION_DENIED    GRANT_AUDIENCE
+        ├── TokenExposureDenied      PERMISSION_DENIED    TOKEN_EXPOSURE_DENIED (proxy only)
         └── AuthorizationUserMismatch PERMISSION_DENIED   AUTHORIZATION_USER_MISMATCH
 
     ConfigError                      start-up only: a setting is missing or wrong
@@ -115,6 +119,13 @@ class ProviderMisconfigured(BrokerError):
     reason = "PROVIDER_MISCONFIGURED"
 
 
+class ProxyNotConfigured(BrokerError):
+    """The provider has no API base (providers.NAME.api_base_url): Proxy has nowhere to go."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "PROXY_NOT_CONFIGURED"
+
+
 class AuthorizationFlowInvalid(BrokerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "AUTHORIZATION_FLOW_INVALID"
@@ -184,6 +195,14 @@ class StreamLimit(ResourceExhausted):
     reason = "STREAM_LIMIT"
 
 
+class ProxyRequestTooLarge(ResourceExhausted):
+    reason = "PROXY_REQUEST_TOO_LARGE"
+
+
+class ProxyResponseTooLarge(ResourceExhausted):
+    reason = "PROXY_RESPONSE_TOO_LARGE"
+
+
 class CiphertextInvalid(BrokerError):
     code = grpc.StatusCode.DATA_LOSS
     reason = "CIPHERTEXT_INVALID"
@@ -226,6 +245,12 @@ class GrantScope(PermissionDenied):
 
 class GrantAudience(PermissionDenied):
     reason = "GRANT_AUDIENCE"
+
+
+class TokenExposureDenied(PermissionDenied):
+    """A proxy-only caller or grant asked for a token: it may only call through Proxy."""
+
+    reason = "TOKEN_EXPOSURE_DENIED"
 
 
 class AuthorizationUserMismatch(PermissionDenied):

@@ -16,8 +16,12 @@ from datetime import datetime
 # Recognisable in a leaked log or a secret scanner, like GitHub's ghp_ prefix.
 TOKEN_PREFIX = "cbg_"
 METADATA_KEY = "x-broker-grant"
-# The only methods a grant can ever authorise: reads of the grant's user's integrations.
-READ_METHODS = frozenset({"GetAccessToken", "GetIntegration", "ListIntegrations"})
+# The only methods a grant can ever authorise: reads of the grant's user's integrations, and
+# calls to their provider's API through the broker (Proxy, a grant's main use).
+READ_METHODS = frozenset({"GetAccessToken", "GetIntegration", "ListIntegrations", "Proxy"})
+# What a proxy-only grant lacks: its bearer works through Proxy and never sees a token.
+TOKEN_METHOD = "GetAccessToken"
+PROXY_METHOD = "Proxy"
 
 
 def new_token() -> str:
@@ -45,6 +49,15 @@ class Grant:
     created_at: datetime
     expires_at: datetime
     revoked_at: datetime | None = None
+
+    @property
+    def proxy_only(self) -> bool:
+        return TOKEN_METHOD not in self.methods and PROXY_METHOD in self.methods
+
+    def allows(self, method: str) -> bool:
+        """Grants made before Proxy existed list GetAccessToken, never Proxy: what reads the
+        token may also have the broker use it."""
+        return method in self.methods or (method == PROXY_METHOD and TOKEN_METHOD in self.methods)
 
     def covers(self, integration_id: str, user_id: str, provider: str) -> bool:
         """Providers cover integrations connected later too; ids cover exactly those rows."""

@@ -137,3 +137,20 @@ FLOWS_REFUSED = Counter(
     "BeginAuthorization calls refused by a limit (pending_per_caller)",
     ["limit"],
 )
+
+PROXY_REQUESTS = Counter(
+    "broker_proxy_requests_total",
+    "Provider API requests sent by Proxy, by provider and outcome (the HTTP status class, "
+    "or error)",
+    ["provider", "outcome"],
+)
+PROXY_TOO_LARGE = Counter(
+    "broker_proxy_too_large_total",
+    "Proxy calls refused for a body over proxy.max_request_bytes or proxy.max_response_bytes",
+    ["direction"],
+)
+PROXY_REPLAYS = Counter(
+    "broker_proxy_replays_total",
+    "Proxied requests replayed once after a 401 and a forced refresh, by provider",
+    ["provider"],
+)

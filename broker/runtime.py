@@ -22,6 +22,7 @@ from broker.domain.cache import IntegrationCache
 from broker.domain.events import EventLog
 from broker.domain.grants import GrantCache, GrantService
 from broker.domain.integrations import IntegrationService
+from broker.domain.proxy import ProxyService
 from broker.domain.refresh import RefreshEngine
 from broker.domain.revocation import ProviderRevoker
 from broker.domain.tokens import TokenCipher
@@ -59,6 +60,7 @@ class Runtime:
     clock: Clock
     grants: GrantService
     events: EventLog
+    proxy: ProxyService
     watcher: ChangeWatcher | None = None
     # PostgreSQL: GetAccessToken's read of a cache miss, on its own small pool.
     reader: IntegrationReader | None = None
@@ -215,6 +217,7 @@ async def open_runtime(
         watcher=watcher,
         reader=reader,
         sqlite_reader=sqlite_reader,
+        proxy=ProxyService(service, registry, BUILTINS, http, refresher.throttle, settings.proxy),
         events=EventLog(
             engine,
             clock,

@@ -30,6 +30,10 @@ class Caller:
     # GetGrant, ListGrants and RevokeGrant see grants other callers issued (an operator's
     # caller); otherwise a caller manages only the grants it issued itself.
     manage_all_grants: bool = False
+    # Never handed a token (GetAccessToken refused); works through Proxy only.
+    proxy_only: bool = False
+    # HTTP methods it may send through Proxy; None: every method.
+    proxy_methods: frozenset[str] | None = None
 
     def may_call(self, method: str) -> bool:
         return method in self.methods

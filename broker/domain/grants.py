@@ -33,9 +33,18 @@ from broker.errors import (
     GrantScope,
     InvalidArgument,
     PermissionDenied,
+    TokenExposureDenied,
     UnknownProvider,
 )
-from broker.grant import READ_METHODS, TOKEN_PREFIX, Grant, new_token, token_hash
+from broker.grant import (
+    PROXY_METHOD,
+    READ_METHODS,
+    TOKEN_METHOD,
+    TOKEN_PREFIX,
+    Grant,
+    new_token,
+    token_hash,
+)
 from broker.model import Clock, Selector
 from broker.storage import grants as store
 from broker.storage.engine import storage_errors
@@ -172,7 +181,13 @@ class GrantService:
             raise GrantAudience(
                 f"caller {caller.name!r} is not in the audience of grant {grant.id}", **about
             )
-        if method not in grant.methods:
+        if method == TOKEN_METHOD and grant.proxy_only:
+            raise TokenExposureDenied(
+                f"grant {grant.id} is proxy-only: call the provider through Proxy, the token "
+                "is not handed out",
+                **about,
+            )
+        if not grant.allows(method):
             raise GrantScope(f"grant {grant.id} does not authorise {method}", **about)
         return grant
 
@@ -186,6 +201,7 @@ class GrantService:
         ttl: timedelta | None,
         run_id: str,
         audience: tuple[str, ...],
+        proxy_only: bool = False,
     ) -> CreatedGrant:
         validation.text("user_id", user_id, validation.MAX_ID)
         validation.text("run_id", run_id, validation.MAX_ID, required=False)
@@ -228,6 +244,14 @@ class GrantService:
             for provider in sorted(canonical):
                 context.check_provider(provider)
             lifetime = min(lifetime, issuer.max_grant_ttl)
+            # An issuer that may not read tokens cannot grant reading them.
+            proxy_only = proxy_only or issuer.proxy_only
+        if proxy_only:
+            if PROXY_METHOD not in methods:
+                raise PermissionDenied(
+                    "a proxy-only grant authorises Proxy, which the issuing caller may not call"
+                )
+            methods = methods - {TOKEN_METHOD}
         await self._check_integrations(user_id, integration_ids)
         now = self.clock()
         grant = Grant(

@@ -24,6 +24,7 @@ from broker.errors import (
     InvalidArgument,
     ReauthorizationRequired,
     StorageUnavailable,
+    TokenExposureDenied,
     UnknownProvider,
 )
 from broker.model import (
@@ -417,6 +418,12 @@ class IntegrationService:
     # -- access tokens ---------------------------------------------------------------------
 
     async def get_access_token(self, req: TokenRequest) -> AccessToken:
+        call = context.current_call.get()
+        if call is not None and call.caller.proxy_only:
+            raise TokenExposureDenied(
+                f"caller {call.caller.name!r} is proxy-only: call the provider through Proxy, "
+                "the token is not handed out"
+            )
         validation.duration("min_valid_for", req.min_valid_for)
         validation.scopes("required_scopes", req.required_scopes)
         stored = await self.read(req.selector)

@@ -23,6 +23,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
     for profile in (
         ProviderProfile(
             name="twitter",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://api.x.com",
             token_url="https://api.x.com/2/oauth2/token",
             authorization_url="https://x.com/i/oauth2/authorize",
             revocation_url="https://api.x.com/2/oauth2/revoke",
@@ -36,6 +38,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
         ),
         ProviderProfile(
             name="google",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://www.googleapis.com",
             token_url="https://oauth2.googleapis.com/token",
             authorization_url="https://accounts.google.com/o/oauth2/v2/auth",
             revocation_url="https://oauth2.googleapis.com/revoke",
@@ -53,6 +57,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
         ),
         ProviderProfile(
             name="slack",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://slack.com/api",
             token_url="https://slack.com/api/oauth.v2.access",
             authorization_url="https://slack.com/oauth/v2/authorize",
             revocation_url="https://slack.com/api/auth.revoke",
@@ -69,6 +75,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
         ),
         ProviderProfile(
             name="notion",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://api.notion.com",
             token_url="https://api.notion.com/v1/oauth/token",
             authorization_url="https://api.notion.com/v1/oauth/authorize",
             revocation_url="https://api.notion.com/v1/oauth/revoke",
@@ -85,6 +93,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
         ),
         ProviderProfile(
             name="github",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://api.github.com",
             token_url="https://github.com/login/oauth/access_token",
             authorization_url="https://github.com/login/oauth/authorize",
             revocation_url="https://api.github.com/applications/{client_id}/grant",
@@ -105,6 +115,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
         ),
         ProviderProfile(
             name="microsoft",
+            # The provider's documented REST API base (Proxy's destination).
+            api_base_url="https://graph.microsoft.com",
             # "common" accepts work, school and personal accounts; a single-tenant app
             # overrides both URLs with its tenant id.
             token_url="https://login.microsoftonline.com/common/oauth2/v2.0/token",
@@ -143,6 +155,7 @@ _PLAIN = (
     "pkce",
     "account_id_path",
     "api_url",
+    "api_base_url",
 )
 
 
@@ -235,6 +248,8 @@ def _profile(
     }
     if settings.allowed_token_urls:
         changes["allowed_token_urls"] = tuple(settings.allowed_token_urls)
+    if settings.api_hosts:
+        changes["api_hosts"] = tuple(settings.api_hosts)
     if settings.scopes is not None:
         changes["scopes"] = tuple(settings.scopes)
     if settings.redirect_uris is not None:
@@ -253,8 +268,10 @@ def _profile(
     changes["client_secret"] = _client_secret(where, settings, env)
     profile = dataclasses.replace(base, **changes)
 
-    for name in ("token_url", "authorization_url", "revocation_url", "api_url"):
+    for name in ("token_url", "authorization_url", "revocation_url", "api_url", "api_base_url"):
         _check_url(f"{where}.{name}", getattr(profile, name))
+    for host in profile.api_hosts:
+        _check_url(f"{where}.api_hosts", host)
     for uri in profile.redirect_uris:
         _check_url(f"{where}.redirect_uris", uri)
     for allowed in profile.allowed_token_urls:

@@ -97,6 +97,10 @@ class ProviderProfile:
     kinds: frozenset[str] = frozenset({AUTHORIZATION_CODE})
     # REST API base URL, for the GitHub App installation-token endpoint.
     api_url: str | None = None
+    # Where Proxy sends this provider's API calls (paths are relative to it), and the
+    # provider's other API bases; None: the provider cannot be proxied.
+    api_base_url: str | None = None
+    api_hosts: tuple[str, ...] = ()
 
     def missing_settings(self) -> tuple[str, ...]:
         """Names of the settings this profile still needs before it can refresh tokens."""

@@ -207,7 +207,7 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     guarded: Any = interceptor.guarding(server)
     broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
         CredentialBrokerServicer(
-            runtime.service, runtime.authorization, runtime.grants, runtime.events
+            runtime.service, runtime.authorization, runtime.grants, runtime.events, runtime.proxy
         ),
         guarded,
     )

@@ -47,6 +47,10 @@ class CallerRegistry:
                 requires_grant=settings.requires_grant,
                 max_grant_ttl=settings.max_grant_ttl,
                 manage_all_grants=settings.manage_all_grants,
+                proxy_only=settings.proxy_only,
+                proxy_methods=(
+                    None if settings.proxy_methods is None else frozenset(settings.proxy_methods)
+                ),
             )
             self.names.add(name)
             if settings.token_sha256:

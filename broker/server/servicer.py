@@ -19,10 +19,11 @@ from broker.domain.context import current_call
 from broker.domain.events import EventLog
 from broker.domain.grants import GrantService
 from broker.domain.integrations import IntegrationService
+from broker.domain.proxy import ProxyCall, ProxyService
 from broker.errors import BrokerError
 from broker.model import NewTokens, StoreCommand, TokenRequest
 from broker.server import convert
-from broker.server.status import plain_status, to_status
+from broker.server.status import RETRY_INFO_KEY, plain_status, retry_info, to_status
 
 log = logging.getLogger("broker.server")
 _NO_MIN_VALIDITY = timedelta(0)
@@ -65,7 +66,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         authorization: AuthorizationService,
         grants: GrantService,
         events: EventLog,
+        proxy: ProxyService | None = None,
     ) -> None:
+        self.proxy = proxy
         self.service = service
         self.authorization = authorization
         self.grants = grants
@@ -260,6 +263,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             ttl=convert.duration("ttl", request.ttl) if request.HasField("ttl") else None,
             run_id=request.run_id,
             audience=tuple(request.audience),
+            proxy_only=request.proxy_only,
         )
         grant = created.grant
         return pb.CreateGrantResponse(
@@ -300,3 +304,38 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             grants=[convert.grant(g, now) for g in page.grants],
             next_page_token=page.next_page_token,
         )
+
+    @_rpc
+    async def Proxy(
+        self, request: pb.ProxyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ProxyResponse:
+        if self.proxy is None:  # pragma: no cover - every served broker has one
+            raise BrokerError("the proxy is not available in this process")
+        result = await self.proxy.call(
+            ProxyCall(
+                selector=convert.selector(request),
+                method=request.method,
+                path=request.path,
+                query=[(q.name, q.value) for q in request.query],
+                headers=dict(request.headers),
+                body=request.body,
+                api_host=request.api_host,
+                deadline_seconds=context.time_remaining(),
+            )
+        )
+        if result.retry_after is not None:
+            # The call itself succeeded (the provider's 429/503 is in the response); its
+            # Retry-After also travels as RetryInfo, for clients that look there.
+            call = current_call.get()
+            trailing: list[tuple[str, str | bytes]] = [
+                (RETRY_INFO_KEY, retry_info(result.retry_after))
+            ]
+            if call is not None:
+                trailing.append(("x-request-id", call.request_id))
+            context.set_trailing_metadata(tuple(trailing))
+        response = pb.ProxyResponse(
+            status=result.status, body=result.body, refreshed=result.refreshed
+        )
+        for name, value in result.headers.items():
+            response.headers[name] = value
+        return response

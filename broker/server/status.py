@@ -50,3 +50,15 @@ class _WithMetadata(grpc.Status):
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata
+
+
+# Trailing metadata of an OK Proxy call whose provider answered 429/503 with Retry-After: the
+# serialized google.rpc.RetryInfo (an OK status carries no status details to put it in).
+RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
+
+
+def retry_info(seconds: float) -> bytes:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(0, int(seconds * 1000)))
+    data: bytes = error_details_pb2.RetryInfo(retry_delay=delay).SerializeToString()
+    return data

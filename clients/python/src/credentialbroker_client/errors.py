@@ -18,6 +18,7 @@ never breaks an older client's ``except`` clauses.
     │   ├── InsufficientScope           INSUFFICIENT_SCOPE
     │   ├── ProviderMisconfigured       PROVIDER_MISCONFIGURED
     │   ├── AuthorizationFlowInvalid    AUTHORIZATION_FLOW_INVALID
+    │   ├── ProxyNotConfigured          PROXY_NOT_CONFIGURED
     │   └── MinValidityUnattainable     MIN_VALIDITY_UNATTAINABLE
     ├── Unavailable                     UNAVAILABLE (retried; .retry_delay from RetryInfo)
     │   ├── ProviderUnavailable         PROVIDER_UNAVAILABLE
@@ -33,10 +34,12 @@ never breaks an older client's ``except`` clauses.
     │   ├── AuthorizationUserMismatch   AUTHORIZATION_USER_MISMATCH
     │   ├── GrantRequired               GRANT_REQUIRED
     │   ├── GrantScope                  GRANT_SCOPE
-    │   └── GrantAudience               GRANT_AUDIENCE
+    │   ├── GrantAudience               GRANT_AUDIENCE
+    │   └── TokenExposureDenied         TOKEN_EXPOSURE_DENIED (proxy-only caller or grant)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── Cancelled                       CANCELLED
-    ├── ResourceExhausted               RESOURCE_EXHAUSTED
+    ├── ResourceExhausted               RESOURCE_EXHAUSTED (also PROXY_REQUEST_TOO_LARGE,
+    │                                   PROXY_RESPONSE_TOO_LARGE, ...)
     └── Internal                        INTERNAL, UNKNOWN (a broker bug: report it)
 """
 
@@ -146,6 +149,12 @@ class AuthorizationFlowInvalid(FailedPrecondition):
     REASON = "AUTHORIZATION_FLOW_INVALID"
 
 
+class ProxyNotConfigured(FailedPrecondition):
+    """The provider has no API base for Proxy (providers.NAME.api_base_url)."""
+
+    REASON = "PROXY_NOT_CONFIGURED"
+
+
 class MinValidityUnattainable(FailedPrecondition):
     REASON = "MIN_VALIDITY_UNATTAINABLE"
 
@@ -214,6 +223,12 @@ class GrantAudience(PermissionDenied):
     REASON = "GRANT_AUDIENCE"
 
 
+class TokenExposureDenied(PermissionDenied):
+    """This caller or grant may only call the provider through ``proxy``, never read a token."""
+
+    REASON = "TOKEN_EXPOSURE_DENIED"
+
+
 class DeadlineExceeded(BrokerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -245,6 +260,18 @@ class StreamLimit(ResourceExhausted):
     """This broker has as many event streams open as it serves."""
 
     REASON = "STREAM_LIMIT"
+
+
+class ProxyRequestTooLarge(ResourceExhausted):
+    """The proxied request body is over proxy.max_request_bytes; nothing was sent."""
+
+    REASON = "PROXY_REQUEST_TOO_LARGE"
+
+
+class ProxyResponseTooLarge(ResourceExhausted):
+    """The provider's answer is over proxy.max_response_bytes; it was not returned."""
+
+    REASON = "PROXY_RESPONSE_TOO_LARGE"
 
 
 class Internal(BrokerError):

@@ -1125,10 +1125,15 @@ class CreateGrantRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
+    PROXY_ONLY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     run_id: _builtins.str
     """Free-text label of the workflow run (at most 255 characters); RevokeGrant by run_id
     revokes every grant of the run, and `broker audit --run` shows what it did.
+    """
+    proxy_only: _builtins.bool
+    """The grant lets its bearer call the provider's API through Proxy but never read a token
+    (GetAccessToken is refused with TOKEN_EXPOSURE_DENIED).
     """
     @_builtins.property
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1153,10 +1158,11 @@ class CreateGrantRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         run_id: _builtins.str = ...,
         audience: _abc.Iterable[_builtins.str] | None = ...,
+        proxy_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "integration_ids", b"integration_ids", "providers", b"providers", "run_id", b"run_id", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "integration_ids", b"integration_ids", "providers", b"providers", "proxy_only", b"proxy_only", "run_id", b"run_id", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1475,3 +1481,182 @@ class ListIntegrationEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListIntegrationEventsResponse: _TypeAlias = ListIntegrationEventsResponse  # noqa: Y015
+
+@_typing.final
+class QueryParameter(_message.Message):
+    """One query parameter of a proxied request (repeated: a name may occur more than once)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The parameter's name, as sent."""
+    value: _builtins.str
+    """The parameter's value, as sent (percent-encoded by the broker)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryParameter: _TypeAlias = QueryParameter  # noqa: Y015
+
+@_typing.final
+class ProxyRequest(_message.Message):
+    """Selects the integration as GetAccessToken does, and describes one request to its
+    provider's API.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INTEGRATION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    API_HOST_FIELD_NUMBER: _builtins.int
+    integration_id: _builtins.str
+    """The integration by id; or give user_id and provider (and account_id when several)."""
+    user_id: _builtins.str
+    """The integration's user, with provider."""
+    provider: _builtins.str
+    """The integration's provider, with user_id."""
+    account_id: _builtins.str
+    """The provider account, when the user has several of this provider."""
+    method: _builtins.str
+    """HTTP method, e.g. "GET" or "POST" (upper case letters only)."""
+    path: _builtins.str
+    """Path relative to the provider's API base (providers.NAME.api_base_url), e.g.
+    "/v1/users/me"; absolute URLs, "//host", ".." segments, "@", backslashes and control
+    characters are refused.
+    """
+    body: _builtins.bytes
+    """Request body, at most proxy.max_request_bytes."""
+    api_host: _builtins.str
+    """The host of one of the provider's other API bases (providers.NAME.api_hosts); empty: the
+    provider's api_base_url.
+    """
+    @_builtins.property
+    def query(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueryParameter]:
+        """Query parameters, in order; the broker adds an API key's own parameter itself."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request headers. Authorization, Cookie, Host, Proxy-* and the header the credential uses
+        are refused; hop-by-hop headers are dropped.
+        """
+
+    def __init__(
+        self,
+        *,
+        integration_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        account_id: _builtins.str | None = ...,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        query: _abc.Iterable[Global___QueryParameter] | None = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
+        api_host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_account_id", b"_account_id", "account_id", b"account_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_account_id", b"_account_id", "account_id", b"account_id", "api_host", b"api_host", "body", b"body", "headers", b"headers", "integration_id", b"integration_id", "method", b"method", "path", b"path", "provider", b"provider", "query", b"query", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__account_id: _TypeAlias = _typing.Literal["account_id"]  # noqa: Y015
+    _WhichOneofArgType__account_id: _TypeAlias = _typing.Literal["_account_id", b"_account_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__account_id) -> _WhichOneofReturnType__account_id | None: ...
+
+Global___ProxyRequest: _TypeAlias = ProxyRequest  # noqa: Y015
+
+@_typing.final
+class ProxyResponse(_message.Message):
+    """The provider's answer, as it came (redirects are returned, not followed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    REFRESHED_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    """The provider's HTTP status code."""
+    body: _builtins.bytes
+    """Response body, at most proxy.max_response_bytes."""
+    refreshed: _builtins.bool
+    """True when the broker refreshed the integration's token for this call (before sending it,
+    or after a 401 and before the one replay).
+    """
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Response headers, names in lower case; Set-Cookie and hop-by-hop headers are dropped, and
+        repeated headers are joined with ", ".
+        """
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
+        refreshed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "refreshed", b"refreshed", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyResponse: _TypeAlias = ProxyResponse  # noqa: Y015

@@ -99,6 +99,11 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.FromString,
                 _registered_method=True)
+        self.Proxy = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/Proxy',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ProxyRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ProxyResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -198,6 +203,17 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Proxy(self, request, context):
+        """Call the provider's API with an integration's credential, which never leaves the broker:
+        the broker makes the token valid, adds it, sends the request to the operator's API base,
+        refreshes and replays once on a 401, and returns the provider's answer as it is. A 429 or
+        503 is returned (status OK at the gRPC level) with its Retry-After also as RetryInfo in
+        the trailing metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +281,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.ListIntegrationEvents,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.SerializeToString,
+            ),
+            'Proxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Proxy,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ProxyRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ProxyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +639,33 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/ListIntegrationEvents',
             credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.ListIntegrationEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Proxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/Proxy',
+            credentialbroker_dot_v1_dot_broker__pb2.ProxyRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.ProxyResponse.FromString,
             options,
             channel_credentials,
             insecure,

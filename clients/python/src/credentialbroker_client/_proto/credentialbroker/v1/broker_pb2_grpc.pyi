@@ -64,6 +64,13 @@ class CredentialBrokerStub:
     """
     ListIntegrationEvents: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationEventsRequest, _broker_pb2.ListIntegrationEventsResponse]
     """Stored integration events after a cursor, oldest first, paginated."""
+    Proxy: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ProxyRequest, _broker_pb2.ProxyResponse]
+    """Call the provider's API with an integration's credential, which never leaves the broker:
+    the broker makes the token valid, adds it, sends the request to the operator's API base,
+    refreshes and replays once on a 401, and returns the provider's answer as it is. A 429 or
+    503 is returned (status OK at the gRPC level) with its Retry-After also as RetryInfo in
+    the trailing metadata.
+    """
 
 @_typing.type_check_only
 class CredentialBrokerAsyncStub(CredentialBrokerStub):
@@ -99,6 +106,13 @@ class CredentialBrokerAsyncStub(CredentialBrokerStub):
     """
     ListIntegrationEvents: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListIntegrationEventsRequest, _broker_pb2.ListIntegrationEventsResponse]  # type: ignore[assignment]
     """Stored integration events after a cursor, oldest first, paginated."""
+    Proxy: _aio.UnaryUnaryMultiCallable[_broker_pb2.ProxyRequest, _broker_pb2.ProxyResponse]  # type: ignore[assignment]
+    """Call the provider's API with an integration's credential, which never leaves the broker:
+    the broker makes the token valid, adds it, sends the request to the operator's API base,
+    refreshes and replays once on a 401, and returns the provider's answer as it is. A 429 or
+    503 is returned (status OK at the gRPC level) with its Retry-After also as RetryInfo in
+    the trailing metadata.
+    """
 
 class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -209,5 +223,18 @@ class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListIntegrationEventsResponse, _abc.Awaitable[_broker_pb2.ListIntegrationEventsResponse]]:
         """Stored integration events after a cursor, oldest first, paginated."""
+
+    @_abc_1.abstractmethod
+    def Proxy(
+        self,
+        request: _broker_pb2.ProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ProxyResponse, _abc.Awaitable[_broker_pb2.ProxyResponse]]:
+        """Call the provider's API with an integration's credential, which never leaves the broker:
+        the broker makes the token valid, adds it, sends the request to the operator's API base,
+        refreshes and replays once on a 401, and returns the provider's answer as it is. A 429 or
+        503 is returned (status OK at the gRPC level) with its Retry-After also as RetryInfo in
+        the trailing metadata.
+        """
 
 def add_CredentialBrokerServicer_to_server(servicer: CredentialBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

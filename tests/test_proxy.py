@@ -1,0 +1,511 @@
+"""Proxy (issue 22): the broker calls the provider's API with the integration's credential, so
+the token never leaves it. A real broker, a real fake authorization server and a real HTTP API
+on loopback that records what reaches it."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from sqlalchemy import select
+
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import Settings
+from broker.server.app import Broker
+from broker.server.callers import hash_token
+from broker.storage.tables import audit_events
+from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
+from tests.conftest import ADMIN, RUNNER_TOKEN, expect_error, make_settings
+from tests.fakeauth import FakeAuthServer
+from tests.test_kinds import (
+    APP_PUBLIC,
+    SA_EMAIL,
+    SA_PUBLIC,
+    credential,
+    minted_credential,
+    store,
+)
+
+Code = grpc.StatusCode
+PROXY_TOKEN = "proxy-only-runner-token"
+PROXY_ONLY = (("authorization", f"Bearer {PROXY_TOKEN}"),)
+GET_ONLY_TOKEN = "get-only-runner-token"
+GET_ONLY = (("authorization", f"Bearer {GET_ONLY_TOKEN}"),)
+RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
+REQUEST_CAP = 4096
+RESPONSE_CAP = 64 * 1024
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthServer]:
+    with FakeAuthServer(expires_in=3600, rotate=True) as server:
+        server.register_service_account(SA_EMAIL, SA_PUBLIC)
+        server.register_app("42", APP_PUBLIC, {"1001", "1002"})
+        yield server
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    with FakeApi() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
+    return make_settings(
+        database_url,
+        providers={
+            "acme": {
+                "token_url": fake.token_url,
+                "client_id": fake.client_id,
+                "client_secret": fake.client_secret,
+                "kinds": [
+                    "authorization_code",
+                    "client_credentials",
+                    "service_account",
+                    "github_app_installation",
+                ],
+                "api_url": fake.api_url,
+                "api_base_url": api.url + "/v1",
+            },
+            "keysonly": {"kinds": ["api_key", "basic"], "api_base_url": api.url + "/k/"},
+            "nobase": {"kinds": ["api_key"]},
+        },
+        callers={
+            "runner": {
+                "token_sha256": hash_token(RUNNER_TOKEN),
+                "methods": ["GetAccessToken", "Proxy"],
+                "requires_grant": True,
+            },
+            "proxyonly": {
+                "token_sha256": hash_token(PROXY_TOKEN),
+                "methods": ["GetAccessToken", "Proxy"],
+                "proxy_only": True,
+            },
+            "getonly": {
+                "token_sha256": hash_token(GET_ONLY_TOKEN),
+                "methods": ["Proxy"],
+                "proxy_methods": ["GET"],
+            },
+        },
+        proxy={"max_request_bytes": REQUEST_CAP, "max_response_bytes": RESPONSE_CAP},
+        refresh={"provider_timeout_seconds": 2, "max_attempts": 2},
+    )
+
+
+def proxy_request(iid: str, method: str = "GET", path: str = "/things", **fields: Any) -> Any:
+    return pb.ProxyRequest(integration_id=iid, method=method, path=path, **fields)
+
+
+async def store_tokens(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, user: str = "user-1"
+) -> tuple[str, str, str]:
+    access, refresh = fake.issue_grant()
+    response = await stub.StoreIntegration(
+        pb.StoreIntegrationRequest(
+            user_id=user,
+            provider="acme",
+            access_token=access,
+            refresh_token=refresh,
+            expires_in_seconds=3600,
+        ),
+        metadata=ADMIN,
+    )
+    return response.integration.id, access, refresh
+
+
+def bearer(request: RecordedApiRequest) -> str:
+    return request.headers.get("authorization", "").removeprefix("Bearer ")
+
+
+async def audit_rows(broker: Broker) -> list[Any]:
+    async with broker.engine.connect() as conn:
+        return list((await conn.execute(select(audit_events))).mappings())
+
+
+def static_credentials() -> dict[str, tuple[pb.Credential, str, str]]:
+    """name: (credential, where the API finds it, the value it finds there)."""
+    pair = base64.b64encode(b"robot:pa55word").decode()
+    return {
+        "api_key_header": (
+            credential("api_key", key="sk-header-key", header="X-Api-Key"),
+            "header:x-api-key",
+            "sk-header-key",
+        ),
+        "api_key_query": (
+            credential("api_key", key="sk-query-key", query_parameter="api_key"),
+            "query:api_key",
+            "sk-query-key",
+        ),
+        "basic": (
+            credential("basic", username="robot", password="pa55word"),
+            "header:authorization",
+            f"Basic {pair}",
+        ),
+    }
+
+
+def found(request: RecordedApiRequest, where: str) -> str:
+    kind, _, name = where.partition(":")
+    if kind == "header":
+        return request.headers.get(name, "")
+    return dict(request.query).get(name, "")
+
+
+# -- the credential reaches the API, and nothing else does --------------------------------
+
+
+async def test_every_kind_reaches_the_api_with_its_credential_and_no_token_comes_back(
+    broker: Broker,
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    fake: FakeAuthServer,
+    api: FakeApi,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secrets: list[str] = []
+    cases: list[tuple[str, str, str, str]] = []  # (iid, base path, where, value)
+    for cred, where, value in static_credentials().values():
+        stored = await store(stub, cred, provider="keysonly", user=f"user-{len(cases)}")
+        cases.append((stored.id, "/k", where, value))
+        secrets.append(value.removeprefix("Basic "))
+    iid, access, refresh = await store_tokens(stub, fake)
+    cases.append((iid, "/v1", "header:authorization", f"Bearer {access}"))
+    secrets += [access, refresh]
+    for n, kind in enumerate(("client_credentials", "service_account", "github_app_installation")):
+        stored = await store(stub, minted_credential(kind, fake), user=f"minted-{n}")
+        # The minted token is only known once the broker mints it: compared below.
+        cases.append((stored.id, "/v1", "header:authorization", ""))
+
+    for iid, prefix, where, value in cases:
+        for method, body in (("GET", b""), ("POST", b'{"text": "hello"}')):
+            response = await stub.Proxy(
+                proxy_request(
+                    iid,
+                    method,
+                    "/things/1",
+                    query=[pb.QueryParameter(name="q", value="hidden-query-value")],
+                    headers={"Content-Type": "application/json", "Connection": "close"},
+                    body=body,
+                ),
+                metadata=ADMIN,
+            )
+            assert response.status == 200
+            assert response.body.startswith(b'{"ok": true')
+            assert "set-cookie" not in response.headers
+            got = api.requests[-1]
+            assert (got.method, got.path) == (method, f"{prefix}/things/1")
+            assert ("q", "hidden-query-value") in got.query
+            assert got.body == body
+            assert "connection" not in got.headers or got.headers["connection"] != "close"
+            seen = found(got, where)
+            if value:
+                assert seen == value
+            else:
+                token = seen.removeprefix("Bearer ")
+                assert token
+                assert fake.is_minted_token_active(token)
+                secrets.append(token)
+            text = repr(response)
+            for secret in secrets:
+                assert secret not in text
+    for row in await audit_rows(broker):
+        for secret in [*secrets, "hidden-query-value", "hello"]:
+            assert secret not in str(dict(row))
+    for record in caplog.records:
+        for secret in secrets:
+            assert secret not in record.getMessage()
+
+
+async def test_each_proxied_call_is_audited_with_method_host_path_status_and_sizes(
+    broker: Broker, stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    await stub.Proxy(
+        proxy_request(iid, "POST", "/items", body=b"12345", headers={"X-Trace": "t-secret"}),
+        metadata=ADMIN,
+    )
+    rows = [r for r in await audit_rows(broker) if r["method"] == "Proxy"]
+    assert len(rows) == 1
+    detail = rows[0]["detail"]
+    assert detail.startswith("POST 127.0.0.1 /items status=200 sent=5 received=")
+    assert rows[0]["integration_id"] == iid
+    assert rows[0]["outcome"] == "OK"
+    assert "t-secret" not in detail
+
+
+# -- refresh inside the call ---------------------------------------------------------------
+
+
+async def test_a_401_refreshes_once_and_replays_once(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, access, _ = await store_tokens(stub, fake)
+    # The provider no longer takes the stored token (revoked elsewhere): only newer ones.
+    api.accept = lambda request: (
+        bearer(request) != access and fake.is_access_token_active(bearer(request))
+    )
+    response = await stub.Proxy(proxy_request(iid), metadata=ADMIN)
+    assert response.status == 200
+    assert response.refreshed
+    assert fake.refresh_calls == 1
+    assert [bearer(r) == access for r in api.requests] == [True, False]
+    # The next call uses the refreshed token at once.
+    again = await stub.Proxy(proxy_request(iid), metadata=ADMIN)
+    assert again.status == 200
+    assert not again.refreshed
+    assert fake.refresh_calls == 1
+    assert len(api.requests) == 3
+
+
+async def test_a_second_401_is_returned_not_retried(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    api.accept = lambda request: False
+    response = await stub.Proxy(proxy_request(iid), metadata=ADMIN)
+    assert response.status == 401
+    assert fake.refresh_calls == 1
+    assert len(api.requests) == 2
+
+
+async def test_a_static_credential_401_is_returned_without_refresh(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    cred, _, _ = static_credentials()["api_key_header"]
+    stored = await store(stub, cred, provider="keysonly")
+    api.accept = lambda request: False
+    response = await stub.Proxy(proxy_request(stored.id), metadata=ADMIN)
+    assert response.status == 401
+    assert len(api.requests) == 1
+    assert fake.refresh_calls == 0
+
+
+async def test_an_expired_token_is_refreshed_before_it_is_sent(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    access, refresh = fake.issue_grant()
+    stored = await stub.StoreIntegration(
+        pb.StoreIntegrationRequest(
+            user_id="user-1",
+            provider="acme",
+            access_token=access,
+            refresh_token=refresh,
+            expires_in_seconds=1,
+        ),
+        metadata=ADMIN,
+    )
+    response = await stub.Proxy(proxy_request(stored.integration.id), metadata=ADMIN)
+    assert response.status == 200
+    assert response.refreshed
+    assert fake.refresh_calls == 1
+    assert bearer(api.requests[0]) != access
+
+
+async def test_429_comes_back_as_it_is_with_retry_info(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    api.script("/v1/busy", 429, {"Retry-After": "7", "Content-Type": "text/plain"}, b"slow down")
+    call = stub.Proxy(proxy_request(iid, path="/busy"), metadata=ADMIN)
+    response = await call
+    assert response.status == 429
+    assert response.body == b"slow down"
+    assert response.headers["retry-after"] == "7"
+    trailing = dict(await call.trailing_metadata())
+    info = error_details_pb2.RetryInfo.FromString(trailing["google.rpc.retryinfo-bin"])
+    assert info.retry_delay.seconds == 7
+    assert trailing["x-request-id"]
+
+
+# -- where a request may go ----------------------------------------------------------------
+
+ESCAPES = [
+    "https://evil.example/x",
+    "//evil.example/x",
+    "/..",
+    "/../admin",
+    "/a/../../admin",
+    "/a/./b",
+    "/%2e%2e/admin",
+    "/%2E%2E/admin",
+    "/%252e%252e/admin",
+    "/%25252e%25252e/admin",
+    "/..%2fadmin",
+    "/..;/admin",
+    "/@evil.example",
+    "/x@evil.example/",
+    "/\\evil.example",
+    "/%5c..%5cadmin",
+    "/a\r\nHost: evil.example",
+    "/a%0d%0aHost:%20evil",
+    "/a\x00b",
+    "/a%00b",
+    "/%2f%2fevil.example",
+    "/x?admin=1",
+    "/x#frag",
+    "relative/path",
+    "",
+]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_every_path_escape_is_refused_and_nothing_is_sent(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    for path in ESCAPES:
+        error = await expect_error(
+            stub.Proxy(proxy_request(iid, path=path), metadata=ADMIN),
+            Code.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        assert "path" in (error.details() or ""), path
+    assert api.requests == []
+
+
+async def test_a_redirect_is_returned_not_followed(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    api.script("/v1/moved", 302, {"Location": api.url + "/elsewhere"})
+    response = await stub.Proxy(proxy_request(iid, path="/moved"), metadata=ADMIN)
+    assert response.status == 302
+    assert response.headers["location"] == api.url + "/elsewhere"
+    assert [r.path for r in api.requests] == ["/v1/moved"]
+
+
+async def test_a_provider_without_an_api_base_names_the_setting(
+    stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi
+) -> None:
+    stored = await store(stub, credential("api_key", key="k", header="X-Key"), provider="nobase")
+    await expect_error(
+        stub.Proxy(proxy_request(stored.id), metadata=ADMIN),
+        Code.FAILED_PRECONDITION,
+        "PROXY_NOT_CONFIGURED",
+        contains="providers.nobase.api_base_url",
+    )
+
+
+# -- what a caller may send ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header", ["Authorization", "cookie", "Host", "Proxy-Authorization", "X-Api-Key"]
+)
+async def test_credential_and_routing_headers_are_refused(
+    stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi, header: str
+) -> None:
+    cred, _, _ = static_credentials()["api_key_header"]
+    stored = await store(stub, cred, provider="keysonly")
+    await expect_error(
+        stub.Proxy(proxy_request(stored.id, headers={header: "mine"}), metadata=ADMIN),
+        Code.INVALID_ARGUMENT,
+        contains=f"headers.{header.lower()}",
+    )
+    assert api.requests == []
+
+
+async def test_the_credential_query_parameter_is_refused(
+    stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi
+) -> None:
+    cred, _, _ = static_credentials()["api_key_query"]
+    stored = await store(stub, cred, provider="keysonly")
+    query = [pb.QueryParameter(name="api_key", value="mine")]
+    await expect_error(
+        stub.Proxy(proxy_request(stored.id, query=query), metadata=ADMIN),
+        Code.INVALID_ARGUMENT,
+        contains="query",
+    )
+    assert api.requests == []
+
+
+async def test_body_caps_hold_both_ways(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    error = await expect_error(
+        stub.Proxy(proxy_request(iid, "POST", body=b"x" * (REQUEST_CAP + 1)), metadata=ADMIN),
+        Code.RESOURCE_EXHAUSTED,
+        "PROXY_REQUEST_TOO_LARGE",
+    )
+    assert "proxy.max_request_bytes" in (error.details() or "")
+    assert api.requests == []
+    exact = await stub.Proxy(proxy_request(iid, "POST", body=b"x" * REQUEST_CAP), metadata=ADMIN)
+    assert exact.status == 200
+    api.script(
+        "/v1/big", 200, {"Content-Type": "application/octet-stream"}, b"y" * (2 * RESPONSE_CAP)
+    )
+    await expect_error(
+        stub.Proxy(proxy_request(iid, path="/big"), metadata=ADMIN),
+        Code.RESOURCE_EXHAUSTED,
+        "PROXY_RESPONSE_TOO_LARGE",
+    )
+    api.script("/v1/fits", 200, {}, b"z" * RESPONSE_CAP)
+    fits = await stub.Proxy(proxy_request(iid, path="/fits"), metadata=ADMIN)
+    assert fits.body == b"z" * RESPONSE_CAP
+
+
+# -- who may proxy, and who may read tokens ------------------------------------------------
+
+
+async def test_a_proxy_only_caller_cannot_read_tokens_but_can_proxy(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, access, _ = await store_tokens(stub, fake)
+    await expect_error(
+        stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=PROXY_ONLY),
+        Code.PERMISSION_DENIED,
+        "TOKEN_EXPOSURE_DENIED",
+    )
+    response = await stub.Proxy(proxy_request(iid), metadata=PROXY_ONLY)
+    assert response.status == 200
+    assert bearer(api.requests[-1]) == access
+
+
+async def test_proxy_methods_limit_what_a_caller_sends(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    assert (await stub.Proxy(proxy_request(iid, "GET"), metadata=GET_ONLY)).status == 200
+    await expect_error(
+        stub.Proxy(proxy_request(iid, "DELETE"), metadata=GET_ONLY), Code.PERMISSION_DENIED
+    )
+    assert [r.method for r in api.requests] == ["GET"]
+
+
+async def test_a_proxy_only_grant_lets_its_runner_proxy_but_not_read_the_token(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    other, _, _ = await store_tokens(stub, fake, user="user-2")
+    created = await stub.CreateGrant(
+        pb.CreateGrantRequest(user_id="user-1", providers=["acme"], proxy_only=True),
+        metadata=ADMIN,
+    )
+    assert "GetAccessToken" not in created.grant.methods
+    assert "Proxy" in created.grant.methods
+    runner = (*RUNNER, ("x-broker-grant", created.grant_token))
+    await expect_error(
+        stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=runner),
+        Code.PERMISSION_DENIED,
+        "TOKEN_EXPOSURE_DENIED",
+    )
+    assert (await stub.Proxy(proxy_request(iid), metadata=runner)).status == 200
+    # The grant's user only, as for GetAccessToken.
+    await expect_error(
+        stub.Proxy(proxy_request(other), metadata=runner), Code.PERMISSION_DENIED, "GRANT_SCOPE"
+    )
+    # Without a grant the runner may not proxy at all.
+    await expect_error(stub.Proxy(proxy_request(iid), metadata=RUNNER), Code.PERMISSION_DENIED)
+    # A plain grant allows both.
+    plain = await stub.CreateGrant(
+        pb.CreateGrantRequest(user_id="user-1", providers=["acme"]), metadata=ADMIN
+    )
+    runner = (*RUNNER, ("x-broker-grant", plain.grant_token))
+    assert (await stub.Proxy(proxy_request(iid), metadata=runner)).status == 200
+    await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=runner)
