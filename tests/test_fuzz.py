@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.config import Settings
 from broker.server.app import Broker
+from broker_devtools.fakeapi import FakeApi
 from tests.conftest import ADMIN, RUNNER, make_settings, store_request
 from tests.fakeauth import FakeAuthServer
 from tests.test_authorization import CALLBACK, acme
@@ -178,6 +179,7 @@ def _templates() -> dict[str, Any]:
             after_event_id=1, user_id="fuzz-user", provider="google"
         ),
         "ListIntegrationEvents": pb.ListIntegrationEventsRequest(user_id="fuzz-user", page_size=1),
+        "Proxy": pb.ProxyRequest(integration_id=TARGET.integration_id, method="GET", path="/x"),
     }
 
 
@@ -344,12 +346,25 @@ def fake() -> Iterator[FakeAuthServer]:
 
 
 @pytest.fixture
-def settings(database_url: str, fake: FakeAuthServer) -> Settings:
+def api() -> Iterator[FakeApi]:
+    with FakeApi(record=False) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
     """A provider the authorization flow can really start with (the fake server); event
-    streams that heartbeat quickly, so reading a few messages of one takes no time."""
+    streams that heartbeat quickly, so reading a few messages of one takes no time. The
+    integrations' providers proxy to an API on loopback: fuzzed Proxy calls that pass every
+    check reach it, and nothing leaves the machine."""
+    local = {"api_base_url": api.url}
     return make_settings(
         database_url,
-        providers={"acme": acme(fake)},
+        providers={
+            "acme": acme(fake, **local),
+            "twitter": acme(fake, **local),
+            "google": acme(fake, **local),
+        },
         events={"heartbeat_seconds": 0.05, "poll_seconds": 0.05},
     )
 

@@ -12,6 +12,7 @@
 from credentialbroker_client import errors
 from credentialbroker_client._config import DEFAULT_TIMEOUT, GRANT_HEADER, Retry, Tls
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2, broker_pb2_grpc
+from credentialbroker_client._proxy import ProxyResponse
 from credentialbroker_client._requests import CallOptions
 from credentialbroker_client.aio import AsyncBrokerClient, AsyncStream
 from credentialbroker_client.errors import (
@@ -45,10 +46,14 @@ from credentialbroker_client.errors import (
     PermissionDenied,
     ProviderMisconfigured,
     ProviderUnavailable,
+    ProxyNotConfigured,
+    ProxyRequestTooLarge,
+    ProxyResponseTooLarge,
     ReauthorizationRequired,
     ResourceExhausted,
     StorageUnavailable,
     StreamLimit,
+    TokenExposureDenied,
     Unauthenticated,
     Unavailable,
     UnknownProvider,
@@ -94,6 +99,10 @@ __all__ = [
     "PermissionDenied",
     "ProviderMisconfigured",
     "ProviderUnavailable",
+    "ProxyNotConfigured",
+    "ProxyRequestTooLarge",
+    "ProxyResponse",
+    "ProxyResponseTooLarge",
     "ReauthorizationRequired",
     "ResourceExhausted",
     "Retry",
@@ -101,6 +110,7 @@ __all__ = [
     "Stream",
     "StreamLimit",
     "Tls",
+    "TokenExposureDenied",
     "Unauthenticated",
     "Unavailable",
     "UnknownProvider",

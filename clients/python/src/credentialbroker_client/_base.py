@@ -19,6 +19,7 @@ from credentialbroker_client._config import (
     method,
 )
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2_grpc
+from credentialbroker_client._proxy import IDEMPOTENT
 from credentialbroker_client._requests import CallOptions, request_for
 
 C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
@@ -116,5 +117,10 @@ class ClientBase(Generic[C]):
         # Streams (watching for events) have no deadline unless one is asked for.
         default = None if stream else self._timeout
         timeout = options.get("timeout", default)
-        attempts = Attempts(self._retry if not stream else NO_RETRY, timeout, request_id)
+        retry = self._retry
+        if stream or (name == "Proxy" and getattr(message, "method", "GET") not in IDEMPOTENT):
+            # A stream resumes from a cursor; a POST that may have reached the provider
+            # must not be sent again behind the caller's back.
+            retry = NO_RETRY
+        attempts = Attempts(retry, timeout, request_id)
         return getattr(self._stub, name), message, metadata, attempts

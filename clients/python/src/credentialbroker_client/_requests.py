@@ -106,6 +106,7 @@ class CreateGrantArgs(CallOptions, total=False):
     ttl: timedelta | float
     run_id: str
     audience: Sequence[str]
+    proxy_only: bool  # the runner may call the provider through proxy() but not read a token
 
 
 class RevokeGrantArgs(CallOptions, total=False):

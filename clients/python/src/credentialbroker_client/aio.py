@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from credentialbroker_client._base import ClientBase
 from credentialbroker_client._config import Tls
 from credentialbroker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credentialbroker_client._proxy import ProxyArgs, ProxyResponse, proxy_request, proxy_response
 from credentialbroker_client._requests import (
     BeginAuthorizationArgs,
     CallOptions,
@@ -133,6 +134,16 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
         return cast(R, await self.call(name, fields, **options))
 
     # -- the broker's RPCs -------------------------------------------------------------------
+
+    async def proxy(self, **kwargs: Unpack[ProxyArgs]) -> ProxyResponse:
+        """Have the broker call the provider's API with the integration's credential (which
+        never reaches this process): ``path`` relative to the provider's API base, ``method``
+        (GET), ``query``, ``request_headers``, ``body`` or ``json``. The provider's answer comes back as
+        it is, errors included (check ``status``); a 429/503 is not raised. Only idempotent
+        methods are retried on UNAVAILABLE."""
+        fields, options = split(kwargs)
+        message = await self.call("Proxy", proxy_request(fields), **options)
+        return proxy_response(message)
 
     async def get_access_token(
         self, **kwargs: Unpack[GetAccessTokenArgs]
