@@ -4,23 +4,26 @@ on loopback that records what reaches it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+import h11
 import pytest
 from google.rpc import error_details_pb2
 from sqlalchemy import select
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.config import Settings
-from broker.server.app import Broker
+from broker.config import ProxySettings, Settings
+from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events
 from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
-from tests.conftest import ADMIN, RUNNER_TOKEN, expect_error, make_settings
+from tests.conftest import ADMIN, ADMIN_TOKEN, RUNNER_TOKEN, error_info, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
 from tests.test_kinds import (
     APP_PUBLIC,
@@ -509,3 +512,160 @@ async def test_a_proxy_only_grant_lets_its_runner_proxy_but_not_read_the_token(
     runner = (*RUNNER, ("x-broker-grant", plain.grant_token))
     assert (await stub.Proxy(proxy_request(iid), metadata=runner)).status == 200
     await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=runner)
+
+
+# -- the HTTP front --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def front(settings: Settings) -> AsyncIterator[Broker]:
+    proxy = {**settings.proxy.model_dump(), "listen": "127.0.0.1:0"}
+    running = await start(settings.model_copy(update={"proxy": ProxySettings(**proxy)}))
+    yield running
+    await running.stop(0)
+
+
+async def http(
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> tuple[int, dict[str, str], bytes]:
+    """One request written as is (no client-side path normalisation), over a real socket."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    sent = {"host": f"127.0.0.1:{port}", "content-length": str(len(body)), **(headers or {})}
+    data = conn.send(h11.Request(method=method, target=target, headers=list(sent.items())))
+    data = (
+        (data or b"")
+        + (conn.send(h11.Data(data=body)) if body else b"")
+        + (conn.send(h11.EndOfMessage()) or b"")
+    )
+    writer.write(data)
+    await writer.drain()
+    status, got, chunks = 0, {}, []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            got = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    writer.close()
+    return status, got, b"".join(chunks)
+
+
+def admin_headers(**extra: str) -> dict[str, str]:
+    return {"x-broker-authorization": f"Bearer {ADMIN_TOKEN}", **extra}
+
+
+async def test_the_http_front_gives_the_same_answers_as_the_rpc(
+    front: Broker, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        iid, access, _ = await store_tokens(stub, fake)
+        static = await store(stub, credential("api_key", key="k1", header="X-Key"), "keysonly")
+        nobase = await store(stub, credential("api_key", key="k2", header="X-Key"), "nobase")
+        api.script("/v1/moved", 302, {"Location": "https://elsewhere.example/"})
+        assert front.proxy_port
+        selectors = {
+            "acme": {"x-broker-user": "user-1"},
+            "keysonly": {"x-broker-integration": static.id},
+            "nobase": {"x-broker-integration": nobase.id},
+        }
+        ids = {"acme": iid, "keysonly": static.id, "nobase": nobase.id}
+        cases = [
+            ("GET", "acme", "/things?x=1", {}, b""),
+            ("POST", "acme", "/things", {"content-type": "application/json"}, b"{}"),
+            ("GET", "acme", "/moved", {}, b""),
+            ("GET", "acme", "/a/../../admin", {}, b""),
+            ("GET", "acme", "/%2e%2e/admin", {}, b""),
+            ("GET", "acme", "/x", {"authorization": "Bearer mine"}, b""),
+            ("POST", "acme", "/x", {}, b"x" * (REQUEST_CAP + 1)),
+            ("GET", "nobase", "/x", {}, b""),
+            ("GET", "keysonly", "/x", {"x-key": "mine"}, b""),
+        ]
+        for method, provider, target, headers, body in cases:
+            path, _, query = target.partition("?")
+            try:
+                answer = await stub.Proxy(
+                    pb.ProxyRequest(
+                        integration_id=ids[provider],
+                        method=method,
+                        path=path,
+                        query=[
+                            pb.QueryParameter(name=k, value=v)
+                            for k, v in (p.split("=") for p in query.split("&") if p)
+                        ],
+                        headers=headers,
+                        body=body,
+                    ),
+                    metadata=ADMIN,
+                )
+                rpc: tuple[Any, ...] = ("OK", answer.status, answer.body)
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                rpc = (error.code().name, info.reason if info else None)
+            status, got, content = await http(
+                front.proxy_port,
+                method,
+                f"/proxy/{provider}{target}",
+                {**admin_headers(**selectors[provider]), **headers},
+                body,
+            )
+            if "x-broker-error" in got:
+                document = json.loads(content)
+                front_answer: tuple[Any, ...] = (document["code"], document["reason"])
+                assert got["x-request-id"] == document["request_id"]
+            else:
+                front_answer = ("OK", status, content)
+                assert "set-cookie" not in got
+            assert front_answer == rpc, (method, target)
+        assert all(r.headers["authorization"] == f"Bearer {access}" for r in api.requests[:3])
+
+
+async def test_the_http_front_admits_as_the_rpc_does(
+    front: Broker, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        _iid, access, _ = await store_tokens(stub, fake)
+        created = await stub.CreateGrant(
+            pb.CreateGrantRequest(user_id="user-1", providers=["acme"], proxy_only=True),
+            metadata=ADMIN,
+        )
+    port = front.proxy_port
+    assert port
+    target = "/proxy/acme/me"
+    status, got, body = await http(port, "GET", target, {"x-broker-user": "user-1"})
+    assert (status, got["x-broker-error"]) == (401, "UNAUTHENTICATED")
+    runner = {"x-broker-authorization": f"Bearer {RUNNER_TOKEN}", "x-broker-user": "user-1"}
+    status, got, _ = await http(port, "GET", target, runner)
+    assert (status, got["x-broker-error"]) == (403, "GRANT_REQUIRED")
+    status, got, body = await http(
+        port, "GET", target, {**runner, "x-broker-grant": created.grant_token}
+    )
+    assert status == 200
+    assert json.loads(body)["ok"] is True
+    status, got, _ = await http(
+        port,
+        "GET",
+        target,
+        {**runner, "x-broker-grant": created.grant_token, "x-broker-user": "u2"},
+    )
+    assert (status, got["x-broker-error"]) == (403, "GRANT_SCOPE")
+    get_only = {"x-broker-authorization": f"Bearer {GET_ONLY_TOKEN}", "x-broker-user": "user-1"}
+    status, got, _ = await http(port, "DELETE", target, get_only)
+    assert (status, got["x-broker-error"]) == (403, "PERMISSION_DENIED")
+    assert [r.path for r in api.requests] == ["/v1/me"]
+    assert access not in body.decode()
+    rows = [r for r in await audit_rows(front) if r["method"] == "Proxy"]
+    outcomes = sorted(r["outcome"] for r in rows)
+    assert outcomes == ["OK", "PERMISSION_DENIED", "PERMISSION_DENIED", "PERMISSION_DENIED"]

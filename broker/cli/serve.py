@@ -35,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker.server.app import run
 
     settings = common.settings(args)
+    if args.proxy_listen:
+        settings = _with_proxy_listen(settings, args.proxy_listen)
     logs.configure(settings.logging.level, settings.logging.format)
     additions: tuple[plugins.DevAddition, ...] = args.dev_additions
     if additions and not args.dev:
@@ -72,6 +74,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run(settings, on_ready=ready, reload=reload))
     return EXIT_OK
+
+
+def _with_proxy_listen(settings: Settings, listen: str) -> Settings:
+    from pydantic import ValidationError
+
+    from broker.config import ProxySettings
+
+    try:
+        proxy = ProxySettings.model_validate({**settings.proxy.model_dump(), "listen": listen})
+    except ValidationError:
+        raise UsageError("--proxy-listen: must be HOST:PORT, e.g. 127.0.0.1:8081") from None
+    return settings.model_copy(update={"proxy": proxy})
 
 
 def _with_additions(settings: Settings, additions: Sequence[plugins.DevAddition]) -> Settings:
@@ -129,6 +143,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         default=1,
         metavar="N",
         help="run N processes on one port (SO_REUSEPORT; needs PostgreSQL)",
+    )
+    serve.add_argument(
+        "--proxy-listen",
+        metavar="ADDR",
+        default="",
+        help="also serve Proxy as plain HTTP (ANY /proxy/{provider}/{path}) on HOST:PORT "
+        "(setting proxy.listen; off by default)",
     )
     serve.set_defaults(func=cmd_serve, dev_additions=())
 

@@ -85,6 +85,9 @@ class ProxyCall:
     api_host: str = ""
     # Seconds the caller will still wait (its deadline); None: no deadline.
     deadline_seconds: float | None = None
+    # The provider the caller named besides an integration id (the HTTP front's URL): the
+    # integration must be of it.
+    expected_provider: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,8 @@ class ProxyResult:
 
 class Serving(Protocol):
     """The integration service's read and serve (``broker.domain.integrations``)."""
+
+    def canonical(self, provider: str) -> str: ...
 
     async def read(self, sel: Selector) -> StoredIntegration: ...
 
@@ -145,6 +150,11 @@ class ProxyService:
             )
         stored = await self.service.read(req.selector)
         provider = stored.integration.provider
+        if req.expected_provider and self.service.canonical(req.expected_provider) != provider:
+            raise InvalidArgument(
+                "provider",
+                f"integration {stored.integration.id} is not a {req.expected_provider!r} one",
+            )
         base = self._base(provider, req.api_host)
         url = build_url(base, path, query)
         token_request = TokenRequest(selector=req.selector, deadline_seconds=req.deadline_seconds)

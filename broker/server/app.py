@@ -36,6 +36,7 @@ from broker.providers.catalog import ALIASES
 from broker.runtime import Runtime, open_runtime
 from broker.server import transport
 from broker.server.callers import CallerRegistry
+from broker.server.http_front import HttpFront
 from broker.server.interceptors import AuthInterceptor
 from broker.server.servicer import CredentialBrokerServicer
 from broker.storage import repository
@@ -67,6 +68,9 @@ class Broker:
     # Cancelled last: it proves to other replicas that our leases are alive.
     session_lock: SessionLock | None = None
     session_task: asyncio.Task[None] | None = None
+    # The HTTP front of Proxy (proxy.listen), and the port it got.
+    http_front: HttpFront | None = None
+    proxy_port: int | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -96,6 +100,8 @@ class Broker:
         self.runtime.revoker.draining = True
         # Open event streams end now, with status OK, rather than at the end of the grace.
         self.runtime.events.close()
+        if self.http_front is not None:
+            await self.http_front.stop()
         await asyncio.gather(self.server.stop(grace), self._drain())
         for task in self.tasks:
             task.cancel()
@@ -251,6 +257,12 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         runtime.refresher.session = lock.session
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lock.held.wait(), settings.database.timeout_seconds)
+    if settings.proxy.listen:
+        try:
+            await _start_http_front(broker, settings)
+        except ConfigError:
+            await broker.stop(0)
+            raise
     broker.webhooks = webhooks
     if webhooks is not None:
         broker.tasks.append(asyncio.create_task(webhooks.run(), name="webhooks"))
@@ -325,6 +337,30 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         runtime.keyring.primary_id,
     )
     return broker
+
+
+async def _start_http_front(broker: Broker, settings: Settings) -> None:
+    """``ANY /proxy/{provider}/{path}`` on proxy.listen, plain HTTP: loopback only unless
+    server.allow_insecure (caller tokens travel in its headers)."""
+    # Workers share the port as they share the gRPC one (SO_REUSEPORT).
+    listen = settings.proxy.listen
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host not in LOOPBACK:
+        if not settings.server.allow_insecure:
+            raise ConfigError(
+                f"proxy.listen: {listen} is not a loopback address and the HTTP front has no "
+                "TLS; set server.allow_insecure = true to accept plaintext (caller tokens and "
+                "provider answers would cross the network in clear)"
+            )
+        log.warning("HTTP proxy front on %s WITHOUT TLS", listen)
+    front = HttpFront(broker.interceptor, broker.runtime.proxy, settings.proxy)
+    try:
+        broker.proxy_port = await front.start(host, int(port), settings.server.reuse_port)
+    except OSError as exc:
+        raise ConfigError(f"proxy.listen: cannot listen on {listen}: {exc.strerror}") from None
+    broker.http_front = front
+    log.info("HTTP proxy front on %s:%d", host, broker.proxy_port)
 
 
 async def _webhooks(settings: Settings, runtime: Runtime) -> WebhookDispatcher | None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -23,7 +23,7 @@ from broker.domain import ids
 from broker.domain.audit import Auditor
 from broker.domain.context import Call, Caller, current_call
 from broker.domain.grants import GrantService
-from broker.errors import AuditUnavailable, BrokerError
+from broker.errors import AuditUnavailable, BrokerError, PermissionDenied, Unauthenticated
 from broker.grant import METADATA_KEY
 from broker.server import decoding
 from broker.server.callers import CallerRegistry
@@ -32,6 +32,8 @@ from broker.server.status import to_status
 SERVICE_PREFIX = "/credentialbroker.v1.CredentialBroker/"
 _OPEN = ("/grpc.health.v1.Health/",)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+T = TypeVar("T")
 
 access_log = logging.getLogger("broker.access")
 log = logging.getLogger("broker.server")
@@ -370,6 +372,80 @@ class AuthInterceptor:
         call.grant_id = grant.id
         call.run_id = grant.run_id or None
         return None
+
+    # -- the HTTP front (broker.server.http_front) --------------------------------------------
+
+    async def admit_plain(
+        self, name: str, authorization: str | None, grant_token: str | None, given_id: str | None
+    ) -> Call:
+        """The checks a gRPC call of ``name`` passes before its servicer runs, for a request
+        that did not come over gRPC (bearer tokens only: the HTTP front has no client
+        certificates). Raises BrokerError (audited like the gRPC refusals) when refused."""
+        started = time.perf_counter()
+        request_id = given_id if given_id and _REQUEST_ID.fullmatch(given_id) else ids.request_id()
+        scheme, _, token = (authorization or "").partition(" ")
+        caller = self.registry.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if caller is None:
+            self._access(None, name, grpc.StatusCode.UNAUTHENTICATED, started, None)
+            raise Unauthenticated(
+                "missing or invalid credentials: send 'X-Broker-Authorization: Bearer <token>' "
+                "with one of this broker's caller tokens"
+            )
+        call = Call(caller, name, request_id)
+        if not caller.may_call(name):
+            call.detail = "method refused"
+            self._access(caller, name, grpc.StatusCode.PERMISSION_DENIED, started, call)
+            await self._audit_failure(call, grpc.StatusCode.PERMISSION_DENIED)
+            raise PermissionDenied(f"caller {caller.name!r} may not call {name}")
+        if self.grants is not None and (grant_token is not None or caller.requires_grant):
+            try:
+                grant = await self.grants.admit(caller, name, grant_token)
+            except BrokerError as error:
+                call.detail = f"grant refused: {error.reason}"
+                call.grant_id = error.metadata.get("grant_id")
+                call.run_id = error.metadata.get("run_id") or None
+                self._access(caller, name, error.code, started, call)
+                await self._audit_failure(call, error.code)
+                raise
+            call.grant = grant
+            call.grant_id = grant.id
+            call.run_id = grant.run_id or None
+        return call
+
+    async def run_plain(self, call: Call, behaviour: Callable[[], Awaitable[T]]) -> T:
+        """Run an admitted call's work with the gRPC path's audit event and access line."""
+        started = time.perf_counter()
+        auditor = self.auditor
+        current_call.set(call)
+        if auditor is not None:
+            call.journal = auditor.stage
+            auditor.enter()
+        try:
+            result = await behaviour()
+        except BaseException as exc:
+            if auditor is not None:
+                auditor.leave()
+            code = exc.code if isinstance(exc, BrokerError) else grpc.StatusCode.INTERNAL
+            self._access(call.caller, call.method, code, started, call)
+            await self._audit_failure(call, code)
+            raise
+        if auditor is not None:
+            auditor.leave()
+            if not call.audited:
+                try:
+                    await auditor.record(call, "OK")
+                except Exception as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, BrokerError)
+                        else AuditUnavailable(
+                            "the audit trail cannot be written, so the broker refuses to answer"
+                        )
+                    )
+                    self._access(call.caller, call.method, error.code, started, call)
+                    raise error from None
+        self._access(call.caller, call.method, grpc.StatusCode.OK, started, call)
+        return result
 
     # -- bookkeeping -----------------------------------------------------------------------
 
