@@ -192,7 +192,7 @@ async def test_every_kind_reaches_the_api_with_its_credential_and_no_token_comes
                     method,
                     "/things/1",
                     query=[pb.QueryParameter(name="q", value="hidden-query-value")],
-                    headers={"Content-Type": "application/json", "Connection": "close"},
+                    request_headers={"Content-Type": "application/json", "Connection": "close"},
                     body=body,
                 ),
                 metadata=ADMIN,
@@ -229,7 +229,9 @@ async def test_each_proxied_call_is_audited_with_method_host_path_status_and_siz
 ) -> None:
     iid, _, _ = await store_tokens(stub, fake)
     await stub.Proxy(
-        proxy_request(iid, "POST", "/items", body=b"12345", headers={"X-Trace": "t-secret"}),
+        proxy_request(
+            iid, "POST", "/items", body=b"12345", request_headers={"X-Trace": "t-secret"}
+        ),
         metadata=ADMIN,
     )
     rows = [r for r in await audit_rows(broker) if r["method"] == "Proxy"]
@@ -406,7 +408,7 @@ async def test_credential_and_routing_headers_are_refused(
     cred, _, _ = static_credentials()["api_key_header"]
     stored = await store(stub, cred, provider="keysonly")
     await expect_error(
-        stub.Proxy(proxy_request(stored.id, headers={header: "mine"}), metadata=ADMIN),
+        stub.Proxy(proxy_request(stored.id, request_headers={header: "mine"}), metadata=ADMIN),
         Code.INVALID_ARGUMENT,
         contains=f"headers.{header.lower()}",
     )
@@ -604,7 +606,7 @@ async def test_the_http_front_gives_the_same_answers_as_the_rpc(
                             pb.QueryParameter(name=k, value=v)
                             for k, v in (p.split("=") for p in query.split("&") if p)
                         ],
-                        headers=headers,
+                        request_headers=headers,
                         body=body,
                     ),
                     metadata=ADMIN,

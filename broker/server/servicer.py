@@ -317,7 +317,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 method=request.method,
                 path=request.path,
                 query=[(q.name, q.value) for q in request.query],
-                headers=dict(request.headers),
+                headers=dict(request.request_headers),
                 body=request.body,
                 api_host=request.api_host,
                 deadline_seconds=context.time_remaining(),

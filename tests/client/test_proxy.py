@@ -72,7 +72,9 @@ async def test_async_and_sync_proxy_return_the_providers_answer(
             request_headers={"X-Trace": "1"},
         )
         assert isinstance(response, ProxyResponse)
-        assert response.status == 200 and response.ok and response.json()["ok"] is True
+        assert response.status == 200
+        assert response.ok
+        assert response.json()["ok"] is True
         assert access not in repr(response)
         with pytest.raises(TokenExposureDenied):
             await worker.get_access_token(integration_id=iid)
@@ -81,7 +83,8 @@ async def test_async_and_sync_proxy_return_the_providers_answer(
     got = api.requests[-1]
     assert (got.method, got.path, got.query) == ("POST", "/v1/messages", [("channel", "C1")])
     assert json.loads(got.body) == {"text": "hi"}
-    assert got.headers["content-type"] == "application/json" and got.headers["x-trace"] == "1"
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["x-trace"] == "1"
     assert got.headers["authorization"] == f"Bearer {access}"
 
     def sync_call() -> ProxyResponse:
@@ -89,7 +92,8 @@ async def test_async_and_sync_proxy_return_the_providers_answer(
             return client.proxy(user_id="u1", provider="acme", path="/me")
 
     answer = await asyncio.to_thread(sync_call)
-    assert answer.status == 200 and api.requests[-1].path == "/v1/me"
+    assert answer.status == 200
+    assert api.requests[-1].path == "/v1/me"
 
 
 async def test_a_post_is_not_retried_when_the_provider_is_unreachable(

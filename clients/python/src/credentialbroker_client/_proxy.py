@@ -52,17 +52,15 @@ class ProxyResponse:
 def proxy_request(fields: dict[str, Any]) -> dict[str, Any]:
     """ProxyArgs (without the call options) → the ProxyRequest's fields."""
     fields = dict(fields)
-    if "request_headers" in fields:
-        fields["headers"] = dict(fields.pop("request_headers"))
     fields["method"] = str(fields.get("method") or "GET").upper()
     if "json" in fields:
         if "body" in fields:
             raise TypeError("give body or json, not both")
         fields["body"] = jsonlib.dumps(fields.pop("json")).encode()
-        headers = dict(fields.get("headers") or {})
+        headers = dict(fields.get("request_headers") or {})
         if not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
-        fields["headers"] = headers
+        fields["request_headers"] = headers
     if isinstance(fields.get("body"), str):
         fields["body"] = fields["body"].encode()
     query = fields.get("query")

@@ -138,9 +138,9 @@ class AsyncBrokerClient(ClientBase[grpc.aio.Channel]):
     async def proxy(self, **kwargs: Unpack[ProxyArgs]) -> ProxyResponse:
         """Have the broker call the provider's API with the integration's credential (which
         never reaches this process): ``path`` relative to the provider's API base, ``method``
-        (GET), ``query``, ``request_headers``, ``body`` or ``json``. The provider's answer comes back as
-        it is, errors included (check ``status``); a 429/503 is not raised. Only idempotent
-        methods are retried on UNAVAILABLE."""
+        (GET), ``query``, ``request_headers``, ``body`` or ``json``. The provider's answer
+        comes back as it is, errors included (check ``status``): a 429/503 is not raised.
+        Only idempotent methods are retried on UNAVAILABLE."""
         fields, options = split(kwargs)
         message = await self.call("Proxy", proxy_request(fields), **options)
         return proxy_response(message)

@@ -1517,7 +1517,7 @@ class ProxyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
-    class HeadersEntry(_message.Message):
+    class RequestHeadersEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -1543,7 +1543,7 @@ class ProxyRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
-    HEADERS_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADERS_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     API_HOST_FIELD_NUMBER: _builtins.int
     integration_id: _builtins.str
@@ -1572,9 +1572,10 @@ class ProxyRequest(_message.Message):
         """Query parameters, in order; the broker adds an API key's own parameter itself."""
 
     @_builtins.property
-    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Request headers. Authorization, Cookie, Host, Proxy-* and the header the credential uses
-        are refused; hop-by-hop headers are dropped.
+    def request_headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """HTTP headers for the provider (named so that they are not taken for the broker call's own
+        metadata). Authorization, Cookie, Host, Proxy-* and the header the credential uses are
+        refused; hop-by-hop headers are dropped.
         """
 
     def __init__(
@@ -1587,13 +1588,13 @@ class ProxyRequest(_message.Message):
         method: _builtins.str = ...,
         path: _builtins.str = ...,
         query: _abc.Iterable[Global___QueryParameter] | None = ...,
-        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         body: _builtins.bytes = ...,
         api_host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_account_id", b"_account_id", "account_id", b"account_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_account_id", b"_account_id", "account_id", b"account_id", "api_host", b"api_host", "body", b"body", "headers", b"headers", "integration_id", b"integration_id", "method", b"method", "path", b"path", "provider", b"provider", "query", b"query", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_account_id", b"_account_id", "account_id", b"account_id", "api_host", b"api_host", "body", b"body", "integration_id", b"integration_id", "method", b"method", "path", b"path", "provider", b"provider", "query", b"query", "request_headers", b"request_headers", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__account_id: _TypeAlias = _typing.Literal["account_id"]  # noqa: Y015
     _WhichOneofArgType__account_id: _TypeAlias = _typing.Literal["_account_id", b"_account_id"]  # noqa: Y015
