@@ -372,11 +372,19 @@ class IntegrationService:
     # -- store -----------------------------------------------------------------------------
 
     async def store(self, cmd: StoreCommand) -> tuple[Integration, bool]:
+        if cmd.credential is not None:
+            validation.text("user_id", cmd.user_id, validation.MAX_ID)
+            validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
+            validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
+            return await self._store_credential(cmd)
+        return await self._upsert(self.prepare(cmd))
+
+    def prepare(self, cmd: StoreCommand) -> StoreCommand:
+        """StoreIntegration's checks of OAuth tokens (each failure names its field), and the
+        command as it is stored: canonical provider, expiry resolved."""
         validation.text("user_id", cmd.user_id, validation.MAX_ID)
         validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
         validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
-        if cmd.credential is not None:
-            return await self._store_credential(cmd)
         validation.token("access_token", cmd.tokens.access_token, required=True)
         validation.token("refresh_token", cmd.tokens.refresh_token or "", required=False)
         validation.text(
@@ -386,8 +394,12 @@ class IntegrationService:
         validation.metadata(cmd.metadata)
         cmd = self._owner(cmd, Kind.AUTHORIZATION_CODE)
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
-        cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
-        return await self._upsert(cmd)
+        return replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+
+    async def store_in(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
+        """StoreIntegration's write of a ``prepare``d command (row, event, audit) in a
+        transaction the caller owns: ``broker import`` commits a batch of rows in one."""
+        return await self._store(conn, cmd)
 
     async def _store_credential(self, cmd: StoreCommand) -> tuple[Integration, bool]:
         tokens = cmd.tokens
