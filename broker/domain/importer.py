@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,11 +32,12 @@ from broker.domain.model import (
     Selector,
     Status,
     StoreCommand,
+    StoredIntegration,
     TokenRequest,
 )
 from broker.domain.service import IntegrationService, Refresher
 from broker.errors import BrokerError, InvalidArgument, ReauthorizationRequired, UnknownProvider
-from broker.storage import imports, repository
+from broker.storage import audit_log, imports, repository
 from broker.storage.engine import storage_errors, write_transaction
 
 log = logging.getLogger("broker.import")
@@ -44,7 +45,15 @@ log = logging.getLogger("broker.import")
 METHOD = "ImportIntegration"
 
 Decrypt = Callable[[Sequence[str]], Awaitable[list[str | None]]]
-Journal = Callable[[Call, Any], Awaitable[None]]
+
+
+class AuditWriter(Protocol):
+    """The auditor (``broker.domain.audit``): an event row, or one written in a transaction."""
+
+    def event(self, call: Call, outcome: str) -> tuple[Any, ...]: ...
+
+    async def stage(self, call: Call, conn: AsyncConnection) -> None: ...
+
 
 # Source statuses (the application's words) and what the broker makes of them.
 _STATUSES = {
@@ -134,13 +143,13 @@ class Importer:
         options: Options,
         *,
         decrypt: Decrypt | None = None,
-        journal: Journal | None = None,
+        auditor: AuditWriter | None = None,
         report: Report | None = None,
     ) -> None:
         self.service = service
         self.options = options
         self.decrypt = decrypt
-        self.journal = journal
+        self.auditor = auditor
         self.report = report or (lambda _: None)
         self.tally = Tally()
         self.caller = Caller(options.caller, frozenset({METHOD}), None)
@@ -316,43 +325,84 @@ class Importer:
 
     async def _dry(self, rows: list[_Row]) -> None:
         async with storage_errors(), self.service.engine.connect() as conn:
-            for row in rows:
-                if await self._conflict(conn, row):
-                    continue
+            owners = await repository.owners(conn, sorted({_cmd(r).user_id for r in rows}))
+        claimed: set[tuple[str, str, str]] = set()
+        for row in rows:
+            if self._decide(row, owners, claimed) != "skip":
                 self.tally.imported += 1
                 self.report({"source_id": row.source_id, "outcome": "would import"})
 
-    async def _conflict(self, conn: AsyncConnection, row: _Row) -> bool:
-        """True (and the row skipped) when another integration of this owner is kept."""
-        cmd = row.cmd
-        assert cmd is not None
-        provider = self.service.canonical(cmd.provider)
-        found = await repository.find_by_owner(conn, cmd.user_id, provider, cmd.account_id, limit=1)
-        if not found:
-            return False
-        current = found[0].integration
+    def _decide(
+        self,
+        row: _Row,
+        owners: dict[tuple[str, str, str], StoredIntegration],
+        claimed: set[tuple[str, str, str]],
+    ) -> str:
+        """ "new", "replace" (store over the owner's integration) or "skip" (reported)."""
+        cmd = _cmd(row)
+        key = (cmd.user_id, self.service.canonical(cmd.provider), cmd.account_id)
+        if key in claimed:
+            # Two source rows of one owner in a batch: the first one wins, as across batches.
+            self._skipped(row, ALREADY_PRESENT)
+            return "skip"
+        claimed.add(key)
+        current = owners.get(key)
+        if current is None:
+            return "new"
         if row.replace:
-            return False
+            return "replace"
         if (
             self.options.on_conflict == "newer"
             and row.updated_at is not None
-            and row.updated_at > current.updated_at
+            and row.updated_at > current.integration.updated_at
         ):
-            row.replace = True
             self.tally.replaced += 1
-            return False
-        self._skipped(row, ALREADY_PRESENT, current.id)
-        return True
+            return "replace"
+        self._skipped(row, ALREADY_PRESENT, current.integration.id)
+        return "skip"
 
     async def _write(self, rows: list[_Row]) -> None:
-        stored: list[tuple[_Row, Integration]] = []
+        """One transaction: new CONNECTED rows inserted together (row, audit event, import
+        record, CONNECTED event: all four or none); the rest (replacements, carried-over
+        statuses, disconnected records) through the per-row store path; events last."""
+        done: list[tuple[_Row, Integration]] = []
         async with write_transaction(self.service.engine, self.service.invalidate) as conn:
             seen = await imports.find(conn, self.options.source, [r.source_id for r in rows])
+            owners = await repository.owners(conn, sorted({_cmd(r).user_id for r in rows}))
+            claimed: set[tuple[str, str, str]] = set()
+            fresh: list[_Row] = []
+            single: list[_Row] = []
             for row in rows:
-                # Replaced rows keep their record; new ones insert it.
-                row_known = row.source_id in seen
-                if await self._conflict(conn, row):
+                decision = self._decide(row, owners, claimed)
+                if decision == "skip":
                     continue
+                plain = row.status is Status.CONNECTED or (
+                    row.status is Status.EXPIRED and bool(_cmd(row).tokens.refresh_token)
+                )
+                if decision == "new" and plain:
+                    fresh.append(row)
+                else:
+                    single.append(row)
+            now = self.service.clock()
+            inserted = await self.service.insert_new_in(conn, [_cmd(r) for r in fresh])
+            audit_rows = []
+            for row, stored in zip(fresh, inserted, strict=True):
+                call = self._call(row)
+                call.note(stored.integration)
+                if self.auditor is not None:
+                    audit_rows.append(self.auditor.event(call, "OK"))
+                done.append((row, stored.integration))
+            await audit_log.insert_events(conn, audit_rows)
+            await imports.record_many(
+                conn,
+                self.options.source,
+                [
+                    (r.source_id, s.integration.id, r.updated_at)
+                    for r, s in zip(fresh, inserted, strict=True)
+                ],
+                now,
+            )
+            for row in single:
                 integration = await self._store_row(conn, row)
                 await imports.record(
                     conn,
@@ -360,11 +410,14 @@ class Importer:
                     row.source_id,
                     integration.id,
                     row.updated_at,
-                    self.service.clock(),
-                    replace=row_known,
+                    now,
+                    replace=row.source_id in seen,
                 )
-                stored.append((row, integration))
-        for row, integration in stored:
+                done.append((row, integration))
+            await events.connected_many(
+                conn, [s.integration for s in inserted], now, f"tokens stored by {METHOD}"
+            )
+        for row, integration in done:
             self.tally.imported += 1
             self.report(
                 {
@@ -375,12 +428,16 @@ class Importer:
                 }
             )
 
-    async def _store_row(self, conn: AsyncConnection, row: _Row) -> Integration:
+    def _call(self, row: _Row) -> Call:
         call = Call(
             self.caller, METHOD, ids.request_id(), detail=f"source id {row.source_id}"[:255]
         )
-        call.journal = self.journal
-        token = context.current_call.set(call)
+        if self.auditor is not None:
+            call.journal = self.auditor.stage
+        return call
+
+    async def _store_row(self, conn: AsyncConnection, row: _Row) -> Integration:
+        token = context.current_call.set(self._call(row))
         try:
             if row.status is Status.DISCONNECTED:
                 return await self._store_disconnected(conn, row)
@@ -464,6 +521,11 @@ class Importer:
             revocation="SKIPPED",
         )
         return stored.integration
+
+
+def _cmd(row: _Row) -> StoreCommand:
+    assert row.cmd is not None
+    return row.cmd
 
 
 # -- verification ----------------------------------------------------------------------------

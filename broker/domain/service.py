@@ -8,7 +8,7 @@ import binascii
 import json
 import logging
 import uuid
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -396,6 +396,48 @@ class IntegrationService:
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
         return replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
 
+    async def insert_new_in(
+        self, conn: AsyncConnection, cmds: Sequence[StoreCommand]
+    ) -> Sequence[StoredIntegration]:
+        """StoreIntegration's insert of ``prepare``d commands whose owners have no integration
+        yet, many in one statement (``broker import``). The caller writes their CONNECTED and
+        audit events in the same transaction."""
+        now = self.clock()
+        rows = []
+        for cmd in cmds:
+            iid = str(uuid.uuid4())
+            rows.append(
+                {
+                    # One statement for every row: each names every column.
+                    "refresh_token_ct": None,
+                    **self._connected_values(now, cmd),
+                    **self._secret_values(iid, cmd, now),
+                    "id": iid,
+                    "user_id": cmd.user_id,
+                    "provider": cmd.provider,
+                    "account_id": cmd.account_id,
+                    "created_at": now,
+                    "version": 1,
+                }
+            )
+        await repository.insert_rows(conn, rows)
+        stored = {
+            s.integration.id: s for s in await repository.get_many(conn, [r["id"] for r in rows])
+        }
+        return [stored[r["id"]] for r in rows]
+
+    def _connected_values(self, now: datetime, cmd: StoreCommand) -> dict[str, Any]:
+        return {
+            "status": Status.CONNECTED.value,
+            "metadata": cmd.metadata,
+            "updated_at": now,
+            "disconnected_at": None,
+            "disconnect_reason": None,
+            "revocation": None,
+            "refresh_failures": 0,
+            "last_refresh_error": None,
+        }
+
     async def store_in(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
         """StoreIntegration's write of a ``prepare``d command (row, event, audit) in a
         transaction the caller owns: ``broker import`` commits a batch of rows in one."""
@@ -502,16 +544,7 @@ class IntegrationService:
 
     async def _store(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
         now = self.clock()
-        common: dict[str, Any] = {
-            "status": Status.CONNECTED.value,
-            "metadata": cmd.metadata,
-            "updated_at": now,
-            "disconnected_at": None,
-            "disconnect_reason": None,
-            "revocation": None,
-            "refresh_failures": 0,
-            "last_refresh_error": None,
-        }
+        common = self._connected_values(now, cmd)
         tokens = cmd.tokens
         existing = await repository.find_by_owner(
             conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1

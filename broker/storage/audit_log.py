@@ -290,3 +290,9 @@ def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
     if database and database != ":memory:" and not database.startswith("file:"):
         return SqliteSink(database, timeout)
     return EngineSink(engine)
+
+
+async def insert_events(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Many events (in ``COLUMNS`` order) in one statement, inside the caller's transaction."""
+    if rows:
+        await conn.execute(insert(t), [dict(zip(COLUMNS, row, strict=True)) for row in rows])

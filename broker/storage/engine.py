@@ -317,3 +317,20 @@ async def probe(engine: AsyncEngine, connect_timeout: float = 5.0) -> None:
             f"cannot use the {describe_url(engine.url)}: {describe_cause(exc, connect_timeout)}",
             cause=type(_innermost(exc)).__name__,
         ) from None
+
+
+async def touch_many(conn: AsyncConnection, written: list[tuple[str, str, str]]) -> None:
+    """``touch`` for many integrations written in one transaction (``broker import``): on
+    PostgreSQL one statement for the batch."""
+    if conn.dialect.name != "postgresql":
+        for integration_id, user_id, provider in written:
+            await touch(conn, integration_id, user_id, provider)
+        return
+    touched = conn.info.get("touched")
+    if touched is not None:
+        touched.extend(written)
+    payloads = ["\x1f".join(w) for w in written]
+    await conn.execute(
+        text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+        {"channel": CHANNEL, "payloads": payloads},
+    )

@@ -99,3 +99,23 @@ async def set_wiped(
         await conn.execute(
             update(t).where(t.c.source == source, t.c.source_id.in_(chunk)).values(wiped_at=at)
         )
+
+
+async def record_many(
+    conn: AsyncConnection, source: str, rows: list[tuple[str, str, datetime | None]], at: datetime
+) -> None:
+    """New records (source id, integration id, source updated_at) in one statement."""
+    if rows:
+        await conn.execute(
+            insert(t),
+            [
+                {
+                    "source": source,
+                    "source_id": source_id,
+                    "integration_id": integration_id,
+                    "source_updated_at": updated,
+                    "imported_at": at,
+                }
+                for source_id, integration_id, updated in rows
+            ],
+        )
