@@ -472,3 +472,65 @@ async def test_sqlite_and_json_lines_sources(
     assert code == 1, err
     assert "imported 1, skipped 0, failed 1 (invalid field 1)" in out
     assert "secretvalue" not in out + err
+
+
+async def test_conflicts_skip_or_take_the_newer_row(
+    broker_db: str,
+    source_db: str,
+    fake: FakeAuthServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    old = datetime.now(UTC) - timedelta(days=1)
+    await insert(
+        source_db,
+        [
+            {"user_id": u, "provider": "acme", "access_token": f"at-{u}-1", "updated_at": old}
+            for u in ("imported", "present", "stale")
+        ],
+    )
+    cfg = config(tmp_path, broker_db, fake)
+    settings = make_settings(broker_db, providers=providers(fake))
+    broker = await start(settings)
+    try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}")
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        for user in ("present", "stale"):
+            await stub.StoreIntegration(
+                pb.StoreIntegrationRequest(
+                    user_id=user, provider="acme", access_token=f"at-{user}-broker"
+                ),
+                metadata=ADMIN,
+            )
+
+        async def served(user: str) -> str:
+            answer = await stub.GetAccessToken(
+                pb.GetAccessTokenRequest(user_id=user, provider="acme"), metadata=ADMIN
+            )
+            return str(answer.access_token)
+
+        code, out, err = await run(capsys, cfg, "--from", source_db)
+        assert code == 0, err
+        assert "imported 1, skipped 2 (already present 2), failed 0" in out, out
+        # The application changed two rows after the first run.
+        conn = await asyncpg.connect(source_db)
+        try:
+            await conn.execute(
+                "UPDATE integrations SET access_token = 'at-' || user_id || '-2', "
+                "updated_at = now() + interval '1 minute' WHERE user_id IN ('imported', 'present')"
+            )
+        finally:
+            await conn.close()
+        code, out, err = await run(capsys, cfg, "--from", source_db)
+        assert "imported 0, skipped 3 (already imported 1, already present 2)" in out, out
+        assert await served("imported") == "at-imported-1"
+        code, out, err = await run(capsys, cfg, "--from", source_db, "--on-conflict", "newer")
+        assert code == 0, err
+        assert "imported 2 (1 replacing older integrations), skipped 1 (already present 1)" in out
+        assert await served("imported") == "at-imported-2"
+        assert await served("present") == "at-present-2"
+        assert await served("stale") == "at-stale-broker"
+        assert await count(broker, integrations) == 3
+        await channel.close()
+    finally:
+        await broker.stop(0)

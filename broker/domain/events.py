@@ -17,7 +17,7 @@ import binascii
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -421,7 +421,7 @@ async def refreshed(conn: AsyncConnection, before: Any, at: datetime) -> None:
 
 
 async def connected_many(
-    conn: AsyncConnection, integrations: list[Integration], at: datetime, message: str
+    conn: AsyncConnection, integrations: Sequence[Integration], at: datetime, message: str
 ) -> None:
     """``connected`` (CREATED) for a batch of new integrations, in one statement: the last
     of the transaction that inserted them (``broker import``)."""

@@ -13,6 +13,7 @@ stores the provider's expiry (or the configured default lifetime)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -161,13 +162,41 @@ class Importer:
         batches: AsyncIterator[list[dict[str, Any]]],
         progress: Callable[[Tally], None] | None = None,
     ) -> Tally:
-        async for batch in batches:
-            await self.batch(batch)
-            if progress is not None:
-                progress(self.tally)
+        """Batch after batch; the next one is read, decrypted and checked while the previous
+        one is being written (writes stay one at a time, in order)."""
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for raw in batches:
+                ready = await self._prepare(raw)
+                if writing is not None:
+                    await writing
+                    if progress is not None:
+                        progress(self.tally)
+                writing = asyncio.create_task(self._finish(ready, len(raw)))
+            if writing is not None:
+                await writing
+                if progress is not None:
+                    progress(self.tally)
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
         return self.tally
 
     async def batch(self, raw: list[dict[str, Any]]) -> None:
+        await self._finish(await self._prepare(raw), len(raw))
+
+    async def _finish(self, ready: list[_Row], size: int) -> None:
+        if self.options.dry_run:
+            await self._dry(ready)
+        elif ready:
+            await self._write(ready)
+        self.tally.done += size
+
+    async def _prepare(self, raw: list[dict[str, Any]]) -> list[_Row]:
+        """The rows of a batch that go on to be stored, decrypted and validated; the others
+        reported (failed or skipped)."""
         rows: list[_Row] = []
         for fields in raw:
             source_id = _text(fields.get("id"))
@@ -191,11 +220,7 @@ class Importer:
                 ready.append(self._command(row))
             except RowProblem as problem:
                 self._failed(row.source_id, problem.reason, problem.detail)
-        if self.options.dry_run:
-            await self._dry(ready)
-        elif ready:
-            await self._write(ready)
-        self.tally.done += len(raw)
+        return ready
 
     def _failed(self, source_id: str, reason: str, detail: str = "") -> None:
         self.tally.fail(reason)
@@ -379,27 +404,25 @@ class Importer:
                 plain = row.status is Status.CONNECTED or (
                     row.status is Status.EXPIRED and bool(_cmd(row).tokens.refresh_token)
                 )
-                if decision == "new" and plain:
+                # A re-import whose integration is gone updates its record: per row.
+                if decision == "new" and plain and row.source_id not in seen:
                     fresh.append(row)
                 else:
                     single.append(row)
             now = self.service.clock()
             inserted = await self.service.insert_new_in(conn, [_cmd(r) for r in fresh])
             audit_rows = []
-            for row, stored in zip(fresh, inserted, strict=True):
+            for row, integration in zip(fresh, inserted, strict=True):
                 call = self._call(row)
-                call.note(stored.integration)
+                call.note(integration)
                 if self.auditor is not None:
                     audit_rows.append(self.auditor.event(call, "OK"))
-                done.append((row, stored.integration))
+                done.append((row, integration))
             await audit_log.insert_events(conn, audit_rows)
             await imports.record_many(
                 conn,
                 self.options.source,
-                [
-                    (r.source_id, s.integration.id, r.updated_at)
-                    for r, s in zip(fresh, inserted, strict=True)
-                ],
+                [(r.source_id, i.id, r.updated_at) for r, i in zip(fresh, inserted, strict=True)],
                 now,
             )
             for row in single:
@@ -414,9 +437,7 @@ class Importer:
                     replace=row.source_id in seen,
                 )
                 done.append((row, integration))
-            await events.connected_many(
-                conn, [s.integration for s in inserted], now, f"tokens stored by {METHOD}"
-            )
+            await events.connected_many(conn, inserted, now, f"tokens stored by {METHOD}")
         for row, integration in done:
             self.tally.imported += 1
             self.report(

@@ -398,7 +398,7 @@ class IntegrationService:
 
     async def insert_new_in(
         self, conn: AsyncConnection, cmds: Sequence[StoreCommand]
-    ) -> Sequence[StoredIntegration]:
+    ) -> Sequence[Integration]:
         """StoreIntegration's insert of ``prepare``d commands whose owners have no integration
         yet, many in one statement (``broker import``). The caller writes their CONNECTED and
         audit events in the same transaction."""
@@ -421,10 +421,28 @@ class IntegrationService:
                 }
             )
         await repository.insert_rows(conn, rows)
-        stored = {
-            s.integration.id: s for s in await repository.get_many(conn, [r["id"] for r in rows])
-        }
-        return [stored[r["id"]] for r in rows]
+        return [
+            Integration(
+                id=r["id"],
+                user_id=r["user_id"],
+                provider=r["provider"],
+                account_id=r["account_id"],
+                status=Status.CONNECTED,
+                token_type=r["token_type"],
+                scopes=tuple(r["scopes"]),
+                metadata=r["metadata"],
+                created_at=now,
+                updated_at=now,
+                expires_at=r["expires_at"],
+                last_refreshed_at=None,
+                disconnected_at=None,
+                disconnect_reason=None,
+                has_refresh_token=r["refresh_token_ct"] is not None,
+                version=1,
+                credential_type=Kind(r["credential_type"]),
+            )
+            for r in rows
+        ]
 
     def _connected_values(self, now: datetime, cmd: StoreCommand) -> dict[str, Any]:
         return {
