@@ -74,7 +74,6 @@ def main() -> None:
             "BROKER_DATABASE_URL": target.replace("postgresql://", "postgresql+asyncpg://", 1),
             "BROKER_KEYS": generate_key("bench"),
             "BROKER_ENVIRONMENT": "bench",
-            "BROKER_DEV": "0",
         }
         subprocess.run(
             [sys.executable, "-m", "broker", "migrate"], env=env, check=False, capture_output=True

@@ -198,13 +198,19 @@ class Importer:
         """The rows of a batch that go on to be stored, decrypted and validated; the others
         reported (failed or skipped)."""
         rows: list[_Row] = []
+        ids_here: set[str] = set()
         for fields in raw:
             source_id = _text(fields.get("id"))
             if "_invalid" in fields or not source_id:
                 self._failed(source_id or "?", INVALID_FIELD, fields.get("_invalid", "id: missing"))
                 continue
+            if source_id in ids_here:
+                self._failed(source_id, INVALID_FIELD, "id: given twice")
+                continue
+            ids_here.add(source_id)
             rows.append(_Row(source_id, fields))
         async with storage_errors(), self.service.engine.connect() as conn:
+            await imports.plan_each_statement(conn)
             seen = await imports.find(conn, self.options.source, [r.source_id for r in rows])
         planned: list[_Row] = []
         for row in rows:
@@ -350,6 +356,7 @@ class Importer:
 
     async def _dry(self, rows: list[_Row]) -> None:
         async with storage_errors(), self.service.engine.connect() as conn:
+            await imports.plan_each_statement(conn)
             owners = await repository.owners(conn, sorted({_cmd(r).user_id for r in rows}))
         claimed: set[tuple[str, str, str]] = set()
         for row in rows:
@@ -392,12 +399,17 @@ class Importer:
         statuses, disconnected records) through the per-row store path; events last."""
         done: list[tuple[_Row, Integration]] = []
         async with write_transaction(self.service.engine, self.service.invalidate) as conn:
+            await imports.plan_each_statement(conn)
             seen = await imports.find(conn, self.options.source, [r.source_id for r in rows])
             owners = await repository.owners(conn, sorted({_cmd(r).user_id for r in rows}))
             claimed: set[tuple[str, str, str]] = set()
             fresh: list[_Row] = []
             single: list[_Row] = []
             for row in rows:
+                if row.source_id in seen and not row.replace:
+                    # Imported since this batch was read (the id came twice in the source).
+                    self._skipped(row, ALREADY_IMPORTED, seen[row.source_id].integration_id)
+                    continue
                 decision = self._decide(row, owners, claimed)
                 if decision == "skip":
                     continue

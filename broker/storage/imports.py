@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.storage.repository import utc
@@ -119,3 +119,12 @@ async def record_many(
                 for source_id, integration_id, updated in rows
             ],
         )
+
+
+async def plan_each_statement(conn: AsyncConnection) -> None:
+    """On PostgreSQL, plan this transaction's statements for their own parameters. An import
+    starts on empty tables: the generic plan a prepared statement settles on after a few runs
+    would be a sequential scan, kept while the table grows to every imported row (each batch
+    slower than the last)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
