@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.storage.engine import raw_driver, sqlite_locked
+from broker.storage.engine import bulk_insert, raw_driver, sqlite_locked
 from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
@@ -295,4 +295,4 @@ def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
 async def insert_events(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
     """Many events (in ``COLUMNS`` order) in one statement, inside the caller's transaction."""
     if rows:
-        await conn.execute(insert(t), [dict(zip(COLUMNS, row, strict=True)) for row in rows])
+        await bulk_insert(conn, t, [dict(zip(COLUMNS, row, strict=True)) for row in rows])

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Row, Text, cast, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.storage.engine import bulk_insert
 from broker.storage.tables import integration_events as t
 
 EVENTS_CHANNEL = "broker_events"
@@ -99,7 +100,7 @@ async def insert_events(conn: AsyncConnection, rows: list[dict[str, Any]]) -> No
         return
     if conn.dialect.name == "postgresql":
         await conn.execute(select(func.pg_advisory_xact_lock(_ORDER_LOCK)))
-    await conn.execute(insert(t), rows)
+    await bulk_insert(conn, t, rows)
     if conn.dialect.name == "postgresql":
         # One wake-up for the batch: readers page from their cursor anyway.
         await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, "")))

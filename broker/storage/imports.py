@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.storage.engine import bulk_insert
 from broker.storage.repository import utc
 from broker.storage.tables import imports as t
 
@@ -106,8 +107,9 @@ async def record_many(
 ) -> None:
     """New records (source id, integration id, source updated_at) in one statement."""
     if rows:
-        await conn.execute(
-            insert(t),
+        await bulk_insert(
+            conn,
+            t,
             [
                 {
                     "source": source,

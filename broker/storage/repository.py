@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.domain.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import touch, touch_many
+from broker.storage.engine import bulk_insert, touch, touch_many
 from broker.storage.tables import integrations as t
 
 # The integration columns, in the order ``from_values`` unpacks them: every read selects
@@ -470,7 +470,7 @@ async def insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None
     """Many new integrations in one statement (``broker import``); announced together."""
     if not rows:
         return
-    await conn.execute(insert(t), rows)
+    await bulk_insert(conn, t, rows)
     await touch_many(conn, [(r["id"], r["user_id"], r["provider"]) for r in rows])
 
 
