@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "row's updated_at is later (newer)",
     )
     p.add_argument("--include-disconnected", action="store_true")
-    p.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
+    p.add_argument(
+        "--batch-size", type=int, default=1000, help="rows per transaction (default 1000)"
+    )
     p.add_argument("--report", metavar="PATH", help="JSON Lines: the outcome of every row")
     p.add_argument(
         "--verify", action="store_true", help="refresh every imported grant; name the dead ones"
