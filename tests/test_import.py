@@ -318,7 +318,7 @@ async def test_import_the_seed_table(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await token("reauth")
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        await channel.close()
+        await channel.close(None)
     finally:
         await broker.stop(0)
 
@@ -531,6 +531,6 @@ async def test_conflicts_skip_or_take_the_newer_row(
         assert await served("present") == "at-present-2"
         assert await served("stale") == "at-stale-broker"
         assert await count(broker, integrations) == 3
-        await channel.close()
+        await channel.close(None)
     finally:
         await broker.stop(0)
