@@ -534,3 +534,36 @@ async def test_conflicts_skip_or_take_the_newer_row(
         await channel.close(None)
     finally:
         await broker.stop(0)
+
+
+async def test_decrypt_command_gets_a_minimal_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from broker.sources.decrypt import DecryptCommand
+
+    monkeypatch.setenv("BROKER_KEYS", "secret-keyring")
+    monkeypatch.setenv("BROKER_DATABASE_URL", "postgresql+asyncpg://u:pw@db/broker")
+    monkeypatch.setenv("APP_TOKEN_KEY", "app-key")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    script = (
+        "import json, os, sys\n"
+        "for line in sys.stdin:\n"
+        "    if json.loads(line)['ciphertext'] == 'bad':\n"
+        "        print(json.dumps({'error': 'no'}), flush=True)\n"
+        "    else:\n"
+        "        print(json.dumps({'plaintext': ','.join(sorted(os.environ))}), flush=True)\n"
+    )
+    (tmp_path / "env.py").write_text(script)
+    command = DecryptCommand(
+        f"{sys.executable} {tmp_path / 'env.py'}", ["APP_TOKEN_KEY", "BROKER_KEYS"]
+    )
+    try:
+        names, refused = await command.decrypt(["c1", "bad"])
+    finally:
+        await command.close()
+    assert refused is None
+    assert names is not None
+    seen = set(names.split(","))
+    assert "APP_TOKEN_KEY" in seen
+    assert not {n for n in seen if n.startswith("BROKER_")}
+    assert "UNRELATED_SECRET" not in seen
