@@ -37,7 +37,14 @@ from broker.domain.model import (
     TokenRequest,
 )
 from broker.domain.service import IntegrationService, Refresher
-from broker.errors import BrokerError, InvalidArgument, ReauthorizationRequired, UnknownProvider
+from broker.errors import (
+    BrokerError,
+    InvalidArgument,
+    ProviderUnavailable,
+    ReauthorizationRequired,
+    StorageUnavailable,
+    UnknownProvider,
+)
 from broker.storage import audit_log, imports, repository
 from broker.storage.engine import storage_errors, write_transaction
 
@@ -567,6 +574,7 @@ ALIVE = "alive"
 DEAD = "dead"
 UNREACHABLE = "unreachable"
 NOT_RENEWABLE = "no-refresh"
+UNVERIFIABLE = "unverifiable"
 
 
 async def verify(
@@ -624,11 +632,14 @@ async def _verify_one(
             await refresher.refresh(stored, request)
         except ReauthorizationRequired as exc:
             return DEAD, exc.reason
-        except BrokerError as exc:
+        except (ProviderUnavailable, StorageUnavailable) as exc:
+            # Worth another try once the provider (or the database) lets us.
             detail = exc.reason
-            retry = getattr(exc, "retry_after", 1.0)
-            await asyncio.sleep(min(float(retry), 30.0))
+            await asyncio.sleep(min(float(getattr(exc, "retry_after", 1.0)), 30.0))
             continue
+        except BrokerError as exc:
+            # No client configured for the provider, or another answer retrying cannot change.
+            return UNVERIFIABLE, f"{exc.reason}: {exc.message}"[:300]
         return ALIVE, ""
     return UNREACHABLE, detail
 
