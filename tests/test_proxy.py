@@ -25,6 +25,7 @@ from broker.storage.tables import audit_events
 from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
 from tests.conftest import ADMIN, ADMIN_TOKEN, RUNNER_TOKEN, error_info, expect_error, make_settings
 from tests.fakeauth import FakeAuthServer
+from tests.test_grpcurl import Grpcurl, _grpcurl
 from tests.test_kinds import (
     APP_PUBLIC,
     SA_EMAIL,
@@ -671,3 +672,34 @@ async def test_the_http_front_admits_as_the_rpc_does(
     rows = [r for r in await audit_rows(front) if r["method"] == "Proxy"]
     outcomes = sorted(r["outcome"] for r in rows)
     assert outcomes == ["OK", "PERMISSION_DENIED", "PERMISSION_DENIED", "PERMISSION_DENIED"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_runner_through_grpcurl_as_the_docs_show(
+    broker: Broker, stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, access, _ = await store_tokens(stub, fake)
+    created = await stub.CreateGrant(
+        pb.CreateGrantRequest(user_id="user-1", providers=["acme"], proxy_only=True),
+        metadata=ADMIN,
+    )
+    run = Grpcurl(f"127.0.0.1:{broker.port}", _grpcurl())
+    body = {
+        "user_id": "user-1",
+        "provider": "acme",
+        "method": "GET",
+        "path": "/messages",
+        "query": [{"name": "maxResults", "value": "10"}],
+    }
+    flags = ("-H", f"x-broker-grant: {created.grant_token}")
+    got = await run.call("Proxy", body, *flags, token=RUNNER_TOKEN)
+    assert got.returncode == 0, got.stderr
+    answer = got.json()
+    assert answer["status"] == 200
+    assert json.loads(base64.b64decode(answer["body"]))["ok"] is True
+    assert access not in got.stdout
+    assert api.requests[-1].query == [("maxResults", "10")]
+    assert api.requests[-1].headers["authorization"] == f"Bearer {access}"
+    denied = await run.call("GetAccessToken", {"integration_id": iid}, *flags, token=RUNNER_TOKEN)
+    assert denied.returncode != 0
+    assert "TOKEN_EXPOSURE_DENIED" in denied.stdout + denied.stderr
