@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from broker import egress
@@ -511,6 +512,21 @@ class Settings(_Section):
     webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     callers: dict[str, CallerSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _proxy_fits(self) -> Settings:
+        # A proxied body rides inside one gRPC message: a cap the transport would refuse
+        # first would answer with gRPC's own error instead of the proxy's, naming no setting.
+        room = 64 * 1024  # the rest of the message: headers, status
+        if self.proxy.max_request_bytes > self.server.max_receive_bytes - room:
+            raise ValueError(
+                "proxy.max_request_bytes must be at least 64 KiB below server.max_receive_bytes"
+            )
+        if self.proxy.max_response_bytes > self.server.max_message_bytes - room:
+            raise ValueError(
+                "proxy.max_response_bytes must be at least 64 KiB below server.max_message_bytes"
+            )
+        return self
 
 
 # Short names for the settings operators set most; any setting also works as

@@ -703,3 +703,16 @@ async def test_a_runner_through_grpcurl_as_the_docs_show(
     denied = await run.call("GetAccessToken", {"integration_id": iid}, *flags, token=RUNNER_TOKEN)
     assert denied.returncode != 0
     assert "TOKEN_EXPOSURE_DENIED" in denied.stdout + denied.stderr
+
+
+def test_body_caps_must_fit_the_grpc_messages_they_ride_in(database_url: str) -> None:
+    with pytest.raises(ValueError, match=r"server\.max_receive_bytes"):
+        make_settings(database_url, proxy={"max_request_bytes": 1024 * 1024})
+    with pytest.raises(ValueError, match=r"server\.max_message_bytes"):
+        make_settings(database_url, proxy={"max_response_bytes": 8 * 1024 * 1024})
+    raised = make_settings(
+        database_url,
+        server={"max_message_bytes": 16 * 1024 * 1024},
+        proxy={"max_response_bytes": 8 * 1024 * 1024},
+    )
+    assert raised.proxy.max_response_bytes == 8 * 1024 * 1024
