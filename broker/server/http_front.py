@@ -44,7 +44,7 @@ _TRANSPORT = frozenset({"host", "content-length", "transfer-encoding", "connecti
 _IDLE_SECONDS = 30.0
 _HEADER_BYTES = 32 * 1024
 # The mapping Google APIs use between gRPC codes and HTTP statuses.
-_HTTP_STATUS = {
+_STATUS_FOR_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -203,7 +203,7 @@ class HttpFront:
         if conn.their_state is not h11.DONE:
             # The body was not read: the connection cannot be reused.
             headers.append(("connection", "close"))
-        await self._send(conn, writer, _HTTP_STATUS.get(error.code, 500), headers, body)
+        await self._send(conn, writer, _STATUS_FOR_CODE.get(error.code, 500), headers, body)
 
     async def _send(
         self,
