@@ -716,3 +716,43 @@ def test_body_caps_must_fit_the_grpc_messages_they_ride_in(database_url: str) ->
         proxy={"max_response_bytes": 8 * 1024 * 1024},
     )
     assert raised.proxy.max_response_bytes == 8 * 1024 * 1024
+
+
+async def test_the_http_front_answers_expect_100_continue_before_the_body(
+    front: Broker, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+        await store_tokens(pb_grpc.CredentialBrokerStub(channel), fake)
+    assert front.proxy_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.proxy_port)
+    conn = h11.Connection(h11.CLIENT)
+    headers = {
+        "host": "broker",
+        "content-length": "2048",
+        "expect": "100-continue",
+        **admin_headers(**{"x-broker-user": "user-1"}),
+    }
+    writer.write(
+        conn.send(
+            h11.Request(method="POST", target="/proxy/acme/up", headers=list(headers.items()))
+        )
+        or b""
+    )
+    await writer.drain()
+    # What curl waits for before it sends a body over 1 KiB.
+    first = await asyncio.wait_for(reader.read(65536), 2)
+    conn.receive_data(first)
+    event = conn.next_event()
+    assert isinstance(event, h11.InformationalResponse)
+    assert event.status_code == 100
+    writer.write(
+        (conn.send(h11.Data(data=b"x" * 2048)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    )
+    await writer.drain()
+    while not isinstance(event, h11.Response):
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+    assert event.status_code == 200
+    writer.close()
+    assert api.requests[-1].body == b"x" * 2048

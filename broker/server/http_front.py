@@ -132,7 +132,7 @@ class HttpFront:
             await self._error(conn, writer, error, request_id)
             return
         try:
-            body = await self._body(conn, reader)
+            body = await self._body(conn, reader, writer)
             proxy_call = _proxy_call(request, headers, own, body)
         except BrokerError as error:
             # Refused before the proxy ran: audited as the gRPC path audits a bad request.
@@ -147,8 +147,14 @@ class HttpFront:
             return
         await self._answer(conn, writer, result, call.request_id)
 
-    async def _body(self, conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+    async def _body(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes:
         limit = self.settings.max_request_bytes
+        if conn.they_are_waiting_for_100_continue:
+            # curl asks before a larger body and would otherwise wait a second for it.
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            await writer.drain()
         chunks: list[bytes] = []
         size = 0
         while True:
