@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,8 +25,18 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events
 from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
-from tests.conftest import ADMIN, ADMIN_TOKEN, RUNNER_TOKEN, error_info, expect_error, make_settings
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    ENVIRONMENT,
+    KEYS,
+    RUNNER_TOKEN,
+    error_info,
+    expect_error,
+    make_settings,
+)
 from tests.fakeauth import FakeAuthServer
+from tests.processes import BrokerProcess, write_toml
 from tests.test_grpcurl import Grpcurl, _grpcurl
 from tests.test_kinds import (
     APP_PUBLIC,
@@ -756,3 +768,52 @@ async def test_the_http_front_answers_expect_100_continue_before_the_body(
     assert event.status_code == 200
     writer.close()
     assert api.requests[-1].body == b"x" * 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_broker_process_serves_the_http_front_to_curl(
+    database_url: str, api: FakeApi, tmp_path: Path
+) -> None:
+    port = _free_port()
+    config = write_toml(
+        tmp_path / "broker.toml",
+        {
+            "server": {"listen": "127.0.0.1:0", "environment": ENVIRONMENT},
+            "database": {"url": database_url},
+            "refresh": {"background": False},
+            "proxy": {"listen": f"127.0.0.1:{port}"},
+            "providers": {"keyed": {"kinds": ["api_key"], "api_base_url": api.url + "/api"}},
+            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
+        },
+    )
+    process = await BrokerProcess(config, {"BROKER_KEYS": KEYS}).start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            await store(stub, credential("api_key", key="sk-curl", header="X-Key"), "keyed")
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-i", "--data-binary", "@-",
+            "-H", f"X-Broker-Authorization: Bearer {ADMIN_TOKEN}",
+            "-H", "X-Broker-User: user-1",
+            "-H", "Content-Type: text/plain",
+            f"http://127.0.0.1:{port}/proxy/keyed/v2/notes?tag=a",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(curl.communicate(b"n" * 4000), 30)
+    finally:
+        assert await process.stop() == 0
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["ok"] is True
+    assert b"sk-curl" not in out
+    got = api.requests[-1]
+    assert (got.method, got.path, got.query) == ("POST", "/api/v2/notes", [("tag", "a")])
+    assert got.headers["x-key"] == "sk-curl"
+    assert got.body == b"n" * 4000
+    assert "x-broker-authorization" not in got.headers
