@@ -34,6 +34,7 @@ from tests.conftest import (
     error_info,
     expect_error,
     make_settings,
+    retry_info,
 )
 from tests.fakeauth import FakeAuthServer
 from tests.processes import BrokerProcess, write_toml
@@ -817,3 +818,20 @@ async def test_a_broker_process_serves_the_http_front_to_curl(
     assert got.headers["x-key"] == "sk-curl"
     assert got.body == b"n" * 4000
     assert "x-broker-authorization" not in got.headers
+
+
+async def test_a_retry_after_holds_back_the_providers_next_proxied_calls(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, _, _ = await store_tokens(stub, fake)
+    api.script("/v1/busy", 503, {"Retry-After": "30"}, times=1)
+    assert (await stub.Proxy(proxy_request(iid, path="/busy"), metadata=ADMIN)).status == 503
+    error = await expect_error(
+        stub.Proxy(proxy_request(iid), metadata=ADMIN, timeout=2),
+        Code.UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+    )
+    delay = retry_info(error)
+    assert delay is not None
+    assert delay.retry_delay.seconds >= 20
+    assert len(api.requests) == 1

@@ -36,6 +36,7 @@ from broker.errors import (
     ProxyNotConfigured,
     ProxyRequestTooLarge,
     ProxyResponseTooLarge,
+    Throttled,
 )
 from broker.model import AccessToken, Selector, StoredIntegration, TokenRequest
 from broker.providers.profile import ProviderProfile
@@ -241,45 +242,51 @@ class ProxyService:
             budget = max(0.001, min(budget, req.deadline_seconds))
         loop = asyncio.get_running_loop()
         until = loop.time() + budget
-        async with self.throttle.turn(
-            _lane(provider), until, max_concurrent=self.settings.max_concurrent_per_provider
-        ):
-            try:
-                async with asyncio.timeout_at(until):
-                    response = await egress.send(
-                        self.http,
-                        method,
-                        url,
-                        headers=send_headers,
-                        content=body or None,
-                        timeouts=httpx.Timeout(budget),
-                        stream=True,
-                    )
-                    try:
-                        return await self._read(provider, response)
-                    finally:
-                        await response.aclose()
-            except (TimeoutError, httpx.TimeoutException):
-                metrics.PROXY_REQUESTS.labels(provider, "timeout").inc()
-                raise ProviderOutcomeUnknown(
-                    f"provider {provider!r}'s API did not answer within {budget:.1f}s "
-                    "(proxy.timeout_seconds or the call's deadline); the request may have been "
-                    "processed",
-                    provider=provider,
-                ) from None
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                metrics.PROXY_REQUESTS.labels(provider, "unreachable").inc()
-                raise ProviderUnavailable(
-                    f"provider {provider!r}'s API cannot be reached; nothing was sent",
-                    provider=provider,
-                ) from None
-            except httpx.HTTPError:
-                metrics.PROXY_REQUESTS.labels(provider, "error").inc()
-                raise ProviderOutcomeUnknown(
-                    f"the connection to provider {provider!r}'s API failed before its answer "
-                    "was complete; the request may have been processed",
-                    provider=provider,
-                ) from None
+        try:
+            async with self.throttle.turn(
+                _lane(provider), until, max_concurrent=self.settings.max_concurrent_per_provider
+            ):
+                try:
+                    async with asyncio.timeout_at(until):
+                        response = await egress.send(
+                            self.http,
+                            method,
+                            url,
+                            headers=send_headers,
+                            content=body or None,
+                            timeouts=httpx.Timeout(budget),
+                            stream=True,
+                        )
+                        try:
+                            return await self._read(provider, response)
+                        finally:
+                            await response.aclose()
+                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    metrics.PROXY_REQUESTS.labels(provider, "unreachable").inc()
+                    raise ProviderUnavailable(
+                        f"provider {provider!r}'s API cannot be reached; nothing was sent",
+                        provider=provider,
+                    ) from None
+                except (TimeoutError, httpx.TimeoutException):
+                    metrics.PROXY_REQUESTS.labels(provider, "timeout").inc()
+                    raise ProviderOutcomeUnknown(
+                        f"provider {provider!r}'s API did not answer within {budget:.1f}s "
+                        "(proxy.timeout_seconds or the call's deadline); the request may have been "
+                        "processed",
+                        provider=provider,
+                    ) from None
+                except httpx.HTTPError:
+                    metrics.PROXY_REQUESTS.labels(provider, "error").inc()
+                    raise ProviderOutcomeUnknown(
+                        f"the connection to provider {provider!r}'s API failed before its answer "
+                        "was complete; the request may have been processed",
+                        provider=provider,
+                    ) from None
+        except Throttled:
+            # Not sent: the provider's lane is full or paused (its Retry-After) past the
+            # call's budget.
+            metrics.PROXY_REQUESTS.labels(provider, "throttled").inc()
+            raise
 
     async def _read(self, provider: str, response: httpx.Response) -> _Answer:
         limit = self.settings.max_response_bytes
