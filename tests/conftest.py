@@ -29,6 +29,7 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
+from tests.helpers.fakes import FakeAuthServer, serve_fake
 
 PG_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
 ENVIRONMENT = "test"
@@ -172,6 +173,13 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         else:
             data[section] = values
     return Settings.model_validate(data)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthServer]:
+    """The fake authorization server, its tokens living an hour. A module that needs another
+    one overrides ``fake`` with ``serve_fake`` and its own arguments."""
+    yield from serve_fake(expires_in=3600)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from tests.conftest import (
     make_settings,
     store_request,
 )
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.processes import BrokerProcess, write_toml
 
 Code = grpc.StatusCode
 

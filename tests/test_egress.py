@@ -41,10 +41,9 @@ from broker.providers.mint import Minter
 from broker.server.app import Broker, start
 from broker.storage.tables import integration_events, integrations
 from tests.conftest import ADMIN, error_info, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.receiver import Receiver
-from tests.test_no_secrets_in_logs import error_texts, record_texts
-from tests.test_webhooks import new_secret
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.leaks import error_texts, record_texts
+from tests.helpers.receiver import Receiver, new_secret
 
 Code = grpc.StatusCode
 CANARY = "INTERNAL-RESPONSE-CANARY db_password=hunter2"
@@ -150,8 +149,7 @@ def hostile() -> Iterator[Hostile]:
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=300) as server:
-        yield server
+    yield from serve_fake(expires_in=300)
 
 
 def egress_settings(database_url: str, fake: FakeAuthServer, allowed: list[str]) -> Settings:

@@ -5,7 +5,7 @@ resumed from its last id misses none and repeats none (ids become visible in com
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,18 +14,12 @@ import pytest
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN, KEYS, PostgresFactory
-from tests.fakeauth import FakeAuthServer
-from tests.processes import replica_set
-from tests.test_events import read_resuming
+from tests.helpers.events import read_resuming
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.processes import replica_set
 
 pytestmark = pytest.mark.postgres
 T = pb.IntegrationEventType
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from broker.server.app import start
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
 from tests.conftest import ADMIN, ENVIRONMENT, make_settings
-from tests.test_devmode import clean_env
+from tests.helpers.processes import clean_env
 
 
 @pytest.fixture(autouse=True)

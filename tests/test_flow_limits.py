@@ -6,7 +6,7 @@ authorization.flow_ttl_seconds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -21,27 +21,14 @@ from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from tests.conftest import error_info, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.test_authorization import (
-    CALLBACK,
-    FakeClock,
-    acme,
-    begin,
-    complete,
-    consent,
-    flow_rows,
-    query,
-)
+from tests.helpers.authorization import begin, complete, consent, flow_rows, query
+from tests.helpers.clock import FakeClock
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.providers import CALLBACK, acme
 
 Code = grpc.StatusCode
 WEB = (("authorization", "Bearer web-token"),)
 LIMIT = 5
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture

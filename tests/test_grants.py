@@ -18,44 +18,24 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
-from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, metadata
-from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
-from tests.test_authorization import FakeClock
+from tests.conftest import ADMIN, expect_error, make_settings, store_request
+from tests.helpers.clock import FakeClock
+from tests.helpers.grants import (
+    LIMITED_TOKEN,
+    OTHER_TOKEN,
+    PLAIN_TOKEN,
+    RUNNER,
+    TENANT_TOKEN,
+    grant_callers,
+    with_grant,
+)
 
 Code = grpc.StatusCode
-RUNNER_TOKEN = "grant-runner-token"
-OTHER_TOKEN = "other-runner-token"
-LIMITED_TOKEN = "limited-issuer-token"
-PLAIN_TOKEN = "plain-reader-token"
-TENANT_TOKEN = "tenant-a-token"
 TENANT = (("authorization", f"Bearer {TENANT_TOKEN}"),)
-RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
 OTHER = (("authorization", f"Bearer {OTHER_TOKEN}"),)
 LIMITED = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
 PLAIN = (("authorization", f"Bearer {PLAIN_TOKEN}"),)
-
-
-def grant_callers() -> dict[str, Any]:
-    return {
-        "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
-        # Every method configured, yet under requires_grant it can only read under a grant.
-        "runner": {"token_sha256": hash_token(RUNNER_TOKEN), "requires_grant": True},
-        "other-runner": {
-            "token_sha256": hash_token(OTHER_TOKEN),
-            "requires_grant": True,
-            "methods": ["GetAccessToken"],
-        },
-        # An issuer that may read only twitter, and give grants of at most 10 minutes.
-        "limited": {
-            "token_sha256": hash_token(LIMITED_TOKEN),
-            "providers": ["twitter"],
-            "max_grant_ttl": 600,
-        },
-        "plain": {"token_sha256": hash_token(PLAIN_TOKEN), "methods": ["GetAccessToken"]},
-        # Tied to one user, like a session's row-level security.
-        "tenant": {"token_sha256": hash_token(TENANT_TOKEN), "users": ["user-a"]},
-    }
 
 
 @pytest.fixture
@@ -73,10 +53,6 @@ async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
     running = await start(settings, clock=clock)
     yield running
     await running.stop(0)
-
-
-def with_grant(credentials: tuple[tuple[str, str], ...], token: str) -> tuple[Any, ...]:
-    return (*credentials, ("x-broker-grant", token))
 
 
 async def create_grant(

@@ -30,8 +30,8 @@ from tests.conftest import (
     make_settings,
     store_request,
 )
-from tests.processes import BrokerProcess, run_cli, write_toml
-from tests.test_grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
+from tests.helpers.grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
+from tests.helpers.processes import BrokerProcess, run_cli, write_toml
 
 Code = grpc.StatusCode
 

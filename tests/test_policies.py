@@ -3,9 +3,8 @@ and their reload on SIGHUP in a real broker process (a bad file keeps the old po
 
 from __future__ import annotations
 
-import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from tests.conftest import (
     make_settings,
     store_request,
 )
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode
 
@@ -358,14 +358,6 @@ async def process(database_url: str, tmp_path: Path) -> AsyncIterator[BrokerProc
         if proc.proc is not None and proc.proc.returncode is None:
             code = await proc.stop()
             assert code == 0, "\n".join(proc.log)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def log_count(proc: BrokerProcess, text: str) -> int:

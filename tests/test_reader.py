@@ -25,7 +25,7 @@ from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors
 from broker.storage.reader import APPLICATION_NAME, MAX_BATCH, IntegrationReader, open_reader
 from tests.conftest import ADMIN, PostgresFactory, make_settings, store_request
-from tests.test_database_down import Proxy
+from tests.helpers.proxy import Proxy
 
 pytestmark = pytest.mark.postgres
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,43 +35,33 @@ from tests.conftest import (
     new_database,
     retry_info,
 )
-from tests.fakeauth import FakeAuthServer
-from tests.processes import replica_set
-from tests.test_refresh import provider_settings, row, store_grant
+from tests.helpers.clock import FakeClock
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.integrations import row, store_grant
+from tests.helpers.processes import replica_set
+from tests.helpers.providers import provider_settings
 
 Code = grpc.StatusCode
 FAILING = 13
 PASS = timedelta(seconds=30)  # refresh.background_interval_seconds (the default)
 
 
-class FakeClock:
-    """The broker's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
 @pytest.fixture
 def good() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
+    yield from serve_fake(expires_in=3600)
 
 
 @pytest.fixture
 def hostile() -> Iterator[FakeAuthServer]:
     """A token endpoint that refuses every request as malformed (and records each)."""
-    with FakeAuthServer() as server:
+
+    def refuse(server: FakeAuthServer) -> None:
         server.routes["/token"] = lambda query, body: (
             400,
             {"error": "invalid_request", "error_description": "no"},
         )
-        yield server
+
+    yield from serve_fake(refuse)
 
 
 def providers(good: FakeAuthServer, hostile: FakeAuthServer) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from broker.server.callers import hash_token
 from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS, PG_URL, PostgresFactory
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.processes import BrokerProcess, write_toml
 
 COMMANDS = [["serve"], ["migrate"], ["check"]]
 EXIT_CONFIG, EXIT_DATABASE = 2, 3

@@ -35,7 +35,7 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.callers import hash_token
 from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.processes import BrokerProcess, write_toml
 
 pytestmark = pytest.mark.postgres
 

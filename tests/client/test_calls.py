@@ -29,7 +29,7 @@ from credentialbroker_client import (
 )
 from tests.client.conftest import audited, store_grant
 from tests.conftest import RUNNER_TOKEN
-from tests.test_authorization import CALLBACK
+from tests.helpers.providers import CALLBACK
 
 
 async def test_every_rpc_round_trips(

@@ -8,10 +8,14 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from broker.server.callers import hash_token
+from tests.conftest import ADMIN_TOKEN
 
 _SERVING = re.compile(r"broker serving on [^:]+:(\d+)")
 
@@ -157,8 +161,7 @@ async def replica_set(
 ) -> AsyncIterator[list[BrokerProcess]]:
     """``count`` broker processes on one database, the test admin as their caller; each must
     shut down gracefully (exit 0) at the end."""
-    from broker.server.callers import hash_token
-    from tests.conftest import ADMIN_TOKEN, ENVIRONMENT
+    from tests.conftest import ENVIRONMENT
 
     config = write_toml(
         directory / "broker.toml",
@@ -176,3 +179,20 @@ async def replica_set(
     finally:
         codes = await asyncio.gather(*(p.stop() for p in processes))
     assert codes == [0] * count, "graceful shutdown exits 0"
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment minus any BROKER_* setting that would leak into the broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env

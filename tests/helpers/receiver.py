@@ -3,6 +3,8 @@ answers from a script (e.g. 500 five times, then 200)."""
 
 from __future__ import annotations
 
+import base64
+import secrets
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,3 +72,7 @@ class Receiver:
     def delivered_ids(self) -> list[str]:
         """webhook-id of every request answered 2xx, in arrival order."""
         return [r.headers["webhook-id"] for r in self.received() if 200 <= r.status < 300]
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
