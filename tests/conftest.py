@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
 import grpc
@@ -29,7 +29,11 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
+from tests.helpers.clock import FakeClock
 from tests.helpers.fakes import FakeAuthServer, serve_fake
+
+if TYPE_CHECKING:
+    from tests.helpers.pki import Pki
 
 PG_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
 ENVIRONMENT = "test"
@@ -180,6 +184,21 @@ def fake() -> Iterator[FakeAuthServer]:
     """The fake authorization server, its tokens living an hour. A module that needs another
     one overrides ``fake`` with ``serve_fake`` and its own arguments."""
     yield from serve_fake(expires_in=3600)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test moves; only a broker started with ``clock=clock`` follows it."""
+    return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA and its certificates (slow to make: once per module)."""
+    # Imported here: the helper builds settings with this module's make_settings.
+    from tests.helpers.pki import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

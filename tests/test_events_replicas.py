@@ -17,6 +17,7 @@ from tests.conftest import ADMIN, KEYS, PostgresFactory
 from tests.helpers.events import read_resuming
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.processes import replica_set
+from tests.helpers.providers import SECRET_ENV, acme_from_env
 
 pytestmark = pytest.mark.postgres
 T = pb.IntegrationEventType
@@ -30,16 +31,9 @@ async def stubs(
     sections = {
         "refresh": {"background": False, "max_attempts": 1},
         "events": {"poll_seconds": 2, "heartbeat_seconds": 1},
-        "providers": {
-            "acme": {
-                "token_url": fake.token_url,
-                "client_id": fake.client_id,
-                "client_secret_env": "ACME_SECRET",
-                "rotates_refresh_tokens": True,
-            }
-        },
+        "providers": {"acme": acme_from_env(fake)},
     }
-    env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+    env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
     async with replica_set(tmp_path, url, sections, env) as processes:
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p.port}") for p in processes]
         yield [pb_grpc.CredentialBrokerStub(c) for c in channels]

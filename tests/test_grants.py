@@ -44,11 +44,6 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
     running = await start(settings, clock=clock)
     yield running

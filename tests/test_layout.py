@@ -13,7 +13,7 @@ HELPERS = TESTS / "helpers"
 TEST_MODULE = re.compile(r"^tests(\.\w+)*\.test_\w+$")
 
 
-def test_modules() -> list[Path]:
+def modules_named_test() -> list[Path]:
     return sorted(TESTS.rglob("test_*.py"))
 
 
@@ -59,7 +59,7 @@ def body_of(function: ast.FunctionDef) -> str:
 
 def test_no_test_module_imports_another_test_module() -> None:
     offenders = []
-    for path in test_modules():
+    for path in modules_named_test():
         tree = ast.parse(path.read_text(), str(path))
         for module in imported_modules(tree):
             last = module.rsplit(".", 1)[-1]

@@ -29,7 +29,7 @@ from tests.helpers.cli import broker as cli
 from tests.helpers.cli import config as cli_config
 from tests.helpers.credentials import credential
 from tests.helpers.fakes import FakeAuthServer, serve_fake
-from tests.helpers.providers import CALLBACK
+from tests.helpers.providers import CALLBACK, endpoints
 
 Code = grpc.StatusCode
 CT_COLUMNS = {
@@ -47,11 +47,7 @@ def other() -> Iterator[FakeAuthServer]:
 
 def provider(fake: FakeAuthServer) -> dict[str, Any]:
     return {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
+        **endpoints(fake),
         "redirect_uris": [CALLBACK],
         "kinds": ["authorization_code", "client_credentials"],
     }

@@ -83,11 +83,6 @@ def skipped(provider: str, reason: str) -> float:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def settings(database_url: str, good: FakeAuthServer, hostile: FakeAuthServer) -> Settings:
     # The default margin (300 s), interval (30 s) and back-off: the attack as it would meet
     # a broker configured as shipped. The pass is driven by the test.

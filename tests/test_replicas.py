@@ -14,6 +14,7 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN, KEYS, PostgresFactory
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.processes import BrokerProcess, replica_set
+from tests.helpers.providers import SECRET_ENV, acme_from_env
 from tests.helpers.replicas import expire_all
 
 pytestmark = pytest.mark.postgres
@@ -31,16 +32,9 @@ async def replicas(
     url = await postgres.new()
     sections = {
         "refresh": {"background": False, "margin_seconds": 30},
-        "providers": {
-            "acme": {
-                "token_url": fake.token_url,
-                "client_id": fake.client_id,
-                "client_secret_env": "ACME_SECRET",
-                "rotates_refresh_tokens": True,
-            }
-        },
+        "providers": {"acme": acme_from_env(fake)},
     }
-    env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+    env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
     async with replica_set(tmp_path, url, sections, env) as processes:
         yield url, processes
 

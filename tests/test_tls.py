@@ -23,7 +23,7 @@ from broker.server import app as server_app
 from broker.server.app import Broker, start
 from broker.storage.tables import audit_events
 from tests.conftest import ADMIN, expect_error, make_settings, store_request
-from tests.helpers.pki import Pem, Pki, make_pki, tls_settings
+from tests.helpers.pki import Pem, Pki, tls_settings
 
 Code = grpc.StatusCode
 
@@ -34,13 +34,7 @@ def backend() -> str:
     return "sqlite"
 
 
-# The throwaway CA and certificates (slow to make: once per module), and a broker that wants
-# a client certificate from it.
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
+# A broker that wants a client certificate from the throwaway CA (``pki``).
 @pytest.fixture
 def settings(database_url: str, pki: Pki) -> Settings:
     return tls_settings(database_url, pki)

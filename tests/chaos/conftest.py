@@ -40,6 +40,7 @@ from broker_devtools.fakeauth import FakeAuthServer
 from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, new_database, retry_info
 from tests.helpers.fakes import serve_fake
 from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.providers import SECRET_ENV, acme_from_env
 
 Code = grpc.StatusCode
 # Long enough to hold any answer of the fake while a fault is injected.
@@ -114,17 +115,10 @@ class Cluster:
                 "database": {"url": url, "timeout_seconds": 5},
                 "refresh": settings,
                 "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-                "providers": {
-                    "acme": {
-                        "token_url": fake.token_url,
-                        "client_id": fake.client_id,
-                        "client_secret_env": "ACME_SECRET",
-                        "rotates_refresh_tokens": True,
-                    }
-                },
+                "providers": {"acme": acme_from_env(fake)},
             },
         )
-        self.env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+        self.env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
         self.processes: list[BrokerProcess] = []
         self.channels: list[grpc.aio.Channel] = []
         # integration id -> the refresh token it was seeded with (names its grant at the fake)

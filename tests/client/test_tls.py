@@ -12,16 +12,10 @@ from broker.config import Settings
 from broker.server.app import Broker
 from credentialbroker_client import AsyncBrokerClient, PermissionDenied, Tls, Unavailable
 from tests.conftest import ADMIN_TOKEN
-from tests.helpers.pki import Pki, make_pki, tls_settings
+from tests.helpers.pki import Pki, tls_settings
 
 
-# The throwaway CA and certificates (slow to make: once per module), and a broker that wants
-# a client certificate from it.
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
+# A broker that wants a client certificate from the throwaway CA (``pki``).
 @pytest.fixture
 def settings(database_url: str, pki: Pki) -> Settings:
     return tls_settings(database_url, pki)

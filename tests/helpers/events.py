@@ -12,6 +12,7 @@ from broker.config import Settings
 from broker.server.callers import hash_token
 from tests.conftest import ADMIN, make_settings
 from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.providers import endpoints
 from tests.helpers.waiting import eventually
 
 CALLBACK = "https://app.example.test/oauth/callback"
@@ -19,11 +20,7 @@ CALLBACK = "https://app.example.test/oauth/callback"
 
 def event_settings(database_url: str, fake: FakeAuthServer, **overrides: Any) -> Settings:
     provider = {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
+        **endpoints(fake),
         "redirect_uris": [CALLBACK],
         "rotates_refresh_tokens": True,
     }
