@@ -19,16 +19,11 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker
 from broker.storage.tables import audit_events, grants, integrations
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    RUNNER,
-    RUNNER_TOKEN,
-    expect_error,
-    make_settings,
-    store_request,
-)
 from tests.helpers.audit import AuditTable
+from tests.helpers.errors import expect_error
+from tests.helpers.grants import RUNNER, RUNNER_TOKEN
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 
 Code = grpc.StatusCode
 

@@ -25,12 +25,13 @@ from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows
 from broker.storage.tables import audit_events, integrations, oauth_flows
-from tests.conftest import ADMIN, expect_error, make_settings
 from tests.helpers.audit import AuditTable
 from tests.helpers.authorization import begin, code_exchanges, complete, consent, flow_rows, query
 from tests.helpers.clock import FakeClock
+from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 

@@ -21,11 +21,12 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, error_info, expect_error, make_settings
 from tests.helpers.authorization import code_exchanges, consent
+from tests.helpers.errors import error_info, expect_error
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.providers import CALLBACK, acme
 from tests.helpers.receiver import Receiver
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode

@@ -22,17 +22,11 @@ from broker.model import Integration, Selector, Status, StoredIntegration
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    ENVIRONMENT,
-    KEYS,
-    PostgresFactory,
-    expect_error,
-    make_settings,
-    store_request,
-)
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 
@@ -176,9 +170,9 @@ async def test_disconnect_on_one_replica_is_honoured_by_the_other_within_a_secon
 
 
 async def _terminate_listeners(url: str) -> int:
-    from tests.conftest import _dsn
+    from tests.helpers.databases import plain_dsn
 
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await asyncpg.connect(plain_dsn(url))
     try:
         rows = await conn.fetch(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

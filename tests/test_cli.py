@@ -28,9 +28,9 @@ from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.tables import audit_events, integrations
-from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS
 from tests.helpers.cli import Result, broker, config
 from tests.helpers.processes import write_toml
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 NEW = generate_key("test2")
 

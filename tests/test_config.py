@@ -20,7 +20,8 @@ from broker.errors import ConfigError
 from broker.server.app import start
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import ADMIN, KEYS, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, KEYS, make_settings
 
 TOML = """
 [server]

@@ -17,8 +17,11 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import SERVICE_NAME, Broker, start
-from tests.conftest import ADMIN, PostgresFactory, expect_error, make_settings, store_request
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
 from tests.helpers.proxy import Proxy
+from tests.helpers.settings import ADMIN, make_settings
 from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.postgres

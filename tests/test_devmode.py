@@ -28,9 +28,11 @@ from broker.crypto.keys import generate_key
 from broker.errors import ConfigError
 from broker.server.app import start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
 from tests.helpers.devbroker import SERVING, DevBroker
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
 from tests.helpers.processes import clean_env, free_port
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -20,8 +20,9 @@ from broker.config import Settings
 from broker.domain import revocation as revocation_module
 from broker.server.app import Broker, start
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings
+from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer, RecordedRequest
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 Outcome = pb.RevocationOutcome

@@ -40,10 +40,11 @@ from broker.providers.catalog import build_registry
 from broker.providers.mint import Minter
 from broker.server.app import Broker, start
 from broker.storage.tables import integration_events, integrations
-from tests.conftest import ADMIN, error_info, expect_error, make_settings
+from tests.helpers.errors import error_info, expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.leaks import error_texts, record_texts
 from tests.helpers.receiver import Receiver, new_secret
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 CANARY = "INTERNAL-RESPONSE-CANARY db_password=hunter2"

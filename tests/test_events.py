@@ -21,9 +21,10 @@ from broker.domain import events
 from broker.server.app import Broker, start
 from broker.storage import events as event_store
 from broker.storage.tables import integration_events, integrations
-from tests.conftest import ADMIN, expect_error
+from tests.helpers.errors import expect_error
 from tests.helpers.events import CALLBACK, Reader, all_events, event_settings, read_resuming, store
 from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
 from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode

@@ -21,9 +21,10 @@ from broker.config import CallerSettings, Settings
 from broker.domain.events import Event, EventFilter
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, error_info
+from tests.helpers.errors import error_info
 from tests.helpers.events import Reader, all_events, event_settings, store
 from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
 from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode

@@ -13,11 +13,12 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN, KEYS, PostgresFactory
+from tests.helpers.databases import PostgresFactory
 from tests.helpers.events import read_resuming
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.processes import replica_set
 from tests.helpers.providers import SECRET_ENV, acme_from_env
+from tests.helpers.settings import ADMIN, KEYS
 
 pytestmark = pytest.mark.postgres
 T = pb.IntegrationEventType

@@ -24,8 +24,8 @@ from broker.errors import ConfigError
 from broker.server.app import start
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import ADMIN, ENVIRONMENT, make_settings
 from tests.helpers.processes import clean_env
+from tests.helpers.settings import ADMIN, ENVIRONMENT, make_settings
 
 
 @pytest.fixture(autouse=True)

@@ -20,11 +20,12 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import error_info, expect_error, make_settings
 from tests.helpers.authorization import begin, complete, consent, flow_rows, query
 from tests.helpers.clock import FakeClock
+from tests.helpers.errors import error_info, expect_error
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.settings import make_settings
 
 Code = grpc.StatusCode
 WEB = (("authorization", "Bearer web-token"),)

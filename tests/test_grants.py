@@ -19,8 +19,8 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.storage.tables import audit_events, metadata
-from tests.conftest import ADMIN, expect_error, make_settings, store_request
 from tests.helpers.clock import FakeClock
+from tests.helpers.errors import expect_error
 from tests.helpers.grants import (
     LIMITED_TOKEN,
     OTHER_TOKEN,
@@ -30,6 +30,8 @@ from tests.helpers.grants import (
     grant_callers,
     with_grant,
 )
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 TENANT = (("authorization", f"Bearer {TENANT_TOKEN}"),)

@@ -20,18 +20,12 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    ENVIRONMENT,
-    KEYS,
-    PostgresFactory,
-    expect_error,
-    make_settings,
-    store_request,
-)
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
 from tests.helpers.grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
+from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, run_cli, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 

@@ -19,7 +19,8 @@ from broker.domain.key_usage import flush_key_usage, read_key_usage
 from broker.errors import ConfigError, StorageUnavailable
 from broker.server.app import start
 from broker.storage.engine import create_engine
-from tests.conftest import ADMIN, KEYS, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, KEYS, make_settings
 
 
 def python_command(code: str) -> str:

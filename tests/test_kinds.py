@@ -23,7 +23,6 @@ from broker.crypto.keys import generate_key, parse_keyring
 from broker.domain.rotation import key_status, reencrypt
 from broker.server.app import Broker, start
 from broker.storage.tables import audit_events, integrations
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
 from tests.helpers.credentials import (
     APP_KEY,
     APP_PUBLIC,
@@ -36,9 +35,11 @@ from tests.helpers.credentials import (
     credential,
     service_account_json,
 )
+from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.grpcurl import Grpcurl, grpcurl_binary
 from tests.helpers.leaks import error_texts, record_texts, scan
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 MINTED = ("client_credentials", "service_account", "github_app_installation")

@@ -28,11 +28,11 @@ from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, integration_events, integrations
-from tests.conftest import ENVIRONMENT, KEYS, make_settings
 from tests.helpers.fakes import FakeAuthServer, Grant, serve_fake
 from tests.helpers.leaks import error_texts, record_texts, scan
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.receiver import Receiver
+from tests.helpers.settings import ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 CALLBACK = "https://app.example.test/oauth/callback"

@@ -23,13 +23,14 @@ from broker.domain.rotation import Progress, RowBound, reencrypt, row_bound_stat
 from broker.model import Owner
 from broker.server.app import Broker, start
 from broker.storage.tables import integrations, oauth_flows
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
 from tests.helpers.authorization import code_exchanges, consent
 from tests.helpers.cli import broker as cli
 from tests.helpers.cli import config as cli_config
 from tests.helpers.credentials import credential
+from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.providers import CALLBACK, endpoints
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 CT_COLUMNS = {

@@ -18,18 +18,11 @@ from broker.config import Settings
 from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    ENVIRONMENT,
-    KEYS,
-    RUNNER_TOKEN,
-    error_info,
-    expect_error,
-    make_settings,
-    store_request,
-)
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.grants import RUNNER_TOKEN
+from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode

@@ -15,8 +15,8 @@ import pytest
 
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import make_settings
 from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import make_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TOKEN = "cb_readme-web-backend"

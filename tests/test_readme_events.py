@@ -19,9 +19,9 @@ import pytest
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import start
-from tests.conftest import ADMIN, ADMIN_TOKEN, make_settings
 from tests.helpers.grpcurl import grpcurl_binary
 from tests.helpers.processes import free_port
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -19,7 +19,8 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ORCHESTRATOR_TOKEN = "cb_readme-orchestrator"

@@ -26,20 +26,14 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.storage import repository
-from tests.conftest import (
-    ADMIN,
-    KEYS,
-    error_info,
-    expect_error,
-    make_settings,
-    new_database,
-    retry_info,
-)
 from tests.helpers.clock import FakeClock
+from tests.helpers.databases import new_database
+from tests.helpers.errors import error_info, expect_error, retry_info
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.integrations import row, store_grant
 from tests.helpers.processes import replica_set
 from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, KEYS, make_settings
 
 Code = grpc.StatusCode
 FAILING = 13

@@ -22,10 +22,11 @@ from broker.providers.throttle import ProviderThrottle
 from broker.server.app import Broker
 from broker.storage import repository
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings, retry_info
+from tests.helpers.errors import expect_error, retry_info
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.integrations import row, store_grant, token
 from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 LIMIT = 3

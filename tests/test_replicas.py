@@ -11,11 +11,12 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN, KEYS, PostgresFactory
+from tests.helpers.databases import PostgresFactory
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.processes import BrokerProcess, replica_set
 from tests.helpers.providers import SECRET_ENV, acme_from_env
 from tests.helpers.replicas import expire_all
+from tests.helpers.settings import ADMIN, KEYS
 
 pytestmark = pytest.mark.postgres
 

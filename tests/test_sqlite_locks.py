@@ -13,7 +13,10 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import start
-from tests.conftest import ADMIN, expect_error, make_settings, new_database, store_request
+from tests.helpers.databases import new_database
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, make_settings
 
 
 async def test_a_held_write_lock_is_waited_out_for_the_configured_timeout(

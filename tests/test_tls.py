@@ -22,8 +22,10 @@ from broker.errors import ConfigError
 from broker.server import app as server_app
 from broker.server.app import Broker, start
 from broker.storage.tables import audit_events
-from tests.conftest import ADMIN, expect_error, make_settings, store_request
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
 from tests.helpers.pki import Pem, Pki, tls_settings
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 

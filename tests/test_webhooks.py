@@ -27,9 +27,9 @@ from broker.config import Settings, WebhookSettings
 from broker.errors import ConfigError
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.receiver import Receiver, new_secret
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 from tests.helpers.waiting import eventually, holds
 
 SECRET_ENV = "TEST_WEBHOOK_SECRET"

@@ -37,10 +37,12 @@ from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations as t
 from broker_devtools.fakeauth import FakeAuthServer
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, new_database, retry_info
+from tests.helpers.databases import new_database
+from tests.helpers.errors import retry_info
 from tests.helpers.fakes import serve_fake
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.providers import SECRET_ENV, acme_from_env
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 Code = grpc.StatusCode
 # Long enough to hold any answer of the fake while a fault is injected.

@@ -14,8 +14,8 @@ from broker.server.app import Broker
 from broker.storage.tables import audit_events
 from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import AsyncBrokerClient, Retry
-from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.helpers.providers import acme
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 # Quick retries, so tests that exercise them stay short on a loaded machine.
 FAST = Retry(attempts=5, initial_backoff=0.05, max_backoff=0.2)

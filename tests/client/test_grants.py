@@ -22,7 +22,8 @@ from credentialbroker_client import (
     Unauthenticated,
     broker_pb2,
 )
-from tests.conftest import ADMIN_TOKEN, RUNNER_TOKEN, make_settings
+from tests.helpers.grants import RUNNER_TOKEN
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 from broker.config import Settings
 from broker.server.app import Broker
 from credentialbroker_client import AsyncBrokerClient, PermissionDenied, Tls, Unavailable
-from tests.conftest import ADMIN_TOKEN
 from tests.helpers.pki import Pki, tls_settings
+from tests.helpers.settings import ADMIN_TOKEN
 
 
 # A broker that wants a client certificate from the throwaway CA (``pki``).

@@ -13,9 +13,9 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
 from broker.storage.tables import oauth_flows
-from tests.conftest import ADMIN
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.providers import CALLBACK
+from tests.helpers.settings import ADMIN
 
 
 async def begin(

@@ -13,8 +13,8 @@ import pytest
 
 from broker.cli import main
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS
 from tests.helpers.processes import write_toml
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 
 @dataclass

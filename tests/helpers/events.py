@@ -10,9 +10,9 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, make_settings
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.providers import endpoints
+from tests.helpers.settings import ADMIN, make_settings
 from tests.helpers.waiting import eventually
 
 CALLBACK = "https://app.example.test/oauth/callback"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers.settings import ADMIN_TOKEN
 
 RUNNER_TOKEN = "grant-runner-token"
 

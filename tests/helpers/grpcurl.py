@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers.settings import ADMIN_TOKEN
 
 
 def grpcurl_binary() -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
 from broker.storage import repository
-from tests.conftest import ADMIN
 from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
 
 
 async def store_grant(
@@ -46,3 +47,16 @@ async def row(broker: Broker, iid: str) -> Any:
         stored = await repository.get(conn, iid)
     assert stored is not None
     return stored
+
+
+def store_request(**fields: Any) -> pb.StoreIntegrationRequest:
+    values: dict[str, Any] = {
+        "user_id": "user-1",
+        "provider": "twitter",
+        "access_token": "at-" + uuid.uuid4().hex,
+        "refresh_token": "rt-" + uuid.uuid4().hex,
+        "expires_in_seconds": 3600,
+        "scopes": ["tweet.read", "users.read"],
+    }
+    values.update(fields)
+    return pb.StoreIntegrationRequest(**values)

@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.config import Settings
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 RUNNER_IDENTITY = "workflow-runner.internal"
 

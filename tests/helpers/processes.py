@@ -1,4 +1,5 @@
-"""Broker *processes* for tests whose guarantee is about replicas (or about the real CLI)."""
+"""Broker *processes* for tests whose guarantee is about replicas (or about the real CLI),
+and what starting one needs: a TOML file, a free port, an environment without BROKER_*."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 _SERVING = re.compile(r"broker serving on [^:]+:(\d+)")
 
@@ -129,8 +130,6 @@ async def run_cli(
 ) -> tuple[int, str, str]:
     """``python -m broker ARGS`` against that database (test keys and environment):
     exit code, stdout, stderr."""
-    from tests.conftest import ENVIRONMENT, KEYS
-
     full = {
         **os.environ,
         "BROKER_DATABASE_URL": database_url,
@@ -161,7 +160,6 @@ async def replica_set(
 ) -> AsyncIterator[list[BrokerProcess]]:
     """``count`` broker processes on one database, the test admin as their caller; each must
     shut down gracefully (exit 0) at the end."""
-    from tests.conftest import ENVIRONMENT
 
     config = write_toml(
         directory / "broker.toml",

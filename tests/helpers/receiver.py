@@ -1,5 +1,5 @@
 """A webhook receiver for tests: a real HTTP server on loopback that records every request and
-answers from a script (e.g. 500 five times, then 200)."""
+answers from a script (e.g. 500 five times, then 200); and a signing secret for its endpoint."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN
+from tests.helpers.settings import ADMIN
 
 
 async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerAsyncStub], iid: str) -> None:
