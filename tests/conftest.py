@@ -8,6 +8,7 @@ set (as CI does), a PostgreSQL that cannot be reached fails the tests instead.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def clock() -> FakeClock:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A throwaway CA and its certificates (slow to make: once per module)."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The usual 022: what a process creates is world-readable unless it says otherwise."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -235,8 +236,7 @@ async def test_audit_group_commit_batches_and_stays_fail_closed(
 ) -> None:
     broker = await start(make_settings(database_url))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             iid = (await stub.StoreIntegration(store_request(), metadata=ADMIN)).integration.id
             request = pb.GetAccessTokenRequest(integration_id=iid)
 
@@ -280,8 +280,7 @@ async def test_metrics_endpoint(database_url: str, unused_tcp_port: int) -> None
     settings = make_settings(database_url, metrics={"listen": f"127.0.0.1:{unused_tcp_port}"})
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             stored_ = await stub.StoreIntegration(
                 store_request(user_id="secret-user-7", access_token="at-metric-canary"),
                 metadata=ADMIN,
@@ -343,8 +342,7 @@ async def test_serve_with_workers_shares_one_port(
     try:
         for _ in range(8):
             # New channels are new connections: the kernel spreads them over the workers.
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
+            async with broker_stub(unused_tcp_port) as stub:
                 response = await stub.StoreIntegration(store_request(), metadata=ADMIN)
                 assert response.integration.user_id == "user-1"
         pids.add("ok")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -33,6 +32,7 @@ from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
 from tests.helpers.processes import clean_env, free_port
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.stubs import broker_stub
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -285,8 +285,7 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: st
     stopping: asyncio.Task[None] | None = None
     try:
         blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: StoreIntegration must wait
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             call = stub.StoreIntegration(store_request(), metadata=ADMIN, timeout=10)
             in_flight = asyncio.ensure_future(call)
             await asyncio.wait_for(entered.wait(), 10)
@@ -325,8 +324,7 @@ async def test_an_empty_dev_token_file_is_not_an_empty_credential(
         return  # refusing to start is a fine answer too
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             await expect_error(
                 stub.ListIntegrations(
                     pb.ListIntegrationsRequest(user_id="u"),
@@ -519,16 +517,6 @@ def test_demo_provider_port_in_use_names_the_serve_flag(project: Path) -> None:
 
 
 # -- files are the owner's alone ----------------------------------------------------------------
-
-
-@pytest.fixture
-def loose_umask() -> Iterator[None]:
-    """The usual 022: what a process creates is world-readable unless it says otherwise."""
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_dev_mode_files_are_private_whatever_the_umask(

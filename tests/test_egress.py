@@ -45,6 +45,7 @@ from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.leaks import error_texts, record_texts
 from tests.helpers.receiver import Receiver, new_secret
 from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 CANARY = "INTERNAL-RESPONSE-CANARY db_password=hunter2"
@@ -298,8 +299,7 @@ async def test_a_row_stored_under_an_older_allowlist_is_refused_at_mint(
 ) -> None:
     listed = await start(egress_settings(database_url, fake, [hostile.token_url]))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{listed.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(listed.port) as stub:
             ids = [
                 (await store(stub, "open", client_credentials(hostile.token_url), "u1")).id,
                 (await store(stub, "open", service_account(hostile.token_url), "u2")).id,
@@ -311,8 +311,7 @@ async def test_a_row_stored_under_an_older_allowlist_is_refused_at_mint(
     # The operator takes the URL off the list: the rows are still there, and must not be sent.
     unlisted = await start(egress_settings(database_url, fake, []))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{unlisted.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(unlisted.port) as stub:
             for iid, kind in zip(ids, KINDS, strict=True):
                 error = await expect_error(
                     stub.GetAccessToken(
@@ -354,8 +353,7 @@ async def test_a_providers_answer_never_reaches_the_caller(
     hostile.mode = mode
     broker = await start(egress_settings(database_url, fake, [hostile.token_url]))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             errors = []
             for n, cred in enumerate(
                 [client_credentials(hostile.token_url), service_account(hostile.token_url)]
@@ -429,8 +427,7 @@ async def test_every_unreachable_endpoint_reads_the_same(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             seen = []
             for n, url in enumerate(urls):
                 stored = await store(stub, "open", client_credentials(url), f"user-{n}")

@@ -25,6 +25,7 @@ from tests.helpers.errors import expect_error
 from tests.helpers.events import CALLBACK, Reader, all_events, event_settings, read_resuming, store
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.settings import ADMIN
+from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode
@@ -360,8 +361,7 @@ async def test_resume_after_a_drop_has_no_gap_and_no_duplicate_under_concurrent_
 
 async def test_shutdown_ends_open_streams_cleanly(settings: Settings) -> None:
     broker = await start(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         reader = Reader(stub, pb.WatchIntegrationEventsRequest())
         await eventually(lambda: holds(reader.heartbeats >= 1), "the stream to be open")
         await broker.stop(5)

@@ -25,6 +25,7 @@ from tests.helpers.errors import error_info
 from tests.helpers.events import Reader, all_events, event_settings, store
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.settings import ADMIN
+from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode
@@ -181,8 +182,7 @@ async def small_buffer(settings: Settings) -> AsyncIterator[Broker]:
 async def test_a_stream_behind_the_buffer_catches_up_from_its_own_cursor(
     small_buffer: Broker, fake: FakeAuthServer
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_buffer.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(small_buffer.port) as stub:
         for i in range(3):
             await store(stub, fake, user=f"early{i}", expires_in=3600)
         live = Reader(stub, pb.WatchIntegrationEventsRequest())
@@ -214,8 +214,7 @@ async def test_resuming_streams_under_writers_with_a_small_buffer_miss_nothing(
 ) -> None:
     from tests.helpers.events import read_resuming
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_buffer.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(small_buffer.port) as stub:
         await store(stub, fake, user="first", expires_in=3600)
         start_id = (await all_events(stub))[-1].id
         filtered = Reader(stub, pb.WatchIntegrationEventsRequest(user_id="w7"))

@@ -26,6 +26,7 @@ from tests.helpers.grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
 from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, run_cli, write_toml
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -45,8 +46,7 @@ async def test_sqlite_cli_disconnect_reaches_the_running_broker(
     sqlite_broker: tuple[str, Broker],
 ) -> None:
     url, broker = sqlite_broker
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         stored = await stub.StoreIntegration(store_request(user_id="user-a"), metadata=ADMIN)
         iid = stored.integration.id
         request = pb.GetAccessTokenRequest(integration_id=iid)
@@ -84,8 +84,7 @@ async def test_sqlite_cli_grant_revocation_reaches_the_running_broker(
     sqlite_broker: tuple[str, Broker],
 ) -> None:
     url, broker = sqlite_broker
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         await stub.StoreIntegration(store_request(user_id="user-a"), metadata=ADMIN)
         created = await stub.CreateGrant(
             pb.CreateGrantRequest(user_id="user-a", providers=["twitter"], run_id="run-cli"),

@@ -40,6 +40,7 @@ from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.grpcurl import Grpcurl, grpcurl_binary
 from tests.helpers.leaks import error_texts, record_texts, scan
 from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 MINTED = ("client_credentials", "service_account", "github_app_installation")
@@ -539,8 +540,7 @@ async def test_canary_secrets_of_every_kind_never_leak(
     errors: list[grpc.aio.AioRpcError] = []
     minted: list[str] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             creds = [
                 ("keysonly", credential("api_key", key=canary_key, header="X-Key")),
                 ("keysonly", credential("basic", username="u", password=canary_password)),

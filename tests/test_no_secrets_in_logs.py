@@ -33,6 +33,7 @@ from tests.helpers.leaks import error_texts, record_texts, scan
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.receiver import Receiver
 from tests.helpers.settings import ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 CALLBACK = "https://app.example.test/oauth/callback"
@@ -452,8 +453,7 @@ async def test_no_canary_in_a_broker_process_debug_log(
     md = canaries.metadata
     try:
         plant_grant(fake, canaries.access, canaries.refresh)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(process.port) as stub:
             stored = await stub.StoreIntegration(
                 pb.StoreIntegrationRequest(
                     user_id="user-1",

@@ -23,6 +23,7 @@ from tests.helpers.grants import RUNNER_TOKEN
 from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode
@@ -381,8 +382,7 @@ async def test_sighup_reloads_policies_and_keeps_old_on_bad_file(
     process: BrokerProcess, database_url: str
 ) -> None:
     config = process.config
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(process.port) as stub:
         acme_id = await store(stub, "acme")
         google_id = await store(stub, "google")
 

@@ -11,12 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.errors import StorageUnavailable
 from broker.model import StoredIntegration
@@ -28,6 +26,7 @@ from tests.helpers.databases import PostgresFactory
 from tests.helpers.integrations import store_request
 from tests.helpers.proxy import Proxy
 from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 pytestmark = pytest.mark.postgres
 
@@ -51,8 +50,7 @@ async def stored_ids(database: str) -> list[str]:
     """Integrations stored through a real broker (encrypted, with scopes and metadata)."""
     broker: Broker = await start(make_settings(database, cache={"enabled": False}))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             ids = []
             for n in range(3):
                 request = store_request(user_id=f"user-{n}", access_token=f"at-{n}")

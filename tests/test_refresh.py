@@ -25,6 +25,7 @@ from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.integrations import row, store_grant, token
 from tests.helpers.providers import provider_settings
 from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -129,8 +130,7 @@ async def test_missing_expires_in_uses_default(database_url: str, fake: FakeAuth
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             iid, _, _ = await store_grant(stub, fake)
             got = await token(stub, iid)
             left = got.expires_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
@@ -368,8 +368,7 @@ async def test_background_refresh_shared_by_replicas(
 ) -> None:
     a, b = two_brokers
     fake.latency = 0.05
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(a.port) as stub:
         for n in range(20):
             await store_grant(stub, fake, expires_in=10, account_id=f"acct-{n}")
     await asyncio.gather(a.refresher.background_pass(), b.refresher.background_pass())

@@ -34,6 +34,7 @@ from tests.helpers.integrations import row, store_grant
 from tests.helpers.processes import replica_set
 from tests.helpers.providers import provider_settings
 from tests.helpers.settings import ADMIN, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 FAILING = 13
@@ -170,8 +171,7 @@ async def test_a_provider_budget_per_pass(
     )
     broker = await start(settings, clock=clock)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             failing = await store_failing(stub, FAILING)
             healthy, _, _ = await store_grant(stub, good, expires_in=60, user_id="victim")
             budget_skips = skipped("hostile", "budget")
@@ -224,86 +224,85 @@ async def test_each_row_is_claimed_at_most_once_per_pass(
     assert good.refresh_calls == 0
 
 
+@pytest.fixture
+def short() -> Iterator[FakeAuthServer]:
+    """A provider whose tokens live 120 s, under the default 300 s margin."""
+    yield from serve_fake(expires_in=120)
+
+
+@pytest.fixture
+async def short_lived(
+    database_url: str, short: FakeAuthServer, clock: FakeClock
+) -> AsyncIterator[Broker]:
+    settings = make_settings(
+        database_url, providers=provider_settings(short), refresh={"background": False}
+    )
+    running = await start(settings, clock=clock)
+    yield running
+    await running.stop(0)
+
+
 async def test_short_tokens_are_refreshed_at_half_their_lifetime_on_calls(
-    database_url: str, clock: FakeClock
+    short: FakeAuthServer, short_lived: Broker, clock: FakeClock
 ) -> None:
     """120 s tokens under the default 300 s margin, called every 2 s for 2 minutes: about
     one refresh per minute each, not one per call."""
-    with FakeAuthServer(expires_in=120) as short:
-        settings = make_settings(
-            database_url, providers=provider_settings(short), refresh={"background": False}
-        )
-        broker = await start(settings, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
-                ids = [
-                    (await store_grant(stub, short, expires_in=120, user_id=f"u{n}"))[0]
-                    for n in range(5)
-                ]
-                calls = 0
-                for _ in range(60):
-                    clock.advance(timedelta(seconds=2))
-                    for iid in ids:
-                        got = await stub.GetAccessToken(
-                            pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
-                        )
-                        calls += 1
-                        left = got.expires_at.ToDatetime(tzinfo=UTC) - clock.now
-                        assert left >= timedelta(seconds=58), "never served close to expiry"
-                # The first call refreshes (the stored token's lifetime is not known yet:
-                # the margin decides), then once every 60 s: 3 each, 4 at most.
-                assert short.refresh_calls <= 4 * len(ids), short.refresh_calls
-                assert short.refresh_calls >= 2 * len(ids)
-                assert calls == 300
-                # A caller may still ask for more than half the lifetime ...
+    async with broker_stub(short_lived.port) as stub:
+        ids = [
+            (await store_grant(stub, short, expires_in=120, user_id=f"u{n}"))[0] for n in range(5)
+        ]
+        calls = 0
+        for _ in range(60):
+            clock.advance(timedelta(seconds=2))
+            for iid in ids:
                 got = await stub.GetAccessToken(
-                    pb.GetAccessTokenRequest(
-                        integration_id=ids[0], min_valid_for=duration_pb2.Duration(seconds=100)
-                    ),
-                    metadata=ADMIN,
+                    pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
                 )
-                assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(seconds=100)
-                # ... and more than the lifetime is unattainable, as before.
-                await expect_error(
-                    stub.GetAccessToken(
-                        pb.GetAccessTokenRequest(
-                            integration_id=ids[0],
-                            min_valid_for=duration_pb2.Duration(seconds=300),
-                        ),
-                        metadata=ADMIN,
-                    ),
-                    Code.FAILED_PRECONDITION,
-                    "MIN_VALIDITY_UNATTAINABLE",
-                )
-        finally:
-            await broker.stop(0)
+                calls += 1
+                left = got.expires_at.ToDatetime(tzinfo=UTC) - clock.now
+                assert left >= timedelta(seconds=58), "never served close to expiry"
+        # The first call refreshes (the stored token's lifetime is not known yet:
+        # the margin decides), then once every 60 s: 3 each, 4 at most.
+        assert short.refresh_calls <= 4 * len(ids), short.refresh_calls
+        assert short.refresh_calls >= 2 * len(ids)
+        assert calls == 300
+        # A caller may still ask for more than half the lifetime ...
+        got = await stub.GetAccessToken(
+            pb.GetAccessTokenRequest(
+                integration_id=ids[0], min_valid_for=duration_pb2.Duration(seconds=100)
+            ),
+            metadata=ADMIN,
+        )
+        assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(seconds=100)
+        # ... and more than the lifetime is unattainable, as before.
+        await expect_error(
+            stub.GetAccessToken(
+                pb.GetAccessTokenRequest(
+                    integration_id=ids[0],
+                    min_valid_for=duration_pb2.Duration(seconds=300),
+                ),
+                metadata=ADMIN,
+            ),
+            Code.FAILED_PRECONDITION,
+            "MIN_VALIDITY_UNATTAINABLE",
+        )
 
 
 async def test_short_tokens_are_refreshed_at_half_their_lifetime_in_the_background(
-    database_url: str, clock: FakeClock
+    short: FakeAuthServer, short_lived: Broker, clock: FakeClock
 ) -> None:
-    with FakeAuthServer(expires_in=120) as short:
-        settings = make_settings(
-            database_url, providers=provider_settings(short), refresh={"background": False}
-        )
-        broker = await start(settings, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
-                for n in range(5):
-                    await store_grant(stub, short, expires_in=120, user_id=f"u{n}")
-            per_pass = []
-            for _ in range(10):
-                before = short.refresh_calls
-                await broker.refresher.background_pass()
-                per_pass.append(short.refresh_calls - before)
-                clock.advance(PASS)
-            # At most once per row per pass, and over 5 minutes about every other pass.
-            assert max(per_pass) <= 5, per_pass
-            assert sum(per_pass) <= 5 * 6, per_pass
-        finally:
-            await broker.stop(0)
+    async with broker_stub(short_lived.port) as stub:
+        for n in range(5):
+            await store_grant(stub, short, expires_in=120, user_id=f"u{n}")
+    per_pass = []
+    for _ in range(10):
+        before = short.refresh_calls
+        await short_lived.refresher.background_pass()
+        per_pass.append(short.refresh_calls - before)
+        clock.advance(PASS)
+    # At most once per row per pass, and over 5 minutes about every other pass.
+    assert max(per_pass) <= 5, per_pass
+    assert sum(per_pass) <= 5 * 6, per_pass
 
 
 async def test_callers_respect_the_back_off(

@@ -26,6 +26,7 @@ from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
 from tests.helpers.pki import Pem, Pki, tls_settings
 from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -157,8 +158,7 @@ async def test_client_certificate_from_another_ca_fails_the_handshake(
 
 
 async def test_plaintext_client_is_refused(broker: Broker) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         await expect_error(
             stub.ListIntegrations(
                 pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN, timeout=5
@@ -371,8 +371,7 @@ async def test_non_loopback_with_allow_insecure_serves_in_clear(
         broker = await start(settings)
     try:
         assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
-        async with grpc.aio.insecure_channel(f"127.0.0.2:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port, host="127.0.0.2") as stub:
             listed = await stub.ListIntegrations(
                 pb.ListIntegrationsRequest(user_id="user-1"), metadata=ADMIN
             )

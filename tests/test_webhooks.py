@@ -30,6 +30,7 @@ from broker.server.callers import hash_token
 from tests.helpers.processes import BrokerProcess, write_toml
 from tests.helpers.receiver import Receiver, new_secret
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually, holds
 
 SECRET_ENV = "TEST_WEBHOOK_SECRET"
@@ -169,8 +170,7 @@ async def test_order_per_endpoint_and_filters(
         )
         broker = await start(settings)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
+            async with broker_stub(broker.port) as stub:
                 receiver.script = [503, 503]  # the first event is late: the others must wait
                 ids = [
                     await connect(stub, f"u{i}", "slack" if i % 2 else "github") for i in range(6)
@@ -202,8 +202,7 @@ async def test_failed_after_the_retry_window_then_retried_by_the_cli(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             receiver.otherwise = 500
             await connect(stub, "u1")
 
