@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from broker.server.app import Broker, start
 from broker.storage.tables import integration_events, integrations
 from tests.helpers.errors import error_info, expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.http import LoopbackServer, QuietHandler
 from tests.helpers.leaks import error_texts, record_texts
 from tests.helpers.receiver import Receiver, new_secret
 from tests.helpers.settings import ADMIN, make_settings
@@ -74,15 +75,15 @@ class Hit:
     body: bytes
 
 
-class Hostile:
+class Hostile(LoopbackServer):
     """A server a caller would like the broker to talk to (an internal service, a metadata
     endpoint): records every request and answers with the canary, in the way ``mode`` says."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.mode = "description"
         self.hits: list[Hit] = []
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
     def answer(self) -> tuple[int, str, bytes]:
         if self.mode == "description":
@@ -100,13 +101,10 @@ class Hostile:
             return 200, "application/json", json.dumps({"debug": CANARY}).encode()
         return 200, "application/json", b'{"access_token": "at-hostile", "expires_in": 600}'
 
-    def __enter__(self) -> Hostile:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         hostile = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with hostile.lock:
@@ -120,19 +118,7 @@ class Hostile:
 
             do_GET = do_POST = do_DELETE = do_PUT = _any
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        return Handler
 
     @property
     def token_url(self) -> str:

@@ -7,8 +7,9 @@ import base64
 import secrets
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+
+from tests.helpers.http import LoopbackServer, QuietHandler
 
 
 @dataclass(frozen=True)
@@ -18,8 +19,9 @@ class Received:
     status: int
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[Received] = []
         self.script: list[int] = []  # statuses to answer first, in order; then `otherwise`
         self.otherwise = 200
@@ -27,15 +29,11 @@ class Receiver:
         self.hold: threading.Event | None = None
         self.arrived = 0  # requests read, answered or not
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
-    def __enter__(self) -> Receiver:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with receiver.lock:
@@ -51,19 +49,11 @@ class Receiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        return Handler
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks"
+        return f"http://127.0.0.1:{self.port}/hooks"
 
     def received(self) -> list[Received]:
         with self.lock:
