@@ -33,7 +33,7 @@ def keypair(curve: bool = False) -> tuple[str, str]:
     return private, public
 
 
-# Generating RSA keys is slow on a busy machine: once per module.
+# Generating RSA keys is slow on a busy machine: once per test session.
 SA_KEY, SA_PUBLIC = keypair()
 
 
