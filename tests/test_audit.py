@@ -21,9 +21,8 @@ from broker.server.app import Broker
 from broker.storage.tables import audit_events, grants, integrations
 from tests.helpers.audit import AuditTable
 from tests.helpers.errors import expect_error
-from tests.helpers.grants import RUNNER, RUNNER_TOKEN
 from tests.helpers.integrations import store_request
-from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, RUNNER, RUNNER_TOKEN, make_settings
 
 Code = grpc.StatusCode
 

@@ -28,7 +28,7 @@ from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.tables import audit_events, integrations
-from tests.helpers.cli import Result, broker, config
+from tests.helpers.cli import CliResult, broker, config
 from tests.helpers.processes import write_toml
 from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
@@ -62,7 +62,7 @@ async def seed(database_url: str, keys: str, users: dict[str, int]) -> dict[str,
     return tokens
 
 
-def assert_no_secrets(result: Result, *secrets: str) -> None:
+def assert_no_secrets(result: CliResult, *secrets: str) -> None:
     text = result.out + result.err
     assert "secretvalue" not in text
     for secret in secrets:

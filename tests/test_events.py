@@ -22,7 +22,14 @@ from broker.server.app import Broker, start
 from broker.storage import events as event_store
 from broker.storage.tables import integration_events, integrations
 from tests.helpers.errors import expect_error
-from tests.helpers.events import CALLBACK, Reader, all_events, event_settings, read_resuming, store
+from tests.helpers.events import (
+    EVENTS_CALLBACK,
+    Reader,
+    all_events,
+    event_settings,
+    read_resuming,
+    store,
+)
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.settings import ADMIN
 from tests.helpers.stubs import broker_stub
@@ -155,7 +162,9 @@ async def test_completed_authorization_is_a_connected_event(
     stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     begun = await stub.BeginAuthorization(
-        pb.BeginAuthorizationRequest(user_id="user-9", provider="acme", redirect_uri=CALLBACK),
+        pb.BeginAuthorizationRequest(
+            user_id="user-9", provider="acme", redirect_uri=EVENTS_CALLBACK
+        ),
         metadata=ADMIN,
     )
     async with httpx.AsyncClient() as http:

@@ -40,11 +40,10 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.config import Settings
 from broker.server.app import Broker
 from tests.helpers.fakes import FakeAuthServer
-from tests.helpers.grants import RUNNER
 from tests.helpers.integrations import store_request
 from tests.helpers.leaks import tracebacks
 from tests.helpers.providers import CALLBACK, acme
-from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.settings import ADMIN, RUNNER, make_settings
 from tests.helpers.wire import field_bytes, nested_struct, varint
 
 FD = pb_descriptor.FieldDescriptor

@@ -12,9 +12,8 @@ import grpc
 import pytest
 
 from broker.server.app import Broker
-from tests.helpers.grants import RUNNER_TOKEN
 from tests.helpers.grpcurl import SERVICE, Grpcurl, grpcurl_binary
-from tests.helpers.settings import ADMIN_TOKEN
+from tests.helpers.settings import ADMIN_TOKEN, RUNNER_TOKEN
 
 RPCS = ("StoreIntegration", "GetAccessToken", "Disconnect", "GetIntegration", "ListIntegrations")
 

@@ -88,3 +88,23 @@ def test_the_fake_fixture_is_defined_once_and_other_ones_use_the_factory() -> No
         "a `fake` fixture of its own must be built with tests.helpers.fakes.serve_fake, "
         "so only its arguments differ:\n" + "\n".join(hand_built)
     )
+
+
+def test_each_helper_name_is_defined_in_one_helper_module() -> None:
+    """Two helpers of one name (say, two RUNNER constants for different callers) would let an
+    import from the wrong module pass unnoticed."""
+    homes: dict[str, list[str]] = {}
+    for path in sorted(HELPERS.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                homes.setdefault(node.name, []).append(path.stem)
+            elif isinstance(node, ast.Assign):
+                targets = node.targets
+            for target in targets:
+                names = target.elts if isinstance(target, ast.Tuple) else [target]
+                for name in names:
+                    if isinstance(name, ast.Name):
+                        homes.setdefault(name.id, []).append(path.stem)
+    shared = {name: where for name, where in homes.items() if len(where) > 1}
+    assert shared == {}, shared

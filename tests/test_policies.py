@@ -19,10 +19,16 @@ from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations
 from tests.helpers.errors import error_info, expect_error
-from tests.helpers.grants import RUNNER_TOKEN
 from tests.helpers.integrations import store_request
 from tests.helpers.processes import BrokerProcess, write_toml
-from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.settings import (
+    ADMIN,
+    ADMIN_TOKEN,
+    ENVIRONMENT,
+    KEYS,
+    RUNNER_TOKEN,
+    make_settings,
+)
 from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually
 

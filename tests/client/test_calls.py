@@ -28,8 +28,8 @@ from credentialbroker_client import (
     broker_pb2,
 )
 from tests.client.conftest import audited, store_grant
-from tests.helpers.grants import RUNNER_TOKEN
 from tests.helpers.providers import CALLBACK
+from tests.helpers.settings import RUNNER_TOKEN
 
 
 async def test_every_rpc_round_trips(

@@ -18,7 +18,7 @@ from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 
 @dataclass
-class Result:
+class CliResult:
     code: int
     out: str
     err: str
@@ -39,7 +39,7 @@ def config(tmp_path: Path, database_url: str, keys: str = KEYS, **server: Any) -
 
 async def broker(
     capsys: pytest.CaptureFixture[str], cfg: Path, *argv: str, stdin: Any = None
-) -> Result:
+) -> CliResult:
     capsys.readouterr()
     if stdin is not None:
         sys.stdin = stdin
@@ -48,4 +48,4 @@ async def broker(
     finally:
         sys.stdin = sys.__stdin__
     out, err = capsys.readouterr()
-    return Result(code, out, err)
+    return CliResult(code, out, err)

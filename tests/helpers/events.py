@@ -15,13 +15,13 @@ from tests.helpers.providers import endpoints
 from tests.helpers.settings import ADMIN, make_settings
 from tests.helpers.waiting import eventually
 
-CALLBACK = "https://app.example.test/oauth/callback"
+EVENTS_CALLBACK = "https://app.example.test/oauth/callback"
 
 
 def event_settings(database_url: str, fake: FakeAuthServer, **overrides: Any) -> Settings:
     provider = {
         **endpoints(fake),
-        "redirect_uris": [CALLBACK],
+        "redirect_uris": [EVENTS_CALLBACK],
         "rotates_refresh_tokens": True,
     }
     return make_settings(

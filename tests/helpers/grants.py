@@ -7,7 +7,7 @@ from typing import Any
 from broker.server.callers import hash_token
 from tests.helpers.settings import ADMIN_TOKEN
 
-RUNNER_TOKEN = "grant-runner-token"
+GRANT_RUNNER_TOKEN = "grant-runner-token"
 
 
 OTHER_TOKEN = "other-runner-token"
@@ -22,14 +22,14 @@ PLAIN_TOKEN = "plain-reader-token"
 TENANT_TOKEN = "tenant-a-token"
 
 
-RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
+GRANT_RUNNER = (("authorization", f"Bearer {GRANT_RUNNER_TOKEN}"),)
 
 
 def grant_callers() -> dict[str, Any]:
     return {
         "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
         # Every method configured, yet under requires_grant it can only read under a grant.
-        "runner": {"token_sha256": hash_token(RUNNER_TOKEN), "requires_grant": True},
+        "runner": {"token_sha256": hash_token(GRANT_RUNNER_TOKEN), "requires_grant": True},
         "other-runner": {
             "token_sha256": hash_token(OTHER_TOKEN),
             "requires_grant": True,

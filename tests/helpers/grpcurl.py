@@ -24,7 +24,7 @@ def grpcurl_binary() -> str:
 
 
 @dataclass
-class Result:
+class GrpcurlResult:
     returncode: int
     stdout: str
     stderr: str
@@ -40,7 +40,7 @@ class Grpcurl:
 
     async def __call__(
         self, *command: str, flags: tuple[str, ...] = (), token: str | None = ADMIN_TOKEN
-    ) -> Result:
+    ) -> GrpcurlResult:
         """Run ``grpcurl -plaintext [auth] FLAGS ADDRESS COMMAND...``."""
         auth = ["-H", f"authorization: Bearer {token}"] if token else []
         process = await asyncio.create_subprocess_exec(
@@ -60,11 +60,11 @@ class Grpcurl:
             await process.wait()
             raise
         assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
+        return GrpcurlResult(process.returncode, out.decode(), err.decode())
 
     async def call(
         self, method: str, body: dict[str, Any], *flags: str, token: str | None = ADMIN_TOKEN
-    ) -> Result:
+    ) -> GrpcurlResult:
         return await self(
             f"{SERVICE}/{method}", flags=(*flags, "-d", json.dumps(body)), token=token
         )
