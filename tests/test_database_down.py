@@ -23,6 +23,7 @@ from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
 from tests.helpers.proxy import Proxy
 from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -166,8 +167,7 @@ async def test_event_streams_stay_open_while_the_database_is_down_and_resume(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             await stub.StoreIntegration(store_request(user_id="before"), metadata=ADMIN)
             call = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
             first: Any = await call.read()

@@ -388,8 +388,7 @@ async def test_a_fixed_configuration_is_tried_at_once_after_a_restart(
     the fix of its configuration nor the restart that applies it."""
 
     async def get(broker: Broker, iid: str) -> Any:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             return await stub.GetAccessToken(
                 pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
             )
@@ -399,8 +398,7 @@ async def test_a_fixed_configuration_is_tried_at_once_after_a_restart(
     )
     broker = await start(unconfigured, clock=clock)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             refused, _, _ = await store_grant(stub, good)
             missing = (
                 await stub.StoreIntegration(
