@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,25 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events
 from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
-from tests.conftest import (
+from tests.helpers.credentials import (
+    APP_KEY,
+    APP_PUBLIC,
+    SA_EMAIL,
+    SA_PUBLIC,
+    credential,
+    service_account_json,
+)
+from tests.helpers.errors import error_info, expect_error, retry_info
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.grpcurl import Grpcurl, grpcurl_binary
+from tests.helpers.processes import BrokerProcess, free_port, write_toml
+from tests.helpers.settings import (
     ADMIN,
     ADMIN_TOKEN,
     ENVIRONMENT,
     KEYS,
     RUNNER_TOKEN,
-    error_info,
-    expect_error,
     make_settings,
-    retry_info,
-)
-from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, write_toml
-from tests.test_grpcurl import Grpcurl, _grpcurl
-from tests.test_kinds import (
-    APP_PUBLIC,
-    SA_EMAIL,
-    SA_PUBLIC,
-    credential,
-    minted_credential,
-    store,
 )
 
 Code = grpc.StatusCode
@@ -58,12 +55,37 @@ REQUEST_CAP = 4096
 RESPONSE_CAP = 64 * 1024
 
 
+def _register(server: FakeAuthServer) -> None:
+    server.register_service_account(SA_EMAIL, SA_PUBLIC)
+    server.register_app("42", APP_PUBLIC, {"1001", "1002"})
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600, rotate=True) as server:
-        server.register_service_account(SA_EMAIL, SA_PUBLIC)
-        server.register_app("42", APP_PUBLIC, {"1001", "1002"})
-        yield server
+    yield from serve_fake(_register, expires_in=3600, rotate=True)
+
+
+def minted_credential(kind: str, fake: FakeAuthServer) -> pb.Credential:
+    if kind == "client_credentials":
+        return credential(
+            kind, client_id=fake.client_id, client_secret=fake.client_secret, scopes=["read"]
+        )
+    if kind == "service_account":
+        return credential(kind, json_key=service_account_json(), scopes=["read"])
+    return credential(kind, app_id="42", private_key=APP_KEY, installation_id="1001")
+
+
+async def store(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    cred: pb.Credential,
+    provider: str = "acme",
+    user: str = "user-1",
+) -> pb.Integration:
+    response = await stub.StoreIntegration(
+        pb.StoreIntegrationRequest(user_id=user, provider=provider, credential=cred),
+        metadata=ADMIN,
+    )
+    return response.integration
 
 
 @pytest.fixture
@@ -696,7 +718,7 @@ async def test_a_runner_through_grpcurl_as_the_docs_show(
         pb.CreateGrantRequest(user_id="user-1", providers=["acme"], proxy_only=True),
         metadata=ADMIN,
     )
-    run = Grpcurl(f"127.0.0.1:{broker.port}", _grpcurl())
+    run = Grpcurl(f"127.0.0.1:{broker.port}", grpcurl_binary())
     body = {
         "user_id": "user-1",
         "provider": "acme",
@@ -771,17 +793,11 @@ async def test_the_http_front_answers_expect_100_continue_before_the_body(
     assert api.requests[-1].body == b"x" * 2048
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_a_broker_process_serves_the_http_front_to_curl(
     database_url: str, api: FakeApi, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = write_toml(
         tmp_path / "broker.toml",
         {

@@ -11,6 +11,7 @@ import pytest
 
 from broker.config import Settings
 from broker.server.app import Broker
+from broker.server.callers import hash_token
 from broker_devtools.fakeapi import FakeApi
 from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import (
@@ -21,9 +22,9 @@ from credentialbroker_client import (
     ProxyResponse,
     TokenExposureDenied,
 )
-from tests.client.conftest import FAST
-from tests.conftest import ADMIN_TOKEN, make_settings
-from tests.test_authorization import acme
+from tests.client.conftest import FAST, audited
+from tests.helpers.providers import acme
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 PROXY_TOKEN = "client-proxy-only-token"
 
@@ -36,8 +37,6 @@ def api() -> Iterator[FakeApi]:
 
 @pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
-    from broker.server.callers import hash_token
-
     return make_settings(
         database_url,
         providers={
@@ -114,6 +113,4 @@ async def test_a_post_is_not_retried_when_the_provider_is_unreachable(
                 body=b"once",
                 request_id=request_id,
             )
-    from tests.client.conftest import audited
-
     assert await audited(broker, request_id) == 1
