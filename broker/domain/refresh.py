@@ -28,7 +28,8 @@ never reached the provider are retried at once (broker.providers.client). The pr
 runs in its own task, shielded from callers: a caller whose deadline passes gets UNAVAILABLE
 with RetryInfo while the call goes on and its tokens are stored. When a sent request gets no
 usable answer the integration records ``last_refresh_error = 'outcome_unknown'`` and is not
-refreshed again before ``refresh.outcome_unknown_retry_seconds`` (README, "Refresh safety").
+refreshed again before ``refresh.outcome_unknown_retry_seconds`` (docs/providers.md, "Refresh
+safety").
 
 On shutdown (``stop_claiming``) no new background work is claimed or started, retries stop,
 and the calls already sent run to their end and are stored.
@@ -397,8 +398,8 @@ class RefreshEngine:
     def _cooling_down(self, row: StoredIntegration, request: TokenRequest, now: Any) -> bool:
         """After a failed refresh of any kind the integration backs off: no request is sent
         before its ``next_refresh_at`` (after an unknown outcome that is also what keeps a
-        maybe-rotated refresh token from being presented again at once: README, "Refresh
-        safety"). True: serve the stored token, it still does for this caller; otherwise the
+        maybe-rotated refresh token from being presented again at once: docs/providers.md,
+        "Refresh safety"). True: serve the stored token, it still does for this caller; otherwise the
         caller meets the failure the integration backs off from."""
         failed = refresh_policy.cool_down(row.last_refresh_error, row.next_refresh_at, now)
         if failed is None:
