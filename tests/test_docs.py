@@ -33,7 +33,9 @@ def test_the_readme_is_short() -> None:
 def test_every_page_is_in_the_nav() -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     nav = nav_pages(config["nav"])
-    excluded = [line.strip() for line in config.get("exclude_docs", "").splitlines() if line.strip()]
+    excluded = [
+        line.strip() for line in config.get("exclude_docs", "").splitlines() if line.strip()
+    ]
     pages = {
         page.relative_to(DOCS).as_posix()
         for page in DOCS.rglob("*.md")
@@ -46,7 +48,9 @@ def test_every_page_is_in_the_nav() -> None:
 def test_the_readme_maps_every_guide() -> None:
     readme = (ROOT / "README.md").read_text()
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    missing = {p for p in nav_pages(config["nav"]) if p != "index.md" and f"(docs/{p})" not in readme}
+    missing = {
+        p for p in nav_pages(config["nav"]) if p != "index.md" and f"(docs/{p})" not in readme
+    }
     assert missing == set(), "pages the README's map of the docs does not link"
 
 

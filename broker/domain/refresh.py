@@ -399,8 +399,8 @@ class RefreshEngine:
         """After a failed refresh of any kind the integration backs off: no request is sent
         before its ``next_refresh_at`` (after an unknown outcome that is also what keeps a
         maybe-rotated refresh token from being presented again at once: docs/providers.md,
-        "Refresh safety"). True: serve the stored token, it still does for this caller; otherwise the
-        caller meets the failure the integration backs off from."""
+        "Refresh safety"). True: serve the stored token, it still does for this caller;
+        otherwise the caller meets the failure the integration backs off from."""
         failed = refresh_policy.cool_down(row.last_refresh_error, row.next_refresh_at, now)
         if failed is None:
             return False
