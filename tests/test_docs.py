@@ -4,7 +4,10 @@ document by section instead of saying the point itself."""
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +69,29 @@ def test_no_tracked_file_cites_a_design_section() -> None:
     )
     assert found.returncode in (0, 1), found.stderr
     assert found.stdout == "", f"files citing {needle!r} instead of saying the point"
+
+
+# What a reader of each page has installed besides the standard library: the Python client, and
+# for the webhook receiver the Standard Webhooks package the page names.
+_READER_HAS = {"credentialbroker_client", "standardwebhooks"}
+
+
+def test_python_examples_import_only_what_their_reader_has() -> None:
+    imported: dict[str, set[str]] = {}
+    for page in DOCS.rglob("*.md"):
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.DOTALL):
+            for node in ast.walk(ast.parse(block)):
+                if isinstance(node, ast.Import):
+                    names = {alias.name for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = {node.module}
+                else:
+                    continue
+                top = {name.split(".")[0] for name in names}
+                imported.setdefault(page.name, set()).update(
+                    t for t in top if t not in sys.stdlib_module_names
+                )
+    assert imported, "no python examples found"
+    assert {page: names - _READER_HAS for page, names in imported.items()} == {
+        page: set() for page in imported
+    }
