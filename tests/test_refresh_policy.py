@@ -138,3 +138,10 @@ def test_pass_budget_per_provider() -> None:
     assert budget.spent("acme") == 2
     assert budget.take("other"), "one provider's spent budget is not another's"
     assert budget.spent("other") == 1
+    # Taken in claim order; one not made (the row was not due) is given back.
+    budget.give_back("acme")
+    assert budget.exhausted == frozenset()
+    assert budget.take("acme")
+    assert not budget.take("acme")
+    budget.give_back("nobody")
+    assert budget.spent("nobody") == 0

@@ -402,7 +402,7 @@ class RefreshEngine:
         "Refresh safety"). True: serve the stored token, it still does for this caller;
         otherwise the caller meets the failure the integration backs off from."""
         failed = refresh_policy.cool_down(row.last_refresh_error, row.next_refresh_at, now)
-        if failed is None:
+        if failed is None or self._outlived(row, failed):
             return False
         iid = row.integration.id
         provider = row.integration.provider
@@ -411,10 +411,14 @@ class RefreshEngine:
             return True
         wait = max(1.0, failed.seconds_from(now))
         if failed.kind.misconfigured:
+            cause = (
+                "has no OAuth client configured on this broker"
+                if failed.kind is FailureKind.NO_CLIENT
+                else "refused the last refresh"
+            )
             raise ProviderMisconfigured(
-                f"provider {provider!r} refused the last refresh of integration {iid} "
-                f"({failed.kind.value}); the broker tries again in {wait:.0f}s, or at once "
-                "after the integration is stored again",
+                f"provider {provider!r} {cause} of integration {iid}; the broker tries again "
+                f"in {wait:.0f}s, or at once after the integration is stored again",
                 integration_id=iid,
                 provider=provider,
                 retry_after_seconds=f"{wait:.0f}",
@@ -430,6 +434,19 @@ class RefreshEngine:
                 "unavailable); the broker waits before trying again"
             )
         raise ProviderUnavailable(message, retry_after=wait, integration_id=iid, provider=provider)
+
+    def _outlived(self, row: StoredIntegration, failed: Failure) -> bool:
+        """A refusal of the broker's own configuration that this process's configuration no
+        longer bears out: the operator fixed it and restarted. Callers try at once rather than
+        wait out the back-off (a refusal seen again flags the provider, and they wait again).
+        A minted integration's refusal is of its own credential: storing it again ends that."""
+        provider = row.integration.provider
+        if failed.kind is FailureKind.NO_CLIENT:
+            return provider in self.registry
+        if failed.kind is FailureKind.CLIENT_REJECTED:
+            minted = row.integration.credential_type.minted
+            return not minted and not self.registry.is_misconfigured(provider)
+        return False
 
     def _failed(self, row: StoredIntegration, kind: FailureKind, at_least: float = 0.0) -> Failure:
         """One more failure in the row's run, and how long it backs off (the one schedule for
@@ -861,19 +878,26 @@ class RefreshEngine:
             if not claimed:
                 break
             seen.update(iid for iid, _ in claimed)
+            # The budget is spent in claim order (never-failed rows first), not in the order
+            # the rows' reads happen to come back.
             await asyncio.gather(
                 *(
-                    self._background_one(iid, interval, provider, budget)
+                    self._background_one(iid, interval, provider, budget, budget.take(provider))
                     for iid, provider in claimed
                 )
             )
         return self.provider_calls - before
 
     async def _background_one(
-        self, iid: str, interval: timedelta, provider: str, budget: PassBudget
+        self, iid: str, interval: timedelta, provider: str, budget: PassBudget, granted: bool
     ) -> None:
-        """Refresh one integration whose lease this broker already holds (if it is due and its
-        provider's budget for this pass is not spent)."""
+        """Refresh one integration whose lease this broker already holds, if it is due and
+        was ``granted`` an attempt of its provider's budget for this pass."""
+        if not granted:
+            # Claimed in the batch that spent the budget; left for the next pass.
+            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            await self._release(iid, {})
+            return
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
         async with storage_errors(), self.engine.connect() as conn:
             row = await repository.get(conn, iid)
@@ -886,11 +910,7 @@ class RefreshEngine:
             if iid in self._flights:
                 return
         if row is None or running is not None or not self.due(row, ahead):
-            await self._release(iid, {})
-            return
-        if not budget.take(provider):
-            # Claimed in the batch that spent the budget; left for the next pass.
-            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            budget.give_back(provider)  # no attempt made
             await self._release(iid, {})
             return
         task = asyncio.create_task(self._leased_flight(row, ahead), name=f"refresh-{iid}")

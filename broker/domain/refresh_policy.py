@@ -168,6 +168,13 @@ class PassBudget:
             self._exhausted.add(provider)
         return True
 
+    def give_back(self, provider: str) -> None:
+        """An attempt taken but not made (the row turned out not to be due)."""
+        spent = self._spent.get(provider, 0)
+        if spent > 0:
+            self._spent[provider] = spent - 1
+            self._exhausted.discard(provider)
+
     @property
     def exhausted(self) -> frozenset[str]:
         """Providers with nothing left this pass: no point claiming their rows."""
