@@ -29,8 +29,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.errors import CiphertextInvalid
 from broker.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import touch
+from broker.storage.engine import bulk_insert, touch, touch_many
 from broker.storage.tables import integrations as t
 
 # The integration columns, in the order ``from_values`` unpacks them: every read selects
@@ -93,12 +94,22 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
     updated = utc(updated_at)
     assert created is not None
     assert updated is not None
+    try:
+        kind, state = Kind(credential_type), Status(status)
+    except ValueError:
+        # Only a write outside the broker puts another value here: the row is not to be
+        # trusted, like a ciphertext that fails to authenticate.
+        raise CiphertextInvalid(
+            f"integration {id_} has a credential kind or status this broker never writes; "
+            "it was changed outside the broker",
+            integration_id=id_,
+        ) from None
     integration = Integration(
         id=id_,
         user_id=user_id,
         provider=provider,
         account_id=account_id,
-        status=Status(status),
+        status=state,
         token_type=token_type,
         scopes=tuple(scopes or ()),
         metadata=dict(metadata or {}),
@@ -110,7 +121,7 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
         disconnect_reason=disconnect_reason,
         has_refresh_token=refresh_token_ct is not None,
         version=int(version),
-        credential_type=Kind(credential_type),
+        credential_type=kind,
     )
     return StoredIntegration(
         integration=integration,
@@ -481,3 +492,35 @@ async def claim_pending_revocations(
         owner,
         until,
     )
+
+
+async def insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Many new integrations in one statement (``broker import``); announced together."""
+    if not rows:
+        return
+    await bulk_insert(conn, t, rows)
+    await touch_many(conn, [(r["id"], r["user_id"], r["provider"]) for r in rows])
+
+
+async def get_many(conn: AsyncConnection, integration_ids: list[str]) -> list[StoredIntegration]:
+    rows = (await conn.execute(_SELECT.where(t.c.id.in_(integration_ids)))).all()
+    return [to_stored(r) for r in rows]
+
+
+async def owners(
+    conn: AsyncConnection, user_ids: list[str]
+) -> dict[tuple[str, str, str], StoredIntegration]:
+    """The integrations of these users, by (user, provider, account): one query for a batch."""
+    found: dict[tuple[str, str, str], StoredIntegration] = {}
+    for start in range(0, len(user_ids), 500):
+        chunk = user_ids[start : start + 500]
+        rows = (
+            await conn.execute(
+                _SELECT.where(t.c.user_id.in_(chunk)).order_by(t.c.created_at, t.c.id)
+            )
+        ).all()
+        for row in rows:
+            stored = to_stored(row)
+            i = stored.integration
+            found.setdefault((i.user_id, i.provider, i.account_id), stored)
+    return found
