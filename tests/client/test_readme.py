@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_devmode import DevBroker, clean_env, free_port
+from tests.helpers.devbroker import DevBroker
+from tests.helpers.processes import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "python"
