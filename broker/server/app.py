@@ -93,7 +93,7 @@ class Broker:
         # server: answer them UNAVAILABLE a little before, while their refreshes go on.
         loop = asyncio.get_running_loop()
         self.refresher.answer_callers_by(loop.time() + max(0.0, grace - min(1.0, grace / 5)))
-        self.runtime.revoker.draining = True
+        self.runtime.revoker.stop_claiming()
         # Open event streams end now, with status OK, rather than at the end of the grace.
         self.runtime.events.close()
         await asyncio.gather(self.server.stop(grace), self._drain())
@@ -245,10 +245,10 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         if stale:
             log.warning("took over %d refresh lease(s) left by a previous broker", stale)
     else:
-        lock = SessionLock(settings.database.url.get_secret_value())
+        lock = runtime.session_lock
+        assert lock is not None  # built by open_runtime on PostgreSQL
         broker.session_lock = lock
         broker.session_task = asyncio.create_task(lock.run(), name="lease-session")
-        runtime.refresher.session = lock.session
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lock.held.wait(), settings.database.timeout_seconds)
     broker.webhooks = webhooks
