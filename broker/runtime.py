@@ -5,7 +5,7 @@ import) and shared by the server and the operator CLI."""
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -114,10 +114,16 @@ class Runtime:
 
 
 async def open_runtime(
-    settings: Settings, *, clock: Clock = utcnow, check_database: bool = True
+    settings: Settings,
+    *,
+    clock: Clock = utcnow,
+    check_database: bool = True,
+    callers: Callable[[], Container[str]] | None = None,
 ) -> Runtime:
     """Build the runtime; with ``check_database`` refuse an unknown schema, another
-    environment's database or rows under keys this keyring lacks (ConfigError)."""
+    environment's database or rows under keys this keyring lacks (ConfigError). ``callers``:
+    the names of the callers in force (the server's), against which grant audiences are
+    checked."""
     keyring = load_keyring(settings.keys)
     registry = build_registry(settings.providers, os.environ)
     engine = create_engine(settings.database)
@@ -198,7 +204,7 @@ async def open_runtime(
         enabled=settings.cache.enabled,
         available=settings.database.is_sqlite,
     )
-    grants = GrantService(engine, service, grant_cache, clock)
+    grants = GrantService(engine, service, grant_cache, clock, callers=callers)
     watcher = _change_watcher(settings, cache, grant_cache)
     authorization = AuthorizationService(
         engine,

@@ -73,7 +73,7 @@ class RefreshEngine:
             session,
             invalidate,
         )
-        self.store = TokenStore(self.holder)
+        self.store = TokenStore(self.holder, clock)
         self.call = ProviderCall(cipher, registry, client, self.policy, self.store)
         self.flights = Flights(cipher, self.policy, self.call, self.store)
         self.passes = BackgroundPass(self.policy, self.flights, self.call, self.store)

@@ -26,12 +26,10 @@ from broker.domain.tokens import REFRESH, TokenCipher
 from broker.errors import (
     CiphertextInvalid,
     GrantRejected,
-    IntegrationNotFound,
     ProviderAskedToWait,
     ProviderMisconfigured,
     ProviderOutcomeUnknown,
     ProviderUnavailable,
-    ReauthorizationRequired,
     Throttled,
     UnknownProvider,
 )
@@ -41,14 +39,8 @@ from broker.providers.client import OAuthClient, TokenResponse
 from broker.providers.mint import Minter
 from broker.providers.profile import ProviderProfile
 from broker.providers.throttle import ProviderThrottle
-from broker.storage import repository
 
 log = logging.getLogger("broker.refresh")
-
-
-def _secret_name(row: StoredIntegration) -> str:
-    kind = row.integration.credential_type
-    return f"{kind.value} credential" if kind.minted else "refresh token"
 
 
 class ProviderCall:
@@ -159,7 +151,7 @@ class ProviderCall:
                 ) from None
             except GrantRejected as exc:
                 metrics.REFRESHES.labels(provider, "rejected").inc()
-                return await self._rejected(row, exc)
+                return await self.store.rejected(row, exc)
             except ProviderMisconfigured as exc:
                 metrics.REFRESHES.labels(provider, "misconfigured").inc()
                 self.registry.mark_misconfigured(provider, exc.message)
@@ -325,35 +317,3 @@ class ProviderCall:
             "next_refresh_at": None,
             "issued_lifetime_seconds": lifetime or None,
         }
-
-    async def _rejected(self, row: StoredIntegration, exc: GrantRejected) -> StoredIntegration:
-        iid = row.integration.id
-        async with self.store.holder.transaction() as conn:
-            current = await repository.get(conn, iid)
-            if current is None:
-                raise IntegrationNotFound.for_id(iid)
-            if current.integration.version != row.integration.version:
-                # The row changed under us: another writer refreshed or replaced the tokens,
-                # so the provider rejected a refresh token that is no longer ours to use.
-                await repository.release_lease(conn, iid, self.store.holder.owner, {})
-                log.info("integration %s: lost a refresh race; serving the newer token", iid)
-                return current
-            await repository.write_refreshed(
-                conn,
-                iid,
-                row.integration.version,
-                {
-                    "status": Status.NEEDS_REAUTHORIZATION.value,
-                    "last_refresh_error": exc.error[:64],
-                    "updated_at": self.clock(),
-                },
-            )
-            await events.needs_reauthorization(
-                conn, row.integration, self.clock(), exc.error, _secret_name(row)
-            )
-        log.info("integration %s: provider answered %s; needs reauthorization", iid, exc.error)
-        raise ReauthorizationRequired(
-            f"the provider rejected the {_secret_name(row)} of integration {iid} ({exc.error}); "
-            "the user must authorize again",
-            integration_id=iid,
-        )

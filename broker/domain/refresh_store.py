@@ -1,6 +1,7 @@
 """Where a refresh meets the database after its lease is taken: giving the lease back (with a
-failure's bookkeeping and event), writing new tokens with ``version + 1`` (compare-and-swap)
-and keeping the tokens a provider issued that the database would not take.
+failure's bookkeeping and event), recording a grant the provider refused, writing new tokens
+with ``version + 1`` (compare-and-swap) and keeping the tokens a provider issued that the
+database would not take.
 
 Those are never dropped: for a provider that rotates refresh tokens the old one is already
 dead. They are held in memory, served, and retried until stored (by the next flight of the
@@ -21,8 +22,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.domain import events
-from broker.errors import IntegrationNotFound, StorageUnavailable
-from broker.model import Status, StoredIntegration
+from broker.errors import (
+    GrantRejected,
+    IntegrationNotFound,
+    ReauthorizationRequired,
+    StorageUnavailable,
+)
+from broker.model import Clock, Status, StoredIntegration
 from broker.storage import repository
 from broker.storage.changes import Invalidate
 from broker.storage.engine import write_transaction
@@ -36,6 +42,11 @@ EventWrite = Callable[[AsyncConnection], Awaitable[object]]
 
 def no_session() -> int | None:
     return None
+
+
+def _secret_name(row: StoredIntegration) -> str:
+    kind = row.integration.credential_type
+    return f"{kind.value} credential" if kind.minted else "refresh token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +79,9 @@ class _Unsaved:
 class TokenStore:
     """Writes of one broker's refreshes, and the tokens still waiting to be stored."""
 
-    def __init__(self, holder: Holder) -> None:
+    def __init__(self, holder: Holder, clock: Clock) -> None:
         self.holder = holder
+        self.clock = clock
         self._unsaved: dict[str, _Unsaved] = {}
 
     def __contains__(self, iid: object) -> bool:
@@ -88,6 +100,40 @@ class TokenStore:
         except StorageUnavailable:
             # The lease lapses by itself; nothing was rotated, so nothing is lost.
             log.warning("could not release the refresh lease of integration %s", iid)
+
+    async def rejected(self, row: StoredIntegration, exc: GrantRejected) -> StoredIntegration:
+        """The provider refused the row's grant: it needs reauthorization, unless the row moved
+        meanwhile (another writer refreshed first: its token is served)."""
+        iid = row.integration.id
+        async with self.holder.transaction() as conn:
+            current = await repository.get(conn, iid)
+            if current is None:
+                raise IntegrationNotFound.for_id(iid)
+            if current.integration.version != row.integration.version:
+                # The row changed under us: another writer refreshed or replaced the tokens,
+                # so the provider rejected a refresh token that is no longer ours to use.
+                await repository.release_lease(conn, iid, self.holder.owner, {})
+                log.info("integration %s: lost a refresh race; serving the newer token", iid)
+                return current
+            await repository.write_refreshed(
+                conn,
+                iid,
+                row.integration.version,
+                {
+                    "status": Status.NEEDS_REAUTHORIZATION.value,
+                    "last_refresh_error": exc.error[:64],
+                    "updated_at": self.clock(),
+                },
+            )
+            await events.needs_reauthorization(
+                conn, row.integration, self.clock(), exc.error, _secret_name(row)
+            )
+        log.info("integration %s: provider answered %s; needs reauthorization", iid, exc.error)
+        raise ReauthorizationRequired(
+            f"the provider rejected the {_secret_name(row)} of integration {iid} ({exc.error}); "
+            "the user must authorize again",
+            integration_id=iid,
+        )
 
     async def persist(self, row: StoredIntegration, values: dict[str, Any]) -> StoredIntegration:
         """Store new tokens for the leased ``row``; when the database will not take them, hold

@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -180,7 +180,14 @@ class Broker:
 
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     """Build and start a broker; raises ConfigError if it must not serve this configuration."""
-    runtime = await open_runtime(settings, clock=clock)
+
+    def caller_names() -> Container[str]:
+        # The interceptor is built below, before the server takes any call; its registry
+        # follows SIGHUP reloads.
+        return interceptor.registry.names
+
+    # Audience names are checked against the callers in force.
+    runtime = await open_runtime(settings, clock=clock, callers=caller_names)
     try:
         callers = CallerRegistry(settings.callers, ALIASES, runtime.service.providers)
     except ConfigError:
@@ -198,8 +205,6 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         logging.INFO if settings.logging.access_log_level == "INFO" else logging.DEBUG,
         grants=runtime.grants,
     )
-    # Audience names are checked against the callers in force (SIGHUP replaces them).
-    runtime.grants.callers = lambda: interceptor.registry.names
     cap = transport.connection_cap(settings.server)
     server = grpc.aio.server(options=transport.server_options(settings.server, cap))
     # Every service goes through the guard (authentication, policy, audit, access log),
