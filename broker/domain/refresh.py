@@ -102,9 +102,6 @@ class RefreshEngine:
 
     # -- serving -------------------------------------------------------------------------------
 
-    def margin(self, provider: str) -> timedelta:
-        return self.policy.margin(provider)
-
     def due(
         self, stored: StoredIntegration, request: TokenRequest, now: datetime | None = None
     ) -> bool:
