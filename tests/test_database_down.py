@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -201,3 +202,58 @@ async def test_unresponsive_database_times_out(
     await proxy.start()
     await eventually(token_works(stub, iid, "at-frozen"), "GetAccessToken works again")
     await eventually(health_is(channel, SERVING), "health is SERVING again")
+
+
+async def test_event_streams_stay_open_while_the_database_is_down_and_resume(
+    database: str, proxy: Proxy
+) -> None:
+    """The streams' shared poller retries a failed poll: open streams keep their heartbeats
+    through the outage (ending them all would bring them all back at once) and then deliver
+    what was written after it, once each, in order."""
+    proxied = make_url(database).set(host="127.0.0.1", port=proxy.port)
+    settings = make_settings(
+        proxied.render_as_string(hide_password=False),
+        events={"poll_seconds": 0.2, "heartbeat_seconds": 0.3},
+    )
+    broker = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            await stub.StoreIntegration(store_request(user_id="before"), metadata=ADMIN)
+            call = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
+            first: Any = await call.read()
+            assert first.event.user_id == "before"
+
+            await proxy.stop()
+            beats = 0
+            while beats < 5:  # ~1.5 s of outage, several failed polls
+                item: Any = await asyncio.wait_for(call.read(), 5)
+                assert item.HasField("heartbeat")
+                assert item.heartbeat.last_event_id == first.event.id
+                beats += 1
+
+            await proxy.start()
+            for user in ("after-1", "after-2"):
+                await eventually(stored(stub, user), f"{user} is stored")
+            seen: list[str] = []
+            while len(seen) < 2:
+                item = await asyncio.wait_for(call.read(), 10)
+                if item.HasField("event"):
+                    seen.append(item.event.user_id)
+            assert seen == ["after-1", "after-2"]
+            call.cancel()
+    finally:
+        await broker.stop(0)
+
+
+def stored(stub: pb_grpc.CredentialBrokerAsyncStub, user: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            await stub.StoreIntegration(store_request(user_id=user), metadata=ADMIN, timeout=10)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+        return True
+
+    return check

@@ -47,7 +47,8 @@ async def broker(database_url: str) -> AsyncIterator[Broker]:
     callers = tomllib.loads(toml)["callers"]
     callers["orchestrator"]["token_sha256"] = hash_token(ORCHESTRATOR_TOKEN)
     callers["workflow-runner"]["token_sha256"] = hash_token(RUNNER_TOKEN)
-    callers["admin"] = {"token_sha256": hash_token(ADMIN_TOKEN)}
+    # The test looks at every caller's grants, as an operator would.
+    callers["admin"] = {"token_sha256": hash_token(ADMIN_TOKEN), "manage_all_grants": True}
     running = await start(make_settings(database_url, callers=callers))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.CredentialBrokerStub(channel)

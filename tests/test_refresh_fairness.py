@@ -403,6 +403,72 @@ async def test_storing_again_ends_the_back_off(
     assert hits(hostile) == 2
 
 
+async def test_a_fixed_configuration_is_tried_at_once_after_a_restart(
+    database_url: str, good: FakeAuthServer, clock: FakeClock
+) -> None:
+    """The back-off after the broker's own client was refused (or missing) outlives neither
+    the fix of its configuration nor the restart that applies it."""
+
+    async def get(broker: Broker, iid: str) -> Any:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            return await stub.GetAccessToken(
+                pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
+            )
+
+    unconfigured = make_settings(
+        database_url, providers=provider_settings(good), refresh={"background": False}
+    )
+    broker = await start(unconfigured, clock=clock)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = pb_grpc.CredentialBrokerStub(channel)
+            refused, _, _ = await store_grant(stub, good)
+            missing = (
+                await stub.StoreIntegration(
+                    pb.StoreIntegrationRequest(
+                        user_id="u",
+                        provider="twitter",
+                        access_token="at",
+                        refresh_token="rt",
+                        expires_in_seconds=0,
+                    ),
+                    metadata=ADMIN,
+                )
+            ).integration.id
+        good.fail_next("invalid_client", 2)
+        for iid in (refused, missing):
+            for _ in range(2):
+                await expect_error(
+                    get(broker, iid), Code.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"
+                )
+        assert good.refresh_calls == 1, "backing off in the process that saw the refusal"
+    finally:
+        await broker.stop(0)
+    good.reset_failures()
+    fixed = make_settings(
+        database_url,
+        providers={
+            **provider_settings(good),
+            "twitter": {
+                "token_url": good.token_url,
+                "client_id": good.client_id,
+                "client_secret": good.client_secret,
+            },
+        },
+        refresh={"background": False},
+    )
+    broker = await start(fixed, clock=clock)
+    try:
+        assert (await get(broker, refused)).refreshed
+        assert good.refresh_calls == 2
+        # Twitter's refresh reaches the fake (which does not know the token): it is tried.
+        await expect_error(get(broker, missing), Code.FAILED_PRECONDITION)
+        assert good.refresh_calls == 3
+    finally:
+        await broker.stop(0)
+
+
 async def test_a_broker_process_is_not_starved(
     backend: str,
     tmp_path: Path,

@@ -155,6 +155,13 @@ def test_pass_budget_per_provider() -> None:
     assert budget.spent("acme") == 2
     assert budget.take("other"), "one provider's spent budget is not another's"
     assert budget.spent("other") == 1
+    # Taken in claim order; one not made (the row was not due) is given back.
+    budget.give_back("acme")
+    assert budget.exhausted == frozenset()
+    assert budget.take("acme")
+    assert not budget.take("acme")
+    budget.give_back("nobody")
+    assert budget.spent("nobody") == 0
 
 
 # -- the policy applied to rows (RefreshPolicy): no database, no provider ----------------------
@@ -284,9 +291,20 @@ def test_a_cool_down_answers_with_the_failure_it_backs_off_from() -> None:
     rejected = stored(
         0, last_refresh_error=FailureKind.CLIENT_REJECTED.value, next_refresh_at=NOW + seconds(90)
     )
+    # This process does not see the client refused (fixed and restarted): try at once.
+    assert rules.decide("i1", rejected, asking(), seen=1, now=NOW) is None
+    rules.registry.mark_misconfigured("acme", "invalid_client")
     with pytest.raises(ProviderMisconfigured) as misconfigured:
         rules.decide("i1", rejected, asking(), seen=1, now=NOW)
     assert misconfigured.value.metadata["retry_after_seconds"] == "90"
+    no_client = stored(
+        0,
+        provider="gone",
+        last_refresh_error=FailureKind.NO_CLIENT.value,
+        next_refresh_at=NOW + seconds(90),
+    )
+    with pytest.raises(ProviderMisconfigured, match="no OAuth client configured"):
+        rules.decide("i1", no_client, asking(), seen=1, now=NOW)
 
 
 def test_a_min_valid_for_the_issued_lifetime_cannot_meet_is_refused_before_any_refresh() -> None:

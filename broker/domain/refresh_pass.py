@@ -74,14 +74,26 @@ class BackgroundPass:
             if not claimed:
                 break
             seen.update(iid for iid, _ in claimed)
+            # The budget is spent in claim order (never-failed rows first), not in the order
+            # the rows' reads happen to come back.
             await asyncio.gather(
-                *(self._one(iid, interval, provider, budget) for iid, provider in claimed)
+                *(
+                    self._one(iid, interval, provider, budget, budget.take(provider))
+                    for iid, provider in claimed
+                )
             )
         return self.call.provider_calls - before
 
-    async def _one(self, iid: str, interval: timedelta, provider: str, budget: PassBudget) -> None:
-        """Refresh one integration whose lease this broker already holds (if it is due and its
-        provider's budget for this pass is not spent)."""
+    async def _one(
+        self, iid: str, interval: timedelta, provider: str, budget: PassBudget, granted: bool
+    ) -> None:
+        """Refresh one integration whose lease this broker already holds, if it is due and
+        was ``granted`` an attempt of its provider's budget for this pass."""
+        if not granted:
+            # Claimed in the batch that spent the budget; left for the next pass.
+            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            await self.store.release(iid, {})
+            return
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
         async with storage_errors(), self.holder.engine.connect() as conn:
             row = await repository.get(conn, iid)
@@ -91,11 +103,7 @@ class BackgroundPass:
         if was_running and self.flights.running(iid):
             return
         if row is None or was_running or not self.policy.due(row, ahead):
-            await self.store.release(iid, {})
-            return
-        if not budget.take(provider):
-            # Claimed in the batch that spent the budget; left for the next pass.
-            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            budget.give_back(provider)  # no attempt made
             await self.store.release(iid, {})
             return
         try:

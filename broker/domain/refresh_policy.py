@@ -189,6 +189,13 @@ class PassBudget:
             self._exhausted.add(provider)
         return True
 
+    def give_back(self, provider: str) -> None:
+        """An attempt taken but not made (the row turned out not to be due)."""
+        spent = self._spent.get(provider, 0)
+        if spent > 0:
+            self._spent[provider] = spent - 1
+            self._exhausted.discard(provider)
+
     @property
     def exhausted(self) -> frozenset[str]:
         """Providers with nothing left this pass: no point claiming their rows."""
@@ -326,7 +333,7 @@ class RefreshPolicy:
         safety"). True: serve the stored token, it still does for this caller; otherwise the
         caller meets the failure the integration backs off from."""
         failed = cool_down(row.last_refresh_error, row.next_refresh_at, now)
-        if failed is None:
+        if failed is None or self._outlived(row, failed):
             return False
         iid = row.integration.id
         provider = row.integration.provider
@@ -335,10 +342,14 @@ class RefreshPolicy:
             return True
         wait = max(1.0, failed.seconds_from(now))
         if failed.kind.misconfigured:
+            cause = (
+                "has no OAuth client configured on this broker"
+                if failed.kind is FailureKind.NO_CLIENT
+                else "refused the last refresh"
+            )
             raise ProviderMisconfigured(
-                f"provider {provider!r} refused the last refresh of integration {iid} "
-                f"({failed.kind.value}); the broker tries again in {wait:.0f}s, or at once "
-                "after the integration is stored again",
+                f"provider {provider!r} {cause} of integration {iid}; the broker tries again "
+                f"in {wait:.0f}s, or at once after the integration is stored again",
                 integration_id=iid,
                 provider=provider,
                 retry_after_seconds=f"{wait:.0f}",
@@ -354,6 +365,19 @@ class RefreshPolicy:
                 "unavailable); the broker waits before trying again"
             )
         raise ProviderUnavailable(message, retry_after=wait, integration_id=iid, provider=provider)
+
+    def _outlived(self, row: StoredIntegration, failed: Failure) -> bool:
+        """A refusal of the broker's own configuration that this process's configuration no
+        longer bears out: the operator fixed it and restarted. Callers try at once rather than
+        wait out the back-off (a refusal seen again flags the provider, and they wait again).
+        A minted integration's refusal is of its own credential: storing it again ends that."""
+        provider = row.integration.provider
+        if failed.kind is FailureKind.NO_CLIENT:
+            return provider in self.registry
+        if failed.kind is FailureKind.CLIENT_REJECTED:
+            minted = row.integration.credential_type.minted
+            return not minted and not self.registry.is_misconfigured(provider)
+        return False
 
     def failed(self, row: StoredIntegration, kind: FailureKind, at_least: float = 0.0) -> Failure:
         """One more failure in the row's run, and how long it backs off (the one schedule for

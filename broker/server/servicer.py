@@ -76,8 +76,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         request: pb.WatchIntegrationEventsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.WatchIntegrationEventsResponse]:
-        watch = self.events.watch(request.after_event_id, convert.event_filter(request))
         try:
+            watch = self.events.watch(request.after_event_id, convert.event_filter(request))
             # Closed here, not whenever it is collected: closing gives back its stream slot.
             async with contextlib.aclosing(watch):
                 async for item in watch:

@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.errors import CiphertextInvalid
 from broker.model import Integration, Kind, Status, StoredIntegration
 from broker.storage.engine import touch
 from broker.storage.tables import integrations as t
@@ -93,12 +94,22 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
     updated = utc(updated_at)
     assert created is not None
     assert updated is not None
+    try:
+        kind, state = Kind(credential_type), Status(status)
+    except ValueError:
+        # Only a write outside the broker puts another value here: the row is not to be
+        # trusted, like a ciphertext that fails to authenticate.
+        raise CiphertextInvalid(
+            f"integration {id_} has a credential kind or status this broker never writes; "
+            "it was changed outside the broker",
+            integration_id=id_,
+        ) from None
     integration = Integration(
         id=id_,
         user_id=user_id,
         provider=provider,
         account_id=account_id,
-        status=Status(status),
+        status=state,
         token_type=token_type,
         scopes=tuple(scopes or ()),
         metadata=dict(metadata or {}),
@@ -110,7 +121,7 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
         disconnect_reason=disconnect_reason,
         has_refresh_token=refresh_token_ct is not None,
         version=int(version),
-        credential_type=Kind(credential_type),
+        credential_type=kind,
     )
     return StoredIntegration(
         integration=integration,
