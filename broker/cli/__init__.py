@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, plugins
-from broker.cli import audit, grants, integrations, keys, serve, webhooks
+from broker.cli import audit, grants, imports, integrations, keys, serve, webhooks
 from broker.cli.exits import (
     EXIT_CODES,
     EXIT_CONFIG,
@@ -43,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     audit.register(sub)
     integrations.register(sub)
     grants.register(sub)
+    imports.register(sub)
     plugins.register_all(sub, serve_parser)
     return p
 

@@ -18,7 +18,7 @@ import binascii
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -492,3 +492,37 @@ async def refreshed(conn: AsyncConnection, before: Any, at: datetime) -> None:
         reason="REFRESHED",
         message="refreshed after expiry" if expired else "a refresh succeeded after failures",
     )
+
+
+async def connected_many(
+    conn: AsyncConnection, integrations: Sequence[Integration], at: datetime, message: str
+) -> None:
+    """``connected`` (CREATED) for a batch of new integrations, in one statement: the last
+    of the transaction that inserted them (``broker import``)."""
+    if not integrations:
+        return
+    await store.insert_events(
+        conn,
+        [
+            {
+                "occurred_at": at,
+                "integration_id": i.id,
+                "user_id": i.user_id,
+                "provider": i.provider,
+                "account_id": i.account_id,
+                "type": EventType.CONNECTED.value,
+                "reason": "CREATED",
+                "message": message[:255],
+                "failure_count": None,
+                "revocation": None,
+            }
+            for i in integrations
+        ],
+    )
+    count = len(integrations)
+    after_commit(conn, lambda: _written_many(count))
+
+
+def _written_many(count: int) -> None:
+    metrics.EVENTS_WRITTEN.labels(EventType.CONNECTED.value).inc(count)
+    WAKEUP.notify()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -225,11 +225,19 @@ class IntegrationService:
     # -- store -----------------------------------------------------------------------------
 
     async def store(self, cmd: StoreCommand) -> tuple[Integration, bool]:
+        if cmd.credential is not None:
+            validation.text("user_id", cmd.user_id, validation.MAX_ID)
+            validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
+            validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
+            return await self._store_credential(cmd)
+        return await self._upsert(self.prepare(cmd))
+
+    def prepare(self, cmd: StoreCommand) -> StoreCommand:
+        """StoreIntegration's checks of OAuth tokens (each failure names its field), and the
+        command as it is stored: canonical provider, expiry resolved."""
         validation.text("user_id", cmd.user_id, validation.MAX_ID)
         validation.text("provider", cmd.provider, validation.MAX_PROVIDER)
         validation.text("account_id", cmd.account_id, validation.MAX_ID, required=False)
-        if cmd.credential is not None:
-            return await self._store_credential(cmd)
         validation.token("access_token", cmd.tokens.access_token, required=True)
         validation.token("refresh_token", cmd.tokens.refresh_token or "", required=False)
         validation.text(
@@ -239,8 +247,75 @@ class IntegrationService:
         validation.metadata(cmd.metadata)
         cmd = self._owner(cmd, Kind.AUTHORIZATION_CODE)
         expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
-        cmd = replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
-        return await self._upsert(cmd)
+        return replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+
+    async def insert_new_in(
+        self, conn: AsyncConnection, cmds: Sequence[StoreCommand]
+    ) -> Sequence[Integration]:
+        """StoreIntegration's insert of ``prepare``d commands whose owners have no integration
+        yet, many in one statement (``broker import``). The caller writes their CONNECTED and
+        audit events in the same transaction."""
+        now = self.clock()
+        rows = []
+        for cmd in cmds:
+            iid = str(uuid.uuid4())
+            owner = Owner(iid, cmd.user_id, cmd.provider, cmd.account_id, _kind(cmd).value)
+            rows.append(
+                {
+                    # One statement for every row: each names every column.
+                    "refresh_token_ct": None,
+                    **self._connected_values(now, cmd),
+                    **self._secret_values(owner, cmd, now),
+                    "id": iid,
+                    "user_id": cmd.user_id,
+                    "provider": cmd.provider,
+                    "account_id": cmd.account_id,
+                    "created_at": now,
+                    "version": 1,
+                }
+            )
+        await repository.insert_rows(conn, rows)
+        return [
+            Integration(
+                id=r["id"],
+                user_id=r["user_id"],
+                provider=r["provider"],
+                account_id=r["account_id"],
+                status=Status.CONNECTED,
+                token_type=r["token_type"],
+                scopes=tuple(r["scopes"]),
+                metadata=r["metadata"],
+                created_at=now,
+                updated_at=now,
+                expires_at=r["expires_at"],
+                last_refreshed_at=None,
+                disconnected_at=None,
+                disconnect_reason=None,
+                has_refresh_token=r["refresh_token_ct"] is not None,
+                version=1,
+                credential_type=Kind(r["credential_type"]),
+            )
+            for r in rows
+        ]
+
+    def _connected_values(self, now: datetime, cmd: StoreCommand) -> dict[str, Any]:
+        return {
+            "status": Status.CONNECTED.value,
+            "metadata": cmd.metadata,
+            "updated_at": now,
+            "disconnected_at": None,
+            "disconnect_reason": None,
+            "revocation": None,
+            "refresh_failures": 0,
+            "last_refresh_error": None,
+            # New tokens or a new credential end any back-off from the old ones' failures.
+            "next_refresh_at": None,
+        }
+
+    async def store_in(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
+        """StoreIntegration's write of a ``prepare``d command (row, event, audit) in a
+        transaction the caller owns: ``broker import`` commits a batch of rows in one."""
+        return await self._store(conn, cmd)
 
     async def _store_credential(self, cmd: StoreCommand) -> tuple[Integration, bool]:
         tokens = cmd.tokens
@@ -339,18 +414,7 @@ class IntegrationService:
 
     async def _store(self, conn: AsyncConnection, cmd: StoreCommand) -> tuple[Integration, bool]:
         now = self.clock()
-        common: dict[str, Any] = {
-            "status": Status.CONNECTED.value,
-            "metadata": cmd.metadata,
-            "updated_at": now,
-            "disconnected_at": None,
-            "disconnect_reason": None,
-            "revocation": None,
-            "refresh_failures": 0,
-            "last_refresh_error": None,
-            # New tokens or a new credential end any back-off from the old ones' failures.
-            "next_refresh_at": None,
-        }
+        common = self._connected_values(now, cmd)
         tokens = cmd.tokens
         existing = await repository.find_by_owner(
             conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1

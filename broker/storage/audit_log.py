@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broker.storage.engine import asyncpg_dsn, raw_driver, sqlite_locked
+from broker.storage.engine import asyncpg_dsn, bulk_insert, raw_driver, sqlite_locked
 from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
@@ -289,3 +289,9 @@ def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
     if database and database != ":memory:" and not database.startswith("file:"):
         return SqliteSink(database, timeout)
     return EngineSink(engine)
+
+
+async def insert_events(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Many events (in ``COLUMNS`` order) in one statement, inside the caller's transaction."""
+    if rows:
+        await bulk_insert(conn, t, [dict(zip(COLUMNS, row, strict=True)) for row in rows])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import event, insert, text
+from sqlalchemy import JSON, Table, event, insert, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -333,3 +334,38 @@ def asyncpg_dsn(url: str | URL) -> str:
     """The PostgreSQL URL as asyncpg takes it (no ``+asyncpg`` driver name), password kept:
     for the connections the broker opens without SQLAlchemy (reader, listener, audit sink)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def touch_many(conn: AsyncConnection, written: list[tuple[str, str, str]]) -> None:
+    """``touch`` for many integrations written in one transaction (``broker import``): on
+    PostgreSQL one statement for the batch."""
+    if conn.dialect.name != "postgresql":
+        for integration_id, user_id, provider in written:
+            await touch(conn, integration_id, user_id, provider)
+        return
+    touched = conn.info.get("touched")
+    if touched is not None:
+        touched.extend(written)
+    payloads = ["\x1f".join(w) for w in written]
+    await conn.execute(
+        text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+        {"channel": CHANNEL, "payloads": payloads},
+    )
+
+
+async def bulk_insert(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Rows that all name the same columns, in the caller's transaction: on PostgreSQL one
+    binary COPY (``broker import``'s batches: a parameter set per row through SQLAlchemy costs
+    more than the database's work), elsewhere one executemany."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        await conn.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    as_json = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    records = [
+        tuple(json.dumps(row[c]) if c in as_json else row[c] for c in columns) for row in rows
+    ]
+    async with raw_driver(conn) as raw:
+        await raw.copy_records_to_table(table.name, records=records, columns=columns)

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Row, Text, cast, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from broker.storage.engine import bulk_insert
 from broker.storage.tables import integration_events as t
 
 EVENTS_CHANNEL = "broker_events"
@@ -93,3 +94,16 @@ async def last_type(conn: AsyncConnection, integration_id: str) -> str | None:
     )
     found = (await conn.execute(query)).scalar_one_or_none()
     return None if found is None else str(found)
+
+
+async def insert_events(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Many events in one statement (``broker import``'s batches), ids drawn under the order
+    lock as ``insert_event``'s; the last statement of the transaction, like it."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_advisory_xact_lock(_ORDER_LOCK)))
+    await bulk_insert(conn, t, rows)
+    if conn.dialect.name == "postgresql":
+        # One wake-up for the batch: readers page from their cursor anyway.
+        await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, "")))

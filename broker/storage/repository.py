@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import CiphertextInvalid
 from broker.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import touch
+from broker.storage.engine import bulk_insert, touch, touch_many
 from broker.storage.tables import integrations as t
 
 # The integration columns, in the order ``from_values`` unpacks them: every read selects
@@ -492,3 +492,35 @@ async def claim_pending_revocations(
         owner,
         until,
     )
+
+
+async def insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Many new integrations in one statement (``broker import``); announced together."""
+    if not rows:
+        return
+    await bulk_insert(conn, t, rows)
+    await touch_many(conn, [(r["id"], r["user_id"], r["provider"]) for r in rows])
+
+
+async def get_many(conn: AsyncConnection, integration_ids: list[str]) -> list[StoredIntegration]:
+    rows = (await conn.execute(_SELECT.where(t.c.id.in_(integration_ids)))).all()
+    return [to_stored(r) for r in rows]
+
+
+async def owners(
+    conn: AsyncConnection, user_ids: list[str]
+) -> dict[tuple[str, str, str], StoredIntegration]:
+    """The integrations of these users, by (user, provider, account): one query for a batch."""
+    found: dict[tuple[str, str, str], StoredIntegration] = {}
+    for start in range(0, len(user_ids), 500):
+        chunk = user_ids[start : start + 500]
+        rows = (
+            await conn.execute(
+                _SELECT.where(t.c.user_id.in_(chunk)).order_by(t.c.created_at, t.c.id)
+            )
+        ).all()
+        for row in rows:
+            stored = to_stored(row)
+            i = stored.integration
+            found.setdefault((i.user_id, i.provider, i.account_id), stored)
+    return found

@@ -237,3 +237,19 @@ webhook_deliveries = Table(
     Column("delivered_at", DateTime(timezone=True), nullable=True),
     Index("ix_webhook_deliveries_state", "endpoint", "state", "event_id"),
 )
+
+# ``broker import``: one row per imported row of an application's table (``source`` names the
+# table, never with credentials), committed with the integration it became.
+imports = Table(
+    "imports",
+    metadata,
+    Column("source", String(255), primary_key=True),
+    Column("source_id", String(255), primary_key=True),
+    Column("integration_id", String(36), nullable=False),
+    Column("source_updated_at", DateTime(timezone=True), nullable=True),
+    Column("imported_at", DateTime(timezone=True), nullable=False),
+    Column("verified", String(16), nullable=True),
+    Column("verified_at", DateTime(timezone=True), nullable=True),
+    Column("wiped_at", DateTime(timezone=True), nullable=True),
+    Index("ix_imports_integration", "integration_id"),
+)
