@@ -13,7 +13,9 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, store_request
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN
 
 Code = grpc.StatusCode
 

@@ -9,8 +9,9 @@ from sqlalchemy import text
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
-from tests.conftest import ADMIN, RUNNER, store_request
-from tests.processes import run_cli
+from tests.helpers.integrations import store_request
+from tests.helpers.processes import run_cli
+from tests.helpers.settings import ADMIN, RUNNER
 
 
 async def audit_cli(database_url: str, *args: str) -> tuple[int, str, str]:

@@ -23,7 +23,8 @@ from broker.errors import AuditUnavailable
 from broker.storage import audit_log
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import ENVIRONMENT, _dsn
+from tests.helpers.databases import plain_dsn
+from tests.helpers.settings import ENVIRONMENT
 
 CALLER = Caller(name="runner", methods=frozenset({"GetAccessToken"}), providers=None)
 
@@ -200,7 +201,7 @@ async def test_postgres_sink_reconnects_after_losing_its_connection(
     assert isinstance(sink, audit_log.PostgresSink)
     audit = auditor(RecordingSink(), max_delay=0)
     audit.sink = sink
-    admin = await asyncpg.connect(_dsn(url))
+    admin = await asyncpg.connect(plain_dsn(url))
     try:
         await audit.record(Call(CALLER, "GetAccessToken", "before"), "OK")
         # Only this test's database: other tests (and other brokers) share the server.

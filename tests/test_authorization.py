@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from datetime import UTC, timedelta
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import grpc
-import httpx
 import pytest
 from google.protobuf import struct_pb2
 from sqlalchemy import select, update
@@ -26,44 +25,15 @@ from broker.providers.authorize import code_challenge
 from broker.server.app import Broker, start
 from broker.storage import flows
 from broker.storage.tables import audit_events, integrations, oauth_flows
-from tests.conftest import ADMIN, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.test_audit import AuditTable
+from tests.helpers.audit import AuditTable
+from tests.helpers.authorization import begin, code_exchanges, complete, consent, flow_rows, query
+from tests.helpers.clock import FakeClock
+from tests.helpers.errors import expect_error
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
-CALLBACK = "https://app.example.test/callback"
-
-
-class FakeClock:
-    """The broker's clock, moved by the test (the flow TTL and the purge depend on it)."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
-
-
-def acme(fake: FakeAuthServer, **extra: Any) -> dict[str, Any]:
-    return {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
-        "redirect_uris": [CALLBACK],
-        "scopes": ["read"],
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -86,59 +56,10 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
     running = await start(settings, clock=clock)
     yield running
     await running.stop(0)
-
-
-async def begin(
-    stub: pb_grpc.CredentialBrokerAsyncStub, **fields: Any
-) -> pb.BeginAuthorizationResponse:
-    values: dict[str, Any] = {"user_id": "user-1", "provider": "acme", "redirect_uri": CALLBACK}
-    values.update(fields)
-    return await stub.BeginAuthorization(pb.BeginAuthorizationRequest(**values), metadata=ADMIN)
-
-
-async def consent(url: str) -> dict[str, str]:
-    """What the user's browser does: open the URL, land on the callback with code and state."""
-    async with httpx.AsyncClient(follow_redirects=False) as http:
-        response = await http.get(url)
-    assert response.status_code == 302, response.text
-    location = response.headers["location"]
-    assert location.startswith(CALLBACK + "?")
-    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
-
-
-async def complete(stub: pb_grpc.CredentialBrokerAsyncStub, **fields: str) -> Any:
-    """The web backend's callback route; its session's user is user-1 unless told."""
-    values = {"user_id": "user-1", **fields}
-    return await stub.CompleteAuthorization(
-        pb.CompleteAuthorizationRequest(**values), metadata=ADMIN
-    )
-
-
-def query(url: str) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
-
-
-def code_exchanges(fake: FakeAuthServer) -> int:
-    return sum(
-        1
-        for r in fake.requests
-        if r.path == "/token" and r.body.get("grant_type") == "authorization_code"
-    )
-
-
-async def flow_rows(broker: Broker) -> list[dict[str, Any]]:
-    async with broker.engine.connect() as conn:
-        rows = (await conn.execute(select(oauth_flows))).all()
-    return [dict(r._mapping) for r in rows]
 
 
 def sha256(text: str) -> str:

@@ -17,8 +17,11 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, error_info, expect_error, store_request
-from tests.test_fuzz import nested_struct, tracebacks
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.leaks import tracebacks
+from tests.helpers.settings import ADMIN
+from tests.helpers.wire import nested_struct
 
 Code = grpc.StatusCode
 METHOD = "/credentialbroker.v1.CredentialBroker/"

@@ -21,7 +21,7 @@ from broker_devtools.bench.report import (
     open_breakdown,
     open_breakdown_text,
 )
-from tests.conftest import PG_URL
+from tests.helpers.databases import PG_URL
 
 
 def _result(name: str, cpu: float, pg: float | None = None, ratio: float = 0.5) -> ScenarioResult:

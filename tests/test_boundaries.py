@@ -21,11 +21,13 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, error_info, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.receiver import Receiver
-from tests.test_authorization import CALLBACK, acme, code_exchanges, consent
-from tests.test_events import eventually
+from tests.helpers.authorization import code_exchanges, consent
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.receiver import Receiver
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode
 
@@ -66,12 +68,6 @@ def callers() -> dict[str, Any]:
         "google-only": {"token_sha256": hash_token("google-only-token"), "providers": ["google"]},
         "runner": {"token_sha256": hash_token("boundary-runner-token"), "requires_grant": True},
     }
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture

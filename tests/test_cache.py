@@ -22,17 +22,12 @@ from broker.model import Integration, Selector, Status, StoredIntegration
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    ENVIRONMENT,
-    KEYS,
-    PostgresFactory,
-    expect_error,
-    make_settings,
-    store_request,
-)
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -176,9 +171,9 @@ async def test_disconnect_on_one_replica_is_honoured_by_the_other_within_a_secon
 
 
 async def _terminate_listeners(url: str) -> int:
-    from tests.conftest import _dsn
+    from tests.helpers.databases import plain_dsn
 
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await asyncpg.connect(plain_dsn(url))
     try:
         rows = await conn.fetch(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -241,8 +236,7 @@ async def test_audit_group_commit_batches_and_stays_fail_closed(
 ) -> None:
     broker = await start(make_settings(database_url))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             iid = (await stub.StoreIntegration(store_request(), metadata=ADMIN)).integration.id
             request = pb.GetAccessTokenRequest(integration_id=iid)
 
@@ -286,8 +280,7 @@ async def test_metrics_endpoint(database_url: str, unused_tcp_port: int) -> None
     settings = make_settings(database_url, metrics={"listen": f"127.0.0.1:{unused_tcp_port}"})
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             stored_ = await stub.StoreIntegration(
                 store_request(user_id="secret-user-7", access_token="at-metric-canary"),
                 metadata=ADMIN,
@@ -349,8 +342,7 @@ async def test_serve_with_workers_shares_one_port(
     try:
         for _ in range(8):
             # New channels are new connections: the kernel spreads them over the workers.
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
+            async with broker_stub(unused_tcp_port) as stub:
                 response = await stub.StoreIntegration(store_request(), metadata=ADMIN)
                 assert response.integration.user_id == "user-1"
         pids.add("ok")

@@ -12,11 +12,8 @@ import re
 import socket
 import subprocess
 import sys
-import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -31,44 +28,11 @@ from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.tables import audit_events, integrations
-from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS
-from tests.processes import write_toml
+from tests.helpers.cli import CliResult, broker, config
+from tests.helpers.processes import write_toml
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 NEW = generate_key("test2")
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def config(tmp_path: Path, database_url: str, keys: str = KEYS, **server: Any) -> Path:
-    # A file per call: a test holds several configurations at once.
-    return write_toml(
-        tmp_path / f"broker-{uuid.uuid4().hex[:8]}.toml",
-        {
-            "server": {"environment": ENVIRONMENT, **server},
-            "database": {"url": database_url},
-            "keys": {"keys": keys},
-            "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-        },
-    )
-
-
-async def broker(
-    capsys: pytest.CaptureFixture[str], cfg: Path, *argv: str, stdin: Any = None
-) -> Result:
-    capsys.readouterr()
-    if stdin is not None:
-        sys.stdin = stdin
-    try:
-        code = await asyncio.to_thread(main, ["--config", str(cfg), *argv])
-    finally:
-        sys.stdin = sys.__stdin__
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 async def seed(database_url: str, keys: str, users: dict[str, int]) -> dict[str, str]:
@@ -98,7 +62,7 @@ async def seed(database_url: str, keys: str, users: dict[str, int]) -> dict[str,
     return tokens
 
 
-def assert_no_secrets(result: Result, *secrets: str) -> None:
+def assert_no_secrets(result: CliResult, *secrets: str) -> None:
     text = result.out + result.err
     assert "secretvalue" not in text
     for secret in secrets:

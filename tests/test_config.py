@@ -10,17 +10,17 @@ import sys
 import tomllib
 from pathlib import Path
 
-import grpc
 import pytest
 
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings, Settings, load_settings
 from broker.crypto.keys import generate_key, parse_keyring
 from broker.errors import ConfigError
 from broker.server.app import start
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import ADMIN, KEYS, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 TOML = """
 [server]
@@ -260,8 +260,7 @@ async def test_refuses_another_environments_database(database_url: str) -> None:
 
 async def test_refuses_rows_under_a_missing_key(database_url: str) -> None:
     broker = await start(make_settings(database_url))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         await stub.StoreIntegration(store_request(user_id="a"), metadata=ADMIN)
         await stub.StoreIntegration(store_request(user_id="b"), metadata=ADMIN)
     await broker.stop(0)

@@ -18,60 +18,18 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import SERVICE_NAME, Broker, start
-from tests.conftest import ADMIN, PostgresFactory, expect_error, make_settings, store_request
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.proxy import Proxy
+from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.postgres
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class Proxy:
-    """Forwards 127.0.0.1:<port> to PostgreSQL; ``stop`` refuses new connections and severs
-    the open ones, ``freeze`` keeps them open but silently drops every byte (a partition)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = 0
-        self.frozen = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.frozen = False
-        self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-        for w in (writer, up_writer):
-            self._writers.discard(w)
-            w.transport.abort()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            if not self.frozen:
-                writer.write(data)
-                await writer.drain()
-        writer.transport.abort()
 
 
 @pytest.fixture
@@ -95,14 +53,6 @@ async def broker(database: str, proxy: Proxy) -> AsyncIterator[Broker]:
     running = await start(make_settings(proxied.render_as_string(hide_password=False)))
     yield running
     await running.stop(0)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
 
 
 def health_is(channel: grpc.aio.Channel, status: int) -> Callable[[], Awaitable[bool]]:
@@ -217,8 +167,7 @@ async def test_event_streams_stay_open_while_the_database_is_down_and_resume(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             await stub.StoreIntegration(store_request(user_id="before"), metadata=ADMIN)
             call = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
             first: Any = await call.read()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -11,11 +10,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import pytest
@@ -29,103 +27,14 @@ from broker.crypto.keys import generate_key
 from broker.errors import ConfigError
 from broker.server.app import start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
+from tests.helpers.devbroker import SERVING, DevBroker
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.processes import clean_env, free_port
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.stubs import broker_stub
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This machine's environment minus any BROKER_* setting that would leak into the broker."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-class DevBroker:
-    """One `python -m broker serve --dev` process; stdout is collected as it arrives."""
-
-    def __init__(
-        self, cwd: Path, port: int, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
-    ) -> None:
-        self.cwd = cwd
-        self.port = port
-        self.address = f"127.0.0.1:{port}"
-        self.stderr_path = cwd.parent / f"broker-{port}-{time.monotonic_ns()}.log"
-        self._stderr = self.stderr_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--dev", *args],
-            cwd=cwd,
-            env=clean_env(BROKER_LISTEN=f"127.0.0.1:{port}", **(env or {})),
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        self.lines: list[str] = []
-        assert self.process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
-        self._reader.start()
-        self.channel = grpc.insecure_channel(self.address)
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def health(self, service: str = "") -> int | None:
-        try:
-            response = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=1
-            )
-        except grpc.RpcError:
-            return None
-        return int(response.status)
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.process.poll() is None, f"broker exited early:\n{self.stderr}"
-            return self.health() == SERVING and "grpcurl" in self.stdout
-
-        wait_for(ready, "the dev broker to serve and print its banner")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> int:
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            code = self.process.wait(timeout=timeout)
-        finally:
-            self.kill()
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=5)
-        self._stderr.close()
 
 
 @pytest.fixture
@@ -376,8 +285,7 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(database_url: st
     stopping: asyncio.Task[None] | None = None
     try:
         blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: StoreIntegration must wait
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             call = stub.StoreIntegration(store_request(), metadata=ADMIN, timeout=10)
             in_flight = asyncio.ensure_future(call)
             await asyncio.wait_for(entered.wait(), 10)
@@ -416,8 +324,7 @@ async def test_an_empty_dev_token_file_is_not_an_empty_credential(
         return  # refusing to start is a fine answer too
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             await expect_error(
                 stub.ListIntegrations(
                     pb.ListIntegrationsRequest(user_id="u"),
@@ -610,16 +517,6 @@ def test_demo_provider_port_in_use_names_the_serve_flag(project: Path) -> None:
 
 
 # -- files are the owner's alone ----------------------------------------------------------------
-
-
-@pytest.fixture
-def loose_umask() -> Iterator[None]:
-    """The usual 022: what a process creates is world-readable unless it says otherwise."""
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_dev_mode_files_are_private_whatever_the_umask(

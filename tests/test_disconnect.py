@@ -6,7 +6,6 @@ final, idempotence, and no token served after Disconnect returns."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,8 +20,9 @@ from broker.config import Settings
 from broker.domain import revocation as revocation_module
 from broker.server.app import Broker, start
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer, RecordedRequest
+from tests.helpers.errors import expect_error
+from tests.helpers.fakes import FakeAuthServer, RecordedRequest
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 Outcome = pb.RevocationOutcome
@@ -31,12 +31,6 @@ Outcome = pb.RevocationOutcome
 @pytest.fixture(params=["client_secret_basic", "client_secret_post"])
 def auth_method(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 def acme(fake: FakeAuthServer, auth_method: str, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ from broker.providers.catalog import build_registry
 from broker.providers.mint import Minter
 from broker.server.app import Broker, start
 from broker.storage.tables import integration_events, integrations
-from tests.conftest import ADMIN, error_info, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.receiver import Receiver
-from tests.test_no_secrets_in_logs import error_texts, record_texts
-from tests.test_webhooks import new_secret
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.http import LoopbackServer, QuietHandler
+from tests.helpers.leaks import error_texts, record_texts
+from tests.helpers.receiver import Receiver, new_secret
+from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 CANARY = "INTERNAL-RESPONSE-CANARY db_password=hunter2"
@@ -73,15 +75,15 @@ class Hit:
     body: bytes
 
 
-class Hostile:
+class Hostile(LoopbackServer):
     """A server a caller would like the broker to talk to (an internal service, a metadata
     endpoint): records every request and answers with the canary, in the way ``mode`` says."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.mode = "description"
         self.hits: list[Hit] = []
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
     def answer(self) -> tuple[int, str, bytes]:
         if self.mode == "description":
@@ -99,13 +101,10 @@ class Hostile:
             return 200, "application/json", json.dumps({"debug": CANARY}).encode()
         return 200, "application/json", b'{"access_token": "at-hostile", "expires_in": 600}'
 
-    def __enter__(self) -> Hostile:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         hostile = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with hostile.lock:
@@ -119,19 +118,7 @@ class Hostile:
 
             do_GET = do_POST = do_DELETE = do_PUT = _any
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        return Handler
 
     @property
     def token_url(self) -> str:
@@ -150,8 +137,7 @@ def hostile() -> Iterator[Hostile]:
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=300) as server:
-        yield server
+    yield from serve_fake(expires_in=300)
 
 
 def egress_settings(database_url: str, fake: FakeAuthServer, allowed: list[str]) -> Settings:
@@ -299,8 +285,7 @@ async def test_a_row_stored_under_an_older_allowlist_is_refused_at_mint(
 ) -> None:
     listed = await start(egress_settings(database_url, fake, [hostile.token_url]))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{listed.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(listed.port) as stub:
             ids = [
                 (await store(stub, "open", client_credentials(hostile.token_url), "u1")).id,
                 (await store(stub, "open", service_account(hostile.token_url), "u2")).id,
@@ -312,8 +297,7 @@ async def test_a_row_stored_under_an_older_allowlist_is_refused_at_mint(
     # The operator takes the URL off the list: the rows are still there, and must not be sent.
     unlisted = await start(egress_settings(database_url, fake, []))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{unlisted.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(unlisted.port) as stub:
             for iid, kind in zip(ids, KINDS, strict=True):
                 error = await expect_error(
                     stub.GetAccessToken(
@@ -355,8 +339,7 @@ async def test_a_providers_answer_never_reaches_the_caller(
     hostile.mode = mode
     broker = await start(egress_settings(database_url, fake, [hostile.token_url]))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             errors = []
             for n, cred in enumerate(
                 [client_credentials(hostile.token_url), service_account(hostile.token_url)]
@@ -430,8 +413,7 @@ async def test_every_unreachable_endpoint_reads_the_same(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             seen = []
             for n, url in enumerate(urls):
                 stored = await store(stub, "open", client_credentials(url), f"user-{n}")

@@ -5,7 +5,6 @@ concurrent writers, heartbeats, shutdown), the paged list, caller policies and r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,105 +19,30 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.domain import events
 from broker.server.app import Broker, start
-from broker.server.callers import hash_token
 from broker.storage import events as event_store
 from broker.storage.tables import integration_events, integrations
-from tests.conftest import ADMIN, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
+from tests.helpers.errors import expect_error
+from tests.helpers.events import (
+    EVENTS_CALLBACK,
+    Reader,
+    all_events,
+    event_settings,
+    read_resuming,
+    store,
+)
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
+from tests.helpers.stubs import broker_stub
+from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode
 T = pb.IntegrationEventType
-CALLBACK = "https://app.example.test/oauth/callback"
 ONLY_ACME = (("authorization", "Bearer acme-only-token"),)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
-
-
-def event_settings(database_url: str, fake: FakeAuthServer, **overrides: Any) -> Settings:
-    provider = {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
-        "redirect_uris": [CALLBACK],
-        "rotates_refresh_tokens": True,
-    }
-    return make_settings(
-        database_url,
-        providers={"acme": provider, "other": {**provider}},
-        callers={
-            "admin": {"token_sha256": hash_token("admin-token-for-tests")},
-            "acme-only": {
-                "token_sha256": hash_token("acme-only-token"),
-                "providers": ["acme"],
-                "methods": ["WatchIntegrationEvents", "ListIntegrationEvents"],
-            },
-            "only-a": {
-                "token_sha256": hash_token("only-a-token"),
-                "users": ["a"],
-                "methods": ["WatchIntegrationEvents", "ListIntegrationEvents"],
-            },
-            "runner": {
-                "token_sha256": hash_token("runner-token-for-tests"),
-                "methods": ["GetAccessToken"],
-            },
-        },
-        # Failures follow each other at once: no back-off between them.
-        refresh={
-            "max_attempts": 1,
-            "provider_timeout_seconds": 2,
-            "background": False,
-            "failure_backoff_seconds": 0.001,
-        },
-        events={"poll_seconds": 0.2, "heartbeat_seconds": 0.5, "refresh_failure_threshold": 2},
-        **overrides,
-    )
 
 
 @pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer) -> Settings:
     return event_settings(database_url, fake)
-
-
-async def store(
-    stub: pb_grpc.CredentialBrokerAsyncStub,
-    fake: FakeAuthServer,
-    user: str = "user-1",
-    provider: str = "acme",
-    expires_in: int = 0,
-    refresh: bool = True,
-) -> str:
-    access, refresh_token = fake.issue_grant()
-    response = await stub.StoreIntegration(
-        pb.StoreIntegrationRequest(
-            user_id=user,
-            provider=provider,
-            access_token=access,
-            refresh_token=refresh_token if refresh else "",
-            expires_in_seconds=expires_in,
-        ),
-        metadata=ADMIN,
-    )
-    return response.integration.id
-
-
-async def all_events(stub: pb_grpc.CredentialBrokerAsyncStub, **filters: Any) -> list[Any]:
-    found: list[Any] = []
-    token = ""
-    while True:
-        page = await stub.ListIntegrationEvents(
-            pb.ListIntegrationEventsRequest(page_size=7, page_token=token, **filters),
-            metadata=ADMIN,
-        )
-        found += page.events
-        token = page.next_page_token
-        if not token:
-            return found
 
 
 async def kinds(stub: pb_grpc.CredentialBrokerAsyncStub, iid: str) -> list[int]:
@@ -129,14 +53,6 @@ async def token(stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, force: bool =
     return await stub.GetAccessToken(
         pb.GetAccessTokenRequest(integration_id=iid, force_refresh=force), metadata=ADMIN
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # -- one event per state change ------------------------------------------------------------------
@@ -246,7 +162,9 @@ async def test_completed_authorization_is_a_connected_event(
     stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
     begun = await stub.BeginAuthorization(
-        pb.BeginAuthorizationRequest(user_id="user-9", provider="acme", redirect_uri=CALLBACK),
+        pb.BeginAuthorizationRequest(
+            user_id="user-9", provider="acme", redirect_uri=EVENTS_CALLBACK
+        ),
         metadata=ADMIN,
     )
     async with httpx.AsyncClient() as http:
@@ -321,34 +239,6 @@ async def test_a_failing_event_insert_rolls_the_change_back(
 # -- the stream ---------------------------------------------------------------------------------
 
 
-class Reader:
-    """Reads a stream in the background, keeping events and heartbeats."""
-
-    def __init__(self, stub: pb_grpc.CredentialBrokerAsyncStub, request: Any, md: Any = ADMIN):
-        self.call = stub.WatchIntegrationEvents(request, metadata=md)
-        self.events: list[Any] = []
-        self.heartbeats = 0
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for item in self.call:
-            if item.HasField("event"):
-                self.events.append(item.event)
-            else:
-                self.heartbeats += 1
-
-    async def has(self, n: int) -> None:
-        async def enough() -> bool:
-            if self.task.done():
-                self.task.result()
-            return len(self.events) >= n
-
-        await eventually(enough, f"{n} events on the stream")
-
-    def stop(self) -> None:
-        self.call.cancel()
-
-
 async def test_stream_replays_from_a_cursor_then_follows_live(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
@@ -364,12 +254,8 @@ async def test_stream_replays_from_a_cursor_then_follows_live(
     ids = [e.id for e in reader.events]
     assert ids == sorted(ids)
     # Idle: heartbeats carry the cursor.
-    await eventually(lambda: _true(reader.heartbeats >= 1), "a heartbeat")
+    await eventually(lambda: holds(reader.heartbeats >= 1), "a heartbeat")
     reader.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_stream_and_list_filters(
@@ -441,31 +327,6 @@ async def test_a_caller_limited_to_a_provider_sees_only_its_events(
     assert caught.value.code() == Code.PERMISSION_DENIED
 
 
-async def read_resuming(
-    stub: pb_grpc.CredentialBrokerAsyncStub, cursor: int, writers: asyncio.Future[Any]
-) -> list[Any]:
-    """Read a few events at a time, dropping the stream and resuming from the last id seen,
-    until the writers are done and the stream has gone quiet (a heartbeat)."""
-    seen: list[Any] = []
-    while True:
-        call = stub.WatchIntegrationEvents(
-            pb.WatchIntegrationEventsRequest(after_event_id=cursor), metadata=ADMIN
-        )
-        taken, quiet = 0, False
-        async for item in call:
-            if not item.HasField("event"):
-                quiet = True
-                break
-            seen.append(item.event)
-            cursor = item.event.id
-            taken += 1
-            if taken == 7:
-                break
-        call.cancel()
-        if quiet and writers.done():
-            return seen
-
-
 async def test_a_caller_limited_to_users_sees_only_their_events(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
@@ -509,10 +370,9 @@ async def test_resume_after_a_drop_has_no_gap_and_no_duplicate_under_concurrent_
 
 async def test_shutdown_ends_open_streams_cleanly(settings: Settings) -> None:
     broker = await start(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         reader = Reader(stub, pb.WatchIntegrationEventsRequest())
-        await eventually(lambda: _true(reader.heartbeats >= 1), "the stream to be open")
+        await eventually(lambda: holds(reader.heartbeats >= 1), "the stream to be open")
         await broker.stop(5)
         await asyncio.wait_for(reader.task, 5)
         assert await reader.call.code() == Code.OK

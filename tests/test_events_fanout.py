@@ -7,7 +7,7 @@ shared buffer and had to catch up from its own cursor."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,19 +21,16 @@ from broker.config import CallerSettings, Settings
 from broker.domain.events import Event, EventFilter
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, error_info
-from tests.fakeauth import FakeAuthServer
-from tests.test_events import Reader, _true, all_events, event_settings, eventually, store
+from tests.helpers.errors import error_info
+from tests.helpers.events import Reader, all_events, event_settings, store
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
+from tests.helpers.stubs import broker_stub
+from tests.helpers.waiting import eventually, holds
 
 Code = grpc.StatusCode
 OTHER = (("authorization", "Bearer other-watcher"),)
 POLL = 0.2
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 def with_events(settings: Settings, **events: Any) -> Settings:
@@ -97,7 +94,7 @@ async def test_streams_are_capped_per_caller_and_in_total(
         for _ in range(199)
     ]
     tasks = [asyncio.create_task(outcome(c)) for c in admin]
-    await eventually(lambda: _true(sum(t.done() for t in tasks) == 100), "100 refusals")
+    await eventually(lambda: holds(sum(t.done() for t in tasks) == 100), "100 refusals")
     await asyncio.sleep(0.5)
     refused = [t for t in tasks if t.done()]
     assert len(refused) == 100, "only the per-caller limit (events.max_streams_per_caller)"
@@ -122,7 +119,7 @@ async def test_streams_are_capped_per_caller_and_in_total(
     # A closed stream gives its place back.
     for call in admin:
         call.cancel()
-    await eventually(lambda: _true(gauge() - base == 20), "the admin streams to close")
+    await eventually(lambda: holds(gauge() - base == 20), "the admin streams to close")
     late = stub.WatchIntegrationEvents(pb.WatchIntegrationEventsRequest(), metadata=ADMIN)
     first: Any = await late.read()
     assert first.HasField("heartbeat") or first.HasField("event")
@@ -130,7 +127,7 @@ async def test_streams_are_capped_per_caller_and_in_total(
     for call in others:
         call.cancel()
     await asyncio.gather(*tasks, *other_tasks)
-    await eventually(lambda: _true(gauge() == base), "every stream to close")
+    await eventually(lambda: holds(gauge() == base), "every stream to close")
 
 
 async def expect_refusal(stub: pb_grpc.CredentialBrokerAsyncStub, md: Any) -> Any:
@@ -185,8 +182,7 @@ async def small_buffer(settings: Settings) -> AsyncIterator[Broker]:
 async def test_a_stream_behind_the_buffer_catches_up_from_its_own_cursor(
     small_buffer: Broker, fake: FakeAuthServer
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_buffer.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(small_buffer.port) as stub:
         for i in range(3):
             await store(stub, fake, user=f"early{i}", expires_in=3600)
         live = Reader(stub, pb.WatchIntegrationEventsRequest())
@@ -216,10 +212,9 @@ async def test_a_stream_behind_the_buffer_catches_up_from_its_own_cursor(
 async def test_resuming_streams_under_writers_with_a_small_buffer_miss_nothing(
     small_buffer: Broker, fake: FakeAuthServer
 ) -> None:
-    from tests.test_events import read_resuming
+    from tests.helpers.events import read_resuming
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_buffer.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(small_buffer.port) as stub:
         await store(stub, fake, user="first", expires_in=3600)
         start_id = (await all_events(stub))[-1].id
         filtered = Reader(stub, pb.WatchIntegrationEventsRequest(user_id="w7"))

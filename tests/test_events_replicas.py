@@ -5,7 +5,7 @@ resumed from its last id misses none and repeats none (ids become visible in com
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,19 +13,15 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN, KEYS, PostgresFactory
-from tests.fakeauth import FakeAuthServer
-from tests.processes import replica_set
-from tests.test_events import read_resuming
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.events import read_resuming
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.processes import replica_set
+from tests.helpers.providers import SECRET_ENV, acme_from_env
+from tests.helpers.settings import ADMIN, KEYS
 
 pytestmark = pytest.mark.postgres
 T = pb.IntegrationEventType
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture
@@ -36,16 +32,9 @@ async def stubs(
     sections = {
         "refresh": {"background": False, "max_attempts": 1},
         "events": {"poll_seconds": 2, "heartbeat_seconds": 1},
-        "providers": {
-            "acme": {
-                "token_url": fake.token_url,
-                "client_id": fake.client_id,
-                "client_secret_env": "ACME_SECRET",
-                "rotates_refresh_tokens": True,
-            }
-        },
+        "providers": {"acme": acme_from_env(fake)},
     }
-    env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+    env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
     async with replica_set(tmp_path, url, sections, env) as processes:
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p.port}") for p in processes]
         yield [pb_grpc.CredentialBrokerStub(c) for c in channels]

@@ -10,31 +10,22 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from broker import devmode
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.errors import ConfigError
 from broker.server.app import start
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import ADMIN, ENVIRONMENT, make_settings
-from tests.test_devmode import clean_env
+from tests.helpers.processes import clean_env
+from tests.helpers.settings import ADMIN, ENVIRONMENT, make_settings
+from tests.helpers.stubs import broker_stub
 
-
-@pytest.fixture(autouse=True)
-def loose_umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
+pytestmark = pytest.mark.usefixtures("loose_umask")
 
 
 def mode(path: Path) -> int:
@@ -71,8 +62,7 @@ async def test_a_serving_broker_keeps_every_sqlite_file_private(tmp_path: Path) 
     database = tmp_path / "data" / "broker.db"
     broker = await start(make_settings(await migrated(database)))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             stored = await stub.StoreIntegration(
                 pb.StoreIntegrationRequest(user_id="u", provider="github", access_token="at-x"),
                 metadata=ADMIN,

@@ -6,7 +6,7 @@ authorization.flow_ttl_seconds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,28 +20,16 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import error_info, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.test_authorization import (
-    CALLBACK,
-    FakeClock,
-    acme,
-    begin,
-    complete,
-    consent,
-    flow_rows,
-    query,
-)
+from tests.helpers.authorization import begin, complete, consent, flow_rows, query
+from tests.helpers.clock import FakeClock
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.settings import make_settings
 
 Code = grpc.StatusCode
 WEB = (("authorization", "Bearer web-token"),)
 LIMIT = 5
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture
@@ -56,11 +44,6 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
         refresh={"provider_timeout_seconds": 2, "background": False},
         authorization={"max_pending_flows_per_caller": LIMIT, "flow_ttl_seconds": 120},
     )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ import base64
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -40,9 +39,12 @@ from hypothesis import strategies as st
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.config import Settings
 from broker.server.app import Broker
-from tests.conftest import ADMIN, RUNNER, make_settings, store_request
-from tests.fakeauth import FakeAuthServer
-from tests.test_authorization import CALLBACK, acme
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.integrations import store_request
+from tests.helpers.leaks import tracebacks
+from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.settings import ADMIN, RUNNER, make_settings
+from tests.helpers.wire import field_bytes, nested_struct, varint
 
 FD = pb_descriptor.FieldDescriptor
 SERVICE = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
@@ -288,45 +290,19 @@ def _assign(message: Any, field: FD, value: Any) -> None:
 # -- raw bodies ---------------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def nested_struct(depth: int) -> bytes:
-    """A Struct {"a": {"a": ...}} ``depth`` levels deep, as bytes (past any parser's limit)."""
-    body = b""
-    for _ in range(depth):
-        value = _field_bytes(5, body)  # Value.struct_value
-        entry = _field_bytes(1, b"a") + _field_bytes(2, value)  # map entry key, value
-        body = _field_bytes(1, entry)  # Struct.fields
-    return body
-
-
 def crafted_bodies() -> list[bytes]:
     valid = store_request(access_token="at-fuzz", refresh_token="rt-fuzz").SerializeToString()
     return [
         b"",
         valid[: len(valid) // 2],  # truncated mid-field
         valid[:-1],
-        _field_bytes(1, b"\xff\xfe\xfd"),  # field 1 (a string everywhere) with invalid UTF-8
-        _field_bytes(2, b"\xc3\x28"),
-        _field_bytes(10, nested_struct(2000)),  # StoreIntegration.metadata
-        _field_bytes(6, nested_struct(2000)),  # BeginAuthorization.metadata
+        field_bytes(1, b"\xff\xfe\xfd"),  # field 1 (a string everywhere) with invalid UTF-8
+        field_bytes(2, b"\xc3\x28"),
+        field_bytes(10, nested_struct(2000)),  # StoreIntegration.metadata
+        field_bytes(6, nested_struct(2000)),  # BeginAuthorization.metadata
         b"\xff" * 12,  # an endless varint
-        _varint(1 << 3 | 2) + _varint(2**31),  # a length far past the body
-        _varint(7 << 3 | 3),  # a start-group that never ends
+        varint(1 << 3 | 2) + varint(2**31),  # a length far past the body
+        varint(7 << 3 | 3),  # a start-group that never ends
     ]
 
 
@@ -335,12 +311,6 @@ def bodies() -> st.SearchStrategy[bytes]:
 
 
 # -- the fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture
@@ -373,14 +343,6 @@ class Tally:
         self.codes[code.name] += 1
         if code in FORBIDDEN:
             self.bad.append(f"{method} {what}: {code.name} {details[:200]}")
-
-
-def tracebacks(records: list[logging.LogRecord]) -> list[str]:
-    found = []
-    for record in records:
-        if record.exc_info or "Traceback" in record.getMessage():
-            found.append(f"{record.name}: {record.getMessage()[:200]}")
-    return found
 
 
 async def test_fuzz_every_rpc(

@@ -18,44 +18,26 @@ from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
-from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, metadata
-from tests.conftest import ADMIN, ADMIN_TOKEN, expect_error, make_settings, store_request
-from tests.test_authorization import FakeClock
+from tests.helpers.clock import FakeClock
+from tests.helpers.errors import expect_error
+from tests.helpers.grants import (
+    GRANT_RUNNER,
+    LIMITED_TOKEN,
+    OTHER_TOKEN,
+    PLAIN_TOKEN,
+    TENANT_TOKEN,
+    grant_callers,
+    with_grant,
+)
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
-RUNNER_TOKEN = "grant-runner-token"
-OTHER_TOKEN = "other-runner-token"
-LIMITED_TOKEN = "limited-issuer-token"
-PLAIN_TOKEN = "plain-reader-token"
-TENANT_TOKEN = "tenant-a-token"
 TENANT = (("authorization", f"Bearer {TENANT_TOKEN}"),)
-RUNNER = (("authorization", f"Bearer {RUNNER_TOKEN}"),)
 OTHER = (("authorization", f"Bearer {OTHER_TOKEN}"),)
 LIMITED = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
 PLAIN = (("authorization", f"Bearer {PLAIN_TOKEN}"),)
-
-
-def grant_callers() -> dict[str, Any]:
-    return {
-        "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
-        # Every method configured, yet under requires_grant it can only read under a grant.
-        "runner": {"token_sha256": hash_token(RUNNER_TOKEN), "requires_grant": True},
-        "other-runner": {
-            "token_sha256": hash_token(OTHER_TOKEN),
-            "requires_grant": True,
-            "methods": ["GetAccessToken"],
-        },
-        # An issuer that may read only twitter, and give grants of at most 10 minutes.
-        "limited": {
-            "token_sha256": hash_token(LIMITED_TOKEN),
-            "providers": ["twitter"],
-            "max_grant_ttl": 600,
-        },
-        "plain": {"token_sha256": hash_token(PLAIN_TOKEN), "methods": ["GetAccessToken"]},
-        # Tied to one user, like a session's row-level security.
-        "tenant": {"token_sha256": hash_token(TENANT_TOKEN), "users": ["user-a"]},
-    }
 
 
 @pytest.fixture
@@ -64,19 +46,10 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def broker(settings: Settings, clock: FakeClock) -> AsyncIterator[Broker]:
     running = await start(settings, clock=clock)
     yield running
     await running.stop(0)
-
-
-def with_grant(credentials: tuple[tuple[str, str], ...], token: str) -> tuple[Any, ...]:
-    return (*credentials, ("x-broker-grant", token))
 
 
 async def create_grant(
@@ -116,14 +89,14 @@ async def test_runner_reads_only_under_a_fitting_grant(
     created = await create_grant(stub)
     assert created.grant_token.startswith("cbg_")
     token = created.grant_token
-    md = with_grant(RUNNER, token)
+    md = with_grant(GRANT_RUNNER, token)
 
     async def refused(request: pb.GetAccessTokenRequest, md: Any, code: Code, reason: str) -> None:
         await expect_error(stub.GetAccessToken(request, metadata=md), code, reason)
 
     by_owner = pb.GetAccessTokenRequest(user_id="user-a", provider="twitter")
     # No grant at all.
-    await refused(by_owner, RUNNER, Code.PERMISSION_DENIED, "GRANT_REQUIRED")
+    await refused(by_owner, GRANT_RUNNER, Code.PERMISSION_DENIED, "GRANT_REQUIRED")
     # A grant for user A asking for user B, by owner and by id.
     await refused(
         pb.GetAccessTokenRequest(user_id="user-b", provider="twitter"),
@@ -152,7 +125,7 @@ async def test_runner_reads_only_under_a_fitting_grant(
     )
     # A token that is no grant of ours.
     await refused(
-        by_owner, with_grant(RUNNER, "cbg_" + "x" * 43), Code.UNAUTHENTICATED, "GRANT_INVALID"
+        by_owner, with_grant(GRANT_RUNNER, "cbg_" + "x" * 43), Code.UNAUTHENTICATED, "GRANT_INVALID"
     )
     # An empty one (a client whose grant variable is unset) is refused, not ignored, even
     # from a caller that needs no grant: what it presents would narrow its call.
@@ -196,8 +169,8 @@ async def test_grant_by_integration_id_and_by_provider(
         metadata=ADMIN,
     )
     later_id = later.integration.id
-    md_id = with_grant(RUNNER, by_id.grant_token)
-    md_provider = with_grant(RUNNER, by_provider.grant_token)
+    md_id = with_grant(GRANT_RUNNER, by_id.grant_token)
+    md_provider = with_grant(GRANT_RUNNER, by_provider.grant_token)
 
     got = await stub.GetAccessToken(
         pb.GetAccessTokenRequest(user_id="user-a", provider="google"), metadata=md_id
@@ -262,7 +235,7 @@ async def test_no_escalation(stub: pb_grpc.CredentialBrokerAsyncStub, broker: Br
     lifetime = default.grant.expires_at.ToDatetime() - default.grant.created_at.ToDatetime()
     assert lifetime == timedelta(minutes=15)
 
-    md = with_grant(RUNNER, default.grant_token)
+    md = with_grant(GRANT_RUNNER, default.grant_token)
     # A grant never authorises a write, the authorization flow, or creating grants.
     for call in (
         stub.StoreIntegration(store_request(user_id="user-a"), metadata=md),
@@ -278,7 +251,7 @@ async def test_no_escalation(stub: pb_grpc.CredentialBrokerAsyncStub, broker: Br
         await expect_error(call, Code.PERMISSION_DENIED, "GRANT_SCOPE")
     # Without a grant the runner is refused everything, writes included.
     await expect_error(
-        stub.StoreIntegration(store_request(user_id="user-a"), metadata=RUNNER),
+        stub.StoreIntegration(store_request(user_id="user-a"), metadata=GRANT_RUNNER),
         Code.PERMISSION_DENIED,
         "GRANT_REQUIRED",
     )
@@ -302,7 +275,7 @@ async def test_audience_and_stolen_grant(stub: pb_grpc.CredentialBrokerAsyncStub
         "GRANT_AUDIENCE",
     )
     served = await stub.GetAccessToken(
-        request, metadata=with_grant(RUNNER, only_runner.grant_token)
+        request, metadata=with_grant(GRANT_RUNNER, only_runner.grant_token)
     )
     assert served.access_token == "at-a-twitter"
     # Default audience: callers configured requires_grant, not any caller at all.
@@ -373,7 +346,7 @@ async def test_grant_rpcs_show_metadata_and_revoke_by_run(
         await expect_error(
             stub.GetAccessToken(
                 pb.GetAccessTokenRequest(user_id="user-a", provider="twitter"),
-                metadata=with_grant(RUNNER, grant.grant_token),
+                metadata=with_grant(GRANT_RUNNER, grant.grant_token),
             ),
             Code.UNAUTHENTICATED,
             "GRANT_REVOKED",
@@ -430,7 +403,7 @@ async def test_grant_tokens_are_nowhere(
     for run in ("canary-1", "canary-2"):
         created = await create_grant(stub, run_id=run)
         tokens.append(created.grant_token)
-        md = with_grant(RUNNER, created.grant_token)
+        md = with_grant(GRANT_RUNNER, created.grant_token)
         await stub.GetAccessToken(
             pb.GetAccessTokenRequest(user_id="user-a", provider="twitter"), metadata=md
         )
@@ -444,7 +417,7 @@ async def test_grant_tokens_are_nowhere(
     await expect_error(
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(user_id="user-a", provider="twitter"),
-            metadata=with_grant(RUNNER, tokens[0]),
+            metadata=with_grant(GRANT_RUNNER, tokens[0]),
         ),
         Code.UNAUTHENTICATED,
     )
@@ -452,7 +425,7 @@ async def test_grant_tokens_are_nowhere(
     await expect_error(
         stub.GetAccessToken(
             pb.GetAccessTokenRequest(user_id="user-a", provider="twitter"),
-            metadata=with_grant(RUNNER, tokens[1]),
+            metadata=with_grant(GRANT_RUNNER, tokens[1]),
         ),
         Code.UNAUTHENTICATED,
         "GRANT_EXPIRED",
@@ -546,8 +519,8 @@ async def test_event_rpcs_are_not_open_to_a_caller_that_requires_a_grant(
     await seed(stub)
     grant = await create_grant(stub)
     for credentials, reason in (
-        (RUNNER, "GRANT_REQUIRED"),
-        (with_grant(RUNNER, grant.grant_token), "GRANT_SCOPE"),
+        (GRANT_RUNNER, "GRANT_REQUIRED"),
+        (with_grant(GRANT_RUNNER, grant.grant_token), "GRANT_SCOPE"),
     ):
         watch = stub.WatchIntegrationEvents(
             pb.WatchIntegrationEventsRequest(), metadata=credentials, timeout=10

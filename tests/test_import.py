@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from broker.cli import main
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, imports, integration_events, integrations
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.processes import write_toml
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.processes import write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 
 pytestmark = pytest.mark.postgres
 
@@ -80,12 +81,6 @@ def app_encrypt(plain: str | None) -> str | None:
         return None
     nonce = os.urandom(12)
     return base64.b64encode(nonce + AESGCM(b"k" * 32).encrypt(nonce, plain.encode(), None)).decode()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 def providers(fake: FakeAuthServer) -> dict[str, Any]:

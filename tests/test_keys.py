@@ -8,10 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings, KeysSettings, load_settings
 from broker.crypto.aead import NONCE_LIMIT
 from broker.crypto.keys import generate_key, load_keyring, parse_keyring
@@ -19,7 +17,9 @@ from broker.domain.key_usage import flush_key_usage, read_key_usage
 from broker.errors import ConfigError, StorageUnavailable
 from broker.server.app import start
 from broker.storage.engine import create_engine
-from tests.conftest import ADMIN, KEYS, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 
 def python_command(code: str) -> str:
@@ -177,8 +177,7 @@ async def test_a_serving_broker_counts_its_encryptions(database_url: str) -> Non
     )
     kid = broker.runtime.keyring.primary_id
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             for n in range(5):
                 await stub.StoreIntegration(store_request(user_id=f"u{n}"), metadata=ADMIN)
             # Each store encrypts two tokens; the flush adds them up while the broker serves.

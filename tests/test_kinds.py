@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,9 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 from sqlalchemy import select, update
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
@@ -26,50 +23,37 @@ from broker.crypto.keys import generate_key, parse_keyring
 from broker.domain.rotation import key_status, reencrypt
 from broker.server.app import Broker, start
 from broker.storage.tables import audit_events, integrations
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.test_grpcurl import Grpcurl, _grpcurl
-from tests.test_no_secrets_in_logs import error_texts, record_texts, scan
+from tests.helpers.credentials import (
+    APP_KEY,
+    APP_PUBLIC,
+    EC_KEY,
+    EC_PUBLIC,
+    OTHER_KEY,
+    SA_EMAIL,
+    SA_KEY,
+    SA_PUBLIC,
+    credential,
+    service_account_json,
+)
+from tests.helpers.errors import expect_error
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.grpcurl import Grpcurl, grpcurl_binary
+from tests.helpers.leaks import error_texts, record_texts, scan
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 MINTED = ("client_credentials", "service_account", "github_app_installation")
 
 
-def keypair(curve: bool = False) -> tuple[str, str]:
-    """(private PEM, public PEM): RSA 2048, or EC P-256 when ``curve``."""
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
-        ec.generate_private_key(ec.SECP256R1())
-        if curve
-        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    )
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
-
-
-# Generating RSA keys is slow on a busy machine: once per module.
-SA_KEY, SA_PUBLIC = keypair()
-APP_KEY, APP_PUBLIC = keypair()
-EC_KEY, EC_PUBLIC = keypair(curve=True)
-OTHER_KEY, _ = keypair()
-SA_EMAIL = "robot@project.iam.gserviceaccount.com"
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=300) as server:
+    def register(server: FakeAuthServer) -> None:
         server.register_service_account(SA_EMAIL, SA_PUBLIC)
         server.register_service_account("ec-robot", EC_PUBLIC)
         server.register_app("42", APP_PUBLIC, {"1001", "1002"})
-        yield server
+
+    yield from serve_fake(register, expires_in=300)
 
 
 def kind_providers(fake: FakeAuthServer) -> dict[str, Any]:
@@ -97,27 +81,6 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
         refresh={"margin_seconds": 30, "provider_timeout_seconds": 2, "max_attempts": 2},
         # Tests below edit rows behind the broker's back.
         cache={"enabled": False},
-    )
-
-
-def credential(kind: str, **fields: Any) -> pb.Credential:
-    message = pb.Credential()
-    getattr(message, kind).SetInParent()
-    json_format.ParseDict(fields, getattr(message, kind))
-    return message
-
-
-def service_account_json() -> str:
-    return json.dumps(
-        {
-            "type": "service_account",
-            "project_id": "project",
-            "private_key_id": "kid-1",
-            "private_key": SA_KEY,
-            "client_email": SA_EMAIL,
-            "client_id": "1234",
-            "token_uri": "https://oauth2.googleapis.com/token",
-        }
     )
 
 
@@ -577,8 +540,7 @@ async def test_canary_secrets_of_every_kind_never_leak(
     errors: list[grpc.aio.AioRpcError] = []
     minted: list[str] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             creds = [
                 ("keysonly", credential("api_key", key=canary_key, header="X-Key")),
                 ("keysonly", credential("basic", username="u", password=canary_password)),
@@ -677,7 +639,7 @@ async def test_audit_records_the_kind(
 
 async def test_readme_examples_through_grpcurl(broker: Broker) -> None:
     """The README's api_key and basic examples, bodies as written, through grpcurl."""
-    run = Grpcurl(f"127.0.0.1:{broker.port}", _grpcurl())
+    run = Grpcurl(f"127.0.0.1:{broker.port}", grpcurl_binary())
     examples = [
         (
             {

@@ -11,11 +11,12 @@ import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN, KEYS, PostgresFactory
-from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, replica_set
-from tests.test_kinds import APP_KEY, APP_PUBLIC, SA_EMAIL, SA_PUBLIC, service_account_json
-from tests.test_replicas import expire_all
+from tests.helpers.credentials import APP_KEY, APP_PUBLIC, SA_EMAIL, SA_PUBLIC, service_account_json
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.processes import BrokerProcess, replica_set
+from tests.helpers.replicas import expire_all
+from tests.helpers.settings import ADMIN, KEYS
 
 pytestmark = pytest.mark.postgres
 
@@ -23,10 +24,11 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
     # Latency widens the window in which the replicas' callers pile up on one mint.
-    with FakeAuthServer(expires_in=3600, latency=0.05) as server:
+    def register(server: FakeAuthServer) -> None:
         server.register_service_account(SA_EMAIL, SA_PUBLIC)
         server.register_app("42", APP_PUBLIC, {"7"})
-        yield server
+
+    yield from serve_fake(register, expires_in=3600, latency=0.05)
 
 
 @pytest.fixture

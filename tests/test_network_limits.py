@@ -23,8 +23,9 @@ from broker.domain import validation
 from broker.server import transport
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, expect_error, make_settings
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.errors import expect_error
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an HTTP/2 SETTINGS frame, no values

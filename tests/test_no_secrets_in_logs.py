@@ -14,26 +14,26 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import grpc
 import httpx
 import pytest
-from google.rpc import status_pb2
 from sqlalchemy import select, update
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
-from broker.logs import JsonFormatter
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, integration_events, integrations
-from tests.conftest import ENVIRONMENT, KEYS, make_settings
-from tests.fakeauth import FakeAuthServer, Grant
-from tests.processes import BrokerProcess, write_toml
-from tests.receiver import Receiver
+from tests.helpers.fakes import FakeAuthServer, Grant, serve_fake
+from tests.helpers.leaks import error_texts, record_texts, scan
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.receiver import Receiver
+from tests.helpers.settings import ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 CALLBACK = "https://app.example.test/oauth/callback"
@@ -103,28 +103,6 @@ def plant_grant(fake: FakeAuthServer, access: str, refresh: str) -> None:
         fake._access[access] = grant
 
 
-def scan(text: str, needles: dict[str, str], where: str) -> list[str]:
-    return [f"{what} found in {where}: {text[:300]!r}" for n, what in needles.items() if n in text]
-
-
-def record_texts(record: logging.LogRecord) -> list[str]:
-    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    texts = [JsonFormatter().format(record), plain.format(record), repr(record.__dict__)]
-    if record.exc_info:
-        texts.append(plain.formatException(record.exc_info))
-    return texts
-
-
-def error_texts(error: grpc.aio.AioRpcError) -> list[str]:
-    texts = [error.details() or "", error.debug_error_string() or "", repr(error)]
-    # grpc-stubs types this as RpcError's tuple of _Metadatum; grpc.aio returns Metadata | None.
-    for key, value in cast("grpc.aio.Metadata | None", error.trailing_metadata()) or ():
-        texts.append(f"{key}={value!r}")
-        if key == "grpc-status-details-bin":
-            texts.append(str(status_pb2.Status.FromString(value)))
-    return texts
-
-
 class Recorder:
     """Runs calls and keeps every gRPC error they raised."""
 
@@ -149,8 +127,7 @@ def canaries() -> Canaries:
 
 @pytest.fixture
 def fake(canaries: Canaries) -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(client_secret=canaries.client_secret, expires_in=3600) as server:
-        yield server
+    yield from serve_fake(client_secret=canaries.client_secret, expires_in=3600)
 
 
 @pytest.fixture
@@ -476,8 +453,7 @@ async def test_no_canary_in_a_broker_process_debug_log(
     md = canaries.metadata
     try:
         plant_grant(fake, canaries.access, canaries.refresh)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(process.port) as stub:
             stored = await stub.StoreIntegration(
                 pb.StoreIntegrationRequest(
                     user_id="user-1",

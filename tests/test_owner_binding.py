@@ -23,12 +23,14 @@ from broker.domain.rotation import Progress, RowBound, reencrypt, row_bound_stat
 from broker.model import Owner
 from broker.server.app import Broker, start
 from broker.storage.tables import integrations, oauth_flows
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, expect_error, make_settings
-from tests.fakeauth import FakeAuthServer
-from tests.test_authorization import CALLBACK, code_exchanges, consent
-from tests.test_cli import broker as cli
-from tests.test_cli import config as cli_config
-from tests.test_kinds import credential
+from tests.helpers.authorization import code_exchanges, consent
+from tests.helpers.cli import broker as cli
+from tests.helpers.cli import config as cli_config
+from tests.helpers.credentials import credential
+from tests.helpers.errors import expect_error
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.providers import CALLBACK, endpoints
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 CT_COLUMNS = {
@@ -39,25 +41,14 @@ CT_COLUMNS = {
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
-
-
-@pytest.fixture
 def other() -> Iterator[FakeAuthServer]:
     """Another provider's authorization server: it must never see the victim's secrets."""
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
+    yield from serve_fake(expires_in=3600)
 
 
 def provider(fake: FakeAuthServer) -> dict[str, Any]:
     return {
-        "token_url": fake.token_url,
-        "authorization_url": fake.authorization_url,
-        "revocation_url": fake.revocation_url,
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
+        **endpoints(fake),
         "redirect_uris": [CALLBACK],
         "kinds": ["authorization_code", "client_credentials"],
     }

@@ -3,9 +3,8 @@ and their reload on SIGHUP in a real broker process (a bad file keeps the old po
 
 from __future__ import annotations
 
-import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,19 @@ from broker.config import Settings
 from broker.server.app import Broker
 from broker.server.callers import hash_token
 from broker.storage.tables import integrations
-from tests.conftest import (
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import (
     ADMIN,
     ADMIN_TOKEN,
     ENVIRONMENT,
     KEYS,
     RUNNER_TOKEN,
-    error_info,
-    expect_error,
     make_settings,
-    store_request,
 )
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.stubs import broker_stub
+from tests.helpers.waiting import eventually
 
 Code = grpc.StatusCode
 
@@ -360,14 +360,6 @@ async def process(database_url: str, tmp_path: Path) -> AsyncIterator[BrokerProc
             assert code == 0, "\n".join(proc.log)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def log_count(proc: BrokerProcess, text: str) -> int:
     return sum(text in line for line in proc.log)
 
@@ -396,8 +388,7 @@ async def test_sighup_reloads_policies_and_keeps_old_on_bad_file(
     process: BrokerProcess, database_url: str
 ) -> None:
     config = process.config
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(process.port) as stub:
         acme_id = await store(stub, "acme")
         google_id = await store(stub, "google")
 

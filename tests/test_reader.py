@@ -11,12 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DatabaseSettings
 from broker.errors import CiphertextInvalid, StorageUnavailable
 from broker.model import StoredIntegration
@@ -24,15 +22,18 @@ from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors
 from broker.storage.reader import APPLICATION_NAME, MAX_BATCH, IntegrationReader, open_reader
-from tests.conftest import ADMIN, PostgresFactory, make_settings, store_request
-from tests.test_database_down import Proxy
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.integrations import store_request
+from tests.helpers.proxy import Proxy
+from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 pytestmark = pytest.mark.postgres
 
 POOL_SIZE = 3
 
 
-def _dsn(url: str, port: int | None = None) -> str:
+def plain_dsn(url: str, port: int | None = None) -> str:
     parsed = make_url(url).set(drivername="postgresql")
     if port is not None:
         parsed = parsed.set(host="127.0.0.1", port=port)
@@ -49,8 +50,7 @@ async def stored_ids(database: str) -> list[str]:
     """Integrations stored through a real broker (encrypted, with scopes and metadata)."""
     broker: Broker = await start(make_settings(database, cache={"enabled": False}))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             ids = []
             for n in range(3):
                 request = store_request(user_id=f"user-{n}", access_token=f"at-{n}")
@@ -71,14 +71,14 @@ async def stored_ids(database: str) -> list[str]:
 @pytest.fixture
 async def reader(database: str) -> AsyncIterator[IntegrationReader]:
     opened = await open_reader(
-        _dsn(database), DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=2)
+        plain_dsn(database), DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=2)
     )
     yield opened
     await opened.close()
 
 
 async def _sql(database: str, query: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(_dsn(database))
+    conn = await asyncpg.connect(plain_dsn(database))
     try:
         return list(await conn.fetch(query, *args))
     finally:
@@ -167,7 +167,7 @@ async def test_cancelled_read_drops_its_connection(database: str, stored_ids: li
     proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.start()
     reader = await open_reader(
-        _dsn(database, proxy.port),
+        plain_dsn(database, proxy.port),
         DatabaseSettings(url=database, pool_size=1, timeout_seconds=5),
     )
     try:
@@ -195,7 +195,7 @@ async def test_unreachable_database_is_storage_unavailable(database: str) -> Non
     proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.start()
     reader = await open_reader(
-        _dsn(database, proxy.port), DatabaseSettings(url=database, timeout_seconds=1)
+        plain_dsn(database, proxy.port), DatabaseSettings(url=database, timeout_seconds=1)
     )
     await proxy.stop()
     try:
@@ -215,7 +215,7 @@ MISSING = "00000000-0000-4000-8000-000000000000"
 async def patient_reader(database: str) -> AsyncIterator[IntegrationReader]:
     """A reader whose statements may wait on a lock for a while (the tests below hold one)."""
     opened = await open_reader(
-        _dsn(database), DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=30)
+        plain_dsn(database), DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=30)
     )
     yield opened
     await opened.close()
@@ -224,7 +224,7 @@ async def patient_reader(database: str) -> AsyncIterator[IntegrationReader]:
 @asynccontextmanager
 async def _table_locked(database: str) -> AsyncIterator[None]:
     """Every read of ``integrations`` waits until the block ends (then carries on)."""
-    conn = await asyncpg.connect(_dsn(database))
+    conn = await asyncpg.connect(plain_dsn(database))
     try:
         async with conn.transaction():
             await conn.execute("LOCK TABLE integrations IN ACCESS EXCLUSIVE MODE")
@@ -265,7 +265,7 @@ async def test_concurrent_reads_get_their_own_rows(
     """Distinct, repeated and missing ids in one burst: each read gets the row of the id it
     asked for (never another user's), or None, in fewer statements than reads."""
     reader = await IntegrationReader(
-        _dsn(database),
+        plain_dsn(database),
         DatabaseSettings(url=database, pool_size=POOL_SIZE, timeout_seconds=5),
         max_batches=max_batches,
     ).open()
@@ -348,7 +348,7 @@ async def test_a_closed_reader_fails_waiting_reads_as_unavailable(
     database: str, stored_ids: list[str]
 ) -> None:
     reader = await open_reader(
-        _dsn(database), DatabaseSettings(url=database, pool_size=1, timeout_seconds=1)
+        plain_dsn(database), DatabaseSettings(url=database, pool_size=1, timeout_seconds=1)
     )
     await reader.close()
     with pytest.raises(StorageUnavailable):

@@ -5,7 +5,7 @@ consent, the callback; a replayed callback and another user's callback get the R
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,8 +15,8 @@ import pytest
 
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import make_settings
-from tests.fakeauth import FakeAuthServer
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import make_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TOKEN = "cb_readme-web-backend"
@@ -32,12 +32,6 @@ def handlers() -> str:
 @pytest.fixture
 def backend() -> str:
     return "sqlite"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture

@@ -9,19 +9,18 @@ import json
 import os
 import re
 import secrets
-import socket
 import sys
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import start
-from tests.conftest import ADMIN, ADMIN_TOKEN, make_settings
-from tests.test_grpcurl import _grpcurl
+from tests.helpers.grpcurl import grpcurl_binary
+from tests.helpers.processes import free_port
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.stubs import broker_stub
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -37,12 +36,6 @@ def readme_block(marker: str) -> str:
     found = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
     assert found, f"README has no python block after <!-- {marker} -->"
     return found.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_the_readme_webhook_receiver_verifies_broker_deliveries(
@@ -79,8 +72,7 @@ async def test_the_readme_webhook_receiver_verifies_broker_deliveries(
         )
         broker = await start(settings)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
+            async with broker_stub(broker.port) as stub:
                 stored = await stub.StoreIntegration(
                     pb.StoreIntegrationRequest(user_id="u1", provider="github", access_token="a"),
                     metadata=ADMIN,
@@ -102,8 +94,7 @@ async def test_the_readme_webhook_receiver_verifies_broker_deliveries(
 async def test_the_readme_grpcurl_watch_streams_events(database_url: str) -> None:
     broker = await start(make_settings(database_url, events={"heartbeat_seconds": 60}))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             await stub.StoreIntegration(
                 pb.StoreIntegrationRequest(user_id="u1", provider="github", access_token="a"),
                 metadata=ADMIN,
@@ -112,7 +103,7 @@ async def test_the_readme_grpcurl_watch_streams_events(database_url: str) -> Non
                 pb.DisconnectRequest(user_id="u1", provider="github"), metadata=ADMIN
             )
         process = await asyncio.create_subprocess_exec(
-            _grpcurl(),
+            grpcurl_binary(),
             "-plaintext",
             "-max-time",
             "3",

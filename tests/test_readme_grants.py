@@ -12,14 +12,14 @@ import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
+from tests.helpers.stubs import broker_stub
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ORCHESTRATOR_TOKEN = "cb_readme-orchestrator"
@@ -50,8 +50,7 @@ async def broker(database_url: str) -> AsyncIterator[Broker]:
     # The test looks at every caller's grants, as an operator would.
     callers["admin"] = {"token_sha256": hash_token(ADMIN_TOKEN), "manage_all_grants": True}
     running = await start(make_settings(database_url, callers=callers))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(running.port) as stub:
         await stub.StoreIntegration(
             store_request(user_id="user-123", provider="google"), metadata=ADMIN
         )
@@ -71,8 +70,7 @@ async def run(command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 
 async def run_states(broker: Broker, run_id: str) -> list[int]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(broker.port) as stub:
         listed = await stub.ListGrants(
             pb.ListGrantsRequest(run_id=run_id, include_inactive=True), metadata=ADMIN
         )

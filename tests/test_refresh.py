@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,30 +20,14 @@ from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import touch, write_transaction
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings, retry_info
-from tests.fakeauth import FakeAuthServer
+from tests.helpers.errors import expect_error, retry_info
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.integrations import row, store_grant, token
+from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
-
-
-def provider_settings(fake: FakeAuthServer, **extra: Any) -> dict[str, Any]:
-    return {
-        "acme": {
-            "token_url": fake.token_url,
-            "authorization_url": fake.authorization_url,
-            "revocation_url": fake.revocation_url,
-            "client_id": fake.client_id,
-            "client_secret": fake.client_secret,
-            "rotates_refresh_tokens": True,
-            **extra,
-        }
-    }
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture
@@ -58,42 +42,6 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
             "background": False,
         },
     )
-
-
-async def store_grant(
-    stub: pb_grpc.CredentialBrokerAsyncStub,
-    fake: FakeAuthServer,
-    expires_in: int = 0,
-    **fields: Any,
-) -> tuple[str, str, str]:
-    """Store a fresh grant of the fake; returns (integration id, access token, refresh token)."""
-    access, refresh = fake.issue_grant(scopes=("read", "write"))
-    values: dict[str, Any] = {
-        "user_id": "user-1",
-        "provider": "acme",
-        "access_token": access,
-        "refresh_token": refresh,
-        "expires_in_seconds": expires_in,
-        "scopes": ["read", "write"],
-    }
-    values.update(fields)
-    response = await stub.StoreIntegration(pb.StoreIntegrationRequest(**values), metadata=ADMIN)
-    return response.integration.id, access, refresh
-
-
-async def token(
-    stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, **fields: Any
-) -> pb.GetAccessTokenResponse:
-    return await stub.GetAccessToken(
-        pb.GetAccessTokenRequest(integration_id=iid, **fields), metadata=ADMIN
-    )
-
-
-async def row(broker: Broker, iid: str) -> Any:
-    async with broker.engine.connect() as conn:
-        stored = await repository.get(conn, iid)
-    assert stored is not None
-    return stored
 
 
 async def test_expired_token_is_refreshed_and_rotated(
@@ -182,8 +130,7 @@ async def test_missing_expires_in_uses_default(database_url: str, fake: FakeAuth
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             iid, _, _ = await store_grant(stub, fake)
             got = await token(stub, iid)
             left = got.expires_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
@@ -421,8 +368,7 @@ async def test_background_refresh_shared_by_replicas(
 ) -> None:
     a, b = two_brokers
     fake.latency = 0.05
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel:
-        stub = pb_grpc.CredentialBrokerStub(channel)
+    async with broker_stub(a.port) as stub:
         for n in range(20):
             await store_grant(stub, fake, expires_in=10, account_id=f"acct-{n}")
     await asyncio.gather(a.refresher.background_pass(), b.refresher.background_pass())

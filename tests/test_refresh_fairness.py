@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +26,37 @@ from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
 from broker.storage import repository
-from tests.conftest import (
-    ADMIN,
-    KEYS,
-    error_info,
-    expect_error,
-    make_settings,
-    new_database,
-    retry_info,
-)
-from tests.fakeauth import FakeAuthServer
-from tests.processes import replica_set
-from tests.test_refresh import provider_settings, row, store_grant
+from tests.helpers.clock import FakeClock
+from tests.helpers.databases import new_database
+from tests.helpers.errors import error_info, expect_error, retry_info
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.integrations import row, store_grant
+from tests.helpers.processes import replica_set
+from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 FAILING = 13
 PASS = timedelta(seconds=30)  # refresh.background_interval_seconds (the default)
 
 
-class FakeClock:
-    """The broker's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
 @pytest.fixture
 def good() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
+    yield from serve_fake(expires_in=3600)
 
 
 @pytest.fixture
 def hostile() -> Iterator[FakeAuthServer]:
     """A token endpoint that refuses every request as malformed (and records each)."""
-    with FakeAuthServer() as server:
+
+    def refuse(server: FakeAuthServer) -> None:
         server.routes["/token"] = lambda query, body: (
             400,
             {"error": "invalid_request", "error_description": "no"},
         )
-        yield server
+
+    yield from serve_fake(refuse)
 
 
 def providers(good: FakeAuthServer, hostile: FakeAuthServer) -> dict[str, Any]:
@@ -90,11 +75,6 @@ def skipped(provider: str, reason: str) -> float:
         "broker_refresh_skipped_total", {"provider": provider, "reason": reason}
     )
     return value or 0.0
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
@@ -191,8 +171,7 @@ async def test_a_provider_budget_per_pass(
     )
     broker = await start(settings, clock=clock)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             failing = await store_failing(stub, FAILING)
             healthy, _, _ = await store_grant(stub, good, expires_in=60, user_id="victim")
             budget_skips = skipped("hostile", "budget")
@@ -245,86 +224,85 @@ async def test_each_row_is_claimed_at_most_once_per_pass(
     assert good.refresh_calls == 0
 
 
+@pytest.fixture
+def short() -> Iterator[FakeAuthServer]:
+    """A provider whose tokens live 120 s, under the default 300 s margin."""
+    yield from serve_fake(expires_in=120)
+
+
+@pytest.fixture
+async def short_lived(
+    database_url: str, short: FakeAuthServer, clock: FakeClock
+) -> AsyncIterator[Broker]:
+    settings = make_settings(
+        database_url, providers=provider_settings(short), refresh={"background": False}
+    )
+    running = await start(settings, clock=clock)
+    yield running
+    await running.stop(0)
+
+
 async def test_short_tokens_are_refreshed_at_half_their_lifetime_on_calls(
-    database_url: str, clock: FakeClock
+    short: FakeAuthServer, short_lived: Broker, clock: FakeClock
 ) -> None:
     """120 s tokens under the default 300 s margin, called every 2 s for 2 minutes: about
     one refresh per minute each, not one per call."""
-    with FakeAuthServer(expires_in=120) as short:
-        settings = make_settings(
-            database_url, providers=provider_settings(short), refresh={"background": False}
-        )
-        broker = await start(settings, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
-                ids = [
-                    (await store_grant(stub, short, expires_in=120, user_id=f"u{n}"))[0]
-                    for n in range(5)
-                ]
-                calls = 0
-                for _ in range(60):
-                    clock.advance(timedelta(seconds=2))
-                    for iid in ids:
-                        got = await stub.GetAccessToken(
-                            pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
-                        )
-                        calls += 1
-                        left = got.expires_at.ToDatetime(tzinfo=UTC) - clock.now
-                        assert left >= timedelta(seconds=58), "never served close to expiry"
-                # The first call refreshes (the stored token's lifetime is not known yet:
-                # the margin decides), then once every 60 s: 3 each, 4 at most.
-                assert short.refresh_calls <= 4 * len(ids), short.refresh_calls
-                assert short.refresh_calls >= 2 * len(ids)
-                assert calls == 300
-                # A caller may still ask for more than half the lifetime ...
+    async with broker_stub(short_lived.port) as stub:
+        ids = [
+            (await store_grant(stub, short, expires_in=120, user_id=f"u{n}"))[0] for n in range(5)
+        ]
+        calls = 0
+        for _ in range(60):
+            clock.advance(timedelta(seconds=2))
+            for iid in ids:
                 got = await stub.GetAccessToken(
-                    pb.GetAccessTokenRequest(
-                        integration_id=ids[0], min_valid_for=duration_pb2.Duration(seconds=100)
-                    ),
-                    metadata=ADMIN,
+                    pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
                 )
-                assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(seconds=100)
-                # ... and more than the lifetime is unattainable, as before.
-                await expect_error(
-                    stub.GetAccessToken(
-                        pb.GetAccessTokenRequest(
-                            integration_id=ids[0],
-                            min_valid_for=duration_pb2.Duration(seconds=300),
-                        ),
-                        metadata=ADMIN,
-                    ),
-                    Code.FAILED_PRECONDITION,
-                    "MIN_VALIDITY_UNATTAINABLE",
-                )
-        finally:
-            await broker.stop(0)
+                calls += 1
+                left = got.expires_at.ToDatetime(tzinfo=UTC) - clock.now
+                assert left >= timedelta(seconds=58), "never served close to expiry"
+        # The first call refreshes (the stored token's lifetime is not known yet:
+        # the margin decides), then once every 60 s: 3 each, 4 at most.
+        assert short.refresh_calls <= 4 * len(ids), short.refresh_calls
+        assert short.refresh_calls >= 2 * len(ids)
+        assert calls == 300
+        # A caller may still ask for more than half the lifetime ...
+        got = await stub.GetAccessToken(
+            pb.GetAccessTokenRequest(
+                integration_id=ids[0], min_valid_for=duration_pb2.Duration(seconds=100)
+            ),
+            metadata=ADMIN,
+        )
+        assert got.expires_at.ToDatetime(tzinfo=UTC) - clock.now >= timedelta(seconds=100)
+        # ... and more than the lifetime is unattainable, as before.
+        await expect_error(
+            stub.GetAccessToken(
+                pb.GetAccessTokenRequest(
+                    integration_id=ids[0],
+                    min_valid_for=duration_pb2.Duration(seconds=300),
+                ),
+                metadata=ADMIN,
+            ),
+            Code.FAILED_PRECONDITION,
+            "MIN_VALIDITY_UNATTAINABLE",
+        )
 
 
 async def test_short_tokens_are_refreshed_at_half_their_lifetime_in_the_background(
-    database_url: str, clock: FakeClock
+    short: FakeAuthServer, short_lived: Broker, clock: FakeClock
 ) -> None:
-    with FakeAuthServer(expires_in=120) as short:
-        settings = make_settings(
-            database_url, providers=provider_settings(short), refresh={"background": False}
-        )
-        broker = await start(settings, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
-                for n in range(5):
-                    await store_grant(stub, short, expires_in=120, user_id=f"u{n}")
-            per_pass = []
-            for _ in range(10):
-                before = short.refresh_calls
-                await broker.refresher.background_pass()
-                per_pass.append(short.refresh_calls - before)
-                clock.advance(PASS)
-            # At most once per row per pass, and over 5 minutes about every other pass.
-            assert max(per_pass) <= 5, per_pass
-            assert sum(per_pass) <= 5 * 6, per_pass
-        finally:
-            await broker.stop(0)
+    async with broker_stub(short_lived.port) as stub:
+        for n in range(5):
+            await store_grant(stub, short, expires_in=120, user_id=f"u{n}")
+    per_pass = []
+    for _ in range(10):
+        before = short.refresh_calls
+        await short_lived.refresher.background_pass()
+        per_pass.append(short.refresh_calls - before)
+        clock.advance(PASS)
+    # At most once per row per pass, and over 5 minutes about every other pass.
+    assert max(per_pass) <= 5, per_pass
+    assert sum(per_pass) <= 5 * 6, per_pass
 
 
 async def test_callers_respect_the_back_off(
@@ -410,8 +388,7 @@ async def test_a_fixed_configuration_is_tried_at_once_after_a_restart(
     the fix of its configuration nor the restart that applies it."""
 
     async def get(broker: Broker, iid: str) -> Any:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             return await stub.GetAccessToken(
                 pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN
             )
@@ -421,8 +398,7 @@ async def test_a_fixed_configuration_is_tried_at_once_after_a_restart(
     )
     broker = await start(unconfigured, clock=clock)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             refused, _, _ = await store_grant(stub, good)
             missing = (
                 await stub.StoreIntegration(

@@ -13,17 +13,18 @@ from google.protobuf import duration_pb2
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import Broker, start
-from tests.conftest import ADMIN, error_info, expect_error, make_settings, retry_info
-from tests.fakeauth import FakeAuthServer
-from tests.test_refresh import provider_settings, row, store_grant
+from tests.helpers.errors import error_info, expect_error, retry_info
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.integrations import row, store_grant
+from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=120) as server:
-        yield server
+    yield from serve_fake(expires_in=120)
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ from broker.providers.throttle import ProviderThrottle
 from broker.server.app import Broker
 from broker.storage import repository
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings, retry_info
-from tests.fakeauth import FakeAuthServer
-from tests.test_refresh import provider_settings, row, store_grant, token
+from tests.helpers.errors import expect_error, retry_info
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.integrations import row, store_grant, token
+from tests.helpers.providers import provider_settings
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 LIMIT = 3
@@ -32,8 +34,7 @@ LIMIT = 3
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600, latency=0.05) as server:
-        yield server
+    yield from serve_fake(expires_in=3600, latency=0.05)
 
 
 @pytest.fixture

@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import update
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.config import DatabaseSettings
-from broker.storage.engine import create_engine, touch
-from broker.storage.tables import integrations
-from tests.conftest import ADMIN, KEYS, PostgresFactory
-from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess, replica_set
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.fakes import FakeAuthServer, serve_fake
+from tests.helpers.processes import BrokerProcess, replica_set
+from tests.helpers.providers import SECRET_ENV, acme_from_env
+from tests.helpers.replicas import expire_all
+from tests.helpers.settings import ADMIN, KEYS
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600, latency=0.05) as server:
-        yield server
+    yield from serve_fake(expires_in=3600, latency=0.05)
 
 
 @pytest.fixture
@@ -36,42 +33,11 @@ async def replicas(
     url = await postgres.new()
     sections = {
         "refresh": {"background": False, "margin_seconds": 30},
-        "providers": {
-            "acme": {
-                "token_url": fake.token_url,
-                "client_id": fake.client_id,
-                "client_secret_env": "ACME_SECRET",
-                "rotates_refresh_tokens": True,
-            }
-        },
+        "providers": {"acme": acme_from_env(fake)},
     }
-    env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+    env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
     async with replica_set(tmp_path, url, sections, env) as processes:
         yield url, processes
-
-
-async def expire_all(url: str, stubs: list[pb_grpc.CredentialBrokerAsyncStub], iid: str) -> None:
-    """Expire the tokens as a write would: announced to every replica's cache (NOTIFY), and
-    seen by each of them before the test goes on. (Changing the row behind the brokers' backs
-    left a replica answering from its cache — with the old expiry — when it had cached the row
-    after the last invalidation: no refresh in that rotation, the old flake "assert 2 == 3".)"""
-    engine = create_engine(DatabaseSettings(url=url))
-    now = datetime.now(UTC)
-    async with engine.begin() as conn:
-        await conn.execute(update(integrations).values(expires_at=now))
-        await touch(conn, iid)
-    await engine.dispose()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    for stub in stubs:
-        while True:
-            got = await stub.GetIntegration(
-                pb.GetIntegrationRequest(integration_id=iid), metadata=ADMIN
-            )
-            if got.integration.expires_at.ToDatetime(UTC) <= now:
-                break
-            assert loop.time() < deadline, "a replica never heard of the write"
-            await asyncio.sleep(0.05)
 
 
 async def test_one_refresh_per_rotation_across_three_processes(

@@ -31,7 +31,8 @@ from broker.server.app import Broker, start
 from broker.storage import repository
 from broker.storage.engine import create_engine
 from broker.storage.tables import integrations, oauth_flows
-from tests.conftest import ADMIN, ENVIRONMENT, KEYS, RUNNER, make_settings, store_request
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, RUNNER, make_settings
 
 OLD = KEYS  # "test1:…", the key every fixture broker uses
 NEW = generate_key("test2")

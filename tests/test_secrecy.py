@@ -28,15 +28,9 @@ from broker.storage.engine import create_engine
 from broker.storage.repository import utc
 from broker.storage.schema import migrate
 from broker.storage.tables import integrations
-from tests.conftest import (
-    ADMIN,
-    ENVIRONMENT,
-    KEYS,
-    error_info,
-    expect_error,
-    make_settings,
-    store_request,
-)
+from tests.helpers.errors import error_info, expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, ENVIRONMENT, KEYS, make_settings
 
 Code = grpc.StatusCode
 COLUMNS = ("access_token_ct", "refresh_token_ct")

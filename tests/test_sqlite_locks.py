@@ -11,9 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import start
-from tests.conftest import ADMIN, expect_error, make_settings, new_database, store_request
+from tests.helpers.databases import new_database
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, make_settings
+from tests.helpers.stubs import broker_stub
 
 
 async def test_a_held_write_lock_is_waited_out_for_the_configured_timeout(
@@ -24,8 +27,7 @@ async def test_a_held_write_lock_is_waited_out_for_the_configured_timeout(
     broker = await start(settings)
     holder = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             holder.execute("BEGIN IMMEDIATE")
             began = time.monotonic()
             await expect_error(

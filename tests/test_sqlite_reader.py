@@ -32,7 +32,9 @@ from broker.storage import repository
 from broker.storage.engine import create_engine, storage_errors
 from broker.storage.sqlite_reader import SqliteReader, reader_for
 from broker.storage.tables import integrations
-from tests.conftest import ADMIN, expect_error, make_settings, store_request
+from tests.helpers.errors import expect_error
+from tests.helpers.integrations import store_request
+from tests.helpers.settings import ADMIN, make_settings
 
 BASE = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
 

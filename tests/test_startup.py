@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN_TOKEN, ENVIRONMENT, KEYS, PG_URL, PostgresFactory
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.databases import PG_URL, PostgresFactory
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 COMMANDS = [["serve"], ["migrate"], ["check"]]
 EXIT_CONFIG, EXIT_DATABASE = 2, 3

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,17 +27,14 @@ from broker.config import Settings, WebhookSettings
 from broker.errors import ConfigError
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
-from tests.processes import BrokerProcess, write_toml
-from tests.receiver import Receiver
-from tests.test_events import eventually
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.receiver import Receiver, new_secret
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, make_settings
+from tests.helpers.stubs import broker_stub
+from tests.helpers.waiting import eventually, holds
 
 SECRET_ENV = "TEST_WEBHOOK_SECRET"
 FAST_RETRIES = {"retry_first_seconds": 0.05, "retry_max_seconds": 0.2, "timeout_seconds": 2}
-
-
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def spec_verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
@@ -174,8 +170,7 @@ async def test_order_per_endpoint_and_filters(
         )
         broker = await start(settings)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-                stub = pb_grpc.CredentialBrokerStub(channel)
+            async with broker_stub(broker.port) as stub:
                 receiver.script = [503, 503]  # the first event is late: the others must wait
                 ids = [
                     await connect(stub, f"u{i}", "slack" if i % 2 else "github") for i in range(6)
@@ -207,8 +202,7 @@ async def test_failed_after_the_retry_window_then_retried_by_the_cli(
     )
     broker = await start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
-            stub = pb_grpc.CredentialBrokerStub(channel)
+        async with broker_stub(broker.port) as stub:
             receiver.otherwise = 500
             await connect(stub, "u1")
 
@@ -279,17 +273,13 @@ async def test_a_slow_endpoint_does_not_hold_up_rpcs(
     receiver.hold = threading.Event()
     try:
         await connect(stub, "u0")
-        await eventually(lambda: _true(receiver.arrived == 1), "the first delivery in flight")
+        await eventually(lambda: holds(receiver.arrived == 1), "the first delivery in flight")
         # While the endpoint sits on the first delivery, RPCs that write events go through.
         for i in range(1, 6):
             await asyncio.wait_for(connect(stub, f"u{i}"), 10)
     finally:
         receiver.hold.set()
     await settled(receiver, 6)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- broker processes -----------------------------------------------------------------------------
@@ -340,7 +330,7 @@ async def test_a_broker_killed_mid_retry_resumes_and_delivers_once(
     receiver.otherwise = 500
     async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
         await connect(pb_grpc.CredentialBrokerStub(channel), "u1")
-    await eventually(lambda: _true(len(receiver.received()) >= 2), "two failed attempts")
+    await eventually(lambda: holds(len(receiver.received()) >= 2), "two failed attempts")
     await first.kill()  # SIGKILL between retries: its lease stays behind until it lapses
     failed = len(receiver.received())
     receiver.otherwise = 200

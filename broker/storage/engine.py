@@ -35,7 +35,8 @@ from broker.storage.tables import change_log
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     url = make_url(settings.url.get_secret_value())
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
+        # A ``file:`` URI names its file in SQLite's own syntax (not a path to create here).
+        if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
             _private_sqlite_files(Path(url.database))
         engine = create_async_engine(
             url, connect_args={"timeout": settings.timeout_seconds}, pool_pre_ping=False

@@ -1,4 +1,4 @@
-"""The chaos suite: real broker processes (tests/processes.py) against the strict fake
+"""The chaos suite: real broker processes (tests/helpers/processes.py) against the strict fake
 authorization server (rotation on, reuse revokes the whole grant), faults injected from
 outside — signals, a slow provider, a frozen replica.
 
@@ -37,8 +37,12 @@ from broker.server.callers import hash_token
 from broker.storage.engine import create_engine, touch
 from broker.storage.tables import integrations as t
 from broker_devtools.fakeauth import FakeAuthServer
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, new_database, retry_info
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.databases import new_database
+from tests.helpers.errors import retry_info
+from tests.helpers.fakes import serve_fake
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.providers import SECRET_ENV, acme_from_env
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 Code = grpc.StatusCode
 # Long enough to hold any answer of the fake while a fault is injected.
@@ -47,8 +51,7 @@ LATENCY = 1.0
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600, latency=LATENCY, rotate=True) as server:
-        yield server
+    yield from serve_fake(expires_in=3600, latency=LATENCY, rotate=True)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -114,17 +117,10 @@ class Cluster:
                 "database": {"url": url, "timeout_seconds": 5},
                 "refresh": settings,
                 "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
-                "providers": {
-                    "acme": {
-                        "token_url": fake.token_url,
-                        "client_id": fake.client_id,
-                        "client_secret_env": "ACME_SECRET",
-                        "rotates_refresh_tokens": True,
-                    }
-                },
+                "providers": {"acme": acme_from_env(fake)},
             },
         )
-        self.env = {"BROKER_KEYS": KEYS, "ACME_SECRET": fake.client_secret}
+        self.env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
         self.processes: list[BrokerProcess] = []
         self.channels: list[grpc.aio.Channel] = []
         # integration id -> the refresh token it was seeded with (names its grant at the fake)
@@ -286,10 +282,3 @@ async def until_served(
 
     await asyncio.gather(*(one(iid) for iid in ids))
     return done
-
-
-async def wait_for(check: Any, what: str, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import update
 
 from broker.storage.tables import integrations as t
-from tests.chaos.conftest import Code, Figures, call_token, until_served, wait_for
-from tests.fakeauth import FakeAuthServer
-from tests.processes import BrokerProcess
+from tests.chaos.conftest import Code, Figures, call_token, until_served
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.processes import BrokerProcess
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -27,7 +28,7 @@ async def assert_nothing_lost(cluster: Any, figures: Figures, *, window: int = 0
     """Rotations issued = stored and no grant revoked — beyond ``window`` grants that were in
     flight when the process died (the documented kill -9 crash window)."""
     # A dead client's requests are still processed by the provider: count them too.
-    await wait_for(lambda: cluster.fake.in_flight == 0, "the provider to finish", within=30)
+    await wait_until(lambda: cluster.fake.in_flight == 0, "the provider to finish", within=30)
     figures.rotations_issued = cluster.fake.rotations
     figures.rotations_stored = await cluster.rotations_stored()
     figures.grants_lost = cluster.lost()
@@ -68,7 +69,7 @@ async def test_sigterm_during_background_refreshes(
     ids = await cluster.seed(stub, SIZE)
     figures = cluster.figures(f"SIGTERM during background refreshes ({chaos_backend})")
     await cluster.expire(ids, in_seconds=10)  # inside the margin: the background pass claims
-    await wait_for(lambda: fake.refresh_calls >= SIZE // 2, "background refreshes in flight")
+    await wait_until(lambda: fake.refresh_calls >= SIZE // 2, "background refreshes in flight")
     in_flight = fake.refresh_calls - fake.rotations
     began = time.monotonic()
     assert await process.stop(timeout=30) == 0
@@ -92,7 +93,7 @@ async def test_sigterm_during_caller_refreshes(cluster_factory: Any, fake: FakeA
     ids = await cluster.seed(stub, SIZE, expires_in=0)
     figures = cluster.figures("SIGTERM during caller refreshes (postgres, 2 replicas)")
     calls = [asyncio.ensure_future(call_token(stub, iid, figures, timeout=10)) for iid in ids * 3]
-    await wait_for(lambda: fake.refresh_calls >= SIZE // 2, "caller refreshes in flight")
+    await wait_until(lambda: fake.refresh_calls >= SIZE // 2, "caller refreshes in flight")
     figures.notes["in_flight_at_sigterm"] = fake.refresh_calls - fake.rotations
     began = time.monotonic()
     assert first.proc is not None
@@ -127,7 +128,7 @@ async def test_kill_9_during_refreshes_another_replica_takes_over(
     figures = cluster.figures("kill -9 during refreshes (postgres, 2 replicas)")
     fake.latency = 2.0  # the answers are still on their way when the process dies
     calls = [asyncio.ensure_future(call_token(stub, iid, figures, 30)) for iid in crashing]
-    await wait_for(lambda: fake.refresh_calls >= len(crashing), "refreshes sent")
+    await wait_until(lambda: fake.refresh_calls >= len(crashing), "refreshes sent")
     window, killed = await kill_9(victim, calls, fake, figures)
     # The survivor must not wait out the dead holder's lease: its session is gone.
     done = await until_served(
@@ -171,12 +172,12 @@ async def test_stalled_replica_keeps_its_leases(cluster_factory: Any, fake: Fake
     figures = cluster.figures("stalled replica (SIGSTOP past its lease, postgres)")
     # Calls to the frozen replica: patient, they complete once it runs again.
     held = [asyncio.ensure_future(call_token(stub, iid, figures, 60)) for iid in ids]
-    await wait_for(lambda: fake.refresh_calls >= len(ids), "refreshes sent")
+    await wait_until(lambda: fake.refresh_calls >= len(ids), "refreshes sent")
     assert frozen.proc is not None
     frozen.proc.send_signal(signal.SIGSTOP)
     try:
         # The provider answers into the frozen replica's sockets, and its leases run out.
-        await wait_for(lambda: fake.rotations >= len(ids), "provider answers", within=20)
+        await wait_until(lambda: fake.rotations >= len(ids), "provider answers", within=20)
         async with cluster.engine.begin() as conn:
             await conn.execute(
                 update(t)
@@ -212,7 +213,7 @@ async def test_kill_9_on_sqlite_the_restarted_broker_takes_its_leases_back(
     figures = cluster.figures("kill -9 during refreshes (sqlite, restart)")
     fake.latency = 2.0
     calls = [asyncio.ensure_future(call_token(stub, iid, figures, 30)) for iid in ids[:2]]
-    await wait_for(lambda: fake.refresh_calls >= 2, "refreshes sent")
+    await wait_until(lambda: fake.refresh_calls >= 2, "refreshes sent")
     window, killed = await kill_9(victim, calls, fake, figures)
     assert await cluster.leases() == 2, "the dead broker left its leases"
     restarted, stub = await cluster.start()

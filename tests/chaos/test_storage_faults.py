@@ -34,8 +34,9 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.callers import hash_token
-from tests.conftest import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS, PostgresFactory
-from tests.processes import BrokerProcess, write_toml
+from tests.helpers.databases import PostgresFactory
+from tests.helpers.processes import BrokerProcess, write_toml
+from tests.helpers.settings import ADMIN, ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 pytestmark = pytest.mark.postgres
 
@@ -79,7 +80,7 @@ class Load:
                 out.write(json.dumps(line) + "\n")
 
 
-def _dsn(url: str) -> str:
+def plain_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
@@ -120,7 +121,7 @@ class Broker:
         await self.process.kill()
 
     async def sql(self, query: str, *args: Any) -> Any:
-        conn = await asyncpg.connect(_dsn(self.url), timeout=10)
+        conn = await asyncpg.connect(plain_dsn(self.url), timeout=10)
         try:
             return await conn.fetch(query, *args)
         finally:

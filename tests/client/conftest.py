@@ -4,7 +4,7 @@ the fake authorization server on loopback as the provider."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select
@@ -14,17 +14,11 @@ from broker.server.app import Broker
 from broker.storage.tables import audit_events
 from broker_devtools.fakeauth import FakeAuthServer
 from credentialbroker_client import AsyncBrokerClient, Retry
-from tests.conftest import ADMIN_TOKEN, make_settings
-from tests.test_authorization import acme
+from tests.helpers.providers import acme
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 # Quick retries, so tests that exercise them stay short on a loaded machine.
 FAST = Retry(attempts=5, initial_backoff=0.05, max_backoff=0.2)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=3600) as server:
-        yield server
 
 
 @pytest.fixture

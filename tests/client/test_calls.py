@@ -28,8 +28,8 @@ from credentialbroker_client import (
     broker_pb2,
 )
 from tests.client.conftest import audited, store_grant
-from tests.conftest import RUNNER_TOKEN
-from tests.test_authorization import CALLBACK
+from tests.helpers.providers import CALLBACK
+from tests.helpers.settings import RUNNER_TOKEN
 
 
 async def test_every_rpc_round_trips(
@@ -190,7 +190,7 @@ async def test_errors_map_to_classes_with_code_reason_and_metadata(
 
 async def test_sync_client(broker: Broker, fake: FakeAuthServer) -> None:
     """The blocking client, run in a worker thread while this loop serves the broker."""
-    from tests.conftest import ADMIN_TOKEN
+    from tests.helpers.settings import ADMIN_TOKEN
 
     def use() -> None:
         with BrokerClient(f"127.0.0.1:{broker.port}", token=ADMIN_TOKEN, timeout=20) as client:

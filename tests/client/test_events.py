@@ -10,7 +10,7 @@ import pytest
 from broker.config import Settings
 from broker.server.app import Broker
 from credentialbroker_client import AsyncBrokerClient, BrokerClient, Unauthenticated, broker_pb2
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 CONNECTED = broker_pb2.INTEGRATION_EVENT_TYPE_CONNECTED
 DISCONNECTED = broker_pb2.INTEGRATION_EVENT_TYPE_DISCONNECTED

@@ -22,7 +22,7 @@ from credentialbroker_client import (
     Unauthenticated,
     broker_pb2,
 )
-from tests.conftest import ADMIN_TOKEN, RUNNER_TOKEN, make_settings
+from tests.helpers.settings import ADMIN_TOKEN, RUNNER_TOKEN, make_settings
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_devmode import DevBroker, clean_env, free_port
+from tests.helpers.devbroker import DevBroker
+from tests.helpers.processes import clean_env, free_port
 
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "python"
 EXAMPLES = re.findall(r"```python\n(.*?)```", (CLIENT / "README.md").read_text(), re.DOTALL)

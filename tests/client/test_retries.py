@@ -21,9 +21,8 @@ from credentialbroker_client import (
     Unavailable,
 )
 from tests.client.conftest import audited, store_grant
-from tests.conftest import ADMIN_TOKEN, KEYS
-from tests.processes import BrokerProcess, write_toml
-from tests.test_devmode import free_port
+from tests.helpers.processes import BrokerProcess, free_port, write_toml
+from tests.helpers.settings import ADMIN_TOKEN, KEYS
 
 
 async def test_unavailable_is_retried_after_the_retry_info_delay(

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from broker.config import Settings
 from broker.server.app import Broker
 from credentialbroker_client import AsyncBrokerClient, PermissionDenied, Tls, Unavailable
-from tests import test_tls
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers.pki import Pki, tls_settings
+from tests.helpers.settings import ADMIN_TOKEN
 
-# The throwaway CA and certificates, and a broker that wants a client certificate from it.
-pki = test_tls.pki
-settings = test_tls.settings
+
+# A broker that wants a client certificate from the throwaway CA (``pki``).
+@pytest.fixture
+def settings(database_url: str, pki: Pki) -> Settings:
+    return tls_settings(database_url, pki)
 
 
 @pytest.fixture
@@ -25,9 +28,7 @@ def backend() -> str:
 
 
 @pytest.fixture
-async def admin(
-    broker: Broker, pki: test_tls.Pki, tmp_path: Path
-) -> AsyncIterator[AsyncBrokerClient]:
+async def admin(broker: Broker, pki: Pki, tmp_path: Path) -> AsyncIterator[AsyncBrokerClient]:
     """Bearer token over TLS; this broker wants a client certificate from its CA for any call."""
     for name, data in (("cert", pki.stranger.cert), ("key", pki.stranger.key)):
         (tmp_path / f"stranger.{name}").write_bytes(data)
@@ -39,7 +40,7 @@ async def admin(
 
 
 async def test_mtls_identity_calls_without_a_token(
-    broker: Broker, pki: test_tls.Pki, admin: AsyncBrokerClient
+    broker: Broker, pki: Pki, admin: AsyncBrokerClient
 ) -> None:
     stored = await admin.store_integration(user_id="u1", provider="twitter", access_token="at-1")
     iid = stored.integration.id
@@ -52,7 +53,7 @@ async def test_mtls_identity_calls_without_a_token(
             await runner.store_integration(user_id="u1", provider="twitter", access_token="x")
 
 
-async def test_a_broker_from_another_ca_is_refused(broker: Broker, pki: test_tls.Pki) -> None:
+async def test_a_broker_from_another_ca_is_refused(broker: Broker, pki: Pki) -> None:
     wrong = Tls(pki.other_ca.pem, pki.runner.cert, pki.runner.key)
     async with AsyncBrokerClient(f"localhost:{broker.port}", tls=wrong, timeout=3) as client:
         with pytest.raises(Unavailable):

@@ -9,15 +9,14 @@ import httpx
 import pytest
 
 from broker.providers import OAuthClient, ProviderProfile
-from tests.fakeauth import FakeAuthServer
+from tests.helpers.fakes import FakeAuthServer, serve_fake
 
 ProfileFactory = Callable[..., ProviderProfile]
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
-    with FakeAuthServer(expires_in=60) as server:
-        yield server
+    yield from serve_fake(expires_in=60)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from broker.providers import (
     authorization_url,
     new_code_verifier,
 )
-from tests.fakeauth import FakeAuthServer
+from tests.helpers.fakes import FakeAuthServer
 
 
 def aimed_at(fake: FakeAuthServer, name: str) -> ProviderProfile:

@@ -18,7 +18,7 @@ from broker.providers import (
     code_challenge,
     new_code_verifier,
 )
-from tests.fakeauth import Failure, FakeAuthServer
+from tests.helpers.fakes import Failure, FakeAuthServer
 
 ProfileFactory = Callable[..., ProviderProfile]
 

@@ -1,4 +1,5 @@
-"""Broker *processes* for tests whose guarantee is about replicas (or about the real CLI)."""
+"""Broker *processes* for tests whose guarantee is about replicas (or about the real CLI),
+and what starting one needs: a TOML file, a free port, an environment without BROKER_*."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from broker.server.callers import hash_token
+from tests.helpers.settings import ADMIN_TOKEN, ENVIRONMENT, KEYS
 
 _SERVING = re.compile(r"broker serving on [^:]+:(\d+)")
 
@@ -125,8 +130,6 @@ async def run_cli(
 ) -> tuple[int, str, str]:
     """``python -m broker ARGS`` against that database (test keys and environment):
     exit code, stdout, stderr."""
-    from tests.conftest import ENVIRONMENT, KEYS
-
     full = {
         **os.environ,
         "BROKER_DATABASE_URL": database_url,
@@ -157,8 +160,6 @@ async def replica_set(
 ) -> AsyncIterator[list[BrokerProcess]]:
     """``count`` broker processes on one database, the test admin as their caller; each must
     shut down gracefully (exit 0) at the end."""
-    from broker.server.callers import hash_token
-    from tests.conftest import ADMIN_TOKEN, ENVIRONMENT
 
     config = write_toml(
         directory / "broker.toml",
@@ -176,3 +177,20 @@ async def replica_set(
     finally:
         codes = await asyncio.gather(*(p.stop() for p in processes))
     assert codes == [0] * count, "graceful shutdown exits 0"
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment minus any BROKER_* setting that would leak into the broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env

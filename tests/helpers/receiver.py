@@ -1,12 +1,15 @@
 """A webhook receiver for tests: a real HTTP server on loopback that records every request and
-answers from a script (e.g. 500 five times, then 200)."""
+answers from a script (e.g. 500 five times, then 200); and a signing secret for its endpoint."""
 
 from __future__ import annotations
 
+import base64
+import secrets
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+
+from tests.helpers.http import LoopbackServer, QuietHandler
 
 
 @dataclass(frozen=True)
@@ -16,8 +19,9 @@ class Received:
     status: int
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[Received] = []
         self.script: list[int] = []  # statuses to answer first, in order; then `otherwise`
         self.otherwise = 200
@@ -25,15 +29,11 @@ class Receiver:
         self.hold: threading.Event | None = None
         self.arrived = 0  # requests read, answered or not
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
-    def __enter__(self) -> Receiver:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with receiver.lock:
@@ -49,19 +49,11 @@ class Receiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        return Handler
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks"
+        return f"http://127.0.0.1:{self.port}/hooks"
 
     def received(self) -> list[Received]:
         with self.lock:
@@ -70,3 +62,7 @@ class Receiver:
     def delivered_ids(self) -> list[str]:
         """webhook-id of every request answered 2xx, in arrival order."""
         return [r.headers["webhook-id"] for r in self.received() if 200 <= r.status < 300]
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
