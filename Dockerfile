@@ -1,5 +1,5 @@
 # Credential Broker image: `broker serve` as a non-root user. No key and no configuration are
-# baked in; pass them at run time (README, "Docker"; deploy/ for compose and Kubernetes).
+# baked in; pass them at run time (docs/deployment.md, "Docker"; deploy/ for compose and Kubernetes).
 #
 # Ports:   50051  gRPC (BROKER_LISTEN)
 #          9464   Prometheus metrics, when BROKER_METRICS_LISTEN=0.0.0.0:9464

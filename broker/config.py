@@ -322,7 +322,8 @@ class RefreshSettings(_Section):
     # retried at once, since a request that never left cannot have rotated anything.
     provider_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # After a sent refresh got no usable answer (read timeout, connection dropped, 5xx other
-    # than 503), the next refresh of that integration waits this long (see README).
+    # than 503), the next refresh of that integration waits this long (docs/providers.md,
+    # "Refresh safety").
     outcome_unknown_retry_seconds: float = Field(default=30.0, ge=0, le=3600)
     max_attempts: int = Field(default=3, ge=1, le=10)
     background: bool = True

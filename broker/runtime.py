@@ -5,7 +5,7 @@ import) and shared by the server and the operator CLI."""
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from broker.domain.grants import GrantCache, GrantService
 from broker.domain.integrations import IntegrationService
 from broker.domain.proxy import ProxyService
 from broker.domain.refresh import RefreshEngine
+from broker.domain.refresh_store import no_session
 from broker.domain.revocation import ProviderRevoker
 from broker.domain.tokens import TokenCipher
 from broker.model import Clock, utcnow
@@ -32,6 +33,7 @@ from broker.providers.client import OAuthClient
 from broker.storage import audit_log
 from broker.storage.changes import ChangeWatcher
 from broker.storage.engine import CHANNEL, GRANT_CHANNEL, asyncpg_dsn, create_engine, probe
+from broker.storage.liveness import SessionLock
 from broker.storage.reader import IntegrationReader, open_reader
 from broker.storage.schema import verify
 from broker.storage.sqlite_reader import SqliteReader, reader_for
@@ -66,6 +68,9 @@ class Runtime:
     reader: IntegrationReader | None = None
     # A SQLite file: the same read with sqlite3, on the event loop when no lock is in the way.
     sqlite_reader: SqliteReader | None = None
+    # PostgreSQL: this process's session lock, named on every refresh lease it takes; the
+    # server holds it (SessionLock.run) for as long as it serves.
+    session_lock: SessionLock | None = None
 
     def gauges(self) -> list[tuple[str, str, float]]:
         """Point-in-time values for the metrics endpoint (no labels, nothing secret)."""
@@ -111,10 +116,16 @@ class Runtime:
 
 
 async def open_runtime(
-    settings: Settings, *, clock: Clock = utcnow, check_database: bool = True
+    settings: Settings,
+    *,
+    clock: Clock = utcnow,
+    check_database: bool = True,
+    callers: Callable[[], Container[str]] | None = None,
 ) -> Runtime:
     """Build the runtime; with ``check_database`` refuse an unknown schema, another
-    environment's database or rows under keys this keyring lacks (ConfigError)."""
+    environment's database or rows under keys this keyring lacks (ConfigError). ``callers``:
+    the names of the callers in force (the server's), against which grant audiences are
+    checked."""
     keyring = load_keyring(settings.keys)
     registry = build_registry(settings.providers, os.environ)
     engine = create_engine(settings.database)
@@ -142,21 +153,6 @@ async def open_runtime(
         connect_timeout=settings.refresh.provider_connect_timeout_seconds,
         clock=clock,
     )
-    refresher = RefreshEngine(engine, cipher, registry, client, settings.refresh, clock)
-    refresher.failure_threshold = settings.events.refresh_failure_threshold
-    service = IntegrationService(
-        engine=engine,
-        cipher=cipher,
-        providers=known_providers(registry),
-        clock=clock,
-        refresher=refresher,
-        aliases=ALIASES,
-        profiles=registry,
-    )
-    revoker = ProviderRevoker(
-        engine, cipher, registry, client, clock, owner=refresher.owner, lease=refresher.lease
-    )
-    service.revoker = revoker
     # SQLite means one process: its own writes are all there is to hear about. On PostgreSQL
     # the cache stays bypassed until the invalidation listener is connected.
     cache = IntegrationCache(
@@ -164,21 +160,53 @@ async def open_runtime(
         enabled=settings.cache.enabled,
         available=settings.database.is_sqlite,
     )
-    service.cache = cache
     reader = None
+    session_lock = None
     if not settings.database.is_sqlite:
-        reader = service.reader = await open_reader(asyncpg_dsn(engine.url), settings.database)
+        reader = await open_reader(asyncpg_dsn(engine.url), settings.database)
+        # Held once the server runs it (broker.server.app); until then leases are bounded by
+        # their time alone, as the operator CLI's always are.
+        session_lock = SessionLock(settings.database.url.get_secret_value())
     sqlite_reader = reader_for(engine, settings.database.timeout_seconds)
-    if sqlite_reader is not None:
-        service.reader = sqlite_reader
-    for component in (service, refresher, revoker):
-        component.invalidate = cache.invalidate
+    refresher = RefreshEngine(
+        engine,
+        cipher,
+        registry,
+        client,
+        settings.refresh,
+        clock,
+        invalidate=cache.invalidate,
+        session=no_session if session_lock is None else session_lock.session,
+        failure_threshold=settings.events.refresh_failure_threshold,
+    )
+    revoker = ProviderRevoker(
+        engine,
+        cipher,
+        registry,
+        client,
+        clock,
+        owner=refresher.owner,
+        lease=refresher.lease,
+        invalidate=cache.invalidate,
+    )
+    service = IntegrationService(
+        engine=engine,
+        cipher=cipher,
+        providers=known_providers(registry),
+        clock=clock,
+        refresher=refresher,
+        revoker=revoker,
+        aliases=ALIASES,
+        profiles=registry,
+        cache=cache,
+        reader=sqlite_reader if sqlite_reader is not None else reader,
+    )
     grant_cache = GrantCache(
         settings.cache.max_entries,
         enabled=settings.cache.enabled,
         available=settings.database.is_sqlite,
     )
-    grants = GrantService(engine, service, grant_cache, clock)
+    grants = GrantService(engine, service, grant_cache, clock, callers=callers)
     watcher = _change_watcher(settings, cache, grant_cache)
     authorization = AuthorizationService(
         engine,
@@ -218,6 +246,7 @@ async def open_runtime(
         reader=reader,
         sqlite_reader=sqlite_reader,
         proxy=ProxyService(service, registry, BUILTINS, http, refresher.throttle, settings.proxy),
+        session_lock=session_lock,
         events=EventLog(
             engine,
             clock,

@@ -67,7 +67,7 @@ def kind_providers(fake: FakeAuthServer) -> dict[str, Any]:
         },
         # Static kinds only: no OAuth client of the broker's own is needed.
         "keysonly": {"kinds": ["api_key", "basic"]},
-        # The README's examples.
+        # The examples of docs/credential-kinds.md.
         "openai": {"kinds": ["api_key"]},
         "jira": {"kinds": ["basic"]},
     }
@@ -638,7 +638,8 @@ async def test_audit_records_the_kind(
 
 
 async def test_readme_examples_through_grpcurl(broker: Broker) -> None:
-    """The README's api_key and basic examples, bodies as written, through grpcurl."""
+    """The api_key and basic examples of docs/credential-kinds.md, bodies as written, through
+    grpcurl."""
     run = Grpcurl(f"127.0.0.1:{broker.port}", grpcurl_binary())
     examples = [
         (

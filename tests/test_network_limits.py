@@ -312,7 +312,7 @@ async def test_the_largest_valid_request_fits_and_a_larger_one_is_resource_exhau
             stub = pb_grpc.CredentialBrokerStub(channel)
             largest = largest_store_request()
             size = largest.ByteSize()
-            # About 710 KiB, as the README says.
+            # About 710 KiB, as docs/configuration.md says.
             assert 700 * 1024 < size < 720 * 1024 < limited_settings.server.max_receive_bytes
             response = await stub.StoreIntegration(largest, metadata=ADMIN, timeout=10)
             assert response.created

@@ -1,6 +1,7 @@
-"""The README's "Wiring a web backend's callback route" handlers run as written, with only the
-client's imports, against a real broker and the fake authorization server: connect, the user's
-consent, the callback; a replayed callback and another user's callback get the README's answers."""
+"""The "Wiring a web backend's callback route" handlers of docs/authorization.md run as written,
+with only the client's imports, against a real broker and the fake authorization server:
+connect, the user's consent, the callback; a replayed callback and another user's callback get
+the page's answers."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from broker.server.callers import hash_token
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.settings import make_settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "authorization.md"
 TOKEN = "cb_readme-web-backend"
 
 
 def handlers() -> str:
-    text = README.read_text()
-    start = text.index("### Wiring a web backend's callback route")
-    (code,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
+    text = PAGE.read_text()
+    start = text.index("## Wiring a web backend's callback route")
+    end = text.find("\n## ", start + 1)
+    (code,) = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
     return str(code)
 
 
@@ -69,7 +71,7 @@ async def test_the_callback_handlers_run_as_written(broker: Broker) -> None:
     code = code.replace('BROKER = "127.0.0.1:50051"', f'BROKER = "127.0.0.1:{broker.port}"')
     code = code.replace('TOKEN = "cb_..."', f'TOKEN = "{TOKEN}"')
     module: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), module)  # noqa: S102 - the README's own code
+    exec(compile(code, "authorization.md", "exec"), module)  # noqa: S102 - the page's own code
     await module["on_startup"]()
     try:
         url = await module["connect"]("user-1")

@@ -1,4 +1,4 @@
-"""The README's event examples run as written: the webhook receiver verifies what a broker
+"""The event examples of docs/events.md run as written: the webhook receiver verifies what a broker
 sends (and refuses a forged request), and the grpcurl WatchIntegrationEvents call streams."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.helpers.processes import free_port
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 from tests.helpers.stubs import broker_stub
 
-README = Path(__file__).parent.parent / "README.md"
+PAGE = Path(__file__).parent.parent / "docs" / "events.md"
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def backend() -> str:
 
 
 def readme_block(marker: str) -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     found = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
-    assert found, f"README has no python block after <!-- {marker} -->"
+    assert found, f"docs/events.md has no python block after <!-- {marker} -->"
     return found.group(1)
 
 

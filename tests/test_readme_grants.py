@@ -1,5 +1,5 @@
-"""The README's "Workflow runners and grants" examples run as written: its TOML callers, its
-grpcurl commands and its Python orchestrator + runner, against a real broker."""
+"""The "Workflow runners and grants" examples of docs/callers.md run as written: its TOML
+callers, its grpcurl commands and its Python orchestrator + runner, against a real broker."""
 
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ from tests.helpers.integrations import store_request
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, make_settings
 from tests.helpers.stubs import broker_stub
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "callers.md"
 ORCHESTRATOR_TOKEN = "cb_readme-orchestrator"
 RUNNER_TOKEN = "cb_readme-runner"
 
 
 def section() -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     start = text.index("## Workflow runners and grants")
-    return text[start : text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
 
 
 def blocks(language: str) -> list[str]:

@@ -139,7 +139,8 @@ async def test_missing_expires_in_uses_default(database_url: str, fake: FakeAuth
         await broker.stop(0)
 
 
-# Provider answer → (status afterwards, gRPC code, ErrorInfo reason), as README's Refresh table.
+# Provider answer → (status afterwards, gRPC code, ErrorInfo reason), as the Refresh table of
+# docs/providers.md.
 FAILURES = [
     (
         "invalid_grant",

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
+from broker.config import RefreshSettings
 from broker.domain.refresh_policy import (
+    DEFAULT_BUDGET,
     Backoff,
     FailureKind,
     PassBudget,
+    RefreshPolicy,
+    caller_wait,
     cool_down,
     effective_margin,
     failure,
+    flight_budget,
     is_due,
 )
+from broker.errors import (
+    IntegrationNotFound,
+    MinValidityUnattainable,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    ReauthorizationRequired,
+    Throttled,
+)
+from broker.model import Integration, Selector, Status, StoredIntegration, TokenRequest
+from broker.providers.catalog import ProviderRegistry
+from broker.providers.profile import ProviderProfile
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 MARGIN = timedelta(seconds=300)
@@ -145,3 +162,190 @@ def test_pass_budget_per_provider() -> None:
     assert not budget.take("acme")
     budget.give_back("nobody")
     assert budget.spent("nobody") == 0
+
+
+# -- the policy applied to rows (RefreshPolicy): no database, no provider ----------------------
+
+
+def policy(**settings: Any) -> RefreshPolicy:
+    registry = ProviderRegistry(
+        {
+            "acme": ProviderProfile(name="acme", token_url="https://acme.test/token"),
+            "quick": ProviderProfile(
+                name="quick", token_url="https://quick.test/token", refresh_margin_seconds=30
+            ),
+        },
+        aliases={},
+    )
+    return RefreshPolicy(RefreshSettings(**settings), registry, lambda: NOW)
+
+
+def stored(
+    expires_in: float | None = 3600,
+    *,
+    version: int = 1,
+    provider: str = "acme",
+    status: Status = Status.CONNECTED,
+    refresh_token: bool = True,
+    last_refresh_error: str | None = None,
+    next_refresh_at: datetime | None = None,
+    failures: int = 0,
+    lifetime: int | None = None,
+) -> StoredIntegration:
+    integration = Integration(
+        id="i1",
+        user_id="u1",
+        provider=provider,
+        account_id="a1",
+        status=status,
+        token_type="Bearer",
+        scopes=("read",),
+        metadata={},
+        created_at=NOW,
+        updated_at=NOW,
+        expires_at=None if expires_in is None else NOW + seconds(expires_in),
+        last_refreshed_at=None,
+        disconnected_at=None,
+        disconnect_reason=None,
+        has_refresh_token=refresh_token,
+        version=version,
+    )
+    return StoredIntegration(
+        integration=integration,
+        access_token_ct=b"a",
+        refresh_token_ct=b"r" if refresh_token else None,
+        key_id="k1",
+        refresh_failures=failures,
+        last_refresh_error=last_refresh_error,
+        next_refresh_at=next_refresh_at,
+        issued_lifetime_seconds=lifetime,
+    )
+
+
+def asking(
+    min_valid_for: float = 0, *, force: bool = False, deadline: float | None = None
+) -> TokenRequest:
+    return TokenRequest(
+        Selector(integration_id="i1"),
+        min_valid_for=seconds(min_valid_for),
+        force_refresh=force,
+        deadline_seconds=deadline,
+    )
+
+
+def test_margin_is_the_profiles_when_it_names_one_else_the_setting() -> None:
+    rules = policy(margin_seconds=300)
+    assert rules.margin("acme") == seconds(300)
+    assert rules.margin("quick") == seconds(30)
+    assert rules.margin("not-configured") == seconds(300)  # stored without a client
+    assert rules.widest_margin() == seconds(300)
+    assert rules.due(stored(200), asking())
+    assert not rules.due(stored(200, provider="quick"), asking())
+    assert not rules.due(stored(None), asking(min_valid_for=10**6))  # never expires
+
+
+def test_decide_serves_a_row_that_is_not_due_and_says_whether_it_moved() -> None:
+    rules = policy()
+    fresh = stored(3600, version=2)
+    assert rules.decide("i1", fresh, asking(), seen=2, now=NOW) == (fresh, False)
+    # Another flight refreshed it since the caller's read: served as refreshed.
+    assert rules.decide("i1", fresh, asking(), seen=1, now=NOW) == (fresh, True)
+    # Forced, and nobody refreshed it meanwhile: go ahead.
+    assert rules.decide("i1", fresh, asking(force=True), seen=2, now=NOW) is None
+
+
+def test_decide_goes_ahead_for_a_due_row_and_refuses_what_cannot_be_refreshed() -> None:
+    rules = policy()
+    assert rules.decide("i1", stored(10), asking(), seen=1, now=NOW) is None
+    with pytest.raises(IntegrationNotFound):
+        rules.decide("i1", None, asking(), seen=1, now=NOW)
+    with pytest.raises(ReauthorizationRequired):
+        rules.decide("i1", stored(10, refresh_token=False), asking(), seen=1, now=NOW)
+    with pytest.raises(ReauthorizationRequired):
+        rules.decide(
+            "i1", stored(10, status=Status.NEEDS_REAUTHORIZATION), asking(), seen=1, now=NOW
+        )
+
+
+def test_a_cool_down_serves_the_stored_token_while_it_still_does() -> None:
+    rules = policy()
+    cooling = stored(
+        100,
+        last_refresh_error=FailureKind.UNAVAILABLE.value,
+        next_refresh_at=NOW + seconds(60),
+        failures=2,
+    )
+    assert rules.decide("i1", cooling, asking(), seen=1, now=NOW) == (cooling, False)
+    # Once it is over, the refresh goes ahead.
+    assert rules.decide("i1", cooling, asking(), seen=1, now=NOW + seconds(61)) is None
+
+
+def test_a_cool_down_answers_with_the_failure_it_backs_off_from() -> None:
+    rules = policy()
+    unavailable = stored(
+        100, last_refresh_error=FailureKind.UNAVAILABLE.value, next_refresh_at=NOW + seconds(60)
+    )
+    with pytest.raises(ProviderUnavailable) as caught:
+        rules.decide("i1", unavailable, asking(min_valid_for=200), seen=1, now=NOW)
+    assert caught.value.retry_after == 60
+    rejected = stored(
+        0, last_refresh_error=FailureKind.CLIENT_REJECTED.value, next_refresh_at=NOW + seconds(90)
+    )
+    # This process does not see the client refused (fixed and restarted): try at once.
+    assert rules.decide("i1", rejected, asking(), seen=1, now=NOW) is None
+    rules.registry.mark_misconfigured("acme", "invalid_client")
+    with pytest.raises(ProviderMisconfigured) as misconfigured:
+        rules.decide("i1", rejected, asking(), seen=1, now=NOW)
+    assert misconfigured.value.metadata["retry_after_seconds"] == "90"
+    no_client = stored(
+        0,
+        provider="gone",
+        last_refresh_error=FailureKind.NO_CLIENT.value,
+        next_refresh_at=NOW + seconds(90),
+    )
+    with pytest.raises(ProviderMisconfigured, match="no OAuth client configured"):
+        rules.decide("i1", no_client, asking(), seen=1, now=NOW)
+
+
+def test_a_min_valid_for_the_issued_lifetime_cannot_meet_is_refused_before_any_refresh() -> None:
+    rules = policy()
+    row = stored(10, lifetime=600)
+    rules.check_attainable(row, asking(min_valid_for=599))
+    with pytest.raises(MinValidityUnattainable):
+        rules.check_attainable(row, asking(min_valid_for=600))
+    rules.check_attainable(row, asking(min_valid_for=600, force=True))  # asks the provider
+    rules.check_attainable(stored(10), asking(min_valid_for=10**6))  # lifetime not known yet
+    # Just refreshed and still too short: refused; served from before: no such check.
+    with pytest.raises(MinValidityUnattainable):
+        rules.check_fresh(stored(100), asking(min_valid_for=200), refreshed=True)
+    rules.check_fresh(stored(100), asking(min_valid_for=200), refreshed=False)
+
+
+def test_a_throttled_row_waits_at_least_the_pause_and_never_less_than_it_had() -> None:
+    rules = policy()
+    throttled = Throttled("busy", retry_after=30)
+    assert rules.not_before(stored(10), throttled) == NOW + seconds(30)
+    later = NOW + seconds(120)
+    assert rules.not_before(stored(10, next_refresh_at=later), throttled) == later
+    assert rules.not_before(stored(10), Throttled("busy", retry_after=0)) == NOW + seconds(1)
+
+
+def test_a_request_never_sent_is_retried_after_a_growing_pause_within_the_budget() -> None:
+    rules = policy(max_attempts=3, provider_connect_timeout_seconds=2)
+    assert rules.retry_wait(1, 0, draw=lambda: 0.5) == pytest.approx(0.2)
+    assert rules.retry_wait(3, 0, draw=lambda: 0.5) == pytest.approx(0.8)
+    assert rules.retry_wait(20, 0, draw=lambda: 0.99) == pytest.approx(8.0 * 1.49)
+    assert rules.retry_wait(1, 120, draw=lambda: 0.5) == 30  # Retry-After, at most 30 s of it
+    assert not rules.gives_up(1, draining=False, wait_until=10, end=20)
+    assert rules.gives_up(3, draining=False, wait_until=10, end=20)  # out of attempts
+    assert rules.gives_up(1, draining=True, wait_until=10, end=20)  # shutting down
+    assert rules.gives_up(1, draining=False, wait_until=19, end=20)  # cannot connect in time
+
+
+def test_a_flight_keeps_time_back_to_answer_its_caller() -> None:
+    assert caller_wait(asking()) is None
+    assert caller_wait(asking(deadline=10)) == pytest.approx(8)
+    assert caller_wait(asking(deadline=0.6)) == pytest.approx(0.3)
+    lease = seconds(100)
+    assert flight_budget(asking(), lease) == pytest.approx(DEFAULT_BUDGET * 0.8)
+    assert flight_budget(asking(deadline=1000), lease) == pytest.approx(90 * 0.8)

@@ -134,14 +134,16 @@ class GrantService:
         integrations: IntegrationService,
         cache: GrantCache,
         clock: Clock,
+        *,
+        callers: Callable[[], Container[str]] | None = None,
     ) -> None:
+        """``callers``: the names of the callers in force, for audience checks (the server's,
+        following SIGHUP reloads); None: audience names are not checked (tests, CLI)."""
         self.engine = engine
         self.integrations = integrations
         self.cache = cache
         self.clock = clock
-        # Names of the configured callers, for audience checks; the server sets it (and it
-        # follows SIGHUP reloads). None: audience names are not checked (tests, CLI).
-        self.callers: Callable[[], Container[str]] | None = None
+        self.callers = callers
 
     # -- presenting ------------------------------------------------------------------------
 

@@ -98,15 +98,19 @@ class IntegrationService:
         revoker: Revoker | None = None,
         aliases: Mapping[str, str] | None = None,
         profiles: ProfileLookup | None = None,
+        *,
+        cache: IntegrationCache | None = None,
+        reader: RowReader | None = None,
     ) -> None:
+        """``cache``: the hot-path cache; its invalidation is called for every committed
+        write. ``reader``: the read by id of a cache miss outside the engine's pool (its own
+        pool on PostgreSQL, sqlite3 on a SQLite file)."""
         # Credential kinds and endpoints per provider; None: every kind is accepted.
         self.profiles = profiles
         self.aliases = dict(aliases or {})
-        # Set by the runtime when a cache is in use: called for every committed write.
-        self.invalidate: Invalidate | None = None
-        self.cache: IntegrationCache | None = None
-        # Set by the runtime on PostgreSQL: the read by id of a cache miss.
-        self.reader: RowReader | None = None
+        self.cache = cache
+        self.invalidate: Invalidate | None = None if cache is None else cache.invalidate
+        self.reader = reader
         self.engine = engine
         self.cipher = cipher
         self.providers = providers

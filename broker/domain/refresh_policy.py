@@ -17,6 +17,10 @@ pressing a provider, or the broker, without limit:
   integration per hour, not one per pass or per call.
 * **A background pass spends a bounded budget per provider**, so one provider's backlog (or a
   heap of failing rows) cannot take a pass from the others.
+
+``RefreshPolicy`` applies these rules to a row as read (or as leased): whether to refresh it,
+serve it as it is, or answer with the failure it backs off from. It reads the clock it is given
+and nothing else, so every rule here is tested without a database, a server or a provider.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from broker import metrics
+from broker.config import RefreshSettings
+from broker.domain.tokens import check_servable, remaining
+from broker.errors import (
+    IntegrationNotFound,
+    MinValidityUnattainable,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    ReauthorizationRequired,
+    Throttled,
+)
+from broker.model import Clock, StoredIntegration, TokenRequest
+from broker.providers.catalog import ProviderRegistry
+
+# How long a caller without a gRPC deadline may wait for a refresh, provider retries included.
+DEFAULT_BUDGET = 20.0
 
 
 def effective_margin(margin: timedelta, lifetime_seconds: int | None) -> timedelta:
@@ -182,3 +203,247 @@ class PassBudget:
 
     def spent(self, provider: str) -> int:
         return self._spent.get(provider, 0)
+
+
+# -- applied to rows ---------------------------------------------------------------------------
+
+# What a row says before a refresh when no refresh is needed: the row to serve, and whether it
+# was refreshed since the caller's read.
+Answer = tuple[StoredIntegration, bool]
+
+
+class RefreshPolicy:
+    """The rules above for one broker's settings, provider profiles and clock."""
+
+    def __init__(
+        self,
+        settings: RefreshSettings,
+        registry: ProviderRegistry,
+        clock: Clock,
+        *,
+        failure_threshold: int = 3,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.clock = clock
+        # Consecutive transient failures after which a REFRESH_FAILED event is written.
+        self.failure_threshold = failure_threshold
+        self.backoff = Backoff(
+            settings.failure_backoff_seconds, settings.failure_backoff_max_seconds
+        )
+        self._margins: dict[str, timedelta] = {}
+
+    def margin(self, provider: str) -> timedelta:
+        # On the hot path (every due() check): remembered per provider name. The registry and
+        # settings are fixed for the life of this policy (a reload builds a new runtime).
+        margin = self._margins.get(provider)
+        if margin is None:
+            seconds = self.settings.margin_seconds
+            # A membership test, not a raised UnknownProvider, for built-ins stored without
+            # a configured client.
+            if provider in self.registry:
+                profile_margin = self.registry.get(provider).refresh_margin_seconds
+                if profile_margin is not None:
+                    seconds = profile_margin
+            margin = self._margins[provider] = timedelta(seconds=seconds)
+        return margin
+
+    def widest_margin(self) -> timedelta:
+        """The largest margin of any provider: how far ahead a background pass looks."""
+        return max(
+            [timedelta(seconds=self.settings.margin_seconds)]
+            + [self.margin(p.name) for p in self.registry]
+        )
+
+    def due(
+        self, stored: StoredIntegration, request: TokenRequest, now: datetime | None = None
+    ) -> bool:
+        """Refresh when ``expires_at - now < max(effective margin, min_valid_for)``; the
+        effective margin is at most half the lifetime of the token the provider last issued."""
+        integration = stored.integration
+        if integration.expires_at is None:
+            return False
+        return is_due(
+            integration.expires_at,
+            self.clock() if now is None else now,
+            self.margin(integration.provider),
+            stored.issued_lifetime_seconds,
+            request.min_valid_for,
+        )
+
+    def still_satisfies(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+        """Whether the stored token does for this caller as it is (when a refresh cannot be
+        had)."""
+        left = remaining(stored.integration.expires_at, self.clock())
+        return left is not None and left >= request.min_valid_for and left > timedelta(0)
+
+    def check_attainable(self, stored: StoredIntegration, request: TokenRequest) -> None:
+        """Refuse, before any refresh, a ``min_valid_for`` the lifetime the provider last
+        issued cannot meet (asking again would only bring another token of that lifetime)."""
+        lifetime = stored.issued_lifetime_seconds
+        if lifetime is None or request.force_refresh:
+            return
+        # Equal cannot be met either: the token starts losing time the moment it is issued.
+        if request.min_valid_for >= timedelta(seconds=lifetime):
+            raise unattainable(stored, request, lifetime)
+
+    def check_fresh(self, fresh: StoredIntegration, request: TokenRequest, refreshed: bool) -> None:
+        """After a refresh: the token must be servable and, if it was just issued, long
+        enough for the caller."""
+        check_servable(fresh, request.required_scopes)
+        left = remaining(fresh.integration.expires_at, self.clock())
+        if refreshed and left is not None and left < request.min_valid_for:
+            lifetime = fresh.issued_lifetime_seconds
+            raise unattainable(
+                fresh, request, int(left.total_seconds()) if lifetime is None else lifetime
+            )
+
+    def decide(
+        self,
+        iid: str,
+        row: StoredIntegration | None,
+        request: TokenRequest,
+        seen: int,
+        now: datetime,
+    ) -> Answer | None:
+        """What the row says before a refresh: an answer without one (the row, whether it was
+        refreshed since ``seen``), an error, or None: go ahead."""
+        if row is None:
+            raise IntegrationNotFound.for_id(iid)
+        check_servable(row)
+        moved = row.integration.version != seen
+        if moved and not self.due(row, request):
+            return row, True
+        if not moved and not request.force_refresh and not self.due(row, request):
+            return row, False
+        if self.cooling_down(row, request, now):
+            return row, moved
+        if not row.renewable:
+            raise ReauthorizationRequired(
+                f"integration {row.integration.id} has no refresh token and its access token is "
+                "expiring; the user must authorize again",
+                integration_id=row.integration.id,
+            )
+        return None
+
+    def cooling_down(self, row: StoredIntegration, request: TokenRequest, now: datetime) -> bool:
+        """After a failed refresh of any kind the integration backs off: no request is sent
+        before its ``next_refresh_at`` (after an unknown outcome that is also what keeps a
+        maybe-rotated refresh token from being presented again at once: docs/providers.md, "Refresh
+        safety"). True: serve the stored token, it still does for this caller; otherwise the
+        caller meets the failure the integration backs off from."""
+        failed = cool_down(row.last_refresh_error, row.next_refresh_at, now)
+        if failed is None or self._outlived(row, failed):
+            return False
+        iid = row.integration.id
+        provider = row.integration.provider
+        metrics.REFRESH_SKIPPED.labels(provider, "cool_down").inc()
+        if self.still_satisfies(row, request):
+            return True
+        wait = max(1.0, failed.seconds_from(now))
+        if failed.kind.misconfigured:
+            cause = (
+                "has no OAuth client configured on this broker"
+                if failed.kind is FailureKind.NO_CLIENT
+                else "refused the last refresh"
+            )
+            raise ProviderMisconfigured(
+                f"provider {provider!r} {cause} of integration {iid}; the broker tries again "
+                f"in {wait:.0f}s, or at once after the integration is stored again",
+                integration_id=iid,
+                provider=provider,
+                retry_after_seconds=f"{wait:.0f}",
+            )
+        if failed.kind is FailureKind.OUTCOME_UNKNOWN:
+            message = (
+                f"the last refresh of integration {iid} was sent but got no usable answer; "
+                "the broker waits before trying again"
+            )
+        else:
+            message = (
+                f"the last refresh of integration {iid} failed (provider {provider!r} "
+                "unavailable); the broker waits before trying again"
+            )
+        raise ProviderUnavailable(message, retry_after=wait, integration_id=iid, provider=provider)
+
+    def _outlived(self, row: StoredIntegration, failed: Failure) -> bool:
+        """A refusal of the broker's own configuration that this process's configuration no
+        longer bears out: the operator fixed it and restarted. Callers try at once rather than
+        wait out the back-off (a refusal seen again flags the provider, and they wait again).
+        A minted integration's refusal is of its own credential: storing it again ends that."""
+        provider = row.integration.provider
+        if failed.kind is FailureKind.NO_CLIENT:
+            return provider in self.registry
+        if failed.kind is FailureKind.CLIENT_REJECTED:
+            minted = row.integration.credential_type.minted
+            return not minted and not self.registry.is_misconfigured(provider)
+        return False
+
+    def failed(self, row: StoredIntegration, kind: FailureKind, at_least: float = 0.0) -> Failure:
+        """One more failure in the row's run, and how long it backs off (the one schedule for
+        every kind of failure, so a broken endpoint is not pressed on every pass or call)."""
+        failed = failure(kind, row.refresh_failures, self.clock(), self.backoff, at_least=at_least)
+        metrics.REFRESH_BACKOFF.labels(row.integration.provider).observe(
+            failed.seconds_from(self.clock())
+        )
+        return failed
+
+    def not_before(self, row: StoredIntegration, exc: Throttled) -> datetime:
+        """When the background pass may try a throttled integration again (never earlier
+        than a wait it already had)."""
+        until = self.clock() + timedelta(seconds=max(1.0, exc.retry_after))
+        earlier = row.next_refresh_at
+        return until if earlier is None or earlier < until else earlier
+
+    def retry_wait(
+        self, attempt: int, retry_after: float, draw: Callable[[], float] = random.random
+    ) -> float:
+        """The pause before trying a request that was never sent again (``attempt`` tries
+        made so far): a short exponential back-off, at least the provider's Retry-After (at
+        most 30 s of it)."""
+        backoff = min(8.0, 0.2 * 2.0 ** (attempt - 1)) * (0.5 + draw())
+        return max(backoff, min(retry_after, 30.0) if attempt > 0 else 0.0)
+
+    def gives_up(self, attempt: int, draining: bool, wait_until: float, end: float) -> bool:
+        """Whether a retry would be one too many: out of attempts, shutting down, or unable
+        to connect (``wait_until`` is when it would start) before the caller's budget ends.
+        A retry needs time to connect, not to be answered (the answer may outlive the
+        caller)."""
+        connect = self.settings.provider_connect_timeout_seconds
+        return attempt >= self.settings.max_attempts or draining or wait_until + connect > end
+
+
+def unattainable(
+    stored: StoredIntegration, request: TokenRequest, lifetime: int
+) -> MinValidityUnattainable:
+    asked = request.min_valid_for.total_seconds()
+    return MinValidityUnattainable(
+        f"min_valid_for {asked:g}s cannot be met: provider {stored.integration.provider!r} "
+        f"issues tokens valid for {lifetime}s; ask for less than that",
+        integration_id=stored.integration.id,
+        provider=stored.integration.provider,
+        token_lifetime_seconds=str(lifetime),
+        min_valid_for_seconds=f"{asked:g}",
+    )
+
+
+def caller_wait(request: TokenRequest) -> float | None:
+    """How long a caller waits on a flight: its deadline, less enough to deliver the answer."""
+    if request.deadline_seconds is None:
+        return None
+    left = request.deadline_seconds
+    return max(0.0, left - answer_time(left))
+
+
+def flight_budget(request: TokenRequest, lease: timedelta) -> float:
+    """Seconds a flight may spend on the provider, retries included: the caller's deadline (or
+    the default) less the time to answer, and always well inside the lease."""
+    budget = DEFAULT_BUDGET if request.deadline_seconds is None else request.deadline_seconds
+    budget = min(budget, lease.total_seconds() - 10)
+    return max(0.0, budget - answer_time(budget))
+
+
+def answer_time(budget: float) -> float:
+    # Time kept back from a caller's deadline to deliver the answer (the audit write included)
+    # on a busy host: a fifth, at least half a second, at most half the deadline.
+    return min(max(0.5, budget * 0.2), budget / 2)

@@ -44,7 +44,10 @@ class ProviderRevoker:
         clock: Clock,
         owner: str,
         lease: timedelta,
+        *,
+        invalidate: Invalidate | None = None,
     ) -> None:
+        """``invalidate``: the cache's, called for every committed write."""
         self.engine = engine
         self.cipher = cipher
         self.registry = registry
@@ -53,8 +56,7 @@ class ProviderRevoker:
         self.owner = owner
         self.lease = lease
         self.minter = Minter(client)
-        # Set by the runtime when a cache is in use: called for every committed write.
-        self.invalidate: Invalidate | None = None
+        self.invalidate = invalidate
         # Shutdown: the revocation under way finishes; the rest of the batch is given back.
         self.draining = False
 
@@ -160,6 +162,10 @@ class ProviderRevoker:
             outcome = await self.revoke(stored)
             await self.settle(iid, outcome, stored.revocation_attempts + 1)
         return len(ids)
+
+    def stop_claiming(self) -> None:
+        """Shutdown: the revocation under way finishes; the rest of the batch is given back."""
+        self.draining = True
 
     async def _release(self, ids: list[str]) -> None:
         async with write_transaction(self.engine, self.invalidate) as conn:

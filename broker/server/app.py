@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -97,7 +97,7 @@ class Broker:
         # server: answer them UNAVAILABLE a little before, while their refreshes go on.
         loop = asyncio.get_running_loop()
         self.refresher.answer_callers_by(loop.time() + max(0.0, grace - min(1.0, grace / 5)))
-        self.runtime.revoker.draining = True
+        self.runtime.revoker.stop_claiming()
         # Open event streams end now, with status OK, rather than at the end of the grace.
         self.runtime.events.close()
         if self.http_front is not None:
@@ -186,7 +186,14 @@ class Broker:
 
 async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
     """Build and start a broker; raises ConfigError if it must not serve this configuration."""
-    runtime = await open_runtime(settings, clock=clock)
+
+    def caller_names() -> Container[str]:
+        # The interceptor is built below, before the server takes any call; its registry
+        # follows SIGHUP reloads.
+        return interceptor.registry.names
+
+    # Audience names are checked against the callers in force.
+    runtime = await open_runtime(settings, clock=clock, callers=caller_names)
     try:
         callers = CallerRegistry(settings.callers, ALIASES, runtime.service.providers)
     except ConfigError:
@@ -204,8 +211,6 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         logging.INFO if settings.logging.access_log_level == "INFO" else logging.DEBUG,
         grants=runtime.grants,
     )
-    # Audience names are checked against the callers in force (SIGHUP replaces them).
-    runtime.grants.callers = lambda: interceptor.registry.names
     cap = transport.connection_cap(settings.server)
     server = grpc.aio.server(options=transport.server_options(settings.server, cap))
     # Every service goes through the guard (authentication, policy, audit, access log),
@@ -251,10 +256,10 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
         if stale:
             log.warning("took over %d refresh lease(s) left by a previous broker", stale)
     else:
-        lock = SessionLock(settings.database.url.get_secret_value())
+        lock = runtime.session_lock
+        assert lock is not None  # built by open_runtime on PostgreSQL
         broker.session_lock = lock
         broker.session_task = asyncio.create_task(lock.run(), name="lease-session")
-        runtime.refresher.session = lock.session
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lock.held.wait(), settings.database.timeout_seconds)
     if settings.proxy.listen:

@@ -1,6 +1,6 @@
-"""clients/python/README.md's examples run as written against a real `broker serve --dev
---demo-provider` process (what `make run` starts), and the client imports nothing of the
-server."""
+"""The Python client page's examples (docs/python.md, the same two as the package's
+clients/python/README.md) run as written against a real `broker serve --dev --demo-provider`
+process (what `make run` starts), and the client imports nothing of the server."""
 
 from __future__ import annotations
 
@@ -16,8 +16,15 @@ import pytest
 from tests.helpers.devbroker import DevBroker
 from tests.helpers.processes import clean_env, free_port
 
-CLIENT = Path(__file__).resolve().parents[2] / "clients" / "python"
-EXAMPLES = re.findall(r"```python\n(.*?)```", (CLIENT / "README.md").read_text(), re.DOTALL)
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT = ROOT / "clients" / "python"
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.DOTALL)
+
+
+EXAMPLES = python_blocks(ROOT / "docs" / "python.md")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +51,8 @@ def run(code: str, broker: DevBroker) -> subprocess.CompletedProcess[str]:
 
 def test_readme_has_the_examples() -> None:
     assert len(EXAMPLES) == 2
+    # The package's own README shows the same two, so what PyPI shows is what runs here.
+    assert python_blocks(CLIENT / "README.md") == EXAMPLES
     assert len([line for line in EXAMPLES[0].splitlines() if line.strip()]) <= 16
 
 

@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m broker_devtools.bench",
         description="Benchmark GetAccessToken against the gRPC echo floor; the method is in "
-        "docs/benchmarks.md, the results in the README (Benchmarks).",
+        "docs/benchmarks.md, the latest results there too.",
     )
     add_arguments(p)
     return p

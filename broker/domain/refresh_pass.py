@@ -1,0 +1,121 @@
+"""The background pass: refresh integrations before callers need them.
+
+Each pass claims due rows in batches (the claim is the lease), runs a flight for each
+(broker.domain.refresh_flight), and spends at most ``background_attempts_per_provider``
+attempts per provider (broker.domain.refresh_policy). On shutdown (``stop_claiming``) no new
+work is claimed or started, retries stop, and the calls already sent run to their end and are
+stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from broker import metrics
+from broker.domain import periodic
+from broker.domain.refresh_call import ProviderCall
+from broker.domain.refresh_flight import Flights
+from broker.domain.refresh_policy import PassBudget, RefreshPolicy
+from broker.domain.refresh_store import TokenStore
+from broker.errors import BrokerError
+from broker.model import Selector, TokenRequest
+from broker.storage import repository
+from broker.storage.engine import storage_errors
+
+log = logging.getLogger("broker.refresh")
+
+
+class BackgroundPass:
+    """Claims due rows and refreshes them, pass after pass."""
+
+    def __init__(
+        self, policy: RefreshPolicy, flights: Flights, call: ProviderCall, store: TokenStore
+    ) -> None:
+        self.policy = policy
+        self.flights = flights
+        self.call = call
+        self.store = store
+        self.holder = store.holder
+        self.settings = policy.settings
+
+    async def run(self, batch: int = 10, max_batches: int = 100) -> int:
+        """Refresh integrations that will be due before the next pass; returns the number of
+        provider calls made (informational: foreground refreshes running meanwhile count too).
+
+        Each row is claimed (and attempted) at most once per pass, rows backing off after a
+        failure are not claimed, rows that never failed are claimed first, and each provider
+        gets at most ``background_attempts_per_provider`` attempts: failing rows cannot crowd
+        out healthy ones, nor one provider the others."""
+        await self.store.flush_unsaved()
+        before = self.call.provider_calls
+        interval = timedelta(seconds=self.settings.background_interval_seconds)
+        widest = self.policy.widest_margin()
+        budget = PassBudget(self.settings.background_attempts_per_provider)
+        holder = self.holder
+        seen: set[str] = set()
+        for _ in range(max_batches):
+            if self.call.draining:
+                break
+            now = self.policy.clock()
+            async with holder.transaction() as conn:
+                claimed = await repository.claim_due(
+                    conn,
+                    now + widest + interval,
+                    now,
+                    now + holder.lease,
+                    holder.owner,
+                    batch,
+                    holder.session(),
+                    skip_ids=seen,
+                    skip_providers=budget.exhausted,
+                )
+            if not claimed:
+                break
+            seen.update(iid for iid, _ in claimed)
+            # The budget is spent in claim order (never-failed rows first), not in the order
+            # the rows' reads happen to come back.
+            await asyncio.gather(
+                *(
+                    self._one(iid, interval, provider, budget, budget.take(provider))
+                    for iid, provider in claimed
+                )
+            )
+        return self.call.provider_calls - before
+
+    async def _one(
+        self, iid: str, interval: timedelta, provider: str, budget: PassBudget, granted: bool
+    ) -> None:
+        """Refresh one integration whose lease this broker already holds, if it is due and
+        was ``granted`` an attempt of its provider's budget for this pass."""
+        if not granted:
+            # Claimed in the batch that spent the budget; left for the next pass.
+            metrics.REFRESH_SKIPPED.labels(provider, "budget").inc()
+            await self.store.release(iid, {})
+            return
+        ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
+        async with storage_errors(), self.holder.engine.connect() as conn:
+            row = await repository.get(conn, iid)
+        # A caller's flight of ours may be on it (and takes our own lease as its own): let it
+        # finish, then make sure the lease claimed here does not linger.
+        was_running = await self.flights.settle_running(iid)
+        if was_running and self.flights.running(iid):
+            return
+        if row is None or was_running or not self.policy.due(row, ahead):
+            budget.give_back(provider)  # no attempt made
+            await self.store.release(iid, {})
+            return
+        try:
+            await self.flights.fly_leased(row, ahead)
+        except BrokerError as exc:
+            log.debug("background refresh of %s did not succeed: %s", iid, exc.reason)
+
+    async def run_periodically(self, stop: asyncio.Event | None = None) -> None:
+        await periodic.every(
+            self.settings.background_interval_seconds,
+            self.run,
+            "background refresh",
+            "%d provider call(s)",
+            stop=stop,
+        )
