@@ -56,8 +56,11 @@ docs-check: docs
 	git diff --exit-code -- docs/reference
 	test -z "$$(git status --porcelain -- docs/reference)"
 
+## The benchmark: GetAccessToken against the gRPC echo floor (docs/benchmarks.md), then Proxy
+## against calling the same local API directly with the token.
 bench: install
 	$(BIN)/broker bench --standard
+	$(BIN)/python -m broker_devtools.bench.proxy
 
 clean:
 	rm -rf $(VENV) .broker build *.egg-info
