@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from broker import metrics
 from broker.domain import events
-from broker.domain.refresh_policy import FailureKind, RefreshPolicy
+from broker.domain.refresh_policy import Failure, FailureKind, RefreshPolicy
 from broker.domain.refresh_store import TokenStore
 from broker.domain.tokens import REFRESH, TokenCipher
 from broker.errors import (
@@ -194,17 +194,7 @@ class ProviderCall:
         provider = row.integration.provider
         # (A Retry-After is the throttle's: it pauses every integration of the provider.)
         failed = self.policy.failed(row, FailureKind.UNAVAILABLE)
-        await self.store.release(
-            iid,
-            failed.values(),
-            partial(
-                events.refresh_failed,
-                integration=row.integration,
-                at=self.clock(),
-                failures=failed.failures,
-                threshold=self.policy.failure_threshold,
-            ),
-        )
+        await self._release_failed(row, failed)
         log.warning(
             "refresh of integration %s (%s) failed after %d attempt(s): %s",
             iid,
@@ -220,6 +210,21 @@ class ProviderCall:
             integration_id=iid,
             provider=provider,
         ) from None
+
+    async def _release_failed(self, row: StoredIntegration, failed: Failure) -> None:
+        """Give the lease back with the failure's back-off, and the REFRESH_FAILED event when
+        this failure is the one that reaches the threshold."""
+        await self.store.release(
+            row.integration.id,
+            failed.values(),
+            partial(
+                events.refresh_failed,
+                integration=row.integration,
+                at=self.clock(),
+                failures=failed.failures,
+                threshold=self.policy.failure_threshold,
+            ),
+        )
 
     def _renewal(
         self, row: StoredIntegration, profile: ProviderProfile
@@ -256,19 +261,9 @@ class ProviderCall:
             row, FailureKind.OUTCOME_UNKNOWN, self.settings.outcome_unknown_retry_seconds
         )
         cool_down = failed.seconds_from(self.clock())
-        await self.store.release(
-            iid,
-            failed.values(),
-            # An unknown outcome counts in the run of failures, so it can be the one that
-            # reaches the threshold (the event is written once per run, at the threshold).
-            partial(
-                events.refresh_failed,
-                integration=row.integration,
-                at=self.clock(),
-                failures=failed.failures,
-                threshold=self.policy.failure_threshold,
-            ),
-        )
+        # An unknown outcome counts in the run of failures, so it can be the one that reaches
+        # the threshold (the event is written once per run, at the threshold).
+        await self._release_failed(row, failed)
         log.warning(
             "refresh of integration %s (%s) was sent but its outcome is unknown (%s); not "
             "sending that refresh token again for %gs. If the provider did rotate it, the next "
