@@ -333,21 +333,28 @@ class EventLog:
         delivered = cursor
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
+        # A stream that opens reads what the database holds after its cursor once, itself: the
+        # shared buffer may not yet hold what another process has just committed, and no
+        # heartbeat may come before an event that was committed when the stream opened.
+        opening = True
         while not self.closing.is_set():
             tick = feed.tick()
             head = feed.head
-            if head is not None and cursor < feed.base:
+            if opening or (head is not None and cursor < feed.base):
                 # Behind what the shared buffer holds (an old cursor, or a slow consumer the
                 # buffer moved past): read the gap from the database, up to the head.
                 metrics.EVENT_CATCH_UPS.inc()
-                batch = await self._read(cursor, _CATCH_UP, filters, scope, upto=head)
+                upto = None if opening else head
+                batch = await self._read(cursor, _CATCH_UP, filters, scope, upto=upto)
                 for event in batch:
                     cursor = delivered = event.id
                     yield event
                 if batch:
                     quiet_since = loop.time()
                 if len(batch) < _CATCH_UP:
-                    cursor = max(cursor, head)
+                    opening = False
+                    if head is not None:
+                        cursor = max(cursor, head)
                 continue
             if head is not None:
                 for event in feed.since(cursor):
