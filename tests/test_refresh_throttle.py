@@ -200,7 +200,7 @@ async def test_no_database_connection_is_held_while_the_provider_answers(
     # The lease's transaction has committed and the write's has not begun. Background work
     # (the health watcher's ping, start-up scans) may hold a connection for an instant, so the
     # pool is sampled while the provider answers: a flight holding one would never let it be 0.
-    held = []
+    held: list[int] = []
     while fake.in_flight and len(held) < 200:
         held.append(pool.checkedout())
         await asyncio.sleep(0.002)
