@@ -33,7 +33,9 @@ from tests.helpers.credentials import (
     SA_KEY,
     SA_PUBLIC,
     credential,
+    minted_credential,
     service_account_json,
+    store_credential,
 )
 from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
@@ -84,29 +86,6 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
     )
 
 
-def minted_credential(kind: str, fake: FakeAuthServer) -> pb.Credential:
-    if kind == "client_credentials":
-        return credential(
-            kind, client_id=fake.client_id, client_secret=fake.client_secret, scopes=["read"]
-        )
-    if kind == "service_account":
-        return credential(kind, json_key=service_account_json(), scopes=["read"])
-    return credential(kind, app_id="42", private_key=APP_KEY, installation_id="1001")
-
-
-async def store(
-    stub: pb_grpc.CredentialBrokerAsyncStub,
-    cred: pb.Credential,
-    provider: str = "acme",
-    user: str = "user-1",
-) -> pb.Integration:
-    response = await stub.StoreIntegration(
-        pb.StoreIntegrationRequest(user_id=user, provider=provider, credential=cred),
-        metadata=ADMIN,
-    )
-    return response.integration
-
-
 async def token(
     stub: pb_grpc.CredentialBrokerAsyncStub, iid: str, min_valid: int = 0
 ) -> pb.GetAccessTokenResponse:
@@ -134,7 +113,7 @@ async def row_of(broker: Broker, iid: str) -> Any:
 
 
 async def test_api_key_in_a_header(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
-    stored = await store(
+    stored = await store_credential(
         stub, credential("api_key", key="sk-123", header="X-Api-Key"), provider="keysonly"
     )
     assert stored.credential_type == pb.CREDENTIAL_TYPE_API_KEY
@@ -152,13 +131,13 @@ async def test_api_key_in_a_header(stub: pb_grpc.CredentialBrokerAsyncStub) -> N
 async def test_api_key_with_prefix_and_in_the_query(
     stub: pb_grpc.CredentialBrokerAsyncStub,
 ) -> None:
-    prefixed = await store(
+    prefixed = await store_credential(
         stub,
         credential("api_key", key="k1", header="Authorization", prefix="Token "),
         provider="keysonly",
     )
     assert dict((await token(stub, prefixed.id)).headers) == {"Authorization": "Token k1"}
-    placed = await store(
+    placed = await store_credential(
         stub,
         credential("api_key", key="k2", query_parameter="api_key"),
         provider="keysonly",
@@ -170,7 +149,7 @@ async def test_api_key_with_prefix_and_in_the_query(
 
 
 async def test_basic(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
-    stored = await store(
+    stored = await store_credential(
         stub, credential("basic", username="alice", password="pa:ss wörd"), provider="keysonly"
     )
     got = await token(stub, stored.id)
@@ -187,7 +166,7 @@ async def test_basic(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:
 async def test_minted_kind_mints_caches_and_remints(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer, kind: str
 ) -> None:
-    stored = await store(stub, minted_credential(kind, fake))
+    stored = await store_credential(stub, minted_credential(kind, fake))
     assert stored.credential_type == pb.CredentialType.Value(f"CREDENTIAL_TYPE_{kind.upper()}")
     assert not stored.has_refresh_token
     assert fake.mint_calls == 0, "nothing minted before someone asks"
@@ -223,8 +202,8 @@ async def test_background_refresher_mints_ahead_of_expiry(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
     # Never asked for yet: the background pass mints it before any caller waits on it.
-    waiting = await store(stub, minted_credential("service_account", fake))
-    static = await store(
+    waiting = await store_credential(stub, minted_credential("service_account", fake))
+    static = await store_credential(
         stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u2"
     )
     assert await broker.refresher.background_pass() == 1
@@ -244,7 +223,7 @@ async def test_requests_the_fake_saw(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
     for user, kind in enumerate(MINTED):
-        stored = await store(stub, minted_credential(kind, fake), user=f"u{user}")
+        stored = await store_credential(stub, minted_credential(kind, fake), user=f"u{user}")
         await token(stub, stored.id)
     cc, sa, gh = fake.requests
     assert cc.body["grant_type"] == "client_credentials"
@@ -259,7 +238,7 @@ async def test_requests_the_fake_saw(
 async def test_service_account_with_an_ec_key_and_explicit_fields(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
 ) -> None:
-    stored = await store(
+    stored = await store_credential(
         stub,
         credential(
             "service_account", private_key=EC_KEY, issuer="ec-robot", subject="someone@x.test"
@@ -290,7 +269,7 @@ async def test_rejected_credential_needs_reauthorization(
         "client_credentials": {"client_id": fake.client_id},
         "github_app_installation": {"private_key": APP_KEY, "installation_id": "1001"},
     }[kind]
-    stored = await store(stub, credential(kind, **{**base, **fields}))
+    stored = await store_credential(stub, credential(kind, **{**base, **fields}))
     await expect_error(token(stub, stored.id), Code.FAILED_PRECONDITION, "REAUTHORIZATION_REQUIRED")
     got = await stub.GetIntegration(
         pb.GetIntegrationRequest(integration_id=stored.id), metadata=ADMIN
@@ -305,8 +284,10 @@ async def test_rejected_credential_needs_reauthorization(
 async def test_revoked_client_and_uninstalled_app_after_a_good_mint(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    cc = await store(stub, minted_credential("client_credentials", fake))
-    app = await store(stub, minted_credential("github_app_installation", fake), user="u2")
+    cc = await store_credential(stub, minted_credential("client_credentials", fake))
+    app = await store_credential(
+        stub, minted_credential("github_app_installation", fake), user="u2"
+    )
     await token(stub, cc.id)
     await token(stub, app.id)
     fake.revoke_client()
@@ -320,7 +301,7 @@ async def test_revoked_client_and_uninstalled_app_after_a_good_mint(
 async def test_provider_down_serves_the_minted_token_while_valid(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    stored = await store(stub, minted_credential("client_credentials", fake))
+    stored = await store_credential(stub, minted_credential("client_credentials", fake))
     first = await token(stub, stored.id)
     fake.fail_always("unavailable")
     await set_row(broker, stored.id, expires_at=datetime.now(UTC) + timedelta(seconds=20))
@@ -407,7 +388,7 @@ async def test_invalid_credentials_are_refused_naming_the_field(
 async def test_switching_kinds_on_one_owner(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    minted = await store(stub, minted_credential("client_credentials", fake))
+    minted = await store_credential(stub, minted_credential("client_credentials", fake))
     await token(stub, minted.id)
     # The same (user, provider, account) reconnected with authorization-code tokens.
     back = await stub.StoreIntegration(
@@ -430,8 +411,8 @@ async def test_switching_kinds_on_one_owner(
 async def test_disconnect_wipes_and_revokes_an_installation_token(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    app = await store(stub, minted_credential("github_app_installation", fake))
-    key = await store(
+    app = await store_credential(stub, minted_credential("github_app_installation", fake))
+    key = await store_credential(
         stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u2"
     )
     installation_token = (await token(stub, app.id)).access_token
@@ -452,9 +433,9 @@ async def test_disconnect_wipes_and_revokes_an_installation_token(
 async def test_a_moved_private_key_ciphertext_is_data_loss(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    first = await store(stub, minted_credential("service_account", fake))
-    second = await store(stub, minted_credential("service_account", fake), user="u2")
-    static = await store(
+    first = await store_credential(stub, minted_credential("service_account", fake))
+    second = await store_credential(stub, minted_credential("service_account", fake), user="u2")
+    static = await store_credential(
         stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u3"
     )
     blob = (await row_of(broker, first.id))["credential_ct"]
@@ -477,11 +458,18 @@ async def test_key_rotation_reencrypts_every_credential_column(
     fake: FakeAuthServer,
     settings: Settings,
 ) -> None:
-    ids = [(await store(stub, minted_credential(kind, fake), user=kind)).id for kind in MINTED]
+    ids = [
+        (await store_credential(stub, minted_credential(kind, fake), user=kind)).id
+        for kind in MINTED
+    ]
     for iid in ids:
         await token(stub, iid)
     ids.append(
-        (await store(stub, credential("basic", username="u", password="p"), provider="keysonly")).id
+        (
+            await store_credential(
+                stub, credential("basic", username="u", password="p"), provider="keysonly"
+            )
+        ).id
     )
     before = {iid: await token(stub, iid) for iid in ids}
     new = generate_key("test2")
@@ -559,7 +547,7 @@ async def test_canary_secrets_of_every_kind_never_leak(
             ]
             ids = []
             for n, (provider, cred) in enumerate(creds):
-                ids.append((await store(stub, cred, provider=provider, user=f"u{n}")).id)
+                ids.append((await store_credential(stub, cred, provider=provider, user=f"u{n}")).id)
             for iid in ids:
                 try:
                     minted.append((await token(stub, iid)).access_token)
@@ -622,10 +610,12 @@ async def test_canary_secrets_of_every_kind_never_leak(
 async def test_audit_records_the_kind(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer
 ) -> None:
-    key = await store(
+    key = await store_credential(
         stub, credential("api_key", key="k", header="X-Key"), provider="keysonly", user="u1"
     )
-    app = await store(stub, minted_credential("github_app_installation", fake), user="u2")
+    app = await store_credential(
+        stub, minted_credential("github_app_installation", fake), user="u2"
+    )
     for iid in (key.id, app.id):
         await token(stub, iid)
     await asyncio.sleep(0.2)

@@ -25,12 +25,12 @@ from broker.server.callers import hash_token
 from broker.storage.tables import audit_events
 from broker_devtools.fakeapi import FakeApi, RecordedApiRequest
 from tests.helpers.credentials import (
-    APP_KEY,
     APP_PUBLIC,
     SA_EMAIL,
     SA_PUBLIC,
     credential,
-    service_account_json,
+    minted_credential,
+    store_credential,
 )
 from tests.helpers.errors import error_info, expect_error, retry_info
 from tests.helpers.fakes import FakeAuthServer, serve_fake
@@ -63,29 +63,6 @@ def _register(server: FakeAuthServer) -> None:
 @pytest.fixture
 def fake() -> Iterator[FakeAuthServer]:
     yield from serve_fake(_register, expires_in=3600, rotate=True)
-
-
-def minted_credential(kind: str, fake: FakeAuthServer) -> pb.Credential:
-    if kind == "client_credentials":
-        return credential(
-            kind, client_id=fake.client_id, client_secret=fake.client_secret, scopes=["read"]
-        )
-    if kind == "service_account":
-        return credential(kind, json_key=service_account_json(), scopes=["read"])
-    return credential(kind, app_id="42", private_key=APP_KEY, installation_id="1001")
-
-
-async def store(
-    stub: pb_grpc.CredentialBrokerAsyncStub,
-    cred: pb.Credential,
-    provider: str = "acme",
-    user: str = "user-1",
-) -> pb.Integration:
-    response = await stub.StoreIntegration(
-        pb.StoreIntegrationRequest(user_id=user, provider=provider, credential=cred),
-        metadata=ADMIN,
-    )
-    return response.integration
 
 
 @pytest.fixture
@@ -209,14 +186,14 @@ async def test_every_kind_reaches_the_api_with_its_credential_and_no_token_comes
     secrets: list[str] = []
     cases: list[tuple[str, str, str, str]] = []  # (iid, base path, where, value)
     for cred, where, value in static_credentials().values():
-        stored = await store(stub, cred, provider="keysonly", user=f"user-{len(cases)}")
+        stored = await store_credential(stub, cred, provider="keysonly", user=f"user-{len(cases)}")
         cases.append((stored.id, "/k", where, value))
         secrets.append(value.removeprefix("Basic "))
     iid, access, refresh = await store_tokens(stub, fake)
     cases.append((iid, "/v1", "header:authorization", f"Bearer {access}"))
     secrets += [access, refresh]
     for n, kind in enumerate(("client_credentials", "service_account", "github_app_installation")):
-        stored = await store(stub, minted_credential(kind, fake), user=f"minted-{n}")
+        stored = await store_credential(stub, minted_credential(kind, fake), user=f"minted-{n}")
         # The minted token is only known once the broker mints it: compared below.
         cases.append((stored.id, "/v1", "header:authorization", ""))
 
@@ -318,7 +295,7 @@ async def test_a_static_credential_401_is_returned_without_refresh(
     stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
 ) -> None:
     cred, _, _ = static_credentials()["api_key_header"]
-    stored = await store(stub, cred, provider="keysonly")
+    stored = await store_credential(stub, cred, provider="keysonly")
     api.accept = lambda request: False
     response = await stub.Proxy(proxy_request(stored.id), metadata=ADMIN)
     assert response.status == 401
@@ -423,7 +400,9 @@ async def test_a_redirect_is_returned_not_followed(
 async def test_a_provider_without_an_api_base_names_the_setting(
     stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi
 ) -> None:
-    stored = await store(stub, credential("api_key", key="k", header="X-Key"), provider="nobase")
+    stored = await store_credential(
+        stub, credential("api_key", key="k", header="X-Key"), provider="nobase"
+    )
     await expect_error(
         stub.Proxy(proxy_request(stored.id), metadata=ADMIN),
         Code.FAILED_PRECONDITION,
@@ -442,7 +421,7 @@ async def test_credential_and_routing_headers_are_refused(
     stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi, header: str
 ) -> None:
     cred, _, _ = static_credentials()["api_key_header"]
-    stored = await store(stub, cred, provider="keysonly")
+    stored = await store_credential(stub, cred, provider="keysonly")
     await expect_error(
         stub.Proxy(proxy_request(stored.id, request_headers={header: "mine"}), metadata=ADMIN),
         Code.INVALID_ARGUMENT,
@@ -455,7 +434,7 @@ async def test_the_credential_query_parameter_is_refused(
     stub: pb_grpc.CredentialBrokerAsyncStub, api: FakeApi
 ) -> None:
     cred, _, _ = static_credentials()["api_key_query"]
-    stored = await store(stub, cred, provider="keysonly")
+    stored = await store_credential(stub, cred, provider="keysonly")
     query = [pb.QueryParameter(name="api_key", value="mine")]
     await expect_error(
         stub.Proxy(proxy_request(stored.id, query=query), metadata=ADMIN),
@@ -609,8 +588,12 @@ async def test_the_http_front_gives_the_same_answers_as_the_rpc(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
         stub = pb_grpc.CredentialBrokerStub(channel)
         iid, access, _ = await store_tokens(stub, fake)
-        static = await store(stub, credential("api_key", key="k1", header="X-Key"), "keysonly")
-        nobase = await store(stub, credential("api_key", key="k2", header="X-Key"), "nobase")
+        static = await store_credential(
+            stub, credential("api_key", key="k1", header="X-Key"), "keysonly"
+        )
+        nobase = await store_credential(
+            stub, credential("api_key", key="k2", header="X-Key"), "nobase"
+        )
         api.script("/v1/moved", 302, {"Location": "https://elsewhere.example/"})
         assert front.proxy_port
         selectors = {
@@ -813,7 +796,9 @@ async def test_a_broker_process_serves_the_http_front_to_curl(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
             stub = pb_grpc.CredentialBrokerStub(channel)
-            await store(stub, credential("api_key", key="sk-curl", header="X-Key"), "keyed")
+            await store_credential(
+                stub, credential("api_key", key="sk-curl", header="X-Key"), "keyed"
+            )
         curl = await asyncio.create_subprocess_exec(
             "curl", "-sS", "-i", "--data-binary", "@-",
             "-H", f"X-Broker-Authorization: Bearer {ADMIN_TOKEN}",

@@ -11,6 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import json_format
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
+from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.helpers.fakes import FakeAuthServer
+from tests.helpers.settings import ADMIN
 
 
 def keypair(curve: bool = False) -> tuple[str, str]:
@@ -68,3 +71,26 @@ def service_account_json() -> str:
             "token_uri": "https://oauth2.googleapis.com/token",
         }
     )
+
+
+def minted_credential(kind: str, fake: FakeAuthServer) -> pb.Credential:
+    if kind == "client_credentials":
+        return credential(
+            kind, client_id=fake.client_id, client_secret=fake.client_secret, scopes=["read"]
+        )
+    if kind == "service_account":
+        return credential(kind, json_key=service_account_json(), scopes=["read"])
+    return credential(kind, app_id="42", private_key=APP_KEY, installation_id="1001")
+
+
+async def store_credential(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    cred: pb.Credential,
+    provider: str = "acme",
+    user: str = "user-1",
+) -> pb.Integration:
+    response = await stub.StoreIntegration(
+        pb.StoreIntegrationRequest(user_id=user, provider=provider, credential=cred),
+        metadata=ADMIN,
+    )
+    return response.integration
