@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -50,6 +51,27 @@ async def test_store_then_get_access_token(stub: pb_grpc.CredentialBrokerAsyncSt
         pb.GetAccessTokenRequest(user_id="user-1", provider="twitter"), metadata=ADMIN
     )
     assert by_owner.access_token == "at-1"
+
+
+async def test_concurrent_stores_of_one_owner_all_succeed_and_the_last_wins(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+) -> None:
+    """Stores of one owner at once (a double-submitted OAuth callback, a retried import) take
+    turns: none fails, one integration results, each store has its CONNECTED event, and the
+    tokens served are one store's whole set."""
+    results = await asyncio.gather(
+        *(store(stub, access_token=f"at-{i}", refresh_token=f"rt-{i}") for i in range(16))
+    )
+    assert len({r.integration.id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+    events = await stub.ListIntegrationEvents(
+        pb.ListIntegrationEventsRequest(page_size=100), metadata=ADMIN
+    )
+    assert [e.type for e in events.events] == [pb.INTEGRATION_EVENT_TYPE_CONNECTED] * 16
+    token = await stub.GetAccessToken(
+        pb.GetAccessTokenRequest(integration_id=results[0].integration.id), metadata=ADMIN
+    )
+    assert token.access_token in {f"at-{i}" for i in range(16)}
 
 
 async def test_store_upserts_on_owner(stub: pb_grpc.CredentialBrokerAsyncStub) -> None:

@@ -219,13 +219,10 @@ async def test_resuming_streams_under_writers_with_a_small_buffer_miss_nothing(
         start_id = (await all_events(stub))[-1].id
         filtered = Reader(stub, pb.WatchIntegrationEventsRequest(user_id="w7"))
 
-        async def write(user: int) -> None:
-            # Ten writers at once, each storing its own user's integration four times in a row
-            # (concurrent stores of one owner are not what this test is about).
-            for _ in range(4):
-                await store(stub, fake, user=f"w{user}", expires_in=3600)
+        async def write(i: int) -> None:
+            await store(stub, fake, user=f"w{i % 10}", expires_in=3600)
 
-        writers = asyncio.gather(*(write(u) for u in range(10)))
+        writers = asyncio.gather(*(write(i) for i in range(40)))
         seen = await asyncio.wait_for(read_resuming(stub, start_id, writers), 60)
         stored = [e.id for e in await all_events(stub) if e.id > start_id]
         assert len(stored) == 40

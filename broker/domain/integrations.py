@@ -417,8 +417,11 @@ class IntegrationService:
         now = self.clock()
         common = self._connected_values(now, cmd)
         tokens = cmd.tokens
+        # Locked until commit, so concurrent stores of one owner take turns (the last one
+        # wins) instead of failing each other's version check; only two that both find no
+        # row yet race, to the INSERT, and ``_upsert`` retries the loser as an update.
         existing = await repository.find_by_owner(
-            conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1
+            conn, cmd.user_id, cmd.provider, cmd.account_id, limit=1, for_update=True
         )
         if existing:
             current = existing[0]

@@ -214,6 +214,11 @@ async def write_transaction(
         info["touched"] = touched
         info["after_commit"] = committed
         try:
+            if conn.dialect.name == "sqlite":
+                # The write lock from the first statement on, as PostgreSQL's FOR UPDATE gives:
+                # the driver would begin only at the first write, so what the transaction read
+                # before it (an owner's row, its version) could already be stale.
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield conn
         finally:
             info.pop("touched", None)

@@ -172,12 +172,21 @@ async def get(
 
 
 async def find_by_owner(
-    conn: AsyncConnection, user_id: str, provider: str, account_id: str | None, *, limit: int = 2
+    conn: AsyncConnection,
+    user_id: str,
+    provider: str,
+    account_id: str | None,
+    *,
+    limit: int = 2,
+    for_update: bool = False,
 ) -> list[StoredIntegration]:
     query = _SELECT.where(t.c.user_id == user_id, t.c.provider == provider)
     if account_id is not None:
         query = query.where(t.c.account_id == account_id)
-    rows = (await conn.execute(query.order_by(t.c.created_at, t.c.id).limit(limit))).all()
+    query = query.order_by(t.c.created_at, t.c.id).limit(limit)
+    if for_update:
+        query = query.with_for_update()
+    rows = (await conn.execute(query)).all()
     return [to_stored(r) for r in rows]
 
 

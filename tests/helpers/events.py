@@ -124,9 +124,14 @@ async def read_resuming(
     stub: pb_grpc.CredentialBrokerAsyncStub, cursor: int, writers: asyncio.Future[Any]
 ) -> list[Any]:
     """Read a few events at a time, dropping the stream and resuming from the last id seen,
-    until the writers are done and the stream has gone quiet (a heartbeat)."""
+    until a stream opened after the writers were done has gone quiet (a heartbeat).
+
+    Only such a stream proves nothing is left: its first read goes to the database, whereas a
+    stream already open learns of another process's commit at the next poll, and may send a
+    heartbeat before that poll."""
     seen: list[Any] = []
     while True:
+        finished = writers.done()
         call = stub.WatchIntegrationEvents(
             pb.WatchIntegrationEventsRequest(after_event_id=cursor), metadata=ADMIN
         )
@@ -141,5 +146,6 @@ async def read_resuming(
             if taken == 7:
                 break
         call.cancel()
-        if quiet and writers.done():
+        if quiet and finished:
+            writers.result()  # a writer that failed fails the test here
             return seen
