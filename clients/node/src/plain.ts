@@ -31,14 +31,17 @@ type Equals<A, B> =
   (<G>() => G extends A ? 1 : 2) extends <G>() => G extends B ? 1 : 2 ? true : false;
 /** The value names (prefix stripped) of a generated enum type, found among the generated
  * module's enum objects; never for a plain number. */
+type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type EnumNames<E> = {
   [K in keyof Module]: Module[K] extends object
-    ? Equals<Module[K][keyof Module[K]], E> extends true
+    ? Same<Module[K][keyof Module[K]], E> extends true
       ? keyof Module[K] & string
       : never
     : never;
 }[keyof Module];
-type EnumOrNumber<T> = [EnumNames<T>] extends [never] ? number : EnumNames<T>;
+// A plain number (int32) is told apart from an enum strictly: numbers are assignable to enums.
+type EnumOrNumber<T> =
+  Equals<T, number> extends true ? number : [EnumNames<T>] extends [never] ? number : EnumNames<T>;
 
 type OneofAdt = { case: string | undefined; value?: unknown };
 type UnionToIntersection<U> = (U extends unknown ? (x: U) => void : never) extends (

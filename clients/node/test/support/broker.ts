@@ -226,6 +226,7 @@ export class BrokerProcess {
         api_base_url: fake.api_url,
       },
       "providers.keyed": { kinds: ["api_key"] },
+      "providers.paused": { token_url: fake.token_url, client_id: fake.client_id, client_secret: fake.client_secret },
     };
     for (const [name, values] of Object.entries(sections)) base[name] = { ...base[name], ...values };
     const text = Object.entries(base)
