@@ -115,7 +115,7 @@ def generate_node() -> int:
         *sources,
         *RPC_PROTOS,
     ]
-    return protoc.main(args)
+    return int(protoc.main(args))
 
 
 def main() -> int:
