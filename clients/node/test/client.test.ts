@@ -38,7 +38,7 @@ async function rejects<E extends broker.BrokerError>(
 }
 
 for (const backend of BACKENDS) {
-  describe(`the client against a broker on ${backend}`, { skip: skipUnless(backend) }, () => {
+  describe(`the client against a broker on ${backend}`, { skip: skipUnless(backend), timeout: 150_000 }, () => {
     let fake: FakeProvider;
     let server: BrokerProcess;
     let admin: BrokerClient;

@@ -45,7 +45,7 @@ after(async () => {
   fake?.stop();
 });
 
-test("connect, callback, list, a workflow step under a run grant, disconnect", async () => {
+test("connect, callback, list, a workflow step under a run grant, disconnect", { timeout: 120_000 }, async () => {
   const connect = await import("../examples/nextjs/app/api/integrations/[provider]/connect/route");
   const callback = await import("../examples/nextjs/app/api/integrations/[provider]/callback/route");
   const list = await import("../examples/nextjs/app/api/integrations/route");

@@ -20,7 +20,7 @@ function readmeBlocks(): { example: string; commands: string } {
   return { example, commands };
 }
 
-test("the README's TypeScript example runs from a bare directory against make run's broker", async () => {
+test("the README's TypeScript example runs from a bare directory against make run's broker", { timeout: 150_000 }, async () => {
   const { example, commands } = readmeBlocks();
   // What the README tells to install, with the same versions.
   const install = /npm install "\$REPO\/clients\/node" (.*)/.exec(commands)![1]!.trim().split(/\s+/);

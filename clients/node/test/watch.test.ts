@@ -10,7 +10,7 @@ import { ADMIN_TOKEN, BACKENDS, BrokerProcess, eventually, skipUnless, startFake
 import type { FakeProvider } from "./support/broker";
 
 for (const backend of BACKENDS) {
-  describe(`watching events across a broker restart on ${backend}`, { skip: skipUnless(backend) }, () => {
+  describe(`watching events across a broker restart on ${backend}`, { skip: skipUnless(backend), timeout: 150_000 }, () => {
     let fake: FakeProvider;
     let server: BrokerProcess;
     let client: BrokerClient;
