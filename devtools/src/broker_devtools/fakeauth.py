@@ -118,6 +118,7 @@ class FakeAuthServer:
         omit_refresh_token: bool = False,
         slack_style: bool = False,
         latency: float = 0.0,
+        refresh_token_expires_in: int | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
     ) -> None:
@@ -133,6 +134,8 @@ class FakeAuthServer:
         # Slack-like: success bodies say "ok": true, errors are 200 {"ok": false}.
         self.slack_style = slack_style
         self.latency = latency
+        # Sent as refresh_token_expires_in with every refresh token issued (None: not sent).
+        self.refresh_token_expires_in = refresh_token_expires_in
         # Extra members merged into every successful token response, e.g. {"team": {...}}.
         self.extra_token_fields: dict[str, Any] = {}
         self.deny_authorization = False
@@ -670,6 +673,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload["expires_in"] = expires_in
         if include_refresh:
             payload["refresh_token"] = grant.refresh_token
+            if fake.refresh_token_expires_in is not None:
+                payload["refresh_token_expires_in"] = fake.refresh_token_expires_in
         if fake.slack_style:
             payload["ok"] = True
         payload.update(fake.extra_token_fields)
