@@ -240,6 +240,20 @@ class FakeAuthServer:
             grant = self._grants.get(refresh_token)
             return grant.refresh_token if grant is not None else None
 
+    def refresh_times(self, refresh_token: str) -> list[float]:
+        """When (time.monotonic()) each refresh request of the grant ``refresh_token`` belongs
+        to arrived, whichever of its refresh tokens it presented."""
+        with self._lock:
+            grant = self._grants.get(refresh_token)
+            tokens = {token for token, owner in self._grants.items() if owner is grant}
+            return [
+                r.received_at
+                for r in self._requests
+                if r.path == "/token"
+                and r.body.get("grant_type") == "refresh_token"
+                and r.body.get("refresh_token") in tokens
+            ]
+
     @property
     def refresh_calls(self) -> int:
         with self._lock:
