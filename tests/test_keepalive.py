@@ -10,8 +10,11 @@ takes no time; the fake authorization server is real.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +30,7 @@ from broker.server.app import Broker, start
 from broker.storage import schema
 from broker.storage.engine import create_engine
 from broker.storage.tables import integrations
+from tests.helpers import cli
 from tests.helpers.authorization import begin, complete, consent
 from tests.helpers.clock import FakeClock
 from tests.helpers.errors import expect_error
@@ -42,6 +46,7 @@ IDLE = 3600  # the provider's refresh_token_idle_lifetime_seconds
 PASS = timedelta(seconds=30)  # refresh.background_interval_seconds (the default)
 MONTH = 30 * 86400
 DAY = timedelta(days=1)
+ISO_8601 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
 @pytest.fixture
@@ -341,3 +346,29 @@ async def running(
             yield broker, stub
     finally:
         await broker.stop(0)
+
+
+async def test_the_cli_shows_refresh_token_expiry_and_last_use(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    broker: Broker,
+    fake: FakeAuthServer,
+    database_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    iid, _, _ = await store_grant(
+        stub, fake, expires_in=MONTH, refresh_token_expires_in_seconds=86400
+    )
+    await stub.GetAccessToken(pb.GetAccessTokenRequest(integration_id=iid), metadata=ADMIN)
+    usage = broker.runtime.service.usage
+    assert usage is not None
+    await usage.flush()
+    cfg = cli.config(tmp_path, database_url)
+    shown = json.loads((await cli.broker(capsys, cfg, "integrations", "show", iid, "--json")).out)
+    listed = json.loads((await cli.broker(capsys, cfg, "integrations", "list", "--json")).out)
+    for record in (shown, listed[0]):
+        for name in ("refresh_token_expires_at", "last_used_at"):
+            assert ISO_8601.match(record[name] or ""), (name, record)
+        assert "last_refreshed_at" in record
+    table = (await cli.broker(capsys, cfg, "integrations", "list")).out
+    assert "LAST USED" in table
