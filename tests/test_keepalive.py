@@ -371,4 +371,4 @@ async def test_the_cli_shows_refresh_token_expiry_and_last_use(
             assert ISO_8601.match(record[name] or ""), (name, record)
         assert "last_refreshed_at" in record
     table = (await cli.broker(capsys, cfg, "integrations", "list")).out
-    assert "LAST USED" in table
+    assert "LAST_USED" in table

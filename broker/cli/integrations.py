@@ -22,8 +22,8 @@ COLUMNS = [
     ("KIND", "credential_type"),
     ("STATUS", "status"),
     ("EXPIRES", "expires_at"),
-    ("REFRESH TOKEN EXPIRES", "refresh_token_expires_at"),
-    ("LAST USED", "last_used_at"),
+    ("REFRESH_TOKEN_EXPIRES", "refresh_token_expires_at"),
+    ("LAST_USED", "last_used_at"),
     ("UPDATED", "updated_at"),
 ]
 
