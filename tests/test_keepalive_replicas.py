@@ -1,6 +1,8 @@
 """Keep-alive across replicas: three broker processes on one PostgreSQL keep idle grants alive
 at the provider, each grant refreshed once per half idle lifetime, never twice at once (the
-fake rotates refresh tokens and revokes a grant whose used refresh token comes back)."""
+fake rotates refresh tokens and revokes a grant whose used refresh token comes back); a refresh
+token that lapses soon and cannot be renewed gets one INTEGRATION_EXPIRING event, not one per
+replica or per pass."""
 
 from __future__ import annotations
 
@@ -33,7 +35,11 @@ async def test_idle_grants_are_kept_alive_once_per_period_across_replicas(
     url = await postgres.new()
     sections = {
         "refresh": {"background_interval_seconds": INTERVAL},
-        "providers": {"acme": {**acme_from_env(fake), "refresh_token_idle_lifetime_seconds": IDLE}},
+        "providers": {
+            "acme": {**acme_from_env(fake), "refresh_token_idle_lifetime_seconds": IDLE},
+            # LinkedIn-like: refresh tokens with an absolute expiry, never rotated.
+            "linked": {**acme_from_env(fake), "rotates_refresh_tokens": False},
+        },
     }
     env = {"BROKER_KEYS": KEYS, SECRET_ENV: fake.client_secret}
     async with replica_set(tmp_path, url, sections, env) as processes:
@@ -41,12 +47,23 @@ async def test_idle_grants_are_kept_alive_once_per_period_across_replicas(
         async with broker_stub(processes[0].port) as stub:
             for n in range(GRANTS):
                 first.append(await store(stub, fake, f"user-{n}"))
+            # Lapses in six days: inside the notice time (seven) from the first pass on.
+            lapsing = await store(stub, fake, "user-x", provider="linked", lapses_in=6 * 86400)
 
-        async def kept_alive() -> bool:
-            return all(len(fake.refresh_times(rt)) >= PERIODS for rt in first)
+            async def kept_alive() -> bool:
+                return all(len(fake.refresh_times(rt)) >= PERIODS for rt in first)
 
-        # Nobody asks for an access token: only keep-alive refreshes them.
-        await eventually(kept_alive, "every grant kept alive for several periods", timeout=60)
+            # Nobody asks for an access token: only keep-alive refreshes them.
+            await eventually(kept_alive, "every grant kept alive for several periods", timeout=60)
+            # Many passes of three replicas later: one EXPIRING event, and no refresh for it.
+            events = await stub.ListIntegrationEvents(
+                pb.ListIntegrationEventsRequest(
+                    provider="linked", types=[pb.INTEGRATION_EVENT_TYPE_EXPIRING]
+                ),
+                metadata=ADMIN,
+            )
+            assert len(events.events) == 1, events
+            assert fake.refresh_times(lapsing) == []
     assert fake.reuse_revocations == 0, "no refresh token was presented twice"
     for rt in first:
         assert fake.is_grant_active(rt)
@@ -57,16 +74,23 @@ async def test_idle_grants_are_kept_alive_once_per_period_across_replicas(
         assert min(gaps) >= IDLE / 2 - INTERVAL - 0.25, gaps
 
 
-async def store(stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, user: str) -> str:
+async def store(
+    stub: pb_grpc.CredentialBrokerAsyncStub,
+    fake: FakeAuthServer,
+    user: str,
+    provider: str = "acme",
+    lapses_in: int | None = None,
+) -> str:
     access, refresh = fake.issue_grant()
     await stub.StoreIntegration(
         pb.StoreIntegrationRequest(
             user_id=user,
-            provider="acme",
+            provider=provider,
             access_token=access,
             refresh_token=refresh,
             # The access token outlives the test: only the refresh token's upkeep is due.
             expires_in_seconds=86400,
+            refresh_token_expires_in_seconds=lapses_in,
         ),
         metadata=ADMIN,
     )
