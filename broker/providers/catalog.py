@@ -54,6 +54,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
             # RFC 7523 JWT bearer against the same token endpoint, with the service account's
             # own key: no OAuth client needed for it.
             kinds=frozenset({"authorization_code", "service_account"}),
+            # A refresh token unused for six months is invalidated.
+            refresh_token_idle_lifetime_seconds=15552000,
         ),
         ProviderProfile(
             name="slack",
@@ -130,6 +132,8 @@ BUILTINS: Mapping[str, ProviderProfile] = {
             pkce=True,
             scopes=("offline_access", "User.Read"),
             quirks=frozenset({Quirk.SCOPE_ON_REFRESH}),
+            # Refresh tokens lapse after 90 days of inactivity.
+            refresh_token_idle_lifetime_seconds=7776000,
         ),
     )
 }
@@ -151,6 +155,7 @@ _PLAIN = (
     "max_concurrent_refreshes",
     "max_refreshes_per_second",
     "default_expires_in_seconds",
+    "refresh_token_idle_lifetime_seconds",
     "body_encoding",
     "pkce",
     "account_id_path",

@@ -155,6 +155,14 @@ class TokenResponse:
     # requested or already granted.
     scopes: tuple[str, ...] | None = None
     account_id: str | None = None
+    # Lifetime of the refresh token itself, when the provider says (``refresh_token_expires_in``).
+    refresh_token_expires_in: int | None = None
+
+    def refresh_token_expires_at(self) -> datetime | None:
+        """When the refresh token lapses, if the provider said (0 or absent: not known)."""
+        if not self.refresh_token_expires_in:
+            return None
+        return self.received_at + timedelta(seconds=self.refresh_token_expires_in)
 
     def expires_at(self, default_expires_in: int | None) -> datetime | None:
         """Absolute expiry; ``default_expires_in`` covers a missing expires_in; 0 = never."""
@@ -169,7 +177,8 @@ class TokenResponse:
             f"TokenResponse(access_token=<hidden>, refresh_token={refresh}, "
             f"token_type={self.token_type!r}, expires_in={self.expires_in!r}, "
             f"scopes={self.scopes!r}, received_at={self.received_at.isoformat()}, "
-            f"account_id={self.account_id!r})"
+            f"account_id={self.account_id!r}, "
+            f"refresh_token_expires_in={self.refresh_token_expires_in!r})"
         )
 
     __str__ = __repr__
@@ -307,6 +316,7 @@ class OAuthClient:
             expires_in=_expires_in(tokens.get("expires_in")),
             scopes=_scopes(tokens.get("scope")),
             account_id=_lookup(body, profile.account_id_path),
+            refresh_token_expires_in=_expires_in(tokens.get("refresh_token_expires_in")),
         )
 
     async def _send(

@@ -82,6 +82,9 @@ class ProviderProfile:
     # Lifetime assumed when a token response has no expires_in. 0: the token never expires.
     # None: use RefreshSettings.default_expires_in_seconds.
     default_expires_in_seconds: int | None = None
+    # How long an unused refresh token stays valid at the provider; the background pass
+    # refreshes after half of it without use (keep-alive). None: no idle lapse known.
+    refresh_token_idle_lifetime_seconds: int | None = None
     body_encoding: BodyEncoding = "form"
     pkce: bool = True
     extra_authorize_params: Mapping[str, str] = field(default_factory=dict, hash=False)
