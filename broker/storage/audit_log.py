@@ -301,9 +301,7 @@ def _write_batch(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, wait:
 _CHECKPOINT_ROWS = 2000
 
 
-def sink_for(
-    engine: AsyncEngine, timeout: float, durability: Durability = "commit"
-) -> EventSink:
+def sink_for(engine: AsyncEngine, timeout: float, durability: Durability = "commit") -> EventSink:
     """A connection of the audit's own: asyncpg on PostgreSQL, sqlite3 (in a thread of its
     own) for a SQLite file; the pool for an in-memory SQLite database (tests)."""
     if engine.dialect.name == "postgresql":

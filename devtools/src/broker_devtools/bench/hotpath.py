@@ -46,8 +46,8 @@ import grpc
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.server.callers import hash_token
 from broker.crypto.keys import generate_key
+from broker.server.callers import hash_token
 
 VARIANTS = ("echo", "echo-read", "guard", "broker")
 _ADMIN = "cb_hotpath_admin_token_0123456789"
@@ -183,7 +183,8 @@ def _measure(variant: str, config: Path, calls: int, warmup: int, callgrind: Pat
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         port = int(proc.stdout.readline())
         used = asyncio.run(_drive(port, variant, calls, warmup, proc.stdin, proc.stdout))
@@ -198,7 +199,9 @@ def _measure(variant: str, config: Path, calls: int, warmup: int, callgrind: Pat
     return used / calls * 1e6
 
 
-async def _drive(port: int, variant: str, calls: int, warmup: int, stdin: Any, stdout: Any) -> float:
+async def _drive(
+    port: int, variant: str, calls: int, warmup: int, stdin: Any, stdout: Any
+) -> float:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CredentialBrokerStub(channel)
         request = pb.GetAccessTokenRequest(integration_id="00000000-0000-4000-8000-000000000000")
@@ -268,16 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             directory = Path(tmp) / variant
             directory.mkdir()
             out = directory / "callgrind.out" if args.callgrind else None
-            figures[variant] = _measure(
-                variant, _config(directory), args.calls, args.warmup, out
-            )
+            figures[variant] = _measure(variant, _config(directory), args.calls, args.warmup, out)
             print(f"{variant:17} {figures[variant]:>12,.1f} {unit}/call", flush=True)
-    if {"echo", "echo-read"} <= figures.keys():
-        print(f"echo-read - echo  {figures['echo-read'] - figures['echo']:>12,.1f}  (body read after admission)")
-    if {"echo-read", "guard"} <= figures.keys():
-        print(f"guard - echo-read {figures['guard'] - figures['echo-read']:>12,.1f}  (interceptor)")
-    if {"guard", "broker"} <= figures.keys():
-        print(f"broker - guard    {figures['broker'] - figures['guard']:>12,.1f}  (servicer, domain)")
+    for label, high, low, what in (
+        ("echo-read - echo", "echo-read", "echo", "the body read after admission"),
+        ("guard - echo-read", "guard", "echo-read", "the interceptor"),
+        ("broker - guard", "broker", "guard", "servicer, domain, audit bookkeeping"),
+    ):
+        if {high, low} <= figures.keys():
+            print(f"{label:17} {figures[high] - figures[low]:>12,.1f}  ({what})")
     return 0
 
 
