@@ -106,7 +106,11 @@ async def _serve(variant: str, config: Path) -> None:
         await server.start()
         stop = server.stop
     else:
-        from broker.server import app
+        from broker.server import app, interceptors
+
+        if os.environ.get("HOTPATH_ALL_REGISTERED"):
+            # As before only the hot methods were registered with gRPC by name: all of them.
+            interceptors.REGISTERED = _Everything()  # type: ignore[assignment]
 
         settings = load_settings(config_path=config, env={})
         engine = create_engine(settings.database)
@@ -142,6 +146,11 @@ async def _serve(variant: str, config: Path) -> None:
             _callgrind("off")
             print(used, flush=True)
     await stop(0)
+
+
+class _Everything:
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 def _read_after(handler: Any) -> Any:
@@ -252,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--profile", metavar="FILE", help="also write a cProfile of each variant to FILE.VARIANT"
     )
+    p.add_argument(
+        "--all-registered",
+        action="store_true",
+        help="register every method with gRPC by name, as the broker did before it kept to "
+        "GetAccessToken and Proxy (the cost of the others, against a run without this)",
+    )
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -263,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hotpath: --callgrind needs valgrind", file=sys.stderr)
         return 2
     unit = "instructions" if args.callgrind else "CPU us"
+    if args.all_registered:
+        os.environ["HOTPATH_ALL_REGISTERED"] = "1"
     if args.profile:
         os.environ["HOTPATH_PROFILE"] = str(Path(args.profile).resolve())
     figures: dict[str, float] = {}
