@@ -510,8 +510,8 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any], given: str | None) 
 # The methods registered with gRPC by name; every other one is found through the generic
 # handlers (the generated code adds both). grpc.aio keeps one task waiting for each registered
 # method, and its server loop waits on all of them again after every call, so each registered
-# method costs every call: CredentialBroker's 14, Health's 2 and reflection's cost about
-# 90,000 instructions of each GetAccessToken, 9 % of it
+# method costs every call: CredentialBroker's 14, Health's 2 and reflection's cost
+# 80,000-90,000 instructions of each GetAccessToken, 8 % of it
 # (`python -m broker_devtools.bench.hotpath --callgrind`). The generic lookup the others
 # take instead costs a few microseconds of their own calls.
 REGISTERED = frozenset({f"{SERVICE_PREFIX}GetAccessToken", f"{SERVICE_PREFIX}Proxy"})
