@@ -425,6 +425,15 @@ class AuditSettings(_Section):
     # ... and only while this process uses at least this many cores of CPU: with CPU to spare
     # the window would only add its wait to each call (0: the arrival rate alone decides).
     busy_cpu: float = Field(default=0.5, ge=0, le=64)
+    # When a call's event counts as written, for the events written by themselves (every
+    # call that changes nothing; a change's event commits with the change, whatever this says).
+    # "commit": committed and flushed to disk before the response leaves (PostgreSQL's
+    # synchronous_commit as the server sets it; SQLite synchronous=FULL). "write": committed
+    # without waiting for the flush (PostgreSQL synchronous_commit=off; SQLite
+    # synchronous=NORMAL): a broker crash loses nothing, a crash of the database server or its
+    # machine may lose the last moments of events (docs/audit.md gives the window). A write
+    # that fails fails the call in both modes.
+    durability: Literal["commit", "write"] = "commit"
 
 
 class EventsSettings(_Section):

@@ -239,7 +239,9 @@ async def open_runtime(
             max_delay=settings.audit.max_delay_ms / 1000,
             siblings=settings.audit.siblings,
             busy_cpu=settings.audit.busy_cpu,
-            sink=audit_log.sink_for(engine, settings.database.timeout_seconds),
+            sink=audit_log.sink_for(
+                engine, settings.database.timeout_seconds, settings.audit.durability
+            ),
         ),
         cache=cache,
         clock=clock,
