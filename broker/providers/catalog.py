@@ -313,6 +313,19 @@ def build_registry(
 def _profile(
     canonical: str, key: str, settings: ProviderSettings, env: Mapping[str, str]
 ) -> ProviderProfile:
+    profile = merge_settings(key, settings, env)
+    missing = profile.missing_settings()
+    if missing:
+        hint = "" if canonical in BUILTINS else " (it is not a built-in provider)"
+        raise ConfigError(f"providers.{key}.{missing[0]}: required{hint}")
+    return profile
+
+
+def merge_settings(key: str, settings: ProviderSettings, env: Mapping[str, str]) -> ProviderProfile:
+    """The profile ``[providers.KEY]`` describes (the built-in it names, overridden key by
+    key), whether or not it is complete (``missing_settings()``); ConfigError names a bad
+    value."""
+    canonical = ALIASES.get(key, key)
     where = f"providers.{key}"
     base = BUILTINS.get(canonical)
     if base is None:
@@ -361,10 +374,6 @@ def _profile(
         settings.template_values or {},
     )
     _check_urls(where, profile)
-    missing = profile.missing_settings()
-    if missing:
-        hint = "" if canonical in BUILTINS else " (it is not a built-in provider)"
-        raise ConfigError(f"{where}.{missing[0]}: required{hint}")
     return profile
 
 
