@@ -20,7 +20,7 @@ from tests.helpers.authorization import begin, complete, consent, query
 from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.integrations import row, store_grant, token
-from tests.helpers.providers import CALLBACK, acme
+from tests.helpers.providers import acme
 from tests.helpers.settings import make_settings
 
 Code = grpc.StatusCode
@@ -86,10 +86,12 @@ async def refreshes_twice(
     return the integration id."""
     iid, access, refresh = await store_grant(stub, fake, provider=provider)
     first = await token(stub, iid, force_refresh=True)
-    assert first.refreshed and first.access_token != access
+    assert first.refreshed
+    assert first.access_token != access
     assert fake.is_access_token_active(first.access_token)
     second = await token(stub, iid, force_refresh=True)
-    assert second.refreshed and second.access_token != first.access_token
+    assert second.refreshed
+    assert second.access_token != first.access_token
     assert fake.is_access_token_active(second.access_token)
     assert fake.is_grant_active(refresh)
     return iid

@@ -152,10 +152,10 @@ class AuthorizationService:
         )
         validation.metadata(metadata, max_bytes=limits.max_metadata_bytes)
         profile = self.registry.get(provider)  # UnknownProvider if not configured here
-        problem = profile.template_problem(metadata)
-        if problem is not None:
+        template = profile.template_problem(metadata)
+        if template is not None:
             # Its endpoints need a value only this flow can give ({shop}, {subdomain}).
-            raise InvalidArgument(*problem)
+            raise InvalidArgument(*template)
         profile = profile.resolved(metadata)
         context.note_owner(user_id, profile.name)
         context.check_owner(user_id, profile.name)

@@ -424,11 +424,9 @@ def _with_templates(
         if not TEMPLATE_VALUE.fullmatch(value):
             raise ConfigError(f"{where}.template_values.{name}: {TEMPLATE_VALUE_RULE}")
     filled = {**profile.template_defaults, **values}
+    rendered: dict[str, Any] = {name: render(url, filled) for name, url in templates.items()}
     return dataclasses.replace(
-        profile,
-        url_templates=templates,
-        template_values=dict(values),
-        **{name: render(url, filled) for name, url in templates.items()},
+        profile, url_templates=templates, template_values=dict(values), **rendered
     )
 
 
@@ -470,14 +468,9 @@ def _check_url(where: str, url: str | None) -> None:
     # Plain http would put client secrets and tokens on the wire; loopback is for tests and
     # local fakes only. Redirect URIs are never sent to, but the same rules keep them honest.
     # A template still unfilled is checked as it will be once filled with a DNS label.
-    problem = egress.problem(render(url, _SAMPLE))
+    problem = egress.problem(_SAMPLE_FILL.sub("x", url))
     if problem is not None:
         raise ConfigError(f"{where}: {problem}")
 
 
-class _Sample(dict[str, str]):
-    def get(self, key: str, default: object = None) -> str:  # type: ignore[override]
-        return "x"
-
-
-_SAMPLE = _Sample()
+_SAMPLE_FILL = re.compile(r"\{[a-z][a-z0-9_]*\}")

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from broker import egress
 from broker.errors import ProviderMisconfigured
@@ -135,10 +135,8 @@ def placeholders(url: str | None) -> set[str]:
     return {name for name in _PLACEHOLDER.findall(url) if name not in RESERVED_PLACEHOLDERS}
 
 
-def render(url: str | None, values: Mapping[str, str]) -> str | None:
+def render(url: str, values: Mapping[str, str]) -> str:
     """``url`` with the placeholders ``values`` has filled; the others stay as they are."""
-    if url is None:
-        return None
     return _PLACEHOLDER.sub(
         lambda found: (
             values.get(found.group(1), found.group(0))
@@ -303,7 +301,9 @@ class ProviderProfile:
                 f"{field_name} {text}",
                 provider=self.name,
             )
-        changes = {name: render(url, values) for name, url in self.url_templates.items()}
+        changes: dict[str, Any] = {
+            name: render(url, values) for name, url in self.url_templates.items()
+        }
         if all(getattr(self, name) == url for name, url in changes.items()):
             return self
         return dataclasses.replace(self, **changes)

@@ -39,12 +39,14 @@ def test_every_catalog_entry_validates() -> None:
         entry = CatalogEntry.model_validate(data)  # strict: unknown keys refused
         profile = profiles[name]
         assert profile.title == entry.title
-        assert profile.docs and profile.docs.startswith("https://"), name
+        assert profile.docs is not None, name
+        assert profile.docs.startswith("https://"), name
         assert profile.token_url, name
         assert profile.authorization_url, name
         assert set(profile.kinds) <= set(KINDS)
         # Templates: a client comes only from configuration.
-        assert profile.client_id is None and profile.client_secret is None
+        assert profile.client_id is None
+        assert profile.client_secret is None
         assert not profile.is_configured
         for field in (*URL_FIELDS, "api_url"):
             url = getattr(profile, field)
@@ -55,14 +57,15 @@ def test_every_catalog_entry_validates() -> None:
         for host in profile.api_hosts:
             assert egress.problem(host) is None
         # Every entry is usable once a client is configured.
-        section = {"client_id": "cid", "client_secret_env": "SECRET"}
+        section: dict[str, Any] = {"client_id": "cid", "client_secret_env": "SECRET"}
         if profile.unfilled_templates:
             section["template_values"] = dict.fromkeys(profile.unfilled_templates, "acme")
         configured = registry(**{name: section}).get(name)
         assert configured.is_configured
         assert not configured.unfilled_templates
     for alias, target in ALIASES.items():
-        assert target in profiles and alias not in profiles
+        assert target in profiles
+        assert alias not in profiles
 
 
 # The values the six providers had when they were written in code: the catalog keeps them.
@@ -161,7 +164,8 @@ def test_the_six_providers_keep_their_values(name: str) -> None:
     profile = BUILTINS[name]
     for field, expected in SIX[name].items():
         assert getattr(profile, field) == expected, field
-    assert ALIASES["x"] == "twitter" and ALIASES["gmail"] == "google"
+    assert ALIASES["x"] == "twitter"
+    assert ALIASES["gmail"] == "google"
 
 
 def test_documented_refresh_token_lifetimes() -> None:

@@ -80,4 +80,6 @@ async def test_nested_tokens_default_path_is_data(
     fake.nest_tokens = "data"
     _, refresh = fake.issue_grant()
     token = await oauth.refresh(fake_profile(quirks=frozenset({Quirk.NESTED_TOKENS})), refresh)
-    assert token.access_token and token.refresh_token and token.expires_in == 60
+    assert token.access_token
+    assert token.refresh_token
+    assert token.expires_in == 60
