@@ -214,10 +214,11 @@ class ProviderSettings(_Section):
     # lowercase DNS label. A value set here is used for every integration; one left out comes
     # from each integration's metadata, else from the catalog's default.
     template_values: dict[str, str] | None = None
-    # How long the provider's refresh tokens stay valid unused (idle), and at most from
-    # their issue (absolute), in seconds. Built-ins carry the documented values; None: none
-    # known.
+    # How long the provider's refresh tokens stay valid while unused, in seconds. Built-ins
+    # carry the documented value (e.g. Microsoft 90 days); None: no limit known.
     refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=1)
+    # How long a refresh token stays valid from its issue however often it is used (e.g.
+    # LinkedIn's 365 days), in seconds; None: unbounded or not known.
     refresh_token_lifetime_seconds: int | None = Field(default=None, ge=1)
 
     @field_validator("api_base_url")
