@@ -5,7 +5,7 @@ Endpoint templates ({tenant}) are filled from each integration's metadata."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,15 +13,17 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
+from broker_devtools.fakeapi import FakeApi
 from tests.helpers.authorization import begin, complete, consent, query
 from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.integrations import row, store_grant, token
 from tests.helpers.providers import acme
-from tests.helpers.settings import make_settings
+from tests.helpers.settings import ADMIN, make_settings
 
 Code = grpc.StatusCode
 
@@ -45,7 +47,13 @@ def backend() -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, fake: FakeAuthServer) -> Settings:
+def api() -> Iterator[FakeApi]:
+    with FakeApi() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
     providers: dict[str, Any] = {
         name: acme(fake, adapters=adapters, scopes=["read", "write"])
         for name, adapters in PROVIDERS.items()
@@ -55,6 +63,7 @@ def settings(database_url: str, fake: FakeAuthServer) -> Settings:
         token_url=fake.url + "/tenants/{tenant}/token",
         authorization_url=fake.url + "/tenants/{tenant}/authorize",
         revocation_url=fake.url + "/tenants/{tenant}/revoke",
+        api_base_url=api.url + "/tenants/{tenant}/v1",
     )
     providers["pinned"] = acme(
         fake, token_url=fake.url + "/tenants/{tenant}/token", template_values={"tenant": "fixed"}
@@ -247,3 +256,18 @@ async def test_a_pinned_template_value_ignores_the_metadata(
     iid, _, _ = await store_grant(stub, fake, provider="pinned", metadata=struct(tenant="other"))
     assert (await token(stub, iid, force_refresh=True)).refreshed
     assert fake.requests[-1].path == "/tenants/fixed/token"
+
+
+async def test_proxy_sends_to_the_integrations_api_host(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    iid, access, _ = await store_grant(
+        stub, fake, provider="tenanted", metadata=struct(tenant="t-1"), expires_in=3600
+    )
+    response = await stub.Proxy(
+        pb.ProxyRequest(integration_id=iid, method="GET", path="/things"), metadata=ADMIN
+    )
+    assert response.status == 200
+    (sent,) = api.requests
+    assert sent.path == "/tenants/t-1/v1/things"
+    assert sent.headers["authorization"] == f"Bearer {access}"
