@@ -471,6 +471,18 @@ def _check_url(where: str, url: str | None) -> None:
     problem = egress.problem(_SAMPLE_FILL.sub("x", url))
     if problem is not None:
         raise ConfigError(f"{where}: {problem}")
+    authority = url.partition("://")[2].split("/", 1)[0]
+    if placeholders(authority) and not _TEMPLATED_HOST.fullmatch(authority):
+        # A value (from an integration's metadata) may pick a subdomain of the provider's
+        # own domain, never a whole host or a port.
+        raise ConfigError(
+            f"{where}: a template in the host must be whole leading labels before the "
+            "provider's own domain (https://{subdomain}.example.com/...)"
+        )
 
 
 _SAMPLE_FILL = re.compile(r"\{[a-z][a-z0-9_]*\}")
+# "{a}.{b}.example.com[:port]": placeholders as whole labels, then two or more fixed labels.
+_TEMPLATED_HOST = re.compile(
+    r"(\{[a-z][a-z0-9_]*\}\.)+([a-z0-9-]+\.)+[a-z0-9-]+(:[0-9]{1,5})?", re.IGNORECASE
+)

@@ -212,6 +212,11 @@ auth_method = "client_secret_post"
         ('template_defaults = { tenant = "x" }', r"template_defaults\.tenant: no endpoint"),
         ('template_defaults = { tenant = "a.b" }', r"template_defaults: .*one lowercase DNS"),
         ('api_base_url = "https://{tenant}@evil.test/"', r"api_base_url: must not contain user"),
+        ('api_base_url = "https://{host}/api"', r"api_base_url: a template in the host must"),
+        ('revocation_url = "https://{host}.test/r"', r"revocation_url: a template in the host"),
+        ('revocation_url = "https://auth.acme.test:{port}/r"', r"acme\.revocation_url: "),
+        ('revocation_url = "https://x{sub}.acme.test/r"', r"a template in the host must"),
+        ('revocation_url = "https://acme.{tld}/r"', r"a template in the host must"),
     ],
 )
 def test_a_bad_catalog_entry_is_refused(extra: str, message: str) -> None:
@@ -314,6 +319,14 @@ def test_a_custom_provider_can_template_its_endpoints() -> None:
     ).get("acme")
     assert acme.unfilled_templates == ("region",)
     assert acme.resolved({"region": "eu"}).token_url == "https://eu.auth.acme.test/token"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://{host}/token", "https://{host}.internal/token", "https://a.test:{port}/t"]
+)
+def test_a_custom_template_cannot_choose_the_host(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^providers\.acme\.token_url: "):
+        registry(acme={"token_url": url, "client_id": "a", "client_secret_env": "SECRET"})
 
 
 def test_a_configured_url_replaces_the_catalogs_template() -> None:
