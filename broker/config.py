@@ -188,6 +188,12 @@ class ProviderSettings(_Section):
     max_refreshes_per_second: float | None = Field(default=None, gt=0)
     # Lifetime assumed when a token response has no expires_in; 0 means "never expires".
     default_expires_in_seconds: int | None = Field(default=None, ge=0)
+    # How long the provider keeps an unused refresh token alive (Google: about six months,
+    # Microsoft: 90 days). The background pass refreshes a grant whose refresh token has not
+    # been used for half of it, even when nobody asks for its access token (keep-alive).
+    # None: the provider's refresh tokens do not lapse from disuse (or it is not known).
+    # Built-ins carry the documented value.
+    refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=2)
     body_encoding: Literal["form", "json"] | None = None
     pkce: bool | None = None
     extra_authorize_params: dict[str, str] | None = None
@@ -214,9 +220,6 @@ class ProviderSettings(_Section):
     # lowercase DNS label. A value set here is used for every integration; one left out comes
     # from each integration's metadata, else from the catalog's default.
     template_values: dict[str, str] | None = None
-    # How long the provider's refresh tokens stay valid while unused, in seconds. Built-ins
-    # carry the documented value (e.g. Microsoft 90 days); None: no limit known.
-    refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=1)
     # How long a refresh token stays valid from its issue however often it is used (e.g.
     # LinkedIn's 365 days), in seconds; None: unbounded or not known.
     refresh_token_lifetime_seconds: int | None = Field(default=None, ge=1)
@@ -360,6 +363,15 @@ class RefreshSettings(_Section):
     # Attempts one background pass makes per provider; due integrations past it wait for the
     # next pass, so one provider's backlog cannot take a whole pass from the others.
     background_attempts_per_provider: int = Field(default=100, ge=1, le=100_000)
+    # A refresh token with its own expiry (refresh_token_expires_in) that the provider cannot
+    # renew (it does not rotate refresh tokens, or a refresh did not extend it) gets one
+    # INTEGRATION_EXPIRING event this long before it lapses; on a rotating provider the
+    # background pass first refreshes it, which renews it. Default: 7 days.
+    expiring_notice_seconds: float = Field(default=7 * 86400.0, gt=0)
+    # GetAccessToken and Proxy note in memory when an integration's access token was served;
+    # every this many seconds the notes are written (one UPDATE per batch), so
+    # Integration.last_used_at is precise to about this much.
+    last_used_flush_seconds: float = Field(default=60.0, gt=0, le=3600)
 
 
 class ProxySettings(_Section):

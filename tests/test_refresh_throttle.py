@@ -141,7 +141,8 @@ async def test_a_refresh_is_two_updates_and_the_change_announcement(
         # Background work shares the engine and may fall inside the refresh: the health
         # watcher's ping (every 0.2 s in tests) and the grant purger's trim of expired grants
         # and old change_log rows. A refresh never deletes, so no DELETE is the refresh's.
-        if not words.startswith(("SELECT now()", "SELECT 1", "DELETE FROM")):
+        # SQLite's BEGIN IMMEDIATE opens each write transaction: control, not a statement.
+        if not words.startswith(("SELECT now()", "SELECT 1", "DELETE FROM", "BEGIN")):
             statements.append(words)
 
     sync = broker.engine.sync_engine

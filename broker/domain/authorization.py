@@ -345,6 +345,9 @@ class AuthorizationService:
                 token_type=response.token_type,
                 expires_at=response.expires_at(default),
                 scopes=response.scopes if response.scopes is not None else flow.scopes,
+                refresh_token_expires_at=(
+                    response.refresh_token_expires_at() if response.refresh_token else None
+                ),
             ),
             # What the provider's answer adds (Salesforce's instance_url) wins over the
             # caller's guess, as the account id does.

@@ -63,7 +63,7 @@ class CatalogEntry(BaseModel):
     extra_headers: dict[str, str] = Field(default_factory=dict)
     rotates_refresh_tokens: bool = False
     default_expires_in_seconds: int | None = Field(default=None, ge=0)
-    refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=1)
+    refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=2)
     refresh_token_lifetime_seconds: int | None = Field(default=None, ge=1)
     account_id_path: str | None = None
     kinds: list[str] = Field(default_factory=lambda: ["authorization_code"])

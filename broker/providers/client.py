@@ -155,10 +155,17 @@ class TokenResponse:
     # requested or already granted.
     scopes: tuple[str, ...] | None = None
     account_id: str | None = None
-    # The refresh token's own lifetime in seconds, when the provider says (None: it did not).
+    # Lifetime of the refresh token itself, when the provider says (``refresh_token_expires_in``,
+    # or the member a refresh_expiry_field adapter names).
     refresh_token_expires_in: int | None = None
     # Members of the answer kept in the integration's metadata (instance_url_metadata).
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def refresh_token_expires_at(self) -> datetime | None:
+        """When the refresh token lapses, if the provider said (0 or absent: not known)."""
+        if not self.refresh_token_expires_in:
+            return None
+        return self.received_at + timedelta(seconds=self.refresh_token_expires_in)
 
     def expires_at(self, default_expires_in: int | None) -> datetime | None:
         """Absolute expiry; ``default_expires_in`` covers a missing expires_in; 0 = never."""
@@ -643,9 +650,12 @@ def _tokens(profile: ProviderProfile, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refresh_expiry(profile: ProviderProfile, tokens: Mapping[str, Any]) -> int | None:
-    if profile.has(Quirk.REFRESH_EXPIRY_FIELD):
+    """The refresh token's lifetime: the standard member, else the one a refresh_expiry_field
+    adapter names (Intuit's x_refresh_token_expires_in)."""
+    standard = _expires_in(tokens.get("refresh_token_expires_in"))
+    if standard is None and profile.has(Quirk.REFRESH_EXPIRY_FIELD):
         return _expires_in(tokens.get(profile.argument(Quirk.REFRESH_EXPIRY_FIELD)))
-    return None
+    return standard
 
 
 _METADATA_LIMIT = 2048

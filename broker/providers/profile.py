@@ -176,6 +176,9 @@ class ProviderProfile:
     # Lifetime assumed when a token response has no expires_in. 0: the token never expires.
     # None: use RefreshSettings.default_expires_in_seconds.
     default_expires_in_seconds: int | None = None
+    # How long an unused refresh token stays valid at the provider; the background pass
+    # refreshes after half of it without use (keep-alive). None: no idle lapse known.
+    refresh_token_idle_lifetime_seconds: int | None = None
     body_encoding: BodyEncoding = "form"
     pkce: bool = True
     extra_authorize_params: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -197,9 +200,8 @@ class ProviderProfile:
     # provider's other API bases; None: the provider cannot be proxied.
     api_base_url: str | None = None
     api_hosts: tuple[str, ...] = ()
-    # How long a refresh token the provider issued stays valid while unused (its idle
-    # lifetime), and at most from its issue (its absolute lifetime); None: no limit known.
-    refresh_token_idle_lifetime_seconds: int | None = None
+    # How long a refresh token the provider issued stays valid at most from its issue,
+    # however often it is used (its absolute lifetime); None: unbounded or not known.
     refresh_token_lifetime_seconds: int | None = None
     # Endpoints as written in the catalog or configuration, with their placeholders, by field
     # name; the fields above hold them with the values known at start-up filled in.

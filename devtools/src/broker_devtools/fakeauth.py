@@ -121,6 +121,7 @@ class FakeAuthServer:
         omit_refresh_token: bool = False,
         slack_style: bool = False,
         latency: float = 0.0,
+        refresh_token_expires_in: int | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
     ) -> None:
@@ -136,6 +137,8 @@ class FakeAuthServer:
         # Slack-like: success bodies say "ok": true, errors are 200 {"ok": false}.
         self.slack_style = slack_style
         self.latency = latency
+        # Sent as refresh_token_expires_in with every refresh token issued (None: not sent).
+        self.refresh_token_expires_in = refresh_token_expires_in
         # Extra members merged into every successful token response, e.g. {"team": {...}}.
         self.extra_token_fields: dict[str, Any] = {}
         # Provider shapes the broker's adapters handle (docs/providers.md, "Adapters"):
@@ -248,6 +251,20 @@ class FakeAuthServer:
         with self._lock:
             grant = self._grants.get(refresh_token)
             return grant.refresh_token if grant is not None else None
+
+    def refresh_times(self, refresh_token: str) -> list[float]:
+        """When (time.monotonic()) each refresh request of the grant ``refresh_token`` belongs
+        to arrived, whichever of its refresh tokens it presented."""
+        with self._lock:
+            grant = self._grants.get(refresh_token)
+            tokens = {token for token, owner in self._grants.items() if owner is grant}
+            return [
+                r.received_at
+                for r in self._requests
+                if r.path == "/token"
+                and r.body.get("grant_type") == "refresh_token"
+                and r.body.get("refresh_token") in tokens
+            ]
 
     @property
     def refresh_calls(self) -> int:
@@ -688,6 +705,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload["expires_in"] = str(expires_in) if fake.string_expires_in else expires_in
         if include_refresh:
             payload["refresh_token"] = grant.refresh_token
+            if fake.refresh_token_expires_in is not None:
+                payload["refresh_token_expires_in"] = fake.refresh_token_expires_in
         payload.update(fake.extra_token_fields)
         if fake.nest_tokens:
             for part in reversed(fake.nest_tokens.split(".")):
