@@ -171,11 +171,19 @@ async def test_no_refresh_token_on_refresh(
 
 
 async def test_refresh_expiry_field(
-    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
 ) -> None:
     # Intuit's name for the refresh token's lifetime; the answer is otherwise standard.
     fake.extra_token_fields = {"x_refresh_token_expires_in": 8726400}
-    await refreshes_twice(stub, fake, "intuity")
+    before = datetime.now(UTC)
+    iid = await refreshes_twice(stub, fake, "intuity")
+    # Stored as the refresh token's own expiry, as the standard member would be.
+    expires_at = (await row(broker, iid)).integration.refresh_token_expires_at
+    assert expires_at is not None
+    assert 8726400 - 60 < (expires_at - before).total_seconds() <= 8726400 + 60
+    # Without the adapter the member means nothing.
+    plain = await refreshes_twice(stub, fake, "plain")
+    assert (await row(broker, plain)).integration.refresh_token_expires_at is None
 
 
 async def test_instance_url_metadata(
