@@ -192,6 +192,7 @@ class ProviderSettings(_Section):
     # Microsoft: 90 days). The background pass refreshes a grant whose refresh token has not
     # been used for half of it, even when nobody asks for its access token (keep-alive).
     # None: the provider's refresh tokens do not lapse from disuse (or it is not known).
+    # Built-ins carry the documented value.
     refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=2)
     body_encoding: Literal["form", "json"] | None = None
     pkce: bool | None = None
@@ -211,12 +212,24 @@ class ProviderSettings(_Section):
     # Further API bases of the provider on other hosts, as full URLs; a Proxy request picks
     # one by naming its host (ProxyRequest.api_host). Default: none.
     api_hosts: list[str] = Field(default_factory=list)
+    # Named request/response adapters for a provider that departs from RFC 6749, e.g.
+    # ["nested_tokens:data", "comma_scopes"] (docs/providers.md lists them). For a built-in
+    # this replaces the catalog's list. Default: the catalog's, none for a custom provider.
+    adapters: list[str] | None = None
+    # Values of the templates in the endpoints ("{subdomain}", "{tenant}", "{shop}"), each one
+    # lowercase DNS label. A value set here is used for every integration; one left out comes
+    # from each integration's metadata, else from the catalog's default.
+    template_values: dict[str, str] | None = None
+    # How long a refresh token stays valid from its issue however often it is used (e.g.
+    # LinkedIn's 365 days), in seconds; None: unbounded or not known.
+    refresh_token_lifetime_seconds: int | None = Field(default=None, ge=1)
 
     @field_validator("api_base_url")
     @classmethod
     def _api_base(cls, value: str | None) -> str | None:
         if value is not None:
-            problem = egress.problem(value)
+            # A template ("{shop}") is checked as it will be once filled with a DNS label.
+            problem = egress.problem(re.sub(r"\{[a-z][a-z0-9_]*\}", "x", value))
             if problem is not None:
                 raise ValueError(problem)
         return value

@@ -43,6 +43,7 @@ from broker.model import (
     TokenRequest,
     utcnow,
 )
+from broker.providers.catalog import BUILTINS
 from broker.providers.profile import AUTHORIZATION_CODE, ProviderProfile
 from broker.storage import repository
 from broker.storage.changes import Invalidate
@@ -396,12 +397,20 @@ class IntegrationService:
         profiles = self.profiles
         if profiles is None:
             return cmd
+        found: ProviderProfile | None
         if cmd.provider in profiles:
-            profile = profiles.get(cmd.provider)
-            kinds = profile.kinds
+            found = profiles.get(cmd.provider)
+            kinds = found.kinds
         else:
             # A built-in without a configured client still stores authorization-code tokens.
+            found = BUILTINS.get(cmd.provider)
             kinds = frozenset({AUTHORIZATION_CODE})
+        if found is not None:
+            # Endpoints templated per integration ({subdomain}, {shop}) take the value from
+            # its metadata: refused now, not at its first refresh.
+            problem = found.template_problem(cmd.metadata)
+            if problem is not None:
+                raise InvalidArgument(*problem)
         if kind.value not in kinds:
             field = "credential" if cmd.credential is not None else "access_token"
             raise InvalidArgument(

@@ -83,7 +83,20 @@ class ProviderCall:
             await self.store.release(iid, {})
             raise ProviderUnavailable("the broker is shutting down", integration_id=iid)
         try:
-            profile = self.registry.get(provider)
+            # Endpoint templates ({subdomain}, {tenant}) filled for this integration.
+            profile = self.registry.resolve(provider, row.integration.metadata)
+        except ProviderMisconfigured:
+            await self.store.release(
+                iid,
+                self.policy.failed(row, FailureKind.NO_CLIENT).values(),
+                partial(
+                    events.provider_misconfigured,
+                    integration=row.integration,
+                    at=self.clock(),
+                    error="template_value",
+                ),
+            )
+            raise
         except UnknownProvider:
             await self.store.release(
                 iid,
