@@ -65,6 +65,9 @@ def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
         revocation_url=fake.url + "/tenants/{tenant}/revoke",
         api_base_url=api.url + "/tenants/{tenant}/v1",
     )
+    # {tenant} in the API host alone (Mailchimp's {dc}, or a custom Zendesk section that pinned
+    # its OAuth endpoints and inherits the catalog's templated API base).
+    providers["apionly"] = acme(fake, api_base_url=api.url + "/tenants/{tenant}/v1")
     providers["pinned"] = acme(
         fake, token_url=fake.url + "/tenants/{tenant}/token", template_values={"tenant": "fixed"}
     )
@@ -278,4 +281,36 @@ async def test_proxy_sends_to_the_integrations_api_host(
     assert response.status == 200
     (sent,) = api.requests
     assert sent.path == "/tenants/t-1/v1/things"
+    assert sent.headers["authorization"] == f"Bearer {access}"
+
+
+async def test_a_template_only_the_api_host_uses_is_needed_by_proxy_alone(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, api: FakeApi
+) -> None:
+    """Store, authorization, refresh and revocation never send to the API host, so a value
+    only it needs (Mailchimp's {dc}, known after the user authorized) does not hold them up;
+    Proxy refuses without it and sends nothing."""
+    iid, _, _ = await store_grant(stub, fake, provider="apionly", expires_in=3600)
+    assert (await token(stub, iid, force_refresh=True)).refreshed
+    started = await begin(stub, provider="apionly")
+    params = await consent(started.authorization_url)
+    done = await complete(stub, state=params["state"], code=params["code"])
+    await expect_error(
+        stub.Proxy(
+            pb.ProxyRequest(integration_id=done.integration.id, method="GET", path="/things"),
+            metadata=ADMIN,
+        ),
+        Code.FAILED_PRECONDITION,
+        contains="metadata.tenant",
+    )
+    assert api.requests == []
+    given, access, _ = await store_grant(
+        stub, fake, provider="apionly", metadata=struct(tenant="t-3"), expires_in=3600
+    )
+    response = await stub.Proxy(
+        pb.ProxyRequest(integration_id=given, method="GET", path="/things"), metadata=ADMIN
+    )
+    assert response.status == 200
+    (sent,) = api.requests
+    assert sent.path == "/tenants/t-3/v1/things"
     assert sent.headers["authorization"] == f"Bearer {access}"

@@ -31,6 +31,7 @@ from broker.domain import context
 from broker.errors import (
     InvalidArgument,
     PermissionDenied,
+    ProviderMisconfigured,
     ProviderOutcomeUnknown,
     ProviderUnavailable,
     ProxyNotConfigured,
@@ -39,7 +40,7 @@ from broker.errors import (
     Throttled,
 )
 from broker.model import AccessToken, Selector, StoredIntegration, TokenRequest
-from broker.providers.profile import ProviderProfile
+from broker.providers.profile import ProviderProfile, placeholders
 from broker.providers.throttle import ProviderThrottle
 
 _METHOD = re.compile(r"[A-Z]{1,16}")
@@ -219,6 +220,16 @@ class ProxyService:
             raise InvalidArgument(
                 "api_host",
                 f"is not one of provider {provider!r}'s API hosts (providers.{provider}.api_hosts)",
+            )
+        missing = sorted(placeholders(base))
+        if missing:
+            # A value only Proxy needs (Mailchimp's {dc}) and the integration lacks: nothing
+            # is sent without it.
+            raise ProviderMisconfigured(
+                f"provider {provider!r} cannot be called for this integration: "
+                f"metadata.{missing[0]} is required for its API host (or set "
+                f"providers.{provider}.template_values.{missing[0]})",
+                provider=provider,
             )
         if not base:
             raise ProxyNotConfigured(

@@ -39,10 +39,11 @@ def authorization_url(
             "to start an authorization",
             provider=profile.name,
         )
-    if profile.unfilled_templates:
+    if profile.unfilled_oauth_templates:
         raise ProviderMisconfigured(
             f"providers.{profile.name}: the authorization URL needs "
-            f"{', '.join(profile.unfilled_templates)} (template_values or the flow's metadata)",
+            f"{', '.join(profile.unfilled_oauth_templates)} (template_values or the flow's "
+            "metadata)",
             provider=profile.name,
         )
     # Provider extras go first so they can never replace the parameters the flow relies on.

@@ -440,12 +440,12 @@ def _require_client(profile: ProviderProfile) -> str:
             f"providers.{profile.name}: {', '.join(missing)} not configured",
             provider=profile.name,
         )
-    if profile.unfilled_templates:
+    if profile.unfilled_oauth_templates:
         # Only a profile resolved for an integration may be sent with: nothing goes out to a
         # URL with a placeholder in it.
         raise ProviderMisconfigured(
             f"providers.{profile.name}: the endpoints need "
-            f"{', '.join(profile.unfilled_templates)} (template_values or the integration's "
+            f"{', '.join(profile.unfilled_oauth_templates)} (template_values or the integration's "
             "metadata); nothing was sent",
             provider=profile.name,
         )

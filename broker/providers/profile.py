@@ -127,6 +127,9 @@ TEMPLATE_VALUE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 TEMPLATE_VALUE_RULE = "must be one lowercase DNS label (a-z, 0-9 and '-', at most 63)"
 # The endpoint fields that may hold templates.
 URL_FIELDS = ("token_url", "authorization_url", "revocation_url", "api_base_url")
+# The ones OAuth itself sends to (store, authorization, refresh, revocation); api_base_url is
+# Proxy's alone, so a value only it needs (Mailchimp's {dc}) is required by Proxy alone.
+OAUTH_URL_FIELDS = ("token_url", "authorization_url", "revocation_url")
 
 
 def placeholders(url: str | None) -> set[str]:
@@ -281,6 +284,14 @@ class ProviderProfile:
             names |= placeholders(getattr(self, name))
         return tuple(sorted(names))
 
+    @property
+    def unfilled_oauth_templates(self) -> tuple[str, ...]:
+        """Template variables the OAuth endpoints (all but Proxy's api_base_url) wait for."""
+        names: set[str] = set()
+        for name in OAUTH_URL_FIELDS:
+            names |= placeholders(getattr(self, name))
+        return tuple(sorted(names))
+
     def template_problem(self, metadata: Mapping[str, object] | None) -> tuple[str, str] | None:
         """What keeps ``metadata`` from filling this profile's templates, as (field, problem)
         for an INVALID_ARGUMENT, or None when every template can be filled."""
@@ -290,8 +301,9 @@ class ProviderProfile:
         """This profile with its endpoints' templates filled for one integration: values from
         configuration first, then the integration's ``metadata``, then the catalog's defaults.
 
-        Raises ProviderMisconfigured naming a value that is missing or not a DNS label. A
-        profile without templates is returned as it is.
+        Raises ProviderMisconfigured naming a value that is not a DNS label, or missing for an
+        OAuth endpoint; one only ``api_base_url`` uses stays unfilled when missing (Proxy
+        refuses then). A profile without templates is returned as it is.
         """
         if not self.url_templates:
             return self
@@ -325,7 +337,10 @@ class ProviderProfile:
                 )
             values[name] = given
         values.update(self.template_values)
-        for name in self.template_names:
+        needed: set[str] = set()
+        for field_name in OAUTH_URL_FIELDS:
+            needed |= placeholders(self.url_templates.get(field_name))
+        for name in sorted(needed):
             if name not in values:
                 return values, (
                     f"metadata.{name}",
