@@ -75,6 +75,8 @@ def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
         database_url,
         providers=providers,
         refresh={"provider_timeout_seconds": 2, "background": False, "max_attempts": 1},
+        # The largest flow metadata the setting allows (the stored limit's size).
+        authorization={"max_metadata_bytes": 64 * 1024},
     )
 
 
@@ -212,6 +214,23 @@ async def test_instance_url_metadata(
     params = await consent(started.authorization_url)
     done = await complete(stub, state=params["state"], code=params["code"])
     assert (await row(broker, done.integration.id)).integration.metadata == {"workspace": "w-2"}
+
+
+async def test_the_providers_metadata_is_dropped_rather_than_the_tokens(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
+) -> None:
+    """Flow metadata at the limit BeginAuthorization allows, plus what the answer adds
+    (instance_url, id: up to 2 KiB each), would pass the stored limit: the integration is
+    stored with the caller's metadata, not refused after the code was exchanged (the tokens
+    lost, the grant left live at the provider)."""
+    fake.extra_token_fields = {"instance_url": "https://acme.my.salesforce.test/" + "i" * 2000}
+    pad = "x" * (64 * 1024 - len('{"pad":""}'))
+    started = await begin(stub, provider="salesy", metadata=struct(pad=pad))
+    params = await consent(started.authorization_url)
+    done = await complete(stub, state=params["state"], code=params["code"])
+    stored = (await row(broker, done.integration.id)).integration
+    assert stored.metadata == {"pad": pad}
+    assert (await token(stub, done.integration.id, force_refresh=True)).refreshed
 
 
 # -- endpoint templates --------------------------------------------------------------------

@@ -334,6 +334,18 @@ class AuthorizationService:
         self, flow: flows.StoredFlow, profile_default: int | None, response: TokenResponse
     ) -> tuple[Integration, bool]:
         default = self.default_expires_in_seconds if profile_default is None else profile_default
+        # What the provider's answer adds (Salesforce's instance_url) wins over the caller's
+        # guess, as the account id does, when it fits: flow metadata may be as large as the
+        # stored limit, and the code is spent, so the tokens are never refused for it.
+        metadata = {**flow.metadata, **response.metadata}
+        if response.metadata and not _fits(metadata):
+            log.warning(
+                "authorization for provider %s: %s of the answer not kept (the metadata would "
+                "pass its limit)",
+                flow.provider,
+                ", ".join(sorted(response.metadata)),
+            )
+            metadata = flow.metadata
         command = StoreCommand(
             user_id=flow.user_id,
             provider=flow.provider,
@@ -349,9 +361,7 @@ class AuthorizationService:
                     response.refresh_token_expires_at() if response.refresh_token else None
                 ),
             ),
-            # What the provider's answer adds (Salesforce's instance_url) wins over the
-            # caller's guess, as the account id does.
-            metadata={**flow.metadata, **response.metadata},
+            metadata=metadata,
         )
         for delay in (*_STORE_RETRY_DELAYS, None):
             try:
@@ -385,3 +395,11 @@ class AuthorizationService:
         await periodic.every(
             interval_seconds, self.purge_expired, "authorization flow purge", "%d purged"
         )
+
+
+def _fits(metadata: dict[str, Any]) -> bool:
+    try:
+        validation.metadata(metadata)
+    except InvalidArgument:
+        return False
+    return True
