@@ -13,6 +13,7 @@ described by configuration alone.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,8 @@ from broker.providers.profile import (
 )
 
 CATALOG_FILE = "catalog.toml"
+
+log = logging.getLogger("broker.providers")
 
 
 class CatalogEntry(BaseModel):
@@ -318,7 +321,44 @@ def _profile(
     if missing:
         hint = "" if canonical in BUILTINS else " (it is not a built-in provider)"
         raise ConfigError(f"providers.{key}.{missing[0]}: required{hint}")
+    _warn_inherited(key, BUILTINS.get(canonical), settings, profile)
     return profile
+
+
+def _warn_inherited(
+    key: str, base: ProviderProfile | None, settings: ProviderSettings, profile: ProviderProfile
+) -> None:
+    """A section that moved a built-in's token endpoint to another host but still sends to
+    the built-in's other endpoints (revocation: the client's secret and the tokens; Proxy: the
+    access token) is most likely one written before its name joined the catalog, for another
+    service: say so at start-up, naming what to set."""
+    if base is None or settings.token_url is None:
+        return
+    own, catalogs = _host(profile.token_url), _host(base.token_url)
+    if own == catalogs:
+        return
+    kept = [
+        name
+        for name in ("authorization_url", "revocation_url", "api_base_url")
+        if getattr(settings, name) is None
+        and getattr(profile, name)
+        and _host(getattr(profile, name)) != own
+    ]
+    if kept:
+        log.warning(
+            "providers.%s: token_url is on %s, but %s still come from the built-in %r (on "
+            "%s): tokens and the client secret would be sent there; set them if this section "
+            "is for another service",
+            key,
+            own,
+            ", ".join(kept),
+            base.name,
+            catalogs,
+        )
+
+
+def _host(url: str | None) -> str:
+    return (url or "").partition("://")[2].split("/", 1)[0].lower()
 
 
 def merge_settings(key: str, settings: ProviderSettings, env: Mapping[str, str]) -> ProviderProfile:

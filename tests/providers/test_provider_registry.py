@@ -284,3 +284,32 @@ def test_bad_kinds_settings(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         registry(acme=settings)
     assert message in str(caught.value)
+
+
+def test_a_moved_token_endpoint_with_the_builtins_other_endpoints_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A [providers.box] written for an in-house service before box joined the catalog
+    inherits Box's revocation and API endpoints: revocation would send the client secret and
+    the tokens to Box. Start-up says so, naming what to set."""
+    secret = {"client_id": "cid", "client_secret_env": "ACME_SECRET"}
+    with caplog.at_level("WARNING", logger="broker.providers"):
+        registry(box={**secret, "token_url": "https://auth.corp.test/oauth/token"})
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "providers.box: token_url is on auth.corp.test" in warning
+    assert "revocation_url, api_base_url" in warning
+    assert "a-secret" not in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="broker.providers"):
+        # Set where everything goes, or kept on the built-in's own host: nothing to say.
+        registry(
+            box={
+                **secret,
+                "token_url": "https://auth.corp.test/oauth/token",
+                "authorization_url": "https://auth.corp.test/authorize",
+                "revocation_url": "https://auth.corp.test/revoke",
+                "api_base_url": "https://api.corp.test",
+            },
+            google={**secret, "token_url": "https://oauth2.googleapis.com/token"},
+        )
+    assert caplog.records == []
