@@ -95,8 +95,10 @@ async def test_each_state_change_writes_exactly_one_event(
     ]
     assert len(failed) == 1
     assert failed[0].failure_count == 2
-    # ... and RECOVERED when a refresh succeeds after it.
+    # ... and RECOVERED when a refresh succeeds after it (once the back-off of 1 ms doubled
+    # per failure, a few ms, is over: a call inside it meets the failure without a request).
     fake.reset_failures()
+    await asyncio.sleep(0.05)
     await token(stub, iid, force=True)
     await token(stub, iid, force=True)
     assert (await kinds(stub, iid))[2:] == [
@@ -109,6 +111,7 @@ async def test_each_state_change_writes_exactly_one_event(
     for _ in range(2):
         await expect_error(token(stub, iid, force=True), Code.FAILED_PRECONDITION)
     fake.reset_failures()
+    await asyncio.sleep(0.05)  # the back-off again
     await token(stub, iid, force=True)
     assert (await kinds(stub, iid))[4:] == [
         T.INTEGRATION_EVENT_TYPE_PROVIDER_MISCONFIGURED,

@@ -15,15 +15,17 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
+from broker_devtools.fakeapi import FakeApi
 from tests.helpers.clock import FakeClock
 from tests.helpers.errors import expect_error
 from tests.helpers.fakes import FakeAuthServer, serve_fake
 from tests.helpers.integrations import row, store_grant, token
 from tests.helpers.providers import provider_settings
-from tests.helpers.settings import make_settings
+from tests.helpers.settings import ADMIN, make_settings
 from tests.helpers.stubs import broker_stub
 from tests.helpers.waiting import eventually
 
@@ -39,10 +41,16 @@ def fake() -> Iterator[FakeAuthServer]:
 
 
 @pytest.fixture
-def settings(database_url: str, fake: FakeAuthServer) -> Settings:
+def api() -> Iterator[FakeApi]:
+    with FakeApi() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
     return make_settings(
         database_url,
-        providers=provider_settings(fake),
+        providers=provider_settings(fake, api_base_url=api.url + "/v1"),
         refresh={"background": False, "provider_timeout_seconds": 5, "max_attempts": 1},
     )
 
@@ -151,6 +159,25 @@ async def test_a_failed_refresh_ahead_is_recorded_and_the_old_token_served_while
         "PROVIDER_UNAVAILABLE",
     )
     assert fake.refresh_calls == sent
+
+
+async def test_proxy_sends_a_due_token_that_still_satisfies_and_refreshes_behind(
+    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker, api: FakeApi
+) -> None:
+    iid, old, _ = await store_grant(stub, fake, expires_in=DUE)
+    request = pb.ProxyRequest(integration_id=iid, method="GET", path="/things")
+    response = await stub.Proxy(request, metadata=ADMIN)
+    assert response.status == 200
+    assert not response.refreshed
+    assert api.requests[-1].headers["authorization"] == f"Bearer {old}"
+    assert waited(broker) == 0
+    await refreshed_once(broker, iid)
+    again = await stub.Proxy(request, metadata=ADMIN)
+    assert again.status == 200
+    sent = api.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    assert sent != old
+    assert fake.is_access_token_active(sent)
+    assert fake.refresh_calls == 1
 
 
 @pytest.fixture

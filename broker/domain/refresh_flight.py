@@ -41,6 +41,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+from broker import metrics
 from broker.domain.refresh_call import ProviderCall
 from broker.domain.refresh_policy import (
     Answer,
@@ -101,9 +102,11 @@ class Flights:
         if self.policy.serves_ahead(stored, request) and stored.integration.id not in self.store:
             self._refresh_ahead(stored, request)
             self.served_ahead += 1
+            metrics.REFRESH_CALLERS.labels(stored.integration.provider, "ahead").inc()
             return self.cipher.access_token(stored)
         self.policy.check_attainable(stored, request)
         self.waited += 1
+        metrics.REFRESH_CALLERS.labels(stored.integration.provider, "waited").inc()
         patience = asyncio.timeout(None)
         self._waiting.add(patience)
         try:
