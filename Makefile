@@ -4,9 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_VERSION := 26.3
-GENERATED := broker/api clients/python/src/credentialbroker_client/_proto
+GENERATED := broker/api clients/python/src/credentialbroker_client/_proto clients/node/src/gen
+NODE := clients/node
+# npm ci (from the committed lockfile) also builds the client's dist/ (its prepare script).
+NODE_STAMP := $(NODE)/node_modules/.package-lock.json
 
-.PHONY: install run test lint proto proto-check docs docs-check bench clean
+.PHONY: install run test test-python test-node lint proto proto-check docs docs-check bench clean
 
 # The client distribution holds the generated code the server imports: install both at once,
 # with the dev tools (devtools/: bench, fake OAuth server, demo provider) beside them.
@@ -20,14 +23,25 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml devtools/pyproject.toml c
 
 install: $(STAMP)
 
+$(NODE_STAMP): $(NODE)/package.json $(NODE)/package-lock.json
+	cd $(NODE) && npm ci --no-audit --no-fund
+
 ## Start a dev broker (SQLite, key and caller token under ./.broker/) on 127.0.0.1:50051, with
 ## the demo OAuth provider on 127.0.0.1:8765.
 run: install
 	$(BIN)/broker serve --dev --demo-provider
 
-## Run the test suite (PostgreSQL tests need BROKER_TEST_DATABASE_URL).
-test: install
+## Run the test suite: pytest, then the Node client's tests (npm ci first); the PostgreSQL
+## tests of both need BROKER_TEST_DATABASE_URL.
+test: test-python test-node
+
+test-python: install
 	$(BIN)/pytest
+
+## The Node client's tests (clients/node: tsc --noEmit strict, then node --test against real
+## broker processes).
+test-node: install $(NODE_STAMP)
+	cd $(NODE) && npm test
 
 lint: install
 	$(BIN)/ruff check .
@@ -35,9 +49,9 @@ lint: install
 	$(BIN)/mypy broker tests scripts clients/python/src devtools/src
 	$(BIN)/lint-imports --no-cache
 
-## Regenerate the client's generated code (clients/python/src/credentialbroker_client/_proto)
-## and broker/api's re-export modules from protos/.
-proto: install
+## Regenerate the clients' generated code (clients/python/src/credentialbroker_client/_proto,
+## clients/node/src/gen) and broker/api's re-export modules from protos/.
+proto: install $(NODE_STAMP)
 	$(BIN)/python scripts/genproto.py
 
 ## Fail if the generated code in git differs from what `make proto` produces.
@@ -63,4 +77,4 @@ bench: install
 	$(BIN)/python -m broker_devtools.bench.proxy
 
 clean:
-	rm -rf $(VENV) .broker build *.egg-info
+	rm -rf $(VENV) .broker build *.egg-info $(NODE)/node_modules $(NODE)/dist $(NODE)/.test-build

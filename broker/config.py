@@ -188,6 +188,12 @@ class ProviderSettings(_Section):
     max_refreshes_per_second: float | None = Field(default=None, gt=0)
     # Lifetime assumed when a token response has no expires_in; 0 means "never expires".
     default_expires_in_seconds: int | None = Field(default=None, ge=0)
+    # How long the provider keeps an unused refresh token alive (Google: about six months,
+    # Microsoft: 90 days). The background pass refreshes a grant whose refresh token has not
+    # been used for half of it, even when nobody asks for its access token (keep-alive).
+    # None: the provider's refresh tokens do not lapse from disuse (or it is not known).
+    # Built-ins carry the documented value.
+    refresh_token_idle_lifetime_seconds: int | None = Field(default=None, ge=2)
     body_encoding: Literal["form", "json"] | None = None
     pkce: bool | None = None
     extra_authorize_params: dict[str, str] | None = None
@@ -206,12 +212,24 @@ class ProviderSettings(_Section):
     # Further API bases of the provider on other hosts, as full URLs; a Proxy request picks
     # one by naming its host (ProxyRequest.api_host). Default: none.
     api_hosts: list[str] = Field(default_factory=list)
+    # Named request/response adapters for a provider that departs from RFC 6749, e.g.
+    # ["nested_tokens:data", "comma_scopes"] (docs/providers.md lists them). For a built-in
+    # this replaces the catalog's list. Default: the catalog's, none for a custom provider.
+    adapters: list[str] | None = None
+    # Values of the templates in the endpoints ("{subdomain}", "{tenant}", "{shop}"), each one
+    # lowercase DNS label. A value set here is used for every integration; one left out comes
+    # from each integration's metadata, else from the catalog's default.
+    template_values: dict[str, str] | None = None
+    # How long a refresh token stays valid from its issue however often it is used (e.g.
+    # LinkedIn's 365 days), in seconds; None: unbounded or not known.
+    refresh_token_lifetime_seconds: int | None = Field(default=None, ge=1)
 
     @field_validator("api_base_url")
     @classmethod
     def _api_base(cls, value: str | None) -> str | None:
         if value is not None:
-            problem = egress.problem(value)
+            # A template ("{shop}") is checked as it will be once filled with a DNS label.
+            problem = egress.problem(re.sub(r"\{[a-z][a-z0-9_]*\}", "x", value))
             if problem is not None:
                 raise ValueError(problem)
         return value
@@ -350,6 +368,15 @@ class RefreshSettings(_Section):
     # Attempts one background pass makes per provider; due integrations past it wait for the
     # next pass, so one provider's backlog cannot take a whole pass from the others.
     background_attempts_per_provider: int = Field(default=100, ge=1, le=100_000)
+    # A refresh token with its own expiry (refresh_token_expires_in) that the provider cannot
+    # renew (it does not rotate refresh tokens, or a refresh did not extend it) gets one
+    # INTEGRATION_EXPIRING event this long before it lapses; on a rotating provider the
+    # background pass first refreshes it, which renews it. Default: 7 days.
+    expiring_notice_seconds: float = Field(default=7 * 86400.0, gt=0)
+    # GetAccessToken and Proxy note in memory when an integration's access token was served;
+    # every this many seconds the notes are written (one UPDATE per batch), so
+    # Integration.last_used_at is precise to about this much.
+    last_used_flush_seconds: float = Field(default=60.0, gt=0, le=3600)
 
 
 class ProxySettings(_Section):
@@ -416,6 +443,15 @@ class AuditSettings(_Section):
     # ... and only while this process uses at least this many cores of CPU: with CPU to spare
     # the window would only add its wait to each call (0: the arrival rate alone decides).
     busy_cpu: float = Field(default=0.5, ge=0, le=64)
+    # When a call's event counts as written, for the events written by themselves (every
+    # call that changes nothing; a change's event commits with the change, whatever this says).
+    # "commit": committed and flushed to disk before the response leaves (PostgreSQL's
+    # synchronous_commit as the server sets it; SQLite synchronous=FULL). "write": committed
+    # without waiting for the flush (PostgreSQL synchronous_commit=off; SQLite
+    # synchronous=NORMAL): a broker crash loses nothing, a crash of the database server or its
+    # machine may lose the last moments of events (docs/audit.md gives the window). A write
+    # that fails fails the call in both modes.
+    durability: Literal["commit", "write"] = "commit"
 
 
 class EventsSettings(_Section):

@@ -23,6 +23,16 @@ REFRESHES = Counter(
     "Provider refresh calls, by provider and outcome",
     ["provider", "outcome"],
 )
+KEEPALIVE = Counter(
+    "broker_keepalive_refresh_total",
+    "Keep-alive refreshes of refresh tokens nobody used (idle, or renewed before they "
+    "lapse), by provider and outcome (ok, failed)",
+    ["provider", "outcome"],
+)
+LAST_USED_FLUSHES = Counter(
+    "broker_last_used_rows_written_total",
+    "Integrations whose last_used_at the batched write updated",
+)
 REFRESH_SKIPPED = Counter(
     "broker_refresh_skipped_total",
     "Refreshes not attempted, by provider and reason: budget (the background pass's attempts "

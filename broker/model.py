@@ -68,6 +68,11 @@ class Integration:
     has_refresh_token: bool
     version: int
     credential_type: Kind = Kind.AUTHORIZATION_CODE
+    # When the refresh token itself lapses, if the provider said so.
+    refresh_token_expires_at: datetime | None = None
+    # The last time an access token was served (GetAccessToken, Proxy), to the precision of
+    # the batched write (broker.domain.usage).
+    last_used_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,10 @@ class StoredIntegration:
     last_refresh_error: str | None = None
     next_refresh_at: datetime | None = None
     issued_lifetime_seconds: int | None = None
+    # When the refresh token was last issued or used (the keep-alive's idle clock), and the
+    # refresh-token expiry an INTEGRATION_EXPIRING event was written for.
+    refresh_token_used_at: datetime | None = None
+    expiring_notice_for: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,8 @@ class NewTokens:
     token_type: str
     expires_at: datetime | None
     scopes: tuple[str, ...]
+    # When the refresh token lapses, if the provider (or the caller) said so.
+    refresh_token_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -150,6 +161,8 @@ class StoreCommand:
     # Alternative to tokens.expires_at, resolved against the broker's clock.
     expires_in_seconds: int | None = None
     credential: Credential | None = None
+    # Alternative to tokens.refresh_token_expires_at, resolved against the broker's clock.
+    refresh_token_expires_in_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from broker.domain.refresh import RefreshEngine
 from broker.domain.refresh_store import no_session
 from broker.domain.revocation import ProviderRevoker
 from broker.domain.tokens import TokenCipher
+from broker.domain.usage import UsageNotes
 from broker.model import Clock, utcnow
 from broker.providers.catalog import ALIASES, BUILTINS, ProviderRegistry, build_registry
 from broker.providers.client import OAuthClient
@@ -200,6 +201,7 @@ async def open_runtime(
         profiles=registry,
         cache=cache,
         reader=sqlite_reader if sqlite_reader is not None else reader,
+        usage=UsageNotes(engine, clock, settings.refresh.last_used_flush_seconds),
     )
     grant_cache = GrantCache(
         settings.cache.max_entries,
@@ -237,7 +239,9 @@ async def open_runtime(
             max_delay=settings.audit.max_delay_ms / 1000,
             siblings=settings.audit.siblings,
             busy_cpu=settings.audit.busy_cpu,
-            sink=audit_log.sink_for(engine, settings.database.timeout_seconds),
+            sink=audit_log.sink_for(
+                engine, settings.database.timeout_seconds, settings.audit.durability
+            ),
         ),
         cache=cache,
         clock=clock,

@@ -5,7 +5,9 @@ result is unchanged, so the pages cannot drift from the code):
   every section and setting, its type, default, environment variable and the comment written
   above it in ``broker/config.py``;
 - ``docs/reference/api.md`` from ``protos/``: every RPC, message, field and enum with the
-  comments written beside them, read from protoc's source info (not by parsing the text).
+  comments written beside them, read from protoc's source info (not by parsing the text);
+- ``docs/reference/providers.md`` from the built-in catalog (``broker/providers/catalog.toml``):
+  every provider with its endpoints' shape, lifetimes, adapters and documentation source.
 """
 
 from __future__ import annotations
@@ -286,10 +288,59 @@ def _message(
     return out
 
 
+def _days(seconds: int) -> str:
+    return f"{seconds // 86400} days"
+
+
+def providers() -> str:
+    from broker.providers.catalog import ALIASES, BUILTINS
+
+    out = [
+        HEADER.format(source="broker/providers/catalog.toml"),
+        "# Provider catalog",
+        "",
+        "The built-in providers (`broker providers list` prints the same, with what your",
+        "configuration still has to give). Each links to the documentation its values come",
+        "from. *Refresh token* is how long one lives unused, and at most however it is used;",
+        "`{name}` is an endpoint template ([Providers](../providers.md#endpoint-templates)).",
+        "",
+        "| Name (aliases) | Provider | Client auth | PKCE | Rotates | Refresh token | "
+        "Revocation | Adapters, templates |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(BUILTINS):
+        p = BUILTINS[name]
+        aliases = sorted(alias for alias, target in ALIASES.items() if target == name)
+        shown = f"`{name}`" + (f" ({', '.join(f'`{a}`' for a in aliases)})" if aliases else "")
+        life = []
+        if p.refresh_token_idle_lifetime_seconds:
+            life.append(f"{_days(p.refresh_token_idle_lifetime_seconds)} unused")
+        if p.refresh_token_lifetime_seconds:
+            life.append(f"{_days(p.refresh_token_lifetime_seconds)} at most")
+        auth = p.auth_method + (", JSON body" if p.body_encoding == "json" else "")
+        extra = [f"`{adapter.value}`" for adapter in sorted(p.quirks)]
+        for template in p.template_names:
+            default = p.template_defaults.get(template)
+            extra.append(f"`{{{template}}}`" + (f" (default `{default}`)" if default else ""))
+        cells = [
+            shown,
+            f"[{p.title}]({p.docs})",
+            auth,
+            "yes" if p.pkce else "no",
+            "yes" if p.rotates_refresh_tokens else "no",
+            ", ".join(life) or "—",
+            "yes" if p.revocation_url else "—",
+            ", ".join(extra) or "—",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "configuration.md").write_text(configuration())
     (OUT / "api.md").write_text(api())
+    (OUT / "providers.md").write_text(providers())
     return 0
 
 

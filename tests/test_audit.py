@@ -17,12 +17,14 @@ from sqlalchemy import select
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
-from broker.server.app import Broker
+from broker.server.app import Broker, start
+from broker.storage import audit_log
 from broker.storage.tables import audit_events, grants, integrations
 from tests.helpers.audit import AuditTable
 from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
 from tests.helpers.settings import ADMIN, ADMIN_TOKEN, RUNNER, RUNNER_TOKEN, make_settings
+from tests.helpers.stubs import broker_stub
 
 Code = grpc.StatusCode
 
@@ -243,10 +245,18 @@ def audit_table(database_url: str, broker: Broker) -> AuditTable:
     return AuditTable(database_url)
 
 
-@pytest.fixture(params=[True, False], ids=["group-commit", "one-by-one"])
+@pytest.fixture(
+    params=[(True, "commit"), (False, "commit"), (True, "write")],
+    ids=["group-commit", "one-by-one", "durability-write"],
+)
 def settings(database_url: str, request: pytest.FixtureRequest) -> Settings:
-    """Both ways of writing events: batched (group commit, the default) and one at a time."""
-    return make_settings(database_url, audit={"group_commit": request.param})
+    """Both ways of writing events: batched (group commit, the default) and one at a time;
+    and with ``audit.durability = "write"`` (committed without waiting for the flush), which
+    fails closed just the same."""
+    group_commit, durability = request.param
+    return make_settings(
+        database_url, audit={"group_commit": group_commit, "durability": durability}
+    )
 
 
 async def test_audit_write_failure_fails_closed_and_returns_no_token(
@@ -398,3 +408,51 @@ async def test_grant_writes_whose_event_cannot_be_written_write_nothing(
     )
     assert [g.id for g in revoked.grants] == [kept.grant_id]
     assert (await by_request_id(broker))["req-revoke"].method == "RevokeGrant"
+
+
+# -- durability ---------------------------------------------------------------------------------
+
+
+async def _audit_session_durability(sink: audit_log.EventSink) -> set[str]:
+    """How the audit's own connections flush: PostgreSQL's synchronous_commit in the audit
+    session, or SQLite's synchronous pragma on each of the sink's open connections (asked in
+    the thread each belongs to)."""
+    if isinstance(sink, audit_log.PostgresSink):
+        assert sink._conn is not None, "the audit session is open after a call"
+        return {str(await sink._conn.fetchval("SHOW synchronous_commit"))}
+    assert isinstance(sink, audit_log.SqliteSink)
+    names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+    found = set()
+    if sink._here is not None:
+        found.add(names[sink._here.execute("PRAGMA synchronous").fetchone()[0]])
+    thread_conn = sink._conn
+    if thread_conn is not None:
+        level = await asyncio.get_running_loop().run_in_executor(
+            sink._thread, lambda: thread_conn.execute("PRAGMA synchronous").fetchone()[0]
+        )
+        found.add(names[level])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("durability", "on_postgres", "on_sqlite"),
+    [("commit", "on", "FULL"), ("write", "off", "NORMAL")],
+)
+async def test_audit_connection_flushes_as_durability_says(
+    database_url: str, backend: str, durability: str, on_postgres: str, on_sqlite: str
+) -> None:
+    """``audit.durability``: "commit" flushes each event's commit to disk before the token
+    leaves (PostgreSQL synchronous_commit on, SQLite synchronous=FULL); "write" commits
+    without waiting for the flush (synchronous_commit off, synchronous=NORMAL)."""
+    running = await start(make_settings(database_url, audit={"durability": durability}))
+    try:
+        async with broker_stub(running.port) as stub:
+            iid = (await stub.StoreIntegration(store_request(), metadata=ADMIN)).integration.id
+            for _ in range(3):
+                await stub.GetAccessToken(
+                    pb.GetAccessTokenRequest(integration_id=iid), metadata=RUNNER
+                )
+        found = await _audit_session_durability(running.runtime.auditor.sink)
+        assert found == {on_postgres if backend == "postgres" else on_sqlite}
+    finally:
+        await running.stop(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -19,6 +19,8 @@ from sqlalchemy import func, select
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.server.app import SERVICE_NAME, Broker
+from broker.server.callers import CallerRegistry
+from broker.server.interceptors import AuthInterceptor
 from broker.storage.tables import integrations
 from tests.helpers.errors import expect_error
 from tests.helpers.integrations import store_request
@@ -181,3 +183,45 @@ async def test_reflection_open_to_any_caller(channel: grpc.aio.Channel, metadata
     names = await list_services(channel, metadata)
     assert SERVICE_NAME in names
     assert "grpc.health.v1.Health" in names
+
+
+class _RecordingServer:
+    """Takes the registrations a grpc.aio server would (generic and by name)."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+        self.by_name: dict[str, set[str]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.by_name[service] = set(handlers)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def test_only_the_hot_methods_are_registered_by_name_and_every_method_is_guarded() -> None:
+    """grpc.aio's server loop waits on one task per method registered by name after every
+    call, so only GetAccessToken and Proxy are; every other method (and Health) is found
+    through the generic handlers — guarded just the same."""
+    recording = _RecordingServer()
+    guard = AuthInterceptor(CallerRegistry({}))
+    # As app.start hands them over: the registrar stands in for the server.
+    registrar: Any = guard.guarding(cast(grpc.aio.Server, recording))
+    servicer: Any = pb_grpc.CredentialBrokerServicer
+    pb_grpc.add_CredentialBrokerServicer_to_server(servicer(), registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), registrar)
+    assert recording.by_name == {SERVICE_NAME: {"GetAccessToken", "Proxy"}}
+    methods = pb.DESCRIPTOR.services_by_name["CredentialBroker"].methods
+    assert len(methods) > 2
+    for method in methods:
+        name = f"/{SERVICE_NAME}/{method.name}"
+        found = [h.service(_Details(name)) for h in recording.generic]
+        handler = next(h for h in found if h is not None)
+        # The guarded handler (made once per method), never the servicer's own.
+        assert handler is guard.guard(name, None)

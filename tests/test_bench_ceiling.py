@@ -135,10 +135,14 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     scenarios = result["scenarios"]
+    # Each audited scenario in both audit durabilities; the ceiling and echo runs once.
     assert set(scenarios) == {
-        "echo", "pg-hot", "pg-hot-noaudit", "pg-hot-stub",
-        "echo-open", "pg-open", "pg-open-noaudit", "pg-open-stub",
+        "echo", "pg-hot", "pg-hot+write", "pg-hot-noaudit", "pg-hot-stub",
+        "echo-open", "pg-open", "pg-open+write", "pg-open-noaudit", "pg-open-stub",
     }  # fmt: skip
+    assert scenarios["pg-hot"]["details"]["audit_durability"] == "commit"
+    assert scenarios["pg-hot+write"]["details"]["audit_durability"] == "write"
+    assert "audit_durability" not in scenarios["pg-hot-stub"]["details"]
     for name, figures in scenarios.items():
         assert figures["failed"] is None, name
         assert figures["throughput"] > 0
@@ -155,6 +159,8 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     assert parts["broker_total"] == scenarios["pg-hot"]["details"]["server_cpu_us_per_call"]
     assert "pg-hot per call, broker CPU: echo floor" in done.stdout
     assert "PostgreSQL CPU" in done.stdout
+    assert "audit_write" in parts
+    assert "(noaudit -> pg-hot+write)" in done.stdout
     # The open-loop ceiling ran at the fixed rate, as bench-only brokers, and is split out.
     assert scenarios["pg-open-stub"]["details"]["variant"] == "stub"
     assert scenarios["pg-open-noaudit"]["details"]["variant"] == "noaudit"
@@ -162,3 +168,7 @@ def test_quick_ceiling_run_writes_the_breakdown(tmp_path: Path) -> None:
     opened = result["pg_open_breakdown_ms"]
     assert opened["pg_open"] == scenarios["pg-open"]["p50_ms"]
     assert "pg-open p50 at the fixed rate: echo-open" in done.stdout
+    assert opened["pg_open_write"] == scenarios["pg-open+write"]["p50_ms"]
+    # The write runs are judged against the echo of the same run too.
+    assert scenarios["pg-hot+write"]["ratios"]["throughput_vs_echo"] > 0
+    assert scenarios["pg-open+write"]["ratios"]["p50_vs_echo"] > 0

@@ -22,8 +22,14 @@ def test_quick_bench_writes_figures(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["machine"]["nproc"] >= 1
     scenarios = result["scenarios"]
-    assert set(scenarios) == {"echo", "sqlite-hot", "sqlite-hot-grant"}
-    for name in ("echo", "sqlite-hot", "sqlite-hot-grant"):
+    # Each broker scenario ran in both audit durabilities ("+write": audit.durability = write).
+    names = {"echo", "sqlite-hot", "sqlite-hot+write", "sqlite-hot-grant", "sqlite-hot-grant+write"}
+    assert set(scenarios) == names
+    assert scenarios["sqlite-hot"]["details"]["audit_durability"] == "commit"
+    assert scenarios["sqlite-hot+write"]["details"]["audit_durability"] == "write"
+    assert scenarios["sqlite-hot+write"]["ratios"]["throughput_vs_echo"] > 0
+    assert "sqlite-hot+write: throughput / echo >= 0.75" in done.stdout
+    for name in names:
         figures = scenarios[name]
         assert figures["failed"] is None
         assert figures["throughput"] > 0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from broker_devtools.bench import summary
+from broker_devtools.bench.report import ScenarioResult, add_ratios, targets
 
 
 def _run(tp: float, hot_ratio: float, met: bool, storm_equal: bool = True) -> dict[str, Any]:
@@ -56,6 +57,8 @@ def test_median_and_range_of_each_figure() -> None:
     assert "230  " in lines["pg-hot"]
     assert "(230" not in lines["pg-hot"]
     assert "audit batch mean 13.5" in lines["pg-hot"]
+    # Each run's own ratio next to the median (each taken inside its run).
+    assert "x echo by run 0.70, 0.75, 0.76" in lines["pg-hot"]
     assert "p99 450 ms" in lines["refresh-storm"]
     assert "provider calls = rotations in 2 of 3" in lines["refresh-storm"]
     assert "failed in 3 of 3" in lines["pg-cold"]
@@ -64,6 +67,49 @@ def test_median_and_range_of_each_figure() -> None:
     assert "stub vs echo 0.90x" in text
     assert "pg-open p50" not in text
     assert "load average at start 0.10, 0.10, 0.10" in text
+
+
+def test_write_runs_are_summed_up_and_judged_like_their_scenario() -> None:
+    runs = [_run(6000, 0.70, False), _run(6400, 0.75, True)]
+    for run, ratio in zip(runs, (0.81, 0.79), strict=True):
+        run["scenarios"]["pg-hot+write"] = {
+            "throughput": 6000 * ratio,
+            "p50_ms": 6.0,
+            "ratios": {"throughput_vs_echo": ratio},
+            "details": {"audit_durability": "write"},
+        }
+        run["scenarios"]["refresh-storm+write"] = dict(run["scenarios"]["refresh-storm"])
+    lines = {line.split()[0]: line for line in summary.table(runs).splitlines()}
+    assert "0.80 (0.79-0.81)" in lines["pg-hot+write"]
+    assert "x echo by run 0.81, 0.79" in lines["pg-hot+write"]
+    assert "p99 450 ms" in lines["refresh-storm+write"]
+    assert "provider calls = rotations in 2 of 2" in lines["refresh-storm+write"]
+
+
+def test_targets_in_both_durabilities() -> None:
+    def result(name: str, throughput: float = 1.0, **fields: Any) -> ScenarioResult:
+        return ScenarioResult(name, "", throughput=throughput, **fields)
+
+    results = [
+        result("echo", p99_ms=1.0),
+        result("pg-hot", 0.78, p99_ms=1.2),
+        result("pg-hot+write", 0.78, p99_ms=1.2),
+        result("echo-open", p50_ms=1.0),
+        result("pg-open", p50_ms=1.8),
+        result("pg-open+write", p50_ms=1.8),
+        result("refresh-storm+write", p99_ms=100.0,
+               details={"provider_calls": 10, "rotations": 10, "provider_latency_s": 0.05}),
+    ]  # fmt: skip
+    add_ratios(results)
+    met = {c["target"]: c["met"] for c in targets(results)}
+    # "write" has less to wait for, so more is asked of it: pg-hot >= 0.80 x echo (0.75 in
+    # "commit"), pg-open's p50 <= 1.5 x echo-open's (2.0 in "commit").
+    assert met["pg-hot: throughput / echo >= 0.75"] is True
+    assert met["pg-hot+write: throughput / echo >= 0.8"] is False
+    assert met["pg-open: p50 / echo-open p50 <= 2"] is True
+    assert met["pg-open+write: p50 / echo-open p50 <= 1.5"] is False
+    assert met["refresh-storm+write: provider calls == rotations"] is True
+    assert met["refresh-storm+write: p99 < 150 ms (3 x provider latency)"] is True
 
 
 def test_spread() -> None:

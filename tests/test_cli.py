@@ -146,6 +146,8 @@ async def test_integrations_list_show_disconnect(
         "KIND",
         "STATUS",
         "EXPIRES",
+        "REFRESH_TOKEN_EXPIRES",
+        "LAST_USED",
         "UPDATED",
     ]
     assert len(listed.out.splitlines()) == 4
@@ -158,10 +160,10 @@ async def test_integrations_list_show_disconnect(
     iid = next(i for i in tokens if tokens[i].startswith("at-bob"))
     shown = await broker(capsys, cfg, "integrations", "show", iid)
     assert shown.code == 0
-    assert f"id:                 {iid}" in shown.out
-    assert "key_id:             test1" in shown.out
-    assert "has_refresh_token:  True" in shown.out
-    assert "credential_type:    authorization_code" in shown.out
+    assert re.search(rf"^id: +{iid}$", shown.out, re.MULTILINE)
+    assert re.search(r"^key_id: +test1$", shown.out, re.MULTILINE)
+    assert re.search(r"^has_refresh_token: +True$", shown.out, re.MULTILINE)
+    assert re.search(r"^credential_type: +authorization_code$", shown.out, re.MULTILINE)
     assert_no_secrets(shown)
 
     gone = await broker(

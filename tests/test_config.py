@@ -117,6 +117,16 @@ def test_validation_errors_name_the_setting(
     assert re.search(rf"^\s*{re.escape(setting)}: ", message, re.MULTILINE), message
 
 
+def test_audit_durability_is_commit_or_write(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[audit]\ndurability = "write"\n')
+    assert load_settings(env={}, config_path=path).audit.durability == "write"
+    assert load_settings(env={}).audit.durability == "commit"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"BROKER_AUDIT__DURABILITY": "fsync"})
+    assert re.search(r"^\s*audit\.durability: .*'commit' or 'write'", str(caught.value), re.M)
+
+
 def test_error_lists_every_bad_setting_and_no_secret() -> None:
     env = {"BROKER_DATABASE_URL": "mysql://user:hunter2@db/x", "BROKER_LISTEN": "nope"}
     with pytest.raises(ConfigError) as caught:

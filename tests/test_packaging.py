@@ -35,6 +35,8 @@ def test_the_server_wheel_carries_no_dev_tooling(tmp_path: Path) -> None:
     ]
     assert dev == []
     assert not any("broker_devtools" in n for n in names)
+    # The built-in provider catalog is data inside the package.
+    assert "broker/providers/catalog.toml" in names
 
 
 def test_the_dev_tools_add_their_commands_to_broker() -> None:

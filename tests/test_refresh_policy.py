@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,12 +15,16 @@ from broker.domain.refresh_policy import (
     FailureKind,
     PassBudget,
     RefreshPolicy,
+    Upkeep,
     caller_wait,
     cool_down,
     effective_margin,
     failure,
     flight_budget,
+    idle_due,
     is_due,
+    renew_window,
+    upkeep,
 )
 from broker.errors import (
     IntegrationNotFound,
@@ -349,3 +354,81 @@ def test_a_flight_keeps_time_back_to_answer_its_caller() -> None:
     lease = seconds(100)
     assert flight_budget(asking(), lease) == pytest.approx(DEFAULT_BUDGET * 0.8)
     assert flight_budget(asking(deadline=1000), lease) == pytest.approx(90 * 0.8)
+
+
+# -- keep-alive (upkeep): no database, no provider -------------------------------------------
+
+DAY = timedelta(days=1)
+NOTICE = timedelta(days=7)
+
+
+def kept(
+    used: timedelta | None,
+    lapses: timedelta | None = None,
+    *,
+    noticed: bool = False,
+    refresh_token: bool = True,
+    status: Status = Status.CONNECTED,
+) -> StoredIntegration:
+    """A row whose refresh token was last used ``used`` ago and lapses ``lapses`` from now."""
+    row = stored(refresh_token=refresh_token, status=status)
+    at = None if lapses is None else NOW + lapses
+    return replace(
+        row,
+        integration=replace(row.integration, refresh_token_expires_at=at),
+        refresh_token_used_at=None if used is None else NOW - used,
+        expiring_notice_for=at if noticed else None,
+    )
+
+
+def test_idle_due_at_half_the_idle_lifetime() -> None:
+    assert not idle_due(NOW - seconds(1799), 3600, NOW)
+    assert idle_due(NOW - seconds(1800), 3600, NOW)
+    assert not idle_due(NOW - DAY * 1000, None, NOW), "no idle lifetime: never"
+    assert idle_due(None, 3600, NOW), "no recorded use: due"
+
+
+def test_renewal_comes_at_the_notice_time_or_half_the_refresh_tokens_life() -> None:
+    assert renew_window(NOW + 10 * DAY, NOW - 100 * DAY, NOTICE) == NOTICE
+    assert renew_window(NOW + 10 * DAY, NOW, NOTICE) == 5 * DAY
+    assert renew_window(NOW + 10 * DAY, None, NOTICE) == NOTICE
+
+
+@pytest.mark.parametrize(
+    ("row", "rotates", "expected"),
+    [
+        (kept(seconds(1000)), True, None),
+        (kept(seconds(1800)), True, Upkeep.KEEP_ALIVE),
+        (kept(seconds(1800)), False, Upkeep.KEEP_ALIVE),
+        # Its own expiry: renewed where the provider rotates, otherwise one notice.
+        (kept(seconds(1000), seconds(900)), True, Upkeep.RENEW),
+        (kept(seconds(1000), seconds(900)), False, Upkeep.NOTICE),
+        # ... a rotating one at half its life at the latest, not on every pass before.
+        (kept(seconds(10), 6 * DAY), True, None),
+        (kept(seconds(10), 6 * DAY), False, Upkeep.NOTICE),
+        (kept(seconds(10), 8 * DAY), False, None),
+        (kept(seconds(10), 6 * DAY, noticed=True), False, None),
+        (kept(seconds(10), 6 * DAY, noticed=True), True, None),
+        (kept(seconds(1800), 6 * DAY, noticed=True), False, Upkeep.KEEP_ALIVE),
+        # Only connected grants with a refresh token.
+        (kept(seconds(1800), refresh_token=False), True, None),
+        (kept(seconds(1800), status=Status.NEEDS_REAUTHORIZATION), True, None),
+    ],
+)
+def test_upkeep(row: StoredIntegration, rotates: bool, expected: Upkeep | None) -> None:
+    assert upkeep(row, NOW, idle_lifetime_seconds=3600, rotates=rotates, notice=NOTICE) is (
+        expected
+    )
+
+
+def test_idle_cutoffs_name_the_providers_with_an_idle_lifetime() -> None:
+    registry = ProviderRegistry(
+        {
+            "acme": ProviderProfile(name="acme", refresh_token_idle_lifetime_seconds=3600),
+            "plain": ProviderProfile(name="plain"),
+        },
+        aliases={},
+    )
+    rules = RefreshPolicy(RefreshSettings(), registry, lambda: NOW)
+    assert rules.idle_cutoffs(NOW) == {"acme": NOW - seconds(1800)}
+    assert rules.upkeep(kept(seconds(1800)), NOW) is Upkeep.KEEP_ALIVE

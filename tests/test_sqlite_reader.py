@@ -352,8 +352,13 @@ async def test_get_access_token_cold_over_grpc(
         grpc.StatusCode.NOT_FOUND,
     )
 
-    with sqlite3.connect(database_file, isolation_level=None) as other:
-        other.execute("ALTER TABLE integrations RENAME TO parked")
+    def rename(old: str, new: str) -> None:
+        with sqlite3.connect(database_file, isolation_level=None) as other:
+            other.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    # In a thread: waiting for the write lock on the event loop would stall a background
+    # write transaction of the broker's that holds it, until SQLite's timeout.
+    await asyncio.to_thread(rename, "integrations", "parked")
     try:
         await expect_error(
             stub.GetAccessToken(request, metadata=ADMIN),
@@ -361,7 +366,6 @@ async def test_get_access_token_cold_over_grpc(
             "STORAGE_UNAVAILABLE",
         )
     finally:
-        with sqlite3.connect(database_file, isolation_level=None) as other:
-            other.execute("ALTER TABLE parked RENAME TO integrations")
+        await asyncio.to_thread(rename, "parked", "integrations")
     assert (await stub.GetAccessToken(request, metadata=ADMIN)).access_token == "at-2"
     assert runtime.sqlite_reader.waited == 0

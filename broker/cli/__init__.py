@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, plugins
-from broker.cli import audit, grants, imports, integrations, keys, serve, webhooks
+from broker.cli import audit, grants, imports, integrations, keys, providers, serve, webhooks
 from broker.cli.exits import (
     EXIT_CODES,
     EXIT_CONFIG,
@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     integrations.register(sub)
     grants.register(sub)
     imports.register(sub)
+    providers.register(sub)
     plugins.register_all(sub, serve_parser)
     return p
 

@@ -22,6 +22,8 @@ COLUMNS = [
     ("KIND", "credential_type"),
     ("STATUS", "status"),
     ("EXPIRES", "expires_at"),
+    ("REFRESH_TOKEN_EXPIRES", "refresh_token_expires_at"),
+    ("LAST_USED", "last_used_at"),
     ("UPDATED", "updated_at"),
 ]
 
@@ -41,6 +43,8 @@ def as_dict(integration: Integration) -> dict[str, Any]:
         "updated_at": integration.updated_at,
         "expires_at": integration.expires_at,
         "last_refreshed_at": integration.last_refreshed_at,
+        "refresh_token_expires_at": integration.refresh_token_expires_at,
+        "last_used_at": integration.last_used_at,
         "disconnected_at": integration.disconnected_at,
         "disconnect_reason": integration.disconnect_reason,
         "version": integration.version,

@@ -152,6 +152,11 @@ class AuthorizationService:
         )
         validation.metadata(metadata, max_bytes=limits.max_metadata_bytes)
         profile = self.registry.get(provider)  # UnknownProvider if not configured here
+        template = profile.template_problem(metadata)
+        if template is not None:
+            # Its endpoints need a value only this flow can give ({shop}, {subdomain}).
+            raise InvalidArgument(*template)
+        profile = profile.resolved(metadata)
         context.note_owner(user_id, profile.name)
         context.check_owner(user_id, profile.name)
         if redirect_uri not in profile.redirect_uris:
@@ -271,7 +276,7 @@ class AuthorizationService:
                 provider_error=provider_error,
             )
 
-        profile = self.registry.get(flow.provider)
+        profile = self.registry.resolve(flow.provider, flow.metadata)
         verifier = (
             None
             if flow.verifier_ct is None
@@ -340,8 +345,13 @@ class AuthorizationService:
                 token_type=response.token_type,
                 expires_at=response.expires_at(default),
                 scopes=response.scopes if response.scopes is not None else flow.scopes,
+                refresh_token_expires_at=(
+                    response.refresh_token_expires_at() if response.refresh_token else None
+                ),
             ),
-            metadata=flow.metadata,
+            # What the provider's answer adds (Salesforce's instance_url) wins over the
+            # caller's guess, as the account id does.
+            metadata={**flow.metadata, **response.metadata},
         )
         for delay in (*_STORE_RETRY_DELAYS, None):
             try:

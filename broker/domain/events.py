@@ -47,6 +47,7 @@ class EventType(enum.StrEnum):
     PROVIDER_MISCONFIGURED = "PROVIDER_MISCONFIGURED"
     DISCONNECTED = "DISCONNECTED"
     REVOCATION_SETTLED = "REVOCATION_SETTLED"
+    EXPIRING = "EXPIRING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +458,22 @@ async def refresh_failed(
         reason="PROVIDER_UNAVAILABLE",
         message=f"{failures} refreshes in a row failed; the provider is unavailable",
         failure_count=failures,
+    )
+
+
+async def expiring(conn: AsyncConnection, integration: Integration, at: datetime) -> None:
+    """Once per refresh-token expiry (the caller's ``mark_expiring`` makes it once): the
+    refresh token lapses soon and the broker cannot renew it."""
+    lapses = integration.refresh_token_expires_at
+    when = "soon" if lapses is None else f"at {lapses.isoformat(timespec='seconds')}"
+    await record(
+        conn,
+        EventType.EXPIRING,
+        integration,
+        at,
+        reason="REFRESH_TOKEN_EXPIRING",
+        message=f"the refresh token lapses {when} and the provider does not renew it; the "
+        "user must authorize again before then",
     )
 
 

@@ -18,6 +18,7 @@ from broker.domain import context, credentials, events, validation
 from broker.domain.cache import IntegrationCache
 from broker.domain.paging import decode_page_token, encode_page_token
 from broker.domain.tokens import REFRESH, TokenCipher, check_servable, remaining
+from broker.domain.usage import UsageNotes
 from broker.errors import (
     AmbiguousIntegration,
     IntegrationNotFound,
@@ -42,6 +43,7 @@ from broker.model import (
     TokenRequest,
     utcnow,
 )
+from broker.providers.catalog import BUILTINS
 from broker.providers.profile import AUTHORIZATION_CODE, ProviderProfile
 from broker.storage import repository
 from broker.storage.changes import Invalidate
@@ -101,10 +103,13 @@ class IntegrationService:
         *,
         cache: IntegrationCache | None = None,
         reader: RowReader | None = None,
+        usage: UsageNotes | None = None,
     ) -> None:
         """``cache``: the hot-path cache; its invalidation is called for every committed
         write. ``reader``: the read by id of a cache miss outside the engine's pool (its own
-        pool on PostgreSQL, sqlite3 on a SQLite file)."""
+        pool on PostgreSQL, sqlite3 on a SQLite file). ``usage``: where serving an access token
+        is noted (``last_used_at``, written in batches)."""
+        self.usage = usage
         # Credential kinds and endpoints per provider; None: every kind is accepted.
         self.profiles = profiles
         self.aliases = dict(aliases or {})
@@ -146,13 +151,15 @@ class IntegrationService:
             )
         return found[0]
 
-    async def read(self, sel: Selector) -> StoredIntegration:
+    async def read(self, sel: Selector, *, cached: bool = True) -> StoredIntegration:
+        """``cached`` False: from the database even when the cache holds the row (metadata
+        the cache is not kept fresh for, such as ``last_used_at``)."""
         validation.selector(sel)
         provider = self.canonical(sel.provider) if sel.provider else ""
         context.note_request(sel.integration_id, sel.user_id, provider)
         context.check_owner(sel.user_id, provider)
         cache = self.cache
-        stored = cache.get(sel, provider) if cache is not None else None
+        stored = cache.get(sel, provider) if cache is not None and cached else None
         if stored is None:
             seen = cache.seq if cache is not None else 0
             reader = self.reader
@@ -175,7 +182,16 @@ class IntegrationService:
         return stored
 
     async def get(self, sel: Selector) -> Integration:
-        return (await self.read(sel)).integration
+        return self.with_pending_use((await self.read(sel, cached=False)).integration)
+
+    def with_pending_use(self, integration: Integration) -> Integration:
+        """``last_used_at`` including a use this process noted and has not written yet."""
+        pending = None if self.usage is None else self.usage.pending(integration.id)
+        if pending is None or (
+            integration.last_used_at is not None and integration.last_used_at >= pending
+        ):
+            return integration
+        return replace(integration, last_used_at=pending)
 
     async def list(
         self,
@@ -204,7 +220,7 @@ class IntegrationService:
                 context.allowed_providers(),
                 (grant.providers, grant.integration_ids) if grant is not None else None,
             )
-        items = [r.integration for r in rows[:size]]
+        items = [self.with_pending_use(r.integration) for r in rows[:size]]
         more = len(rows) > size
         return Page(items, encode_page_token(items[-1]) if more and items else "")
 
@@ -247,8 +263,23 @@ class IntegrationService:
         validation.scopes("scopes", cmd.tokens.scopes)
         validation.metadata(cmd.metadata)
         cmd = self._owner(cmd, Kind.AUTHORIZATION_CODE)
-        expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, self.clock())
-        return replace(cmd, tokens=replace(cmd.tokens, expires_at=expires_at))
+        now = self.clock()
+        expires_at = validation.expiry(cmd.tokens.expires_at, cmd.expires_in_seconds, now)
+        lapses = validation.expiry(
+            cmd.tokens.refresh_token_expires_at,
+            cmd.refresh_token_expires_in_seconds,
+            now,
+            ("refresh_token_expires_at", "refresh_token_expires_in_seconds"),
+        )
+        if lapses is not None and not cmd.tokens.refresh_token:
+            field = (
+                "refresh_token_expires_at"
+                if cmd.tokens.refresh_token_expires_at is not None
+                else "refresh_token_expires_in_seconds"
+            )
+            raise InvalidArgument(field, "give it only with refresh_token")
+        tokens = replace(cmd.tokens, expires_at=expires_at, refresh_token_expires_at=lapses)
+        return replace(cmd, tokens=tokens, refresh_token_expires_in_seconds=None)
 
     async def insert_new_in(
         self, conn: AsyncConnection, cmds: Sequence[StoreCommand]
@@ -265,6 +296,8 @@ class IntegrationService:
                 {
                     # One statement for every row: each names every column.
                     "refresh_token_ct": None,
+                    "refresh_token_expires_at": None,
+                    "refresh_token_used_at": None,
                     **self._connected_values(now, cmd),
                     **self._secret_values(owner, cmd, now),
                     "id": iid,
@@ -328,6 +361,8 @@ class IntegrationService:
                 ("token_type", tokens.token_type),
                 ("expires_at", tokens.expires_at),
                 ("expires_in_seconds", cmd.expires_in_seconds),
+                ("refresh_token_expires_at", tokens.refresh_token_expires_at),
+                ("refresh_token_expires_in_seconds", cmd.refresh_token_expires_in_seconds),
             )
             if value
         ]
@@ -362,12 +397,20 @@ class IntegrationService:
         profiles = self.profiles
         if profiles is None:
             return cmd
+        found: ProviderProfile | None
         if cmd.provider in profiles:
-            profile = profiles.get(cmd.provider)
-            kinds = profile.kinds
+            found = profiles.get(cmd.provider)
+            kinds = found.kinds
         else:
             # A built-in without a configured client still stores authorization-code tokens.
+            found = BUILTINS.get(cmd.provider)
             kinds = frozenset({AUTHORIZATION_CODE})
+        if found is not None:
+            # Endpoints templated per integration ({subdomain}, {shop}) take the value from
+            # its metadata: refused now, not at its first refresh.
+            problem = found.template_problem(cmd.metadata)
+            if problem is not None:
+                raise InvalidArgument(*problem)
         if kind.value not in kinds:
             field = "credential" if cmd.credential is not None else "access_token"
             raise InvalidArgument(
@@ -467,16 +510,23 @@ class IntegrationService:
     def _secret_values(self, owner: Owner, cmd: StoreCommand, now: datetime) -> dict[str, Any]:
         credential = cmd.credential
         if credential is None:
-            return {
+            values = {
                 **self.cipher.token_values(owner, cmd.tokens),
                 "credential_type": Kind.AUTHORIZATION_CODE.value,
                 "credential_ct": None,
             }
+            if cmd.tokens.refresh_token:
+                # A new refresh token: its own expiry, and the keep-alive's idle clock starts.
+                values["refresh_token_expires_at"] = cmd.tokens.refresh_token_expires_at
+                values["refresh_token_used_at"] = now
+            return values
         kind = credential.kind
         return {
             **self.cipher.credential_values(owner, credential),
             "access_token_ct": None,
             "refresh_token_ct": None,
+            "refresh_token_expires_at": None,
+            "refresh_token_used_at": None,
             "key_id": self.cipher.keyring.primary_id,
             "token_type": credentials.token_type(kind),
             # A minted kind has no token yet: due at once, minted by the first caller (or the
@@ -511,7 +561,10 @@ class IntegrationService:
             and stored.renewable
             and (req.force_refresh or refresher.due(stored, req, now))
         ):
-            return await refresher.refresh(stored, req)
+            token = await refresher.refresh(stored, req)
+            if self.usage is not None:
+                self.usage.note(stored.integration.id, now)
+            return token
         if not valid:
             await self._mark_expired(stored)
             raise ReauthorizationRequired(
@@ -520,7 +573,10 @@ class IntegrationService:
                 "refresh it; the user must authorize again",
                 integration_id=stored.integration.id,
             )
-        return self.cipher.access_token(stored)
+        token = self.cipher.access_token(stored)
+        if self.usage is not None:
+            self.usage.note(stored.integration.id, now)
+        return token
 
     async def _mark_expired(self, stored: StoredIntegration) -> None:
         left = remaining(stored.integration.expires_at, self.clock())

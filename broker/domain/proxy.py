@@ -156,7 +156,7 @@ class ProxyService:
                 "provider",
                 f"integration {stored.integration.id} is not a {req.expected_provider!r} one",
             )
-        base = self._base(provider, req.api_host)
+        base = self._base(provider, req.api_host, stored.integration.metadata)
         url = build_url(base, path, query)
         token_request = TokenRequest(selector=req.selector, deadline_seconds=req.deadline_seconds)
         token = await self.service.serve(stored, token_request)
@@ -201,11 +201,15 @@ class ProxyService:
             retry_after=retry_after,
         )
 
-    def _base(self, provider: str, api_host: str) -> str:
+    def _base(self, provider: str, api_host: str, metadata: Mapping[str, object]) -> str:
         if provider in self.profiles:
             profile: ProviderProfile | None = self.profiles.get(provider)
         else:
             profile = self.builtins.get(provider)
+        if profile is not None:
+            # An API host templated per integration ({subdomain}.zendesk.com): the value is
+            # one DNS label under the provider's own domain, never a host of the caller's.
+            profile = profile.resolved(metadata)
         base = profile.api_base_url if profile is not None else None
         if api_host:
             hosts = profile.api_hosts if profile is not None else ()

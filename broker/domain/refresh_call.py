@@ -83,7 +83,20 @@ class ProviderCall:
             await self.store.release(iid, {})
             raise ProviderUnavailable("the broker is shutting down", integration_id=iid)
         try:
-            profile = self.registry.get(provider)
+            # Endpoint templates ({subdomain}, {tenant}) filled for this integration.
+            profile = self.registry.resolve(provider, row.integration.metadata)
+        except ProviderMisconfigured:
+            await self.store.release(
+                iid,
+                self.policy.failed(row, FailureKind.NO_CLIENT).values(),
+                partial(
+                    events.provider_misconfigured,
+                    integration=row.integration,
+                    at=self.clock(),
+                    error="template_value",
+                ),
+            )
+            raise
         except UnknownProvider:
             await self.store.release(
                 iid,
@@ -302,7 +315,17 @@ class ProviderCall:
             expires_at=response.expires_at(default),
             scopes=response.scopes if response.scopes is not None else row.integration.scopes,
         )
+        values: dict[str, Any] = {}
+        if old_refresh is not None:
+            # The keep-alive's idle clock starts again: the refresh token was just used.
+            values["refresh_token_used_at"] = response.received_at
+            lapses = response.refresh_token_expires_at()
+            if response.refresh_token or lapses is not None:
+                # A rotated refresh token has its own expiry (None: not said); one that was
+                # not rotated keeps the expiry it has, unless the provider restates it.
+                values["refresh_token_expires_at"] = lapses
         return {
+            **values,
             **self.cipher.token_values(Owner.of(row.integration), tokens),
             "status": Status.CONNECTED.value,
             "last_refreshed_at": response.received_at,

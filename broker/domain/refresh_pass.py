@@ -2,7 +2,13 @@
 
 Each pass claims due rows in batches (the claim is the lease), runs a flight for each
 (broker.domain.refresh_flight), and spends at most ``background_attempts_per_provider``
-attempts per provider (broker.domain.refresh_policy). On shutdown (``stop_claiming``) no new
+attempts per provider (broker.domain.refresh_policy). Due means an access token that expires
+before the next pass, or a refresh token to keep alive (``Upkeep``): idle for half its
+provider's idle lifetime, or lapsing soon. A keep-alive refresh is an ordinary flight (lease,
+throttle, compare-and-swap, budget): its write starts the idle clock again, so no replica
+claims it again for another half lifetime. A refresh token that lapses soon and cannot be
+renewed gets one INTEGRATION_EXPIRING event (``repository.mark_expiring`` makes it once per
+expiry across replicas). On shutdown (``stop_claiming``) no new
 work is claimed or started, retries stop, and the calls already sent run to their end and are
 stored.
 """
@@ -11,15 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from broker import metrics
-from broker.domain import periodic
+from broker.domain import events, periodic
 from broker.domain.refresh_call import ProviderCall
 from broker.domain.refresh_flight import Flights
-from broker.domain.refresh_policy import PassBudget, RefreshPolicy
+from broker.domain.refresh_policy import PassBudget, RefreshPolicy, Upkeep
 from broker.domain.refresh_store import TokenStore
-from broker.errors import BrokerError
+from broker.errors import BrokerError, StorageUnavailable
 from broker.model import Selector, StoredIntegration, TokenRequest
 from broker.storage import repository
 
@@ -69,6 +75,8 @@ class BackgroundPass:
                     holder.session(),
                     skip_ids=seen,
                     skip_providers=budget.exhausted,
+                    idle_cutoffs=self.policy.idle_cutoffs(now + interval),
+                    lapsing_before=now + interval + self.policy.notice,
                 )
                 # The claimed rows: one read per batch, in the claim's transaction.
                 ids = [iid for iid, _ in claimed]
@@ -112,14 +120,47 @@ class BackgroundPass:
         was_running = await self.flights.settle_running(iid)
         if was_running and self.flights.running(iid):
             return
-        if row is None or was_running or not self.policy.due(row, ahead):
+        upkeep = None
+        if row is not None and not was_running and not self.policy.due(row, ahead):
+            # Its access token is not due: is its refresh token (keep-alive)?
+            upkeep = self.policy.upkeep(row, self.policy.clock() + interval)
+            if upkeep is None:
+                row = None
+        if row is None or was_running or upkeep is Upkeep.NOTICE:
             budget.give_back(provider)  # no attempt made
             await self.store.release(iid, {})
+            if upkeep is Upkeep.NOTICE:
+                await self._notice(iid, interval)
             return
         try:
             await self.flights.fly_leased(row, ahead)
         except BrokerError as exc:
             log.debug("background refresh of %s did not succeed: %s", iid, exc.reason)
+            if upkeep is not None:
+                metrics.KEEPALIVE.labels(provider, "failed").inc()
+            return
+        if upkeep is not None:
+            metrics.KEEPALIVE.labels(provider, "ok").inc()
+            log.info("integration %s: refresh token kept alive (%s)", iid, upkeep.value)
+        if upkeep is Upkeep.RENEW:
+            # Renewed only if the refresh brought a later expiry; otherwise it lapses as it
+            # would have, and the application hears of it now.
+            await self._notice(iid, interval, not_after=row.integration.refresh_token_expires_at)
+
+    async def _notice(
+        self, iid: str, interval: timedelta, not_after: datetime | None = None
+    ) -> None:
+        """The INTEGRATION_EXPIRING event of the row's refresh-token expiry, once."""
+        now = self.policy.clock()
+        try:
+            async with self.holder.transaction() as conn:
+                marked = await repository.mark_expiring(
+                    conn, iid, now + interval + self.policy.notice, not_after=not_after
+                )
+                if marked is not None:
+                    await events.expiring(conn, marked.integration, now)
+        except StorageUnavailable:
+            log.warning("could not write the EXPIRING event of integration %s", iid)
 
     async def run_periodically(self, stop: asyncio.Event | None = None) -> None:
         await periodic.every(

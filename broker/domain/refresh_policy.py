@@ -17,6 +17,10 @@ pressing a provider, or the broker, without limit:
   integration per hour, not one per pass or per call.
 * **A background pass spends a bounded budget per provider**, so one provider's backlog (or a
   heap of failing rows) cannot take a pass from the others.
+* **Keep-alive** (``upkeep``): a refresh token unused for half its provider's idle lifetime is
+  refreshed by the background pass, whether or not anyone asks for the access token; a refresh
+  token with its own expiry is refreshed (renewed) before it lapses on a provider that rotates
+  refresh tokens; one that cannot be renewed gets one INTEGRATION_EXPIRING notice.
 
 ``RefreshPolicy`` applies these rules to a row as read (or as leased): whether to refresh it,
 serve it as it is, or answer with the failure it backs off from. It reads the clock it is given
@@ -43,7 +47,7 @@ from broker.errors import (
     ReauthorizationRequired,
     Throttled,
 )
-from broker.model import Clock, StoredIntegration, TokenRequest
+from broker.model import Clock, Kind, Status, StoredIntegration, TokenRequest
 from broker.providers.catalog import ProviderRegistry
 
 # How long a caller without a gRPC deadline may wait for a refresh, provider retries included.
@@ -74,6 +78,75 @@ def is_due(
     if min_valid_for > needed:
         needed = min_valid_for
     return expires_at - now < needed
+
+
+class Upkeep(enum.StrEnum):
+    """Why the background pass refreshes a refresh token nobody needed an access token from
+    (or writes its INTEGRATION_EXPIRING notice)."""
+
+    # Unused for half the provider's idle lifetime: refreshed so it does not lapse.
+    KEEP_ALIVE = "keep_alive"
+    # Its own expiry is near and the provider rotates refresh tokens: a refresh renews it.
+    RENEW = "renew"
+    # Its own expiry is near and nothing renews it: one INTEGRATION_EXPIRING event.
+    NOTICE = "notice"
+
+
+def idle_due(used_at: datetime | None, idle_lifetime_seconds: int | None, at: datetime) -> bool:
+    """Whether a refresh token last issued or used at ``used_at`` has been idle, at ``at``, for
+    half the provider's idle lifetime (None: no idle lapse, never due; a refresh token with no
+    recorded use is due)."""
+    if not idle_lifetime_seconds:
+        return False
+    if used_at is None:
+        return True
+    return at - used_at >= timedelta(seconds=idle_lifetime_seconds / 2)
+
+
+def renew_window(lapses_at: datetime, used_at: datetime | None, notice: timedelta) -> timedelta:
+    """How long before it lapses a renewable refresh token is refreshed: the notice time, or
+    half its lifetime (from when it was issued) if that is shorter, so a refresh token that
+    lives less than the notice time is not refreshed on every pass."""
+    if used_at is not None and used_at < lapses_at:
+        half = (lapses_at - used_at) / 2
+        if half < notice:
+            return half
+    return notice
+
+
+def upkeep(
+    stored: StoredIntegration,
+    at: datetime,
+    *,
+    idle_lifetime_seconds: int | None,
+    rotates: bool,
+    notice: timedelta,
+) -> Upkeep | None:
+    """What the background pass does, at ``at``, for a row's refresh token when its access
+    token is not due: refresh it to keep it alive or to renew it, write its EXPIRING notice, or
+    nothing. Only connected authorization-code grants with a refresh token are kept alive."""
+    integration = stored.integration
+    if (
+        integration.status is not Status.CONNECTED
+        or integration.credential_type is not Kind.AUTHORIZATION_CODE
+        or stored.refresh_token_ct is None
+    ):
+        return None
+    lapses = integration.refresh_token_expires_at
+    used = stored.refresh_token_used_at
+    unnoticed = lapses is not None and stored.expiring_notice_for != lapses
+    if (
+        unnoticed
+        and lapses is not None
+        and rotates
+        and lapses - at < renew_window(lapses, used, notice)
+    ):
+        return Upkeep.RENEW
+    if idle_due(used, idle_lifetime_seconds, at):
+        return Upkeep.KEEP_ALIVE
+    if unnoticed and lapses is not None and not rotates and lapses - at < notice:
+        return Upkeep.NOTICE
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +320,35 @@ class RefreshPolicy:
                     seconds = profile_margin
             margin = self._margins[provider] = timedelta(seconds=seconds)
         return margin
+
+    @property
+    def notice(self) -> timedelta:
+        """How long before a refresh token that cannot be renewed lapses its EXPIRING event
+        is written (and when a renewable one is renewed, at the latest)."""
+        return timedelta(seconds=self.settings.expiring_notice_seconds)
+
+    def idle_cutoffs(self, at: datetime) -> dict[str, datetime]:
+        """Per provider with an idle lifetime: a refresh token last used before this time is
+        due for keep-alive at ``at`` (the background pass's claim)."""
+        return {
+            profile.name: at - timedelta(seconds=profile.refresh_token_idle_lifetime_seconds / 2)
+            for profile in self.registry
+            if profile.refresh_token_idle_lifetime_seconds
+        }
+
+    def upkeep(self, stored: StoredIntegration, at: datetime) -> Upkeep | None:
+        """``upkeep`` for a row, with its provider's profile."""
+        provider = stored.integration.provider
+        profile = self.registry.get(provider) if provider in self.registry else None
+        return upkeep(
+            stored,
+            at,
+            idle_lifetime_seconds=None
+            if profile is None
+            else profile.refresh_token_idle_lifetime_seconds,
+            rotates=profile is not None and profile.rotates_refresh_tokens,
+            notice=self.notice,
+        )
 
     def widest_margin(self) -> timedelta:
         """The largest margin of any provider: how far ahead a background pass looks."""

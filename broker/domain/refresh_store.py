@@ -210,6 +210,9 @@ def _in_memory(row: StoredIntegration, values: dict[str, Any]) -> StoredIntegrat
         scopes=tuple(values["scopes"]),
         last_refreshed_at=values["last_refreshed_at"],
         has_refresh_token=values.get("refresh_token_ct", row.refresh_token_ct) is not None,
+        refresh_token_expires_at=values.get(
+            "refresh_token_expires_at", row.integration.refresh_token_expires_at
+        ),
     )
     return replace(
         row,

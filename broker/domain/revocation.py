@@ -19,7 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.domain import events, periodic
 from broker.domain.tokens import ACCESS, REFRESH, TokenCipher
-from broker.errors import BrokerError, CiphertextInvalid, ProviderUnavailable
+from broker.errors import (
+    BrokerError,
+    CiphertextInvalid,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+)
 from broker.model import Clock, Kind, Owner, Revocation, StoredIntegration
 from broker.providers.catalog import ProviderRegistry
 from broker.providers.client import OAuthClient, RevocationNotSupported
@@ -64,7 +69,13 @@ class ProviderRevoker:
         integration = stored.integration
         if integration.provider not in self.registry:
             return Revocation.NOT_SUPPORTED
-        profile = self.registry.get(integration.provider)
+        try:
+            profile = self.registry.resolve(integration.provider, integration.metadata)
+        except ProviderMisconfigured as exc:
+            # Its endpoints cannot be named (a template value is missing): like a provider
+            # without a client, nothing can be sent.
+            log.warning("integration %s: cannot revoke (%s)", integration.id, exc.message)
+            return Revocation.NOT_SUPPORTED
         try:
             calls = self._calls(stored, profile)
         except CiphertextInvalid:

@@ -122,20 +122,25 @@ def selector(sel: Selector) -> Selector:
 
 
 def expiry(
-    expires_at: datetime | None, expires_in_seconds: int | None, now: datetime
+    expires_at: datetime | None,
+    expires_in_seconds: int | None,
+    now: datetime,
+    names: tuple[str, str] = ("expires_at", "expires_in_seconds"),
 ) -> datetime | None:
+    """An expiry given as a time or as seconds from now (``names``: the two fields)."""
+    at_name, in_name = names
     if expires_at is not None and expires_in_seconds is not None:
-        raise InvalidArgument("expires_at", "give expires_at or expires_in_seconds, not both")
+        raise InvalidArgument(at_name, f"give {at_name} or {in_name}, not both")
     if expires_in_seconds is not None:
         if expires_in_seconds < 0:
-            raise InvalidArgument("expires_in_seconds", "must not be negative")
+            raise InvalidArgument(in_name, "must not be negative")
         if expires_in_seconds > MAX_EXPIRY.total_seconds():
-            raise InvalidArgument("expires_in_seconds", "must be at most ten years")
+            raise InvalidArgument(in_name, "must be at most ten years")
         return now + timedelta(seconds=expires_in_seconds)
     if expires_at is not None and not EARLIEST_EXPIRY <= expires_at < LATEST_EXPIRY:
         # The far ends of the Timestamp range would overflow the refresh arithmetic (expiry
         # minus margin) and mean nothing for an access token.
-        raise InvalidArgument("expires_at", "must be between the years 1970 and 9000")
+        raise InvalidArgument(at_name, "must be between the years 1970 and 9000")
     return expires_at
 
 

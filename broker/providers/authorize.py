@@ -39,6 +39,12 @@ def authorization_url(
             "to start an authorization",
             provider=profile.name,
         )
+    if profile.unfilled_templates:
+        raise ProviderMisconfigured(
+            f"providers.{profile.name}: the authorization URL needs "
+            f"{', '.join(profile.unfilled_templates)} (template_values or the flow's metadata)",
+            provider=profile.name,
+        )
     # Provider extras go first so they can never replace the parameters the flow relies on.
     params = dict(profile.extra_authorize_params)
     params.update(response_type="code", client_id=profile.client_id, redirect_uri=redirect_uri)

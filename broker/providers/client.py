@@ -38,7 +38,7 @@ import math
 import re
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -55,7 +55,7 @@ from broker.errors import (
     ProviderOutcomeUnknown,
     ProviderUnavailable,
 )
-from broker.providers.profile import ProviderProfile, Quirk
+from broker.providers.profile import INSTANCE_METADATA_FIELDS, ProviderProfile, Quirk
 
 log = logging.getLogger("broker.providers")
 
@@ -155,6 +155,17 @@ class TokenResponse:
     # requested or already granted.
     scopes: tuple[str, ...] | None = None
     account_id: str | None = None
+    # Lifetime of the refresh token itself, when the provider says (``refresh_token_expires_in``,
+    # or the member a refresh_expiry_field adapter names).
+    refresh_token_expires_in: int | None = None
+    # Members of the answer kept in the integration's metadata (instance_url_metadata).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def refresh_token_expires_at(self) -> datetime | None:
+        """When the refresh token lapses, if the provider said (0 or absent: not known)."""
+        if not self.refresh_token_expires_in:
+            return None
+        return self.received_at + timedelta(seconds=self.refresh_token_expires_in)
 
     def expires_at(self, default_expires_in: int | None) -> datetime | None:
         """Absolute expiry; ``default_expires_in`` covers a missing expires_in; 0 = never."""
@@ -169,7 +180,9 @@ class TokenResponse:
             f"TokenResponse(access_token=<hidden>, refresh_token={refresh}, "
             f"token_type={self.token_type!r}, expires_in={self.expires_in!r}, "
             f"scopes={self.scopes!r}, received_at={self.received_at.isoformat()}, "
-            f"account_id={self.account_id!r})"
+            f"account_id={self.account_id!r}, "
+            f"refresh_token_expires_in={self.refresh_token_expires_in!r}, "
+            f"metadata={dict(self.metadata)!r})"
         )
 
     __str__ = __repr__
@@ -213,7 +226,8 @@ class OAuthClient:
         if scopes is None and profile.has(Quirk.SCOPE_ON_REFRESH) and profile.scopes:
             scopes = profile.scopes
         if scopes:
-            fields["scope"] = " ".join(scopes)
+            separator = "," if profile.has(Quirk.COMMA_SCOPES) else " "
+            fields["scope"] = separator.join(scopes)
         return await self.token_request(profile, fields)
 
     async def exchange_code(
@@ -278,14 +292,7 @@ class OAuthClient:
             )
         if body.get("ok") is False:
             raise classify(profile, response.status_code, body, "token request")
-        tokens = body
-        nested = body.get("authed_user")
-        if (
-            profile.has(Quirk.SLACK_ENVELOPE)
-            and "access_token" not in body
-            and isinstance(nested, dict)
-        ):
-            tokens = nested
+        tokens = _tokens(profile, body)
         access_token = tokens.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             if "error" in body:
@@ -307,6 +314,8 @@ class OAuthClient:
             expires_in=_expires_in(tokens.get("expires_in")),
             scopes=_scopes(tokens.get("scope")),
             account_id=_lookup(body, profile.account_id_path),
+            refresh_token_expires_in=_refresh_expiry(profile, tokens),
+            metadata=_kept_metadata(profile, body),
         )
 
     async def _send(
@@ -429,6 +438,15 @@ def _require_client(profile: ProviderProfile) -> str:
     if missing or profile.token_url is None:
         raise ProviderMisconfigured(
             f"providers.{profile.name}: {', '.join(missing)} not configured",
+            provider=profile.name,
+        )
+    if profile.unfilled_templates:
+        # Only a profile resolved for an integration may be sent with: nothing goes out to a
+        # URL with a placeholder in it.
+        raise ProviderMisconfigured(
+            f"providers.{profile.name}: the endpoints need "
+            f"{', '.join(profile.unfilled_templates)} (template_values or the integration's "
+            "metadata); nothing was sent",
             provider=profile.name,
         )
     return profile.token_url
@@ -611,6 +629,46 @@ def _scopes(value: object) -> tuple[str, ...] | None:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value) or None
     return None
+
+
+def _tokens(profile: ProviderProfile, body: dict[str, Any]) -> dict[str, Any]:
+    """The object of the answer that holds the token members (the response adapters)."""
+    if "access_token" in body:
+        return body
+    paths = []
+    if profile.has(Quirk.SLACK_ENVELOPE):
+        paths.append("authed_user")
+    if profile.has(Quirk.NESTED_TOKENS):
+        paths.append(profile.argument(Quirk.NESTED_TOKENS))
+    for path in paths:
+        node: object = body
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            return node
+    return body
+
+
+def _refresh_expiry(profile: ProviderProfile, tokens: Mapping[str, Any]) -> int | None:
+    """The refresh token's lifetime: the standard member, else the one a refresh_expiry_field
+    adapter names (Intuit's x_refresh_token_expires_in)."""
+    standard = _expires_in(tokens.get("refresh_token_expires_in"))
+    if standard is None and profile.has(Quirk.REFRESH_EXPIRY_FIELD):
+        return _expires_in(tokens.get(profile.argument(Quirk.REFRESH_EXPIRY_FIELD)))
+    return standard
+
+
+_METADATA_LIMIT = 2048
+
+
+def _kept_metadata(profile: ProviderProfile, body: Mapping[str, Any]) -> dict[str, str]:
+    if not profile.has(Quirk.INSTANCE_URL_METADATA):
+        return {}
+    return {
+        name: value
+        for name in INSTANCE_METADATA_FIELDS
+        if isinstance(value := body.get(name), str) and 0 < len(value) <= _METADATA_LIMIT
+    }
 
 
 def _lookup(body: Mapping[str, Any], path: str | None) -> str | None:

@@ -120,6 +120,11 @@ class Broker:
         )
         if unsaved:
             log.error("shutting down with refreshed tokens that could not be stored")
+        usage = self.runtime.service.usage
+        if usage is not None:
+            # Last-use times noted since the last write (a failure only loses their precision).
+            with contextlib.suppress(Exception):
+                await _bounded("last-use write", usage.flush(), 5)
         if self.session_task is not None:
             self.session_task.cancel()
             await asyncio.wait([self.session_task], timeout=5)
@@ -319,6 +324,9 @@ async def start(settings: Settings, *, clock: Clock = utcnow) -> Broker:
             name="owner-binding-report",
         )
     )
+    usage = runtime.service.usage
+    if usage is not None:
+        broker.tasks.append(asyncio.create_task(usage.run_periodically(), name="last-use-write"))
     broker.tasks.append(asyncio.create_task(runtime.authorization.run_purger(), name="flow-purger"))
     broker.tasks.append(asyncio.create_task(runtime.grants.run_purger(), name="grant-purger"))
     if settings.metrics.listen:

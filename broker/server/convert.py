@@ -101,6 +101,10 @@ def integration(value: Integration) -> pb.Integration:
         message.expires_at.CopyFrom(timestamp(value.expires_at))
     if value.last_refreshed_at is not None:
         message.last_refreshed_at.CopyFrom(timestamp(value.last_refreshed_at))
+    if value.refresh_token_expires_at is not None:
+        message.refresh_token_expires_at.CopyFrom(timestamp(value.refresh_token_expires_at))
+    if value.last_used_at is not None:
+        message.last_used_at.CopyFrom(timestamp(value.last_used_at))
     if value.disconnected_at is not None:
         message.disconnected_at.CopyFrom(timestamp(value.disconnected_at))
     return message

@@ -134,12 +134,24 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 token_type=request.token_type or ("" if credential else "Bearer"),
                 expires_at=expires_at,
                 scopes=tuple(request.scopes),
+                refresh_token_expires_at=(
+                    convert.from_timestamp(
+                        "refresh_token_expires_at", request.refresh_token_expires_at
+                    )
+                    if request.HasField("refresh_token_expires_at")
+                    else None
+                ),
             ),
             metadata=convert.struct_to_dict("metadata", request.metadata),
             expires_in_seconds=(
                 request.expires_in_seconds if request.HasField("expires_in_seconds") else None
             ),
             credential=credential,
+            refresh_token_expires_in_seconds=(
+                request.refresh_token_expires_in_seconds
+                if request.HasField("refresh_token_expires_in_seconds")
+                else None
+            ),
         )
         integration, created = await self.service.store(command)
         return pb.StoreIntegrationResponse(

@@ -10,7 +10,7 @@ import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import asyncpg
 from sqlalchemy import insert, select
@@ -22,6 +22,11 @@ from broker.storage.repository import utc
 from broker.storage.tables import audit_events as t
 
 log = logging.getLogger("broker.audit")
+
+# When an event counts as written (``audit.durability``): "commit" once it is flushed to disk,
+# "write" once it is committed and handed to the operating system (PostgreSQL's WAL writer or
+# the page cache flushes it moments later).
+Durability = Literal["commit", "write"]
 
 
 async def list_events(
@@ -131,11 +136,18 @@ class PostgresSink:
     unknown after a network error); the next batch connects again.
     """
 
-    def __init__(self, dsn: str, timeout: float) -> None:
+    def __init__(self, dsn: str, timeout: float, durability: Durability = "commit") -> None:
         self.dsn = dsn
         self.timeout = timeout
         self.statement = _unnest_insert()
         self._conn: asyncpg.Connection | None = None
+        self.settings = {"application_name": "credential-broker-audit"}
+        if durability == "write":
+            # The session's commits return once their WAL is written, not flushed: a broker
+            # crash loses nothing, a PostgreSQL crash loses at most the last few
+            # wal_writer_delay of them (never a torn or half-applied batch). "commit" leaves
+            # the server's own setting in force.
+            self.settings["synchronous_commit"] = "off"
 
     async def write(self, rows: list[tuple[Any, ...]]) -> None:
         conn = self._conn
@@ -144,7 +156,7 @@ class PostgresSink:
                 self.dsn,
                 timeout=self.timeout,
                 command_timeout=self.timeout,
-                server_settings={"application_name": "credential-broker-audit"},
+                server_settings=self.settings,
             )
         try:
             await conn.execute(self.statement, *zip(*rows, strict=True))
@@ -166,12 +178,13 @@ class SqliteSink:
     """SQLite's counterpart of ``PostgresSink``: connections of its own instead of a pool
     checkout, a thread hop per statement and a rollback at check-in.
 
-    A batch is written on the event loop's thread when the database's write lock is free at
-    once — the common case, and an insert and a commit that need no fsync (WAL, synchronous
-    NORMAL) cost less than the two thread hops around them. When another connection holds the
-    lock (a refresh being written, the CLI) the loop must not wait for it — that writer may
-    need the loop to finish — so the batch goes to a thread of the sink's own, which waits
-    up to the database timeout.
+    With ``audit.durability = "write"`` a batch is written on the event loop's thread when the
+    database's write lock is free at once — the common case, and an insert and a commit that
+    need no fsync (WAL, synchronous NORMAL) cost less than the two thread hops around them.
+    When another connection holds the lock (a refresh being written, the CLI) the loop must
+    not wait for it — that writer may need the loop to finish — so the batch goes to a thread
+    of the sink's own, which waits up to the database timeout. With "commit" (synchronous
+    FULL: the commit fsyncs) every batch goes to that thread.
 
     Checkpoints run beside the writer, not inside it: SQLite's automatic checkpoint runs in the
     commit that crosses its threshold and fsyncs there, so every call waiting on that batch
@@ -179,9 +192,15 @@ class SqliteSink:
     connection, in a thread of its own, runs a PASSIVE checkpoint (which never blocks the
     writer) every ``_CHECKPOINT_ROWS`` events."""
 
-    def __init__(self, database: str, timeout: float) -> None:
+    def __init__(self, database: str, timeout: float, durability: Durability = "commit") -> None:
         self.database = database
         self.timeout = timeout
+        # "commit": every commit fsyncs the write-ahead log (FULL) — in the sink's thread,
+        # never on the event loop. "write": the log is fsynced only at checkpoints (NORMAL,
+        # the broker's own setting for its other connections): an application crash loses
+        # nothing, a power loss or operating-system crash may roll back the commits since
+        # the last checkpoint.
+        self.synchronous = "FULL" if durability == "commit" else "NORMAL"
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-wal")
         self._conn: sqlite3.Connection | None = None  # the thread's
@@ -192,7 +211,7 @@ class SqliteSink:
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(self.database, timeout=timeout, isolation_level=None)
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
@@ -225,7 +244,9 @@ class SqliteSink:
             # Events that reach a closed sink are not written: their calls fail (fail closed).
             raise RuntimeError("the audit sink is closed")
         loop = asyncio.get_running_loop()
-        if not self._write_here(rows):
+        # A commit that fsyncs is never made on the event loop's thread (the loop would stop
+        # for the disk).
+        if self.synchronous == "FULL" or not self._write_here(rows):
             await loop.run_in_executor(self._thread, self._write, rows)
         self._unchecked += len(rows)
         if self._unchecked >= _CHECKPOINT_ROWS and (
@@ -280,14 +301,14 @@ def _write_batch(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, wait:
 _CHECKPOINT_ROWS = 2000
 
 
-def sink_for(engine: AsyncEngine, timeout: float) -> EventSink:
+def sink_for(engine: AsyncEngine, timeout: float, durability: Durability = "commit") -> EventSink:
     """A connection of the audit's own: asyncpg on PostgreSQL, sqlite3 (in a thread of its
     own) for a SQLite file; the pool for an in-memory SQLite database (tests)."""
     if engine.dialect.name == "postgresql":
-        return PostgresSink(asyncpg_dsn(engine.url), timeout)
+        return PostgresSink(asyncpg_dsn(engine.url), timeout, durability)
     database = engine.url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        return SqliteSink(database, timeout)
+        return SqliteSink(database, timeout, durability)
     return EngineSink(engine)
 
 

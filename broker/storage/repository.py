@@ -6,7 +6,7 @@ re-encryption batch) can never overwrite newer tokens.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,6 +70,10 @@ FIELDS = (
     "last_refresh_error",
     "next_refresh_at",
     "issued_lifetime_seconds",
+    "refresh_token_expires_at",
+    "refresh_token_used_at",
+    "expiring_notice_for",
+    "last_used_at",
 )
 _COLUMNS = tuple(t.c[name] for name in FIELDS)
 _SELECT = select(*_COLUMNS)
@@ -95,7 +99,8 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
         updated_at, expires_at, last_refreshed_at, disconnected_at, disconnect_reason, version,
         access_token_ct, refresh_token_ct, key_id, refresh_failures, revocation,
         revocation_attempts, credential_type, credential_ct, last_refresh_error, next_refresh_at,
-        issued_lifetime_seconds,
+        issued_lifetime_seconds, refresh_token_expires_at, refresh_token_used_at,
+        expiring_notice_for, last_used_at,
     ) = values  # fmt: skip
     created = utc(created_at)
     updated = utc(updated_at)
@@ -129,6 +134,8 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
         has_refresh_token=refresh_token_ct is not None,
         version=int(version),
         credential_type=kind,
+        refresh_token_expires_at=utc(refresh_token_expires_at),
+        last_used_at=utc(last_used_at),
     )
     return StoredIntegration(
         integration=integration,
@@ -142,6 +149,8 @@ def from_values(values: Sequence[Any]) -> StoredIntegration:
         last_refresh_error=last_refresh_error,
         next_refresh_at=utc(next_refresh_at),
         issued_lifetime_seconds=issued_lifetime_seconds,
+        refresh_token_used_at=utc(refresh_token_used_at),
+        expiring_notice_for=utc(expiring_notice_for),
     )
 
 
@@ -459,14 +468,18 @@ async def claim_due(
     *,
     skip_ids: Collection[str] = (),
     skip_providers: Collection[str] = (),
+    idle_cutoffs: Mapping[str, datetime] | None = None,
+    lapsing_before: datetime | None = None,
 ) -> list[tuple[str, str]]:
-    """Lease up to ``limit`` connected integrations that expire before ``horizon``, that
-    nobody is refreshing and that are not waiting (``next_refresh_at``) after a failure;
-    returns (id, provider) pairs. Rows that never failed come first, then by expiry, so rows
-    that keep failing cannot crowd out the others; ``skip_ids`` (claimed earlier in the same
-    pass) and ``skip_providers`` (whose attempts for the pass are spent) are left alone. On
-    PostgreSQL, replicas claiming at once skip each other's rows (``FOR UPDATE SKIP
-    LOCKED``) instead of queueing on them, so they share the work."""
+    """Lease up to ``limit`` connected integrations that expire before ``horizon`` — or whose
+    refresh token is due for keep-alive: last used before its provider's ``idle_cutoffs``
+    entry, or lapsing before ``lapsing_before`` with no EXPIRING notice written for that
+    expiry yet — that nobody is refreshing and that are not waiting (``next_refresh_at``) after
+    a failure; returns (id, provider) pairs. Rows that never failed come first, then by
+    expiry, so rows that keep failing cannot crowd out the others; ``skip_ids`` (claimed
+    earlier in the same pass) and ``skip_providers`` (whose attempts for the pass are spent)
+    are left alone. On PostgreSQL, replicas claiming at once skip each other's rows
+    (``FOR UPDATE SKIP LOCKED``) instead of queueing on them, so they share the work."""
     query = (
         select(t.c.id, t.c.provider)
         .where(
@@ -479,8 +492,10 @@ async def claim_due(
                     t.c.credential_type.in_(sorted(k.value for k in Kind if k.minted)),
                 ),
             ),
-            t.c.expires_at.is_not(None),
-            t.c.expires_at < horizon,
+            or_(
+                and_(t.c.expires_at.is_not(None), t.c.expires_at < horizon),
+                *_upkeep_due(idle_cutoffs or {}, lapsing_before),
+            ),
             or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),
             _lease_free(conn, now),
         )
@@ -493,6 +508,99 @@ async def claim_due(
         query = query.where(t.c.provider.not_in(sorted(skip_providers)))
     rows = await _claim_rows(conn, query, owner, until, session)
     return [(row[0], row[1]) for row in rows]
+
+
+def _upkeep_due(
+    idle_cutoffs: Mapping[str, datetime], lapsing_before: datetime | None
+) -> list[ColumnElement[bool]]:
+    """The keep-alive's part of the claim (broker.domain.refresh_policy.upkeep decides each
+    claimed row exactly): refresh tokens of authorization-code grants idle past their
+    provider's cutoff, or lapsing soon without a notice for that expiry."""
+    grant = and_(
+        t.c.refresh_token_ct.is_not(None),
+        t.c.credential_type == Kind.AUTHORIZATION_CODE.value,
+    )
+    due: list[ColumnElement[bool]] = []
+    if idle_cutoffs:
+        due.append(
+            and_(
+                grant,
+                or_(
+                    *(
+                        and_(
+                            t.c.provider == provider,
+                            or_(
+                                t.c.refresh_token_used_at.is_(None),
+                                t.c.refresh_token_used_at < cutoff,
+                            ),
+                        )
+                        for provider, cutoff in sorted(idle_cutoffs.items())
+                    )
+                ),
+            )
+        )
+    if lapsing_before is not None:
+        due.append(
+            and_(
+                grant,
+                t.c.refresh_token_expires_at < lapsing_before,
+                or_(
+                    t.c.expiring_notice_for.is_(None),
+                    t.c.expiring_notice_for != t.c.refresh_token_expires_at,
+                ),
+            )
+        )
+    return due
+
+
+async def mark_expiring(
+    conn: AsyncConnection,
+    integration_id: str,
+    lapsing_before: datetime,
+    *,
+    not_after: datetime | None = None,
+) -> StoredIntegration | None:
+    """Record that the EXPIRING notice of the row's refresh-token expiry is being written: only
+    once per expiry (the row is returned the one time it applies), only when that expiry is
+    before ``lapsing_before`` (and, after a renewal attempt, no later than ``not_after``: not
+    renewed). Bookkeeping, like a lease: no ``version`` bump, no cache invalidation."""
+    lapses = t.c.refresh_token_expires_at
+    query = (
+        update(t)
+        .where(
+            t.c.id == integration_id,
+            t.c.status == Status.CONNECTED.value,
+            t.c.refresh_token_ct.is_not(None),
+            lapses.is_not(None),
+            lapses < lapsing_before,
+            or_(t.c.expiring_notice_for.is_(None), t.c.expiring_notice_for != lapses),
+        )
+        .values(expiring_notice_for=lapses)
+        .returning(*_COLUMNS)
+    )
+    if not_after is not None:
+        query = query.where(lapses <= not_after)
+    row = (await conn.execute(query)).first()
+    return None if row is None else to_stored(row)
+
+
+async def note_last_used(
+    conn: AsyncConnection, integration_ids: Collection[str], at: datetime, precision: datetime
+) -> int:
+    """Set ``last_used_at`` of these rows to ``at`` where it is older than ``precision`` (or
+    unset): one statement per batch, no ``version`` bump (a refresh's compare-and-swap must
+    not lose to it), no cache invalidation."""
+    if not integration_ids:
+        return 0
+    result = await conn.execute(
+        update(t)
+        .where(
+            t.c.id.in_(sorted(integration_ids)),
+            or_(t.c.last_used_at.is_(None), t.c.last_used_at < precision),
+        )
+        .values(last_used_at=at)
+    )
+    return int(result.rowcount or 0)
 
 
 async def _claim(

@@ -75,9 +75,24 @@ integrations = Table(
     # Lifetime (expires_in) of the last access token the provider issued: a min_valid_for
     # longer than this cannot be met by refreshing again.
     Column("issued_lifetime_seconds", Integer, nullable=True),
+    # When the refresh token itself lapses (the provider's refresh_token_expires_in); None:
+    # not known, or it does not.
+    Column("refresh_token_expires_at", DateTime(timezone=True), nullable=True),
+    # When the refresh token was last issued (stored) or presented to the provider in a
+    # successful refresh: the keep-alive's idle clock (providers.NAME.refresh_token_idle_
+    # lifetime_seconds).
+    Column("refresh_token_used_at", DateTime(timezone=True), nullable=True),
+    # The refresh_token_expires_at an INTEGRATION_EXPIRING event was written for (once per
+    # lapse: a new expiry arms it again).
+    Column("expiring_notice_for", DateTime(timezone=True), nullable=True),
+    # The last time an access token was served (GetAccessToken, Proxy); written in batches
+    # from memory (broker.domain.usage), never with a version bump.
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("user_id", "provider", "account_id", name="uq_integrations_owner"),
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),
+    Index("ix_integrations_refresh_token_used_at", "refresh_token_used_at"),
+    Index("ix_integrations_refresh_token_expires_at", "refresh_token_expires_at"),
 )
 
 # One row per RPC that reads, returns, changes or deletes an integration. Never a token.

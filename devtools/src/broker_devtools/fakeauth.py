@@ -18,6 +18,9 @@ given to ``register_service_account``; signature, ``aud``, ``exp`` and ``iat`` c
 GitHub-style ``POST /app/installations/{id}/access_tokens`` (App JWT signed by a key given to
 ``register_app``) with ``DELETE /installation/token``. ``mint_calls`` counts the mints.
 
+Endpoints templated per tenant are served too: ``/tenants/{label}/token`` (and ``/revoke``,
+``/authorize``) answer as ``/token`` does, and the request records the full path.
+
 The server runs in its own thread, so it serves sync and async tests alike; every public method
 is thread-safe.
 """
@@ -118,6 +121,7 @@ class FakeAuthServer:
         omit_refresh_token: bool = False,
         slack_style: bool = False,
         latency: float = 0.0,
+        refresh_token_expires_in: int | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
     ) -> None:
@@ -133,8 +137,19 @@ class FakeAuthServer:
         # Slack-like: success bodies say "ok": true, errors are 200 {"ok": false}.
         self.slack_style = slack_style
         self.latency = latency
+        # Sent as refresh_token_expires_in with every refresh token issued (None: not sent).
+        self.refresh_token_expires_in = refresh_token_expires_in
         # Extra members merged into every successful token response, e.g. {"team": {...}}.
         self.extra_token_fields: dict[str, Any] = {}
+        # Provider shapes the broker's adapters handle (docs/providers.md, "Adapters"):
+        # token members nested under this dotted path ("data", "authed_user"),
+        self.nest_tokens: str | None = None
+        # expires_in sent as a string of digits,
+        self.string_expires_in = False
+        # scopes joined (in requests and answers) with this separator,
+        self.scope_separator = " "
+        # token and revocation requests accepted only with a JSON body.
+        self.json_only = False
         self.deny_authorization = False
         self.revoked: set[str] = set()
         self._lock = threading.Lock()
@@ -236,6 +251,20 @@ class FakeAuthServer:
         with self._lock:
             grant = self._grants.get(refresh_token)
             return grant.refresh_token if grant is not None else None
+
+    def refresh_times(self, refresh_token: str) -> list[float]:
+        """When (time.monotonic()) each refresh request of the grant ``refresh_token`` belongs
+        to arrived, whichever of its refresh tokens it presented."""
+        with self._lock:
+            grant = self._grants.get(refresh_token)
+            tokens = {token for token, owner in self._grants.items() if owner is grant}
+            return [
+                r.received_at
+                for r in self._requests
+                if r.path == "/token"
+                and r.body.get("grant_type") == "refresh_token"
+                and r.body.get("refresh_token") in tokens
+            ]
 
     @property
     def refresh_calls(self) -> int:
@@ -364,7 +393,7 @@ class FakeAuthServer:
             self._codes[code] = _Code(
                 client_id=self.client_id,
                 redirect_uri=query["redirect_uri"],
-                scopes=tuple(query.get("scope", "").replace(",", " ").split()),
+                scopes=_split_scopes(query.get("scope", ""), self.scope_separator),
                 challenge=query.get("code_challenge"),
                 method=query.get("code_challenge_method", "plain")
                 if "code_challenge" in query
@@ -440,6 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         fake = self.server_fake
         parts = urlsplit(self.path)
+        tenant = _TENANT_PATH.fullmatch(parts.path)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -463,6 +493,8 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("grant_type") in _MINT_GRANTS or _INSTALLATION.fullmatch(parts.path):
                 fake._mint_calls += 1
             script = fake._take_script(parts.path)
+        if tenant is not None:
+            parts = parts._replace(path=tenant.group(2))
         fake._sleep(fake.latency)
         if script is not None and script.kind != "slow":
             self._scripted(script)
@@ -485,6 +517,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if method != "POST" or parts.path not in {"/token", "/revoke"}:
             self._send(404, {"error": "not_found"})
+            return
+        if fake.json_only and "json" not in (self.headers.get("content-type") or ""):
+            self._oauth_error("invalid_request", 400, "this server takes JSON bodies only")
             return
         if not self._client_ok(auth_method, client_id, secret):
             self._oauth_error("invalid_client", 401, "client authentication failed")
@@ -621,7 +656,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         scopes = grant.scopes
         if body.get("scope"):
-            scopes = tuple(str(body["scope"]).split())
+            scopes = _split_scopes(str(body["scope"]), fake.scope_separator)
             if not set(scopes) <= set(grant.scopes):
                 self._oauth_error("invalid_scope", description="scope exceeds the grant")
                 return
@@ -663,16 +698,21 @@ class _Handler(BaseHTTPRequestHandler):
         payload: dict[str, Any] = {
             "access_token": fake._new_access(grant),
             "token_type": "Bearer",
-            "scope": " ".join(scopes),
+            "scope": fake.scope_separator.join(scopes),
         }
         expires_in = grant.expires_in if grant.expires_in is not None else fake.expires_in
         if expires_in is not None:
-            payload["expires_in"] = expires_in
+            payload["expires_in"] = str(expires_in) if fake.string_expires_in else expires_in
         if include_refresh:
             payload["refresh_token"] = grant.refresh_token
+            if fake.refresh_token_expires_in is not None:
+                payload["refresh_token_expires_in"] = fake.refresh_token_expires_in
+        payload.update(fake.extra_token_fields)
+        if fake.nest_tokens:
+            for part in reversed(fake.nest_tokens.split(".")):
+                payload = {part: payload}
         if fake.slack_style:
             payload["ok"] = True
-        payload.update(fake.extra_token_fields)
         self._send(200, payload)
 
     def _mint(self, scope: str, source: str) -> None:
@@ -767,6 +807,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, raw=b"")
 
 
+def _split_scopes(value: str, separator: str) -> tuple[str, ...]:
+    # A space-separated server also reads commas (as the fake always did); a comma-separated
+    # one reads only commas, so a space-joined list is one unknown scope.
+    if separator == " ":
+        return tuple(value.replace(",", " ").split())
+    return tuple(part for part in value.split(separator) if part)
+
+
+_TENANT_PATH = re.compile(r"/tenants/([a-z0-9-]{1,63})(/token|/revoke|/authorize)")
 _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _MINT_GRANTS = frozenset({"client_credentials", _JWT_BEARER})
 _INSTALLATION = re.compile(r"/api/app/installations/([^/]+)/access_tokens")

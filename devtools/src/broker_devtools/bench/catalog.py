@@ -61,6 +61,25 @@ GROUPS = {
 }
 
 
+# The audit durabilities a broker scenario runs in (``audit.durability``): each audited
+# scenario runs once in each; the "write" run's result is named with this suffix
+# ("pg-hot+write"), the "commit" run's (the default) keeps the plain name.
+DURABILITIES = ("commit", "write")
+WRITE = "+write"
+# Scenarios whose broker writes no audit events: run once, whatever the durability.
+_UNAUDITED = ("echo", "echo-open", "no-broker")
+
+
+def audited(name: str) -> bool:
+    """Whether the scenario's broker writes audit events (so its durability matters)."""
+    return name not in _UNAUDITED and not name.endswith(("-noaudit", "-stub"))
+
+
+def base_name(name: str) -> str:
+    """The scenario a result is of ("pg-hot+write" -> "pg-hot")."""
+    return name.removesuffix(WRITE)
+
+
 def select(names: Sequence[str]) -> list[str]:
     """Scenario names (or group names) to run, in the standard order; ValueError if unknown."""
     wanted: set[str] = set()

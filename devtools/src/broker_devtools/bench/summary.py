@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_devtools.bench import report
+from broker_devtools.bench.catalog import base_name
 
 Run = dict[str, Any]
 # A figure of one scenario in one run, or None where that run lacks it.
@@ -108,12 +109,21 @@ def _figures(runs: Sequence[Run], name: str, figure: Figure) -> list[float | Non
 def _notes(runs: Sequence[Run], name: str) -> str:
     parts = []
     for title, figure, digits, unit, only in _NOTES:
-        if only is not None and name not in only:
+        if only is not None and base_name(name) not in only:
             continue
         text = spread(_figures(runs, name, figure), digits, unit)
         if text != "-":
             parts.append(f"{title} {text}")
-    if name == "refresh-storm":
+    if len(runs) > 1:
+        # Each run's own ratio (taken inside that run, against its own echo): the figures a
+        # median is quoted from.
+        for title, key in (("x echo by run", "throughput_vs_echo"),
+                           ("p50 x echo-open by run", "p50_vs_echo")):  # fmt: skip
+            values = _figures(runs, name, _ratio(key))
+            if any(v is not None for v in values):
+                listed = ", ".join("-" if v is None else f"{v:.2f}" for v in values)
+                parts.append(f"{title} {listed}")
+    if base_name(name) == "refresh-storm":
         equal = sum(
             1
             for run in runs

@@ -88,6 +88,12 @@ class _IntegrationEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     INTEGRATION_EVENT_TYPE_DISCONNECTED: _IntegrationEventType.ValueType  # 7
     INTEGRATION_EVENT_TYPE_REVOCATION_SETTLED: _IntegrationEventType.ValueType  # 8
     """Provider-side revocation after Disconnect reached its final outcome."""
+    INTEGRATION_EVENT_TYPE_EXPIRING: _IntegrationEventType.ValueType  # 9
+    """The refresh token lapses soon (its own expiry, refresh_token_expires_at) and the broker
+    cannot renew it: the provider does not rotate refresh tokens, or a refresh did not extend
+    it. Written once per expiry, refresh.expiring_notice_seconds (default 7 days) before it;
+    the message names the time. Ask the user to connect again before then.
+    """
 
 class IntegrationEventType(_IntegrationEventType, metaclass=_IntegrationEventTypeEnumTypeWrapper): ...
 
@@ -105,6 +111,12 @@ INTEGRATION_EVENT_TYPE_PROVIDER_MISCONFIGURED: IntegrationEventType.ValueType  #
 INTEGRATION_EVENT_TYPE_DISCONNECTED: IntegrationEventType.ValueType  # 7
 INTEGRATION_EVENT_TYPE_REVOCATION_SETTLED: IntegrationEventType.ValueType  # 8
 """Provider-side revocation after Disconnect reached its final outcome."""
+INTEGRATION_EVENT_TYPE_EXPIRING: IntegrationEventType.ValueType  # 9
+"""The refresh token lapses soon (its own expiry, refresh_token_expires_at) and the broker
+cannot renew it: the provider does not rotate refresh tokens, or a refresh did not extend
+it. Written once per expiry, refresh.expiring_notice_seconds (default 7 days) before it;
+the message names the time. Ask the user to connect again before then.
+"""
 Global___IntegrationEventType: _TypeAlias = IntegrationEventType  # noqa: Y015
 
 class _CredentialType:
@@ -239,6 +251,8 @@ class Integration(_message.Message):
     TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     HAS_REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     CREDENTIAL_TYPE_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     provider: _builtins.str
@@ -263,6 +277,22 @@ class Integration(_message.Message):
     def last_refreshed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def disconnected_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the refresh token itself lapses, if the provider said so (refresh_token_expires_in
+        in its token response) or StoreIntegration gave it; unset: not known. A rotating
+        provider's is renewed by refreshing before then; otherwise an
+        INTEGRATION_EVENT_TYPE_EXPIRING event comes before it lapses.
+        """
+
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """The last time an access token was served (GetAccessToken) or used by Proxy. Written in
+        batches (refresh.last_used_flush_seconds, default 60 s): precise to about that much; a
+        use on another replica appears once that replica has written it. Unset: never used since
+        the broker started recording it.
+        """
+
     def __init__(
         self,
         *,
@@ -282,10 +312,12 @@ class Integration(_message.Message):
         token_type: _builtins.str = ...,
         has_refresh_token: _builtins.bool = ...,
         credential_type: Global___CredentialType.ValueType = ...,
+        refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "last_refreshed_at", b"last_refreshed_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "last_refreshed_at", b"last_refreshed_at", "last_used_at", b"last_used_at", "metadata", b"metadata", "refresh_token_expires_at", b"refresh_token_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created_at", b"created_at", "credential_type", b"credential_type", "disconnect_reason", b"disconnect_reason", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "has_refresh_token", b"has_refresh_token", "id", b"id", "last_refreshed_at", b"last_refreshed_at", "metadata", b"metadata", "provider", b"provider", "scopes", b"scopes", "status", b"status", "token_type", b"token_type", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created_at", b"created_at", "credential_type", b"credential_type", "disconnect_reason", b"disconnect_reason", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "has_refresh_token", b"has_refresh_token", "id", b"id", "last_refreshed_at", b"last_refreshed_at", "last_used_at", b"last_used_at", "metadata", b"metadata", "provider", b"provider", "refresh_token_expires_at", b"refresh_token_expires_at", "scopes", b"scopes", "status", b"status", "token_type", b"token_type", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,6 +338,8 @@ class StoreIntegrationRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     provider: _builtins.str
     account_id: _builtins.str
@@ -313,6 +347,7 @@ class StoreIntegrationRequest(_message.Message):
     refresh_token: _builtins.str
     token_type: _builtins.str
     expires_in_seconds: _builtins.int
+    refresh_token_expires_in_seconds: _builtins.int
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Give expires_at or expires_in_seconds, not both; neither means "does not expire"."""
@@ -325,6 +360,13 @@ class StoreIntegrationRequest(_message.Message):
     def credential(self) -> Global___Credential:
         """Any kind but the authorization code: an API key, Basic credentials, or a long-lived
         secret the broker mints short-lived tokens from. Not together with the token fields.
+        """
+
+    @_builtins.property
+    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When refresh_token itself lapses, if known (the provider's refresh_token_expires_in):
+        give refresh_token_expires_at or refresh_token_expires_in_seconds, not both, and only
+        with refresh_token. Neither: not known (a refresh that reports it records it).
         """
 
     def __init__(
@@ -341,14 +383,21 @@ class StoreIntegrationRequest(_message.Message):
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
         credential: Global___Credential | None = ...,
+        refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expires_in_seconds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "_refresh_token_expires_in_seconds", b"_refresh_token_expires_in_seconds", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata", "refresh_token_expires_at", b"refresh_token_expires_at", "refresh_token_expires_in_seconds", b"refresh_token_expires_in_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "access_token", b"access_token", "account_id", b"account_id", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata", "provider", b"provider", "refresh_token", b"refresh_token", "scopes", b"scopes", "token_type", b"token_type", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds", "_refresh_token_expires_in_seconds", b"_refresh_token_expires_in_seconds", "access_token", b"access_token", "account_id", b"account_id", "credential", b"credential", "expires_at", b"expires_at", "expires_in_seconds", b"expires_in_seconds", "metadata", b"metadata", "provider", b"provider", "refresh_token", b"refresh_token", "refresh_token_expires_at", b"refresh_token_expires_at", "refresh_token_expires_in_seconds", b"refresh_token_expires_in_seconds", "scopes", b"scopes", "token_type", b"token_type", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expires_in_seconds: _TypeAlias = _typing.Literal["expires_in_seconds"]  # noqa: Y015
     _WhichOneofArgType__expires_in_seconds: _TypeAlias = _typing.Literal["_expires_in_seconds", b"_expires_in_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__refresh_token_expires_in_seconds: _TypeAlias = _typing.Literal["refresh_token_expires_in_seconds"]  # noqa: Y015
+    _WhichOneofArgType__refresh_token_expires_in_seconds: _TypeAlias = _typing.Literal["_refresh_token_expires_in_seconds", b"_refresh_token_expires_in_seconds"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expires_in_seconds) -> _WhichOneofReturnType__expires_in_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__refresh_token_expires_in_seconds) -> _WhichOneofReturnType__refresh_token_expires_in_seconds | None: ...
 
 Global___StoreIntegrationRequest: _TypeAlias = StoreIntegrationRequest  # noqa: Y015
 
