@@ -333,6 +333,11 @@ class CallerSettings(_Section):
 class RefreshSettings(_Section):
     # Refresh when a token has less than this left (or less than the caller's min_valid_for).
     margin_seconds: float = Field(default=300.0, ge=0)
+    # Refresh ahead: a caller whose token is due but still has its min_valid_for and at least
+    # this long left gets that token at once while the refresh runs in the background; only
+    # callers the token cannot satisfy wait for the refresh. At margin_seconds or more, every
+    # caller of a due token waits for its refresh.
+    ahead_floor_seconds: float = Field(default=30.0, ge=0)
     # How long a provider request that was sent waits for its answer (the read timeout). It
     # runs on even after the caller's deadline: the answer may carry a rotated refresh token.
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=60)

@@ -40,6 +40,13 @@ REFRESH_SKIPPED = Counter(
     "a failure)",
     ["provider", "reason"],
 )
+REFRESH_CALLERS = Counter(
+    "broker_refresh_callers_total",
+    "Calls that met a token due for refresh, by provider and outcome: waited (the token could "
+    "not satisfy the caller: it waited on the refresh), ahead (answered at once with the "
+    "token it still satisfied, the refresh run in the background)",
+    ["provider", "outcome"],
+)
 REFRESH_BACKOFF = Histogram(
     "broker_refresh_backoff_seconds",
     "Wait set after a failed refresh before that integration's next attempt, by provider",

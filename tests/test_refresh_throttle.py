@@ -11,13 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from broker.api.credentialbroker.v1 import broker_pb2 as pb
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.errors import Throttled
-from broker.model import Selector, TokenRequest
 from broker.providers.throttle import ProviderThrottle
 from broker.server.app import Broker
 from broker.storage import repository
@@ -125,40 +124,6 @@ async def test_a_caller_gets_unavailable_with_retry_info_while_the_provider_is_p
     stored = await row(broker, other)
     assert stored.refresh_failures == 0
     assert stored.last_refresh_error is None
-
-
-async def test_a_refresh_is_two_updates_and_the_change_announcement(
-    stub: pb_grpc.CredentialBrokerAsyncStub, fake: FakeAuthServer, broker: Broker
-) -> None:
-    """Lease (an UPDATE that returns the row), compare-and-swap write (an UPDATE that returns
-    the new row) and the announcement of the change: no re-reads, no event lookup."""
-    iid, _, _ = await store_grant(stub, fake)
-    stored = await row(broker, iid)
-    statements: list[str] = []
-
-    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        words = " ".join(sql.split()[:3])
-        # Background work shares the engine and may fall inside the refresh: the health
-        # watcher's ping (every 0.2 s in tests) and the grant purger's trim of expired grants
-        # and old change_log rows. A refresh never deletes, so no DELETE is the refresh's.
-        # SQLite's BEGIN IMMEDIATE opens each write transaction: control, not a statement.
-        if not words.startswith(("SELECT now()", "SELECT 1", "DELETE FROM", "BEGIN")):
-            statements.append(words)
-
-    sync = broker.engine.sync_engine
-    event.listen(sync, "before_cursor_execute", count)
-    try:
-        request = TokenRequest(selector=Selector(integration_id=iid))
-        got = await broker.refresher.refresh(stored, request)
-    finally:
-        event.remove(sync, "before_cursor_execute", count)
-    assert got.refreshed
-    announce = "SELECT pg_notify(%s," if broker.engine.dialect.name == "postgresql" else "INSERT"
-    assert len(statements) == 3, statements
-    assert statements[0].startswith("UPDATE integrations")
-    assert statements[1].startswith("UPDATE integrations")
-    assert statements[2].startswith(announce.split("(")[0]), statements
-    assert (await row(broker, iid)).integration.version == stored.integration.version + 1
 
 
 async def test_the_rate_limit_spaces_a_providers_requests() -> None:

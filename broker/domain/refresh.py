@@ -100,6 +100,16 @@ class RefreshEngine:
     def provider_calls(self) -> int:
         return self.call.provider_calls
 
+    @property
+    def callers_waited(self) -> int:
+        """Callers that waited on a refresh (their token could not satisfy them)."""
+        return self.flights.waited
+
+    @property
+    def served_ahead(self) -> int:
+        """Callers of a due token served at once while its refresh ran ahead."""
+        return self.flights.served_ahead
+
     # -- serving -------------------------------------------------------------------------------
 
     def due(

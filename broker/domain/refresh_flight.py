@@ -20,15 +20,28 @@ Order of events for a token that is due:
 
 The flight runs in its own task, shielded from callers: a caller whose deadline passes gets
 UNAVAILABLE with RetryInfo while the call goes on and its tokens are stored.
+
+**Refresh ahead.** A caller waits on a flight only when the token it has cannot satisfy it: a
+token that is due (inside the margin) but still has the caller's ``min_valid_for`` and at least
+``refresh.ahead_floor_seconds`` left is served at once (``refreshed = false``) and its refresh
+runs in the background, as the same flight (one per integration; callers that arrive
+meanwhile and cannot be satisfied join it) under the same lease and back-off. What it meets
+(a failure, a back-off) is recorded on the row as always and never reaches that caller. At
+most the provider's concurrency limit of such flights run at once per provider; beyond it
+the token is served and the refresh left to a later caller or the background pass. Shutdown
+starts none and drains those running like every flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
+from broker import metrics
 from broker.domain.refresh_call import ProviderCall
 from broker.domain.refresh_policy import (
     Answer,
@@ -38,9 +51,11 @@ from broker.domain.refresh_policy import (
 )
 from broker.domain.refresh_store import TokenStore
 from broker.domain.tokens import TokenCipher
-from broker.errors import BrokerError, ProviderUnavailable
+from broker.errors import BrokerError, ProviderUnavailable, UnknownProvider
 from broker.model import AccessToken, StoredIntegration, TokenRequest
 from broker.storage import repository
+
+log = logging.getLogger("broker.refresh")
 
 _Flight = asyncio.Task[Answer]
 
@@ -70,12 +85,28 @@ class Flights:
         # Callers waiting on a flight, and the loop time by which shutdown needs them answered.
         self._waiting: set[asyncio.Timeout] = set()
         self._answer_by: float | None = None
+        # Flights started ahead (no caller waiting when they began), by integration: their
+        # provider, so each provider's count stays within its concurrency limit.
+        self._ahead: dict[str, str] = {}
+        # Callers that waited on a flight, and callers served at once while a refresh was due
+        # (informational, like ProviderCall.provider_calls).
+        self.waited = 0
+        self.served_ahead = 0
 
     # -- callers -------------------------------------------------------------------------------
 
     async def refresh(self, stored: StoredIntegration, request: TokenRequest) -> AccessToken:
-        """Refresh (sharing one flight per integration) and return a token for the caller."""
+        """Refresh (sharing one flight per integration) and return a token for the caller:
+        the stored one at once when it still satisfies the caller (the refresh then runs
+        ahead, in the background), otherwise the flight's."""
+        if self.policy.serves_ahead(stored, request) and stored.integration.id not in self.store:
+            self._refresh_ahead(stored, request)
+            self.served_ahead += 1
+            metrics.REFRESH_CALLERS.labels(stored.integration.provider, "ahead").inc()
+            return self.cipher.access_token(stored)
         self.policy.check_attainable(stored, request)
+        self.waited += 1
+        metrics.REFRESH_CALLERS.labels(stored.integration.provider, "waited").inc()
         patience = asyncio.timeout(None)
         self._waiting.add(patience)
         try:
@@ -134,6 +165,54 @@ class Flights:
         # nor the write of tokens the provider has already rotated.
         return await asyncio.shield(task)
 
+    # -- refresh ahead -------------------------------------------------------------------------
+
+    def _refresh_ahead(self, stored: StoredIntegration, request: TokenRequest) -> None:
+        """Start the refresh of a token that is due but still served, unless one is running,
+        the integration backs off, the broker is shutting down or its provider already has as
+        many of these as it takes at once."""
+        iid = stored.integration.id
+        if iid in self._flights or self.call.draining:
+            return
+        provider = stored.integration.provider
+        if self.call.throttle.paused_for(provider) > 0:
+            return  # a Retry-After of the provider's: nothing would be sent before it ends
+        if sum(1 for p in self._ahead.values() if p == provider) >= self._ahead_limit(provider):
+            return
+        # No deadline: the flight's own budget; the caller's min_valid_for, so it stops at once
+        # when another replica has refreshed meanwhile.
+        ahead = replace(request, force_refresh=False, deadline_seconds=None)
+        try:
+            # Pure, no statement: a back-off (or anything else that answers without a refresh)
+            # starts no task at all.
+            if self.policy.decide(iid, stored, ahead, stored.integration.version,
+                                  self.policy.clock()) is not None:  # fmt: skip
+                return
+        except BrokerError:
+            return
+        self._ahead[iid] = provider
+        task = self._start(iid, self._run(stored, ahead))
+        task.add_done_callback(lambda done: self._ahead_done(iid, done))
+
+    def _ahead_limit(self, provider: str) -> int:
+        limit = self.policy.settings.max_concurrent_per_provider
+        with contextlib.suppress(UnknownProvider):
+            override = self.policy.registry.get(provider).max_concurrent_refreshes
+            if override is not None:
+                limit = override
+        return limit
+
+    def _ahead_done(self, iid: str, task: _Flight) -> None:
+        self._ahead.pop(iid, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, BrokerError):
+            # Recorded on the row (back-off, events) and logged where it happened.
+            log.debug("refresh ahead of integration %s did not succeed: %s", iid, exc.reason)
+        elif exc is not None:
+            log.error("refresh ahead of integration %s failed", iid, exc_info=exc)
+
     # -- the flight ----------------------------------------------------------------------------
 
     def _start(self, iid: str, flight: Coroutine[Any, Any, Answer]) -> _Flight:
@@ -170,7 +249,7 @@ class Flights:
             now = self.policy.clock()
             leased = None
             try:
-                async with holder.transaction() as conn:
+                async with holder.transaction(writes_first=True) as conn:
                     leased = await repository.take_lease(
                         conn, iid, version, holder.owner, now, now + holder.lease, holder.session()
                     )

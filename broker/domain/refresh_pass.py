@@ -26,9 +26,8 @@ from broker.domain.refresh_flight import Flights
 from broker.domain.refresh_policy import PassBudget, RefreshPolicy, Upkeep
 from broker.domain.refresh_store import TokenStore
 from broker.errors import BrokerError, StorageUnavailable
-from broker.model import Selector, TokenRequest
+from broker.model import Selector, StoredIntegration, TokenRequest
 from broker.storage import repository
-from broker.storage.engine import storage_errors
 
 log = logging.getLogger("broker.refresh")
 
@@ -79,6 +78,13 @@ class BackgroundPass:
                     idle_cutoffs=self.policy.idle_cutoffs(now + interval),
                     lapsing_before=now + interval + self.policy.notice,
                 )
+                # The claimed rows: one read per batch, in the claim's transaction.
+                ids = [iid for iid, _ in claimed]
+                rows = (
+                    {r.integration.id: r for r in await repository.get_many(conn, ids)}
+                    if ids
+                    else {}
+                )
             if not claimed:
                 break
             seen.update(iid for iid, _ in claimed)
@@ -86,14 +92,20 @@ class BackgroundPass:
             # the rows' reads happen to come back.
             await asyncio.gather(
                 *(
-                    self._one(iid, interval, provider, budget, budget.take(provider))
+                    self._one(iid, rows.get(iid), interval, provider, budget, budget.take(provider))
                     for iid, provider in claimed
                 )
             )
         return self.call.provider_calls - before
 
     async def _one(
-        self, iid: str, interval: timedelta, provider: str, budget: PassBudget, granted: bool
+        self,
+        iid: str,
+        row: StoredIntegration | None,
+        interval: timedelta,
+        provider: str,
+        budget: PassBudget,
+        granted: bool,
     ) -> None:
         """Refresh one integration whose lease this broker already holds, if it is due and
         was ``granted`` an attempt of its provider's budget for this pass."""
@@ -103,8 +115,6 @@ class BackgroundPass:
             await self.store.release(iid, {})
             return
         ahead = TokenRequest(selector=Selector(integration_id=iid), min_valid_for=interval)
-        async with storage_errors(), self.holder.engine.connect() as conn:
-            row = await repository.get(conn, iid)
         # A caller's flight of ours may be on it (and takes our own lease as its own): let it
         # finish, then make sure the lease claimed here does not linger.
         was_running = await self.flights.settle_running(iid)

@@ -373,6 +373,20 @@ class RefreshPolicy:
             request.min_valid_for,
         )
 
+    def serves_ahead(self, stored: StoredIntegration, request: TokenRequest) -> bool:
+        """Whether a due token is served as it is while its refresh runs in the background:
+        the caller did not force a refresh, and the token has the caller's ``min_valid_for``
+        and the ahead floor left."""
+        if request.force_refresh:
+            return False
+        left = remaining(stored.integration.expires_at, self.clock())
+        return (
+            left is not None
+            and left > timedelta(0)
+            and left >= request.min_valid_for
+            and left.total_seconds() >= self.settings.ahead_floor_seconds
+        )
+
     def still_satisfies(self, stored: StoredIntegration, request: TokenRequest) -> bool:
         """Whether the stored token does for this caller as it is (when a refresh cannot be
         had)."""

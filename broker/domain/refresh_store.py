@@ -62,8 +62,13 @@ class Holder:
     session: Callable[[], int | None] = no_session
     invalidate: Invalidate | None = None
 
-    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return write_transaction(self.engine, self.invalidate)
+    def transaction(
+        self, *, writes_first: bool = False
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
+        """``writes_first``: the transaction's first statement writes (a claim, a store, a
+        release), so on SQLite it takes the write lock itself, without a ``BEGIN IMMEDIATE``
+        of its own."""
+        return write_transaction(self.engine, self.invalidate, immediate=not writes_first)
 
 
 @dataclass(slots=True)
@@ -93,7 +98,7 @@ class TokenStore:
     ) -> None:
         """Give the lease back, writing ``values`` (and ``event``) with it."""
         try:
-            async with self.holder.transaction() as conn:
+            async with self.holder.transaction(writes_first=True) as conn:
                 released = await repository.release_lease(conn, iid, self.holder.owner, values)
                 if released and event is not None:
                     await event(conn)
@@ -163,7 +168,7 @@ class TokenStore:
         values: dict[str, Any],
         before: StoredIntegration | None = None,
     ) -> StoredIntegration:
-        async with self.holder.transaction() as conn:
+        async with self.holder.transaction(writes_first=True) as conn:
             written = await repository.write_refreshed(conn, iid, version, values)
             if written is None:
                 current = await repository.get(conn, iid)

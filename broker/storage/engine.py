@@ -200,11 +200,14 @@ _ANNOUNCED = "announced_changes"
 
 @asynccontextmanager
 async def write_transaction(
-    engine: AsyncEngine, invalidate: Invalidate | None = None
+    engine: AsyncEngine, invalidate: Invalidate | None = None, *, immediate: bool = True
 ) -> AsyncIterator[AsyncConnection]:
     """A transaction whose writes to integrations are announced once it has committed: to this
     process through ``invalidate`` (its cache), to other replicas by NOTIFY (PostgreSQL sends
-    notifications only at commit, so nobody hears of a write that rolled back)."""
+    notifications only at commit, so nobody hears of a write that rolled back).
+
+    ``immediate=False``: on SQLite, for a transaction whose first statement writes (it takes
+    the write lock, waiting as long as ``BEGIN IMMEDIATE`` would), saving that statement."""
     touched: list[tuple[str, str, str]] = []
     committed: list[Callable[[], None]] = []
     async with storage_errors(), engine.begin() as conn:
@@ -214,7 +217,7 @@ async def write_transaction(
         info["touched"] = touched
         info["after_commit"] = committed
         try:
-            if conn.dialect.name == "sqlite":
+            if immediate and conn.dialect.name == "sqlite":
                 # The write lock from the first statement on, as PostgreSQL's FOR UPDATE gives:
                 # the driver would begin only at the first write, so what the transaction read
                 # before it (an owner's row, its version) could already be stale.
@@ -242,10 +245,24 @@ async def touch(
     conn: AsyncConnection, integration_id: str, user_id: str = "", provider: str = ""
 ) -> None:
     """Record a write to one integration (see ``write_transaction``)."""
+    touched_here(conn, integration_id, user_id, provider)
+    await announce(conn, CHANNEL, integration_id, user_id, provider)
+
+
+def touched_here(
+    conn: AsyncConnection, integration_id: str, user_id: str = "", provider: str = ""
+) -> None:
+    """``touch`` for this process only (its cache, after commit), for a write whose statement
+    announced it to the others itself (``notify_payload``)."""
     touched = conn.info.get("touched")
     if touched is not None:
         touched.append((integration_id, user_id, provider))
-    await announce(conn, CHANNEL, integration_id, user_id, provider)
+
+
+def notify_payload(integration_id: str, user_id: str = "", provider: str = "") -> str:
+    """What ``touch`` sends on ``CHANNEL`` on PostgreSQL, for a statement that sends it
+    itself (``pg_notify`` beside the write)."""
+    return "\x1f".join((integration_id, user_id, provider))
 
 
 async def announce(

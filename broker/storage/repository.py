@@ -31,7 +31,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import CiphertextInvalid
 from broker.model import Integration, Kind, Status, StoredIntegration
-from broker.storage.engine import bulk_insert, touch, touch_many
+from broker.storage.engine import (
+    CHANNEL,
+    bulk_insert,
+    notify_payload,
+    touch,
+    touch_many,
+    touched_here,
+)
 from broker.storage.tables import integrations as t
 
 # The integration columns, in the order ``from_values`` unpacks them: every read selects
@@ -365,7 +372,9 @@ async def release_all_leases(conn: AsyncConnection) -> int:
 async def release_lease(
     conn: AsyncConnection, integration_id: str, owner: str, values: dict[str, Any]
 ) -> bool:
-    """Give the lease back (with bookkeeping such as failure counts); tokens unchanged."""
+    """Give the lease back (with bookkeeping such as failure counts); tokens unchanged.
+    Bookkeeping is announced like any write, so the caches that serve the row (this
+    process's and the other replicas') see a back-off it begins."""
     result = await conn.execute(
         update(t)
         .where(t.c.id == integration_id, t.c.refresh_lease_owner == owner)
@@ -376,7 +385,10 @@ async def release_lease(
             **values,
         )
     )
-    return result.rowcount == 1
+    released = result.rowcount == 1
+    if released and values:
+        await touch(conn, integration_id)
+    return released
 
 
 def _write_statement(columns: tuple[str, ...]) -> Any:
@@ -402,16 +414,43 @@ def _write_statement(columns: tuple[str, ...]) -> Any:
     return statement
 
 
+def _announced_write_statement(columns: tuple[str, ...]) -> Any:
+    """PostgreSQL: the write and its announcement to the other replicas in one statement (the
+    NOTIFY goes out at commit, only when the write matched a row)."""
+    statement = _ANNOUNCED_WRITES.get(columns)
+    if statement is None:
+        written = _write_statement(columns).cte("written")
+        notify = func.pg_notify(
+            bindparam("write_channel", type_=String()), bindparam("write_payload", type_=String())
+        )
+        statement = _ANNOUNCED_WRITES[columns] = select(
+            *(written.c[name] for name in FIELDS), notify.label("announced")
+        )
+    return statement
+
+
+_ANNOUNCED_WRITES: dict[tuple[str, ...], Any] = {}
+
+
 async def write_refreshed(
     conn: AsyncConnection, integration_id: str, version: int, values: dict[str, Any]
 ) -> StoredIntegration | None:
     """Store refreshed tokens: compare-and-swap on version, lease released in the same write.
-    Returns the row as written (RETURNING: no re-read), or None if the version moved."""
+    Returns the row as written (RETURNING: no re-read), or None if the version moved. On
+    PostgreSQL the change is announced by the same statement."""
     parameters = {f"write_{name}": value for name, value in values.items()}
     parameters["write_id"] = integration_id
     parameters["write_version"] = version
-    result = await conn.execute(_write_statement(tuple(sorted(values))), parameters)
-    row = result.first()
+    columns = tuple(sorted(values))
+    if conn.dialect.name == "postgresql":
+        parameters["write_channel"] = CHANNEL
+        parameters["write_payload"] = notify_payload(integration_id)
+        row = (await conn.execute(_announced_write_statement(columns), parameters)).first()
+        if row is None:
+            return None
+        touched_here(conn, integration_id)
+        return to_stored(row)
+    row = (await conn.execute(_write_statement(columns), parameters)).first()
     if row is None:
         return None
     await touch(conn, integration_id)

@@ -85,6 +85,35 @@ async def test_sigterm_during_background_refreshes(
     await assert_nothing_lost(cluster, figures)
 
 
+async def test_sigterm_during_refreshes_run_ahead(
+    cluster_factory: Any, fake: FakeAuthServer, chaos_backend: str
+) -> None:
+    """Callers answered at once with tokens that still satisfy them, their refreshes running
+    ahead at the provider when SIGTERM comes: shutdown drains them and every rotation is
+    stored."""
+    cluster = await cluster_factory(chaos_backend, margin_seconds=300)
+    process, stub = await cluster.start()
+    ids = await cluster.seed(stub, SIZE, expires_in=200)  # due, far above the floor
+    figures = cluster.figures(f"SIGTERM during refreshes run ahead ({chaos_backend})")
+    codes = await asyncio.gather(*(call_token(stub, iid, figures) for iid in ids))
+    assert set(codes) == {Code.OK}
+    await wait_until(lambda: fake.refresh_calls == SIZE, "every refresh ahead sent")
+    in_flight = fake.refresh_calls - fake.rotations
+    assert in_flight > 0, "the callers were answered before their refreshes ended"
+    began = time.monotonic()
+    assert await process.stop(timeout=30) == 0
+    figures.notes["in_flight_at_sigterm"] = in_flight
+    figures.notes["shutdown_seconds"] = round(time.monotonic() - began, 2)
+    assert any("drained" in line for line in process.log), "shutdown says what it drained"
+    assert await cluster.leases() == 0, "no lease outlives a graceful shutdown"
+    assert await cluster.rotations_stored() == SIZE
+    _, stub = await cluster.start()
+    done = await until_served(stub, ids, figures)
+    figures.recovery_seconds = max(done.values()) - began
+    assert not figures.errors
+    await assert_nothing_lost(cluster, figures)
+
+
 @pytest.mark.postgres
 async def test_sigterm_during_caller_refreshes(cluster_factory: Any, fake: FakeAuthServer) -> None:
     cluster = await cluster_factory("postgres")
