@@ -92,6 +92,7 @@ integrations = Table(
     Index("ix_integrations_user_created", "user_id", "created_at", "id"),
     Index("ix_integrations_expires_at", "expires_at"),
     Index("ix_integrations_refresh_token_used_at", "refresh_token_used_at"),
+    Index("ix_integrations_provider_used", "provider", "refresh_token_used_at"),
     Index("ix_integrations_refresh_token_expires_at", "refresh_token_expires_at"),
 )
 
