@@ -247,6 +247,41 @@ async def test_a_rotating_provider_renews_the_refresh_token_before_it_lapses(
         assert await expiring(stub) == [iid]
 
 
+async def test_a_renewal_that_keeps_failing_writes_one_expiring_event_and_goes_on(
+    database_url: str, fake: FakeAuthServer, clock: FakeClock
+) -> None:
+    fake.refresh_token_expires_in = 10 * 86400
+    async with running(database_url, fake, clock) as (broker, stub):
+        iid, _, _ = await store_grant(
+            stub, fake, expires_in=MONTH, refresh_token_expires_in_seconds=10 * 86400
+        )
+        lapses = clock.now + timedelta(days=10)
+        # The provider answers 503 to every refresh from here on.
+        fake.fail_always("unavailable")
+        clock.advance(timedelta(days=5))
+        await broker.refresher.background_pass()
+        failed = await row(broker, iid)
+        assert failed.refresh_failures > 0
+        assert failed.integration.refresh_token_expires_at == lapses
+        # The renewal failed within the notice time: the application hears of it now.
+        assert await expiring(stub) == [iid]
+        # Renewal goes on after each back-off, still failing: no second event.
+        sent = len(fake.requests)
+        for _ in range(3):
+            clock.advance(timedelta(hours=2))
+            await broker.refresher.background_pass()
+        assert len(fake.requests) > sent
+        assert await expiring(stub) == [iid]
+        # The provider recovers: the next attempt renews it.
+        fake.reset_failures()
+        clock.advance(timedelta(hours=2))
+        await broker.refresher.background_pass()
+        renewed = await row(broker, iid)
+        assert renewed.refresh_failures == 0
+        assert renewed.integration.refresh_token_expires_at == clock.now + timedelta(days=10)
+        assert await expiring(stub) == [iid]
+
+
 async def test_last_used_at_is_written_in_batches_without_a_version_bump(
     stub: pb_grpc.CredentialBrokerAsyncStub, broker: Broker, fake: FakeAuthServer, clock: FakeClock
 ) -> None:

@@ -7,7 +7,7 @@ before the next pass, or a refresh token to keep alive (``Upkeep``): idle for ha
 provider's idle lifetime, or lapsing soon. A keep-alive refresh is an ordinary flight (lease,
 throttle, compare-and-swap, budget): its write starts the idle clock again, so no replica
 claims it again for another half lifetime. A refresh token that lapses soon and cannot be
-renewed gets one INTEGRATION_EXPIRING event (``repository.mark_expiring`` makes it once per
+renewed, or whose renewal fails, gets one INTEGRATION_EXPIRING event (``repository.mark_expiring`` makes it once per
 expiry across replicas). On shutdown (``stop_claiming``) no new
 work is claimed or started, retries stop, and the calls already sent run to their end and are
 stored.
@@ -138,6 +138,10 @@ class BackgroundPass:
             log.debug("background refresh of %s did not succeed: %s", iid, exc.reason)
             if upkeep is not None:
                 metrics.KEEPALIVE.labels(provider, "failed").inc()
+            if upkeep is Upkeep.RENEW:
+                # Its expiry is within the notice time and the renewal failed: the application
+                # hears of it now (once per expiry), while renewal goes on under the back-off.
+                await self._notice(iid, interval, failing=True)
             return
         if upkeep is not None:
             metrics.KEEPALIVE.labels(provider, "ok").inc()
@@ -148,14 +152,24 @@ class BackgroundPass:
             await self._notice(iid, interval, not_after=row.integration.refresh_token_expires_at)
 
     async def _notice(
-        self, iid: str, interval: timedelta, not_after: datetime | None = None
+        self,
+        iid: str,
+        interval: timedelta,
+        not_after: datetime | None = None,
+        *,
+        failing: bool = False,
     ) -> None:
-        """The INTEGRATION_EXPIRING event of the row's refresh-token expiry, once."""
+        """The INTEGRATION_EXPIRING event of the row's refresh-token expiry, once (``failing``:
+        only if the row's last refresh failed)."""
         now = self.policy.clock()
         try:
             async with self.holder.transaction() as conn:
                 marked = await repository.mark_expiring(
-                    conn, iid, now + interval + self.policy.notice, not_after=not_after
+                    conn,
+                    iid,
+                    now + interval + self.policy.notice,
+                    not_after=not_after,
+                    failing=failing,
                 )
                 if marked is not None:
                     await events.expiring(conn, marked.integration, now)

@@ -20,7 +20,9 @@ pressing a provider, or the broker, without limit:
 * **Keep-alive** (``upkeep``): a refresh token unused for half its provider's idle lifetime is
   refreshed by the background pass, whether or not anyone asks for the access token; a refresh
   token with its own expiry is refreshed (renewed) before it lapses on a provider that rotates
-  refresh tokens; one that cannot be renewed gets one INTEGRATION_EXPIRING notice.
+  refresh tokens; one that cannot be renewed gets one INTEGRATION_EXPIRING notice, and so
+  does one whose renewal fails (it is tried again under the back-off until it succeeds or the
+  token lapses).
 
 ``RefreshPolicy`` applies these rules to a row as read (or as leased): whether to refresh it,
 serve it as it is, or answer with the failure it backs off from. It reads the clock it is given
@@ -135,8 +137,10 @@ def upkeep(
     lapses = integration.refresh_token_expires_at
     used = stored.refresh_token_used_at
     unnoticed = lapses is not None and stored.expiring_notice_for != lapses
+    # A renewal that failed goes on (under the back-off) after the notice its failure wrote;
+    # one that succeeded without extending the expiry is not tried again.
     if (
-        unnoticed
+        (unnoticed or stored.refresh_failures > 0)
         and lapses is not None
         and rotates
         and lapses - at < renew_window(lapses, used, notice)

@@ -474,7 +474,7 @@ async def claim_due(
     """Lease up to ``limit`` connected integrations that expire before ``horizon`` — or whose
     refresh token is due for keep-alive: last used before its provider's ``idle_cutoffs``
     entry, or lapsing before ``lapsing_before`` with no EXPIRING notice written for that
-    expiry yet — that nobody is refreshing and that are not waiting (``next_refresh_at``) after
+    expiry yet (or with refresh failures: a renewal to try again) — that nobody is refreshing and that are not waiting (``next_refresh_at``) after
     a failure; returns (id, provider) pairs. Rows that never failed come first, then by
     expiry, so rows that keep failing cannot crowd out the others; ``skip_ids`` (claimed
     earlier in the same pass) and ``skip_providers`` (whose attempts for the pass are spent)
@@ -553,6 +553,8 @@ def _upkeep_due(
                 or_(
                     t.c.expiring_notice_for.is_(None),
                     t.c.expiring_notice_for != t.c.refresh_token_expires_at,
+                    # Noticed after a failed renewal: renewal goes on (after its back-off).
+                    t.c.refresh_failures > 0,
                 ),
             )
         )
@@ -565,11 +567,13 @@ async def mark_expiring(
     lapsing_before: datetime,
     *,
     not_after: datetime | None = None,
+    failing: bool = False,
 ) -> StoredIntegration | None:
     """Record that the EXPIRING notice of the row's refresh-token expiry is being written: only
     once per expiry (the row is returned the one time it applies), only when that expiry is
     before ``lapsing_before`` (and, after a renewal attempt, no later than ``not_after``: not
-    renewed). Bookkeeping, like a lease: no ``version`` bump, no cache invalidation."""
+    renewed; ``failing``: only while the row's refreshes fail). Bookkeeping, like a lease: no
+    ``version`` bump, no cache invalidation."""
     lapses = t.c.refresh_token_expires_at
     query = (
         update(t)
@@ -586,6 +590,8 @@ async def mark_expiring(
     )
     if not_after is not None:
         query = query.where(lapses <= not_after)
+    if failing:
+        query = query.where(t.c.refresh_failures > 0)
     row = (await conn.execute(query)).first()
     return None if row is None else to_stored(row)
 
