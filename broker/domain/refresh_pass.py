@@ -7,10 +7,10 @@ before the next pass, or a refresh token to keep alive (``Upkeep``): idle for ha
 provider's idle lifetime, or lapsing soon. A keep-alive refresh is an ordinary flight (lease,
 throttle, compare-and-swap, budget): its write starts the idle clock again, so no replica
 claims it again for another half lifetime. A refresh token that lapses soon and cannot be
-renewed, or whose renewal fails, gets one INTEGRATION_EXPIRING event (``repository.mark_expiring`` makes it once per
-expiry across replicas). On shutdown (``stop_claiming``) no new
-work is claimed or started, retries stop, and the calls already sent run to their end and are
-stored.
+renewed, or whose renewal fails (tried again under the back-off), gets one
+INTEGRATION_EXPIRING event (``repository.mark_expiring`` makes it once per expiry across
+replicas). On shutdown (``stop_claiming``) no new work is claimed or started, retries stop,
+and the calls already sent run to their end and are stored.
 """
 
 from __future__ import annotations

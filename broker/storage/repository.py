@@ -474,8 +474,9 @@ async def claim_due(
     """Lease up to ``limit`` connected integrations that expire before ``horizon`` — or whose
     refresh token is due for keep-alive: last used before its provider's ``idle_cutoffs``
     entry, or lapsing before ``lapsing_before`` with no EXPIRING notice written for that
-    expiry yet (or with refresh failures: a renewal to try again) — that nobody is refreshing and that are not waiting (``next_refresh_at``) after
-    a failure; returns (id, provider) pairs. Rows that never failed come first, then by
+    expiry yet (or with refresh failures: a renewal to try again) — that nobody is refreshing
+    and that are not waiting (``next_refresh_at``) after a failure; returns (id, provider)
+    pairs. Rows that never failed come first, then by
     expiry, so rows that keep failing cannot crowd out the others; ``skip_ids`` (claimed
     earlier in the same pass) and ``skip_providers`` (whose attempts for the pass are spent)
     are left alone. On PostgreSQL, replicas claiming at once skip each other's rows
@@ -494,7 +495,12 @@ async def claim_due(
             ),
             or_(
                 and_(t.c.expires_at.is_not(None), t.c.expires_at < horizon),
-                *_upkeep_due(idle_cutoffs or {}, lapsing_before),
+                # A provider whose budget is spent is left out of the keep-alive part too: its
+                # index range is not read only to be filtered out.
+                *_upkeep_due(
+                    {p: c for p, c in (idle_cutoffs or {}).items() if p not in skip_providers},
+                    lapsing_before,
+                ),
             ),
             or_(t.c.next_refresh_at.is_(None), t.c.next_refresh_at < now),
             _lease_free(conn, now),
