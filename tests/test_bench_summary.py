@@ -109,7 +109,7 @@ def test_targets_in_both_durabilities() -> None:
     assert met["pg-open: p50 / echo-open p50 <= 2"] is True
     assert met["pg-open+write: p50 / echo-open p50 <= 1.5"] is False
     assert met["refresh-storm+write: provider calls == rotations"] is True
-    assert met["refresh-storm+write: p99 < 150 ms (3 x provider latency)"] is True
+    assert met["refresh-storm+write: p99 <= 300 ms (6 x provider latency)"] is True
 
 
 def test_spread() -> None:

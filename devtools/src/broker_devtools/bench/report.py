@@ -183,10 +183,12 @@ def _storm_targets(storm: ScenarioResult, check: Any) -> None:
     if calls is not None and rotations is not None:
         check(f"{storm.name}: provider calls == rotations", float(calls), float(rotations),
               calls == rotations)  # fmt: skip
-    limit = 3 * 1000 * float(storm.details.get("provider_latency_s", 0.05))
+    # 300 ms at the storm's 50 ms provider: what a caller in a storm may wait (six provider
+    # round trips, the per-provider limit's queue included).
+    limit = 6 * 1000 * float(storm.details.get("provider_latency_s", 0.05))
     if storm.p99_ms is not None:
-        check(f"{storm.name}: p99 < {limit:g} ms (3 x provider latency)", storm.p99_ms,
-              limit, storm.p99_ms < limit)  # fmt: skip
+        check(f"{storm.name}: p99 <= {limit:g} ms (6 x provider latency)", storm.p99_ms,
+              limit, storm.p99_ms <= limit)  # fmt: skip
 
 
 def _pair_targets(by_name: dict[str, ScenarioResult], check: Any) -> None:
