@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from broker.cli import main
 from broker.server.app import Broker, start
 from broker.server.callers import hash_token
 from broker.storage.tables import audit_events, imports, integration_events, integrations
+from tests.helpers.clock import FakeClock
 from tests.helpers.databases import PostgresFactory
 from tests.helpers.fakes import FakeAuthServer
 from tests.helpers.processes import write_toml
@@ -83,7 +85,7 @@ def app_encrypt(plain: str | None) -> str | None:
     return base64.b64encode(nonce + AESGCM(b"k" * 32).encrypt(nonce, plain.encode(), None)).decode()
 
 
-def providers(fake: FakeAuthServer) -> dict[str, Any]:
+def providers(fake: FakeAuthServer, **extra: Any) -> dict[str, Any]:
     return {
         "acme": {
             "token_url": fake.token_url,
@@ -91,6 +93,7 @@ def providers(fake: FakeAuthServer) -> dict[str, Any]:
             "client_id": fake.client_id,
             "client_secret": fake.client_secret,
             "rotates_refresh_tokens": True,
+            **extra,
         }
     }
 
@@ -128,7 +131,7 @@ async def source_db(postgres: PostgresFactory) -> AsyncIterator[str]:
         await admin.close()
 
 
-def config(tmp_path: Path, database_url: str, fake: FakeAuthServer) -> Path:
+def config(tmp_path: Path, database_url: str, fake: FakeAuthServer, **extra: Any) -> Path:
     return write_toml(
         tmp_path / f"broker-{uuid.uuid4().hex[:8]}.toml",
         {
@@ -137,7 +140,7 @@ def config(tmp_path: Path, database_url: str, fake: FakeAuthServer) -> Path:
             "keys": {"keys": KEYS},
             "callers": {"admin": {"token_sha256": hash_token(ADMIN_TOKEN)}},
             "refresh": {"background": False},
-            "providers": providers(fake),
+            "providers": providers(fake, **extra),
         },
     )
 
@@ -168,6 +171,19 @@ async def insert(dsn: str, rows: list[dict[str, Any]]) -> None:
             )
     finally:
         await conn.close()
+
+
+def sqlite_app(tmp_path: Path, columns: str, insert_sql: str, rows: list[tuple[Any, ...]]) -> Path:
+    """The application's ``integrations`` table in a SQLite file."""
+    db = tmp_path / "app.db"
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(f"CREATE TABLE integrations ({columns})")
+            conn.executemany(insert_sql, rows)
+    finally:
+        conn.close()
+    return db
 
 
 async def source_rows(dsn: str) -> dict[str, asyncpg.Record]:
@@ -430,25 +446,16 @@ async def test_killed_import_resumes_with_every_row_once(
 async def test_sqlite_and_json_lines_sources(
     broker_db: str, fake: FakeAuthServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
-
-    db = tmp_path / "app.db"
-    conn = sqlite3.connect(db)
-    conn.execute(
-        "CREATE TABLE integrations (id TEXT PRIMARY KEY, user_id TEXT, provider TEXT, "
-        "status TEXT, access_token TEXT, refresh_token TEXT, created_at TEXT, updated_at TEXT, "
-        "expires_at TEXT, scopes TEXT, metadata TEXT, disconnected_at TEXT, "
-        "disconnect_reason TEXT)"
+    db = sqlite_app(
+        tmp_path,
+        "id TEXT PRIMARY KEY, user_id TEXT, provider TEXT, status TEXT, access_token TEXT, "
+        "refresh_token TEXT, created_at TEXT, updated_at TEXT, expires_at TEXT, scopes TEXT, "
+        "metadata TEXT, disconnected_at TEXT, disconnect_reason TEXT",
+        "INSERT INTO integrations (id, user_id, provider, status, access_token, refresh_token, "
+        "updated_at, scopes, metadata) VALUES (?, ?, 'gmail', 'connected', ?, NULL, "
+        "'2026-01-01 00:00:00', '[\"read\"]', '{}')",
+        [(f"s{n}", f"sq-{n}", f"at-sq-{n}-secretvalue") for n in range(3)],
     )
-    for n in range(3):
-        conn.execute(
-            "INSERT INTO integrations (id, user_id, provider, status, access_token, "
-            "refresh_token, updated_at, scopes, metadata) VALUES (?, ?, 'gmail', 'connected', "
-            "?, NULL, '2026-01-01 00:00:00', '[\"read\"]', '{}')",
-            (f"s{n}", f"sq-{n}", f"at-sq-{n}-secretvalue"),
-        )
-    conn.commit()
-    conn.close()
     cfg = config(tmp_path, broker_db, fake)
     code, out, err = await run(
         capsys, cfg, "--from", str(db), "--provider-map", "gmail=acme", "--where", "id <> 's2'"
@@ -562,3 +569,210 @@ async def test_decrypt_command_gets_a_minimal_environment(
     assert "APP_TOKEN_KEY" in seen
     assert not {n for n in seen if n.startswith("BROKER_")}
     assert "UNRELATED_SECRET" not in seen
+
+
+async def lapses_of(broker: Broker, user: str) -> datetime | None:
+    """The refresh token's expiry as GetIntegration shows it (None: not given)."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}")
+    try:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        answer = await stub.GetIntegration(
+            pb.GetIntegrationRequest(user_id=user, provider="acme"), metadata=ADMIN
+        )
+    finally:
+        await channel.close(None)
+    if not answer.integration.HasField("refresh_token_expires_at"):
+        return None
+    return answer.integration.refresh_token_expires_at.ToDatetime(tzinfo=UTC)
+
+
+async def test_refresh_token_expiry_is_mapped_checked_per_row_and_stored(
+    broker_db: str,
+    source_db: str,
+    fake: FakeAuthServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The seed table has no such column: the application added one.
+    conn = await asyncpg.connect(source_db)
+    try:
+        await conn.execute("ALTER TABLE integrations ADD COLUMN rt_lapses timestamptz")
+    finally:
+        await conn.close()
+    lapses = datetime(2027, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+    def row(user: str, refresh: str | None, rt_lapses: datetime | None) -> dict[str, Any]:
+        return {
+            "user_id": user,
+            "provider": "acme",
+            "access_token": f"at-{user}-secretvalue",
+            "refresh_token": refresh,
+            "expires_at": datetime.now(UTC) + timedelta(hours=1),
+            "rt_lapses": rt_lapses,
+        }
+
+    await insert(
+        source_db,
+        [
+            row("lapsing", "rt-lapsing-secretvalue", lapses),
+            row("plain", "rt-plain-secretvalue", None),
+            row("norefresh", None, lapses),
+            row("far", "rt-far-secretvalue", datetime(9500, 1, 1, tzinfo=UTC)),
+        ],
+    )
+    cfg = config(tmp_path, broker_db, fake)
+    mapped = ["--from", source_db, "--map", "refresh_token_expires_at=rt_lapses"]
+
+    # Not in the default mapping: without --map the column is not read.
+    code, out, err = await run(capsys, cfg, "--from", source_db, "--dry-run")
+    assert code == 0, err
+    assert "would import 4, skipped 0, failed 0" in out, out
+    # The dry run checks it as StoreIntegration does, row by row, and writes nothing.
+    report = tmp_path / "dry.jsonl"
+    code, out, err = await run(capsys, cfg, *mapped, "--dry-run", "--report", str(report))
+    assert code == 1, err
+    assert "would import 2, skipped 0, failed 2 (invalid field 2)" in out, out
+    details = sorted(
+        x["detail"] for x in map(json.loads, report.read_text().splitlines()) if x.get("detail")
+    )
+    assert details == [
+        "refresh_token_expires_at: give it only with refresh_token",
+        "refresh_token_expires_at: must be between the years 1970 and 9000",
+    ]
+    settings = make_settings(broker_db, providers=providers(fake), refresh={"background": False})
+    broker = await start(settings)
+    try:
+        assert await count(broker, integrations) == 0
+    finally:
+        await broker.stop(0)
+
+    code, out, err = await run(capsys, cfg, *mapped)
+    assert code == 1, err
+    assert "imported 2, skipped 0, failed 2 (invalid field 2)" in out, out
+    assert "secretvalue" not in out + err
+    broker = await start(settings)
+    try:
+        assert await lapses_of(broker, "lapsing") == lapses
+        assert await lapses_of(broker, "plain") is None
+        assert await count(broker, integrations) == 2
+    finally:
+        await broker.stop(0)
+
+
+async def test_refresh_token_expiry_from_sqlite_and_json_lines(
+    broker_db: str, fake: FakeAuthServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = sqlite_app(
+        tmp_path,
+        "id TEXT PRIMARY KEY, user_id TEXT, provider TEXT, access_token TEXT, "
+        "refresh_token TEXT, refresh_lapses TEXT",
+        "INSERT INTO integrations VALUES (?, ?, 'acme', ?, ?, ?)",
+        [
+            ("s1", "sq-1", "at-sq-1-secretvalue", "rt-sq-1-secretvalue", "2030-01-02 03:04:05"),
+            ("s2", "sq-2", "at-sq-2-secretvalue", "rt-sq-2-secretvalue", "next tuesday"),
+        ],
+    )
+    cfg = config(tmp_path, broker_db, fake)
+    sqlite_map = (
+        "refresh_token_expires_at=refresh_lapses,status=,expires_at=,scopes=,metadata=,"
+        "created_at=,updated_at=,disconnected_at=,disconnect_reason="
+    )
+    report = tmp_path / "sqlite.jsonl"
+    code, out, err = await run(
+        capsys, cfg, "--from", str(db), "--map", sqlite_map, "--report", str(report)
+    )
+    assert code == 1, err
+    assert "imported 1, skipped 0, failed 1 (invalid field 1)" in out, out
+    failed = [json.loads(x) for x in report.read_text().splitlines()]
+    assert [(x["source_id"], x["detail"]) for x in failed if x["outcome"] == "failed"] == [
+        ("s2", "refresh_token_expires_at: is not an ISO 8601 time")
+    ]
+
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"j{n}",
+                    "user_id": f"js-{n}",
+                    "provider": "acme",
+                    "access_token": f"at-j{n}-secretvalue",
+                    "refresh_token": f"rt-j{n}-secretvalue",
+                    "rt_expiry": value,
+                }
+            )
+            + "\n"
+            for n, value in ((1, "2031-05-06T07:08:09Z"), (2, "soon"), (3, 12345.5))
+        )
+    )
+    code, out, err = await run(
+        capsys, cfg, "--from", str(lines), "--map", "refresh_token_expires_at=rt_expiry"
+    )
+    assert code == 1, err
+    assert "imported 2, skipped 0, failed 1 (invalid field 1)" in out, out
+    assert "secretvalue" not in out + err
+    settings = make_settings(broker_db, providers=providers(fake), refresh={"background": False})
+    broker = await start(settings)
+    try:
+        assert await lapses_of(broker, "sq-1") == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+        assert await lapses_of(broker, "js-1") == datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+        # A number is seconds since the epoch, as for expires_at.
+        assert await lapses_of(broker, "js-3") == datetime(1970, 1, 1, 3, 25, 45, 500000, UTC)
+        assert await count(broker, integrations) == 3
+    finally:
+        await broker.stop(0)
+
+
+async def test_an_imported_grant_is_kept_alive_from_its_import(
+    broker_db: str,
+    source_db: str,
+    fake: FakeAuthServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    idle = 3600  # the provider's refresh_token_idle_lifetime_seconds
+    interval = timedelta(seconds=30)  # one background pass
+    access, refresh = fake.issue_grant(scopes=("read",))
+    await insert(
+        source_db,
+        [
+            {
+                "user_id": "idle",
+                "provider": "acme",
+                "access_token": access,
+                "refresh_token": refresh,
+                # The access token lives on: only the refresh token's upkeep refreshes it.
+                "expires_at": datetime.now(UTC) + timedelta(days=30),
+            }
+        ],
+    )
+    cfg = config(tmp_path, broker_db, fake, refresh_token_idle_lifetime_seconds=idle)
+    code, out, err = await run(capsys, cfg, "--from", source_db)
+    assert code == 0, err
+    assert "imported 1, skipped 0, failed 0" in out, out
+    clock = FakeClock()
+    settings = make_settings(
+        broker_db,
+        providers=providers(fake, refresh_token_idle_lifetime_seconds=idle),
+        refresh={"background": False},
+    )
+    broker = await start(settings, clock=clock)
+    try:
+        async with broker.engine.connect() as conn:
+            imported_at = (
+                await conn.execute(select(integrations.c.refresh_token_used_at))
+            ).scalar_one()
+        # The idle clock starts at the import, as for StoreIntegration.
+        assert imported_at is not None
+        clock.now = imported_at + timedelta(seconds=idle / 2) - interval
+        await broker.refresher.background_pass()
+        assert fake.refresh_calls == 0
+        clock.now = imported_at + timedelta(seconds=idle / 2)
+        await broker.refresher.background_pass()
+        assert fake.refresh_calls == 1
+        assert fake.reuse_revocations == 0
+        async with broker.engine.connect() as conn:
+            kept = (await conn.execute(select(integrations.c.refresh_token_used_at))).scalar_one()
+        assert kept == clock.now
+    finally:
+        await broker.stop(0)

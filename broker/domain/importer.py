@@ -317,6 +317,9 @@ class Importer:
         try:
             expires_at = _time("expires_at", f.get("expires_at"))
             refresh = _text(f.get("refresh_token")) or None
+            # Checked by the store path as StoreIntegration checks it (range; only with a
+            # refresh token): a bad value fails its row.
+            refresh_lapses = _time("refresh_token_expires_at", f.get("refresh_token_expires_at"))
             if refresh is not None and (
                 expires_at is None or (row.status is Status.EXPIRED and expires_at > now)
             ):
@@ -339,6 +342,7 @@ class Importer:
                     refresh_token=refresh,
                     token_type=_text(f.get("token_type")) or "Bearer",
                     expires_at=expires_at,
+                    refresh_token_expires_at=refresh_lapses,
                     scopes=_scopes(f.get("scopes")),
                 ),
                 metadata=metadata,

@@ -322,6 +322,7 @@ class IntegrationService:
                 created_at=now,
                 updated_at=now,
                 expires_at=r["expires_at"],
+                refresh_token_expires_at=r["refresh_token_expires_at"],
                 last_refreshed_at=None,
                 disconnected_at=None,
                 disconnect_reason=None,

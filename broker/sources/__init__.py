@@ -19,6 +19,7 @@ DEFAULT_MAP: dict[str, str | None] = {
     "refresh_token": "refresh_token",
     "token_type": None,
     "expires_at": "expires_at",
+    "refresh_token_expires_at": None,
     "scopes": "scopes",
     "metadata": "metadata",
     "created_at": "created_at",
