@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import anyio.lowlevel
 import httpx
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -143,6 +144,10 @@ async def open_runtime(
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         follow_redirects=False,
     )
+    # httpx reaches the network through anyio, which imports its asyncio backend on first use:
+    # ~0.1 s with the event loop held. Done here, not in the first provider request, where it
+    # would stall every call in flight (a refresh storm right after a start).
+    await anyio.lowlevel.checkpoint()
     cipher = TokenCipher(
         keyring,
         settings.server.environment,

@@ -179,3 +179,35 @@ async def test_sigterm_logs_no_warning(postgres: PostgresFactory, tmp_path: Path
     assert code == 0
     noisy = [line for line in broker.log if "WARNING" in line or "ERROR" in line]
     assert noisy == [], noisy
+
+
+def test_the_runtime_loads_the_http_network_backend_at_start(tmp_path: Path) -> None:
+    """httpx reaches the network through anyio, which imports its asyncio backend on first use
+    (~0.1 s with the event loop held): the runtime does it at start, not in the first provider
+    request, where it would stall every call in flight. A fresh interpreter, so that no other
+    test has imported it already."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+    code = f"""
+import asyncio, sys
+from broker.runtime import open_runtime
+from tests.helpers.settings import make_settings
+
+async def main():
+    runtime = await open_runtime(make_settings({url!r}), check_database=False)
+    try:
+        print("anyio._backends._asyncio" in sys.modules)
+    finally:
+        await runtime.close()
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True", result.stdout + result.stderr
