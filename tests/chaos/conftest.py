@@ -103,6 +103,12 @@ class Cluster:
             "max_attempts": 2,
             "background": False,
             "background_interval_seconds": 0.5,
+            # A refresh that fails because the machine is overloaded (a connect timeout to the
+            # fake provider) backs off; at the default 60 s that alone outlasts until_served's
+            # minute. These tests are about what is kept and how the replicas recover, not the
+            # back-off's length (tests/test_refresh_fairness.py is).
+            "failure_backoff_seconds": 2,
+            "failure_backoff_max_seconds": 10,
             **refresh,
         }
         self.config = write_toml(
