@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from broker.api.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import Settings
 from broker.server.app import Broker, start
+from broker_devtools.fakeapi import FakeApi
 from tests.helpers.clock import FakeClock
 from tests.helpers.databases import PG_URL, PostgresFactory, new_database, run_sync
 from tests.helpers.fakes import FakeAuthServer, serve_fake
@@ -76,6 +77,13 @@ def fake() -> Iterator[FakeAuthServer]:
     """The fake authorization server, its tokens living an hour. A module that needs another
     one overrides ``fake`` with ``serve_fake`` and its own arguments."""
     yield from serve_fake(expires_in=3600)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    """The fake provider API Proxy sends to (recording what it receives)."""
+    with FakeApi() as server:
+        yield server
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ Endpoint templates ({tenant}) are filled from each integration's metadata."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,12 +44,6 @@ PROVIDERS: dict[str, list[str]] = {
 @pytest.fixture
 def backend() -> str:
     return "sqlite"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    with FakeApi() as server:
-        yield server
 
 
 @pytest.fixture

@@ -41,12 +41,6 @@ def fake() -> Iterator[FakeAuthServer]:
 
 
 @pytest.fixture
-def api() -> Iterator[FakeApi]:
-    with FakeApi() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(database_url: str, fake: FakeAuthServer, api: FakeApi) -> Settings:
     return make_settings(
         database_url,

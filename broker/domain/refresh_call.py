@@ -86,28 +86,10 @@ class ProviderCall:
             # Endpoint templates ({subdomain}, {tenant}) filled for this integration.
             profile = self.registry.resolve(provider, row.integration.metadata)
         except ProviderMisconfigured:
-            await self.store.release(
-                iid,
-                self.policy.failed(row, FailureKind.NO_CLIENT).values(),
-                partial(
-                    events.provider_misconfigured,
-                    integration=row.integration,
-                    at=self.clock(),
-                    error="template_value",
-                ),
-            )
+            await self._release_unsendable(row, "template_value")
             raise
         except UnknownProvider:
-            await self.store.release(
-                iid,
-                self.policy.failed(row, FailureKind.NO_CLIENT).values(),
-                partial(
-                    events.provider_misconfigured,
-                    integration=row.integration,
-                    at=self.clock(),
-                    error="no_client",
-                ),
-            )
+            await self._release_unsendable(row, "no_client")
             raise ProviderMisconfigured(
                 f"provider {provider!r} has no OAuth client configured on this broker "
                 f"(set providers.{provider}.client_id and client_secret_env)",
@@ -223,6 +205,21 @@ class ProviderCall:
             integration_id=iid,
             provider=provider,
         ) from None
+
+    async def _release_unsendable(self, row: StoredIntegration, error: str) -> None:
+        """Give the lease back when no request can be built for the provider (no client
+        configured, or an endpoint template without its value): the misconfigured back-off
+        and its PROVIDER_MISCONFIGURED event."""
+        await self.store.release(
+            row.integration.id,
+            self.policy.failed(row, FailureKind.NO_CLIENT).values(),
+            partial(
+                events.provider_misconfigured,
+                integration=row.integration,
+                at=self.clock(),
+                error=error,
+            ),
+        )
 
     async def _release_failed(self, row: StoredIntegration, failed: Failure) -> None:
         """Give the lease back with the failure's back-off, and the REFRESH_FAILED event when

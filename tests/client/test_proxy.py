@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,12 +26,6 @@ from tests.helpers.providers import acme
 from tests.helpers.settings import ADMIN_TOKEN, make_settings
 
 PROXY_TOKEN = "client-proxy-only-token"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    with FakeApi() as server:
-        yield server
 
 
 @pytest.fixture
